@@ -1,0 +1,108 @@
+"""The MoE layer: router -> capacity policy -> permute -> (all-to-all) -> experts ->
+(all-to-all back) -> unpermute and weighted combine, plus the optional dense residual
+MLP of PR-MoE (DeepSpeed-MoE: out = expert_out * c0 + mlp_out * c1 with c = softmax of a
+learned 2-way projection of x).
+
+Shapes: T tokens, D model width, H expert hidden width, E experts, K slots per token,
+R routed rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from moe.dispatch import permute, plan_permutation, unpermute
+from moe.experts import Activation, DenseMLP, GroupedExperts, sigma_moe_down_std
+from moe.parallel import Dispatcher, LocalDispatcher
+from routing import (
+    RouterKind,
+    RoutingConfig,
+    RoutingPlan,
+    RoutingStats,
+    apply_capacity,
+    build_router,
+)
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """y: the layer output, shaped like the input; aux_loss: the weighted routing loss."""
+
+    y: Tensor
+    aux_loss: Tensor
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts FFN. With a dispatcher from `moe.parallel` the experts are
+    sharded over an expert-parallel group; without one all experts are local."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        routing: RoutingConfig,
+        activation: Activation | str = Activation.GELU,
+        residual_mlp: bool = False,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        routing.validate_for(num_experts)
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.routing = routing
+        self.router = build_router(d_model, num_experts, routing)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(num_experts)
+        if self.dispatcher.num_experts != num_experts:
+            raise ValueError(
+                f"dispatcher routes {self.dispatcher.num_experts} experts but the layer has "
+                f"num_experts={num_experts}"
+            )
+        sigma = RouterKind(routing.router) == RouterKind.SIGMA
+        self.experts = GroupedExperts(
+            self.dispatcher.num_local_experts,
+            d_model,
+            d_hidden,
+            activation,
+            expert_offset=self.dispatcher.expert_offset,
+            down_std=sigma_moe_down_std(num_experts, d_hidden) if sigma else None,
+        )
+        self.residual: DenseMLP | None = None
+        self.residual_gate: nn.Linear | None = None
+        if residual_mlp:
+            self.residual = DenseMLP(d_model, d_hidden, activation)
+            self.residual_gate = nn.Linear(d_model, 2)
+        self.last_stats: RoutingStats | None = None
+
+    def route(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
+        """The capacity-applied routing plan of x_TD (no expert computation)."""
+        return apply_capacity(self.router(x_TD, task_ids_T), self.routing)
+
+    def forward(self, x: Tensor, task_ids: Tensor | None = None) -> MoEOutput:
+        """x: [..., D]; task_ids: [...] (one id per token) or None."""
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"MoELayer input has shape {tuple(x.shape)}; expected [..., {self.d_model}]"
+            )
+        x_TD = x.reshape(-1, self.d_model)
+        task_ids_T = None
+        if task_ids is not None:
+            if task_ids.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"task_ids have shape {tuple(task_ids.shape)}; expected {tuple(x.shape[:-1])}"
+                )
+            task_ids_T = task_ids.reshape(-1)
+        plan = self.route(x_TD, task_ids_T)
+        permutation = plan_permutation(plan)
+        x_RD = permute(x_TD, permutation)
+        x_local, counts_local, context = self.dispatcher.dispatch(x_RD, permutation.counts_E)
+        y_local = self.experts(x_local, counts_local)
+        y_RD = self.dispatcher.combine(y_local, context)
+        y_TD = unpermute(y_RD, permutation, plan.weights_TK)
+        if self.residual is not None and self.residual_gate is not None:
+            coefficients_T2 = nn.functional.softmax(self.residual_gate(x_TD), dim=-1)
+            y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
+        self.last_stats = plan.stats
+        return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)

@@ -1,0 +1,179 @@
+"""The MoE layer's fast ops, registered with `torch.library` so that autograd and
+`torch.compile` see one opaque op each:
+
+- `moe::grouped_mm(x_RD, w_EDH, counts_E) -> y_RH`: row block e of x times w[e].
+- `moe::grouped_mm_wgrad(x_RD, dy_RH, counts_E) -> dw_EDH`: per-expert x_e^T dy_e,
+  written into one full-size gradient (slicing a stacked parameter per expert inside
+  autograd would build a full-size gradient per slice: E times the memory traffic).
+- `moe::gather_rows(x_TD, index_R) -> x_RD`: the permute; backward is a scatter-add.
+- `moe::combine(y_RD, row_of_slot_TK, weights_TK) -> y_TD`: the weighted unpermute,
+  y[t] = sum_k w[t,k] * y[row[t,k]] over slots with row >= 0 (gather-based, no atomics).
+
+CPU (and any device without a kernel): plain torch, a loop of `torch.mm` over the row
+blocks. CUDA: the Triton kernels of `moe.kernels`.
+
+Shapes: T tokens, K slots per token, R routed rows (sorted by expert), D input width,
+H output width, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, stop) of each non-empty row block."""
+    blocks = []
+    start = 0
+    for expert, count in enumerate(counts_E.tolist()):
+        if count:
+            blocks.append((expert, start, start + count))
+        start += count
+    return blocks
+
+
+@torch.library.custom_op("moe::grouped_mm", mutates_args=())
+def grouped_mm(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+    """y_RH[rows of e] = x_RD[rows of e] @ w_EDH[e]; rows sorted by expert."""
+    y_RH = x_RD.new_empty(x_RD.shape[0], w_EDH.shape[2])
+    blocks = _row_blocks(counts_E)
+    assert not blocks or blocks[-1][2] == x_RD.shape[0], "counts_E must sum to the row count"
+    for expert, start, stop in blocks:
+        torch.mm(x_RD[start:stop], w_EDH[expert], out=y_RH[start:stop])
+    return y_RH
+
+
+@grouped_mm.register_fake
+def _(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+    return x_RD.new_empty(x_RD.shape[0], w_EDH.shape[2])
+
+
+@torch.library.custom_op("moe::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor) -> Tensor:
+    """dw_EDH[e] = x_RD[rows of e]^T @ dy_RH[rows of e]; zero for experts without rows."""
+    dw_EDH = x_RD.new_zeros(counts_E.shape[0], x_RD.shape[1], dy_RH.shape[1])
+    for expert, start, stop in _row_blocks(counts_E):
+        torch.mm(x_RD[start:stop].t(), dy_RH[start:stop], out=dw_EDH[expert])
+    return dw_EDH
+
+
+@grouped_mm_wgrad.register_fake
+def _(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor) -> Tensor:
+    return x_RD.new_empty(counts_E.shape[0], x_RD.shape[1], dy_RH.shape[1])
+
+
+def _grouped_mm_setup(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor
+) -> None:
+    x_RD, w_EDH, counts_E = inputs
+    ctx.save_for_backward(x_RD, w_EDH, counts_E)
+
+
+def _grouped_mm_backward(
+    ctx: torch.autograd.function.FunctionCtx, dy_RH: Tensor
+) -> tuple[Tensor | None, Tensor | None, None]:
+    x_RD, w_EDH, counts_E = ctx.saved_tensors  # type: ignore[attr-defined]
+    needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+    dx_RD = grouped_mm(dy_RH, w_EDH.transpose(1, 2), counts_E) if needs[0] else None
+    dw_EDH = grouped_mm_wgrad(x_RD, dy_RH, counts_E) if needs[1] else None
+    return dx_RD, dw_EDH, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+@torch.library.custom_op("moe::gather_rows", mutates_args=())
+def gather_rows(x_TD: Tensor, index_R: Tensor) -> Tensor:
+    """x_RD = x_TD[index_R]."""
+    return x_TD.index_select(0, index_R)
+
+
+@gather_rows.register_fake
+def _(x_TD: Tensor, index_R: Tensor) -> Tensor:
+    return x_TD.new_empty(index_R.shape[0], x_TD.shape[1])
+
+
+@torch.library.custom_op("moe::scatter_add_rows", mutates_args=())
+def scatter_add_rows(dy_RD: Tensor, index_R: Tensor, num_rows: int) -> Tensor:
+    """dx_TD = zeros, then dx_TD[index_R[r]] += dy_RD[r] (the backward of gather_rows)."""
+    return dy_RD.new_zeros(num_rows, dy_RD.shape[1]).index_add_(0, index_R, dy_RD)
+
+
+@scatter_add_rows.register_fake
+def _(dy_RD: Tensor, index_R: Tensor, num_rows: int) -> Tensor:
+    return dy_RD.new_empty(num_rows, dy_RD.shape[1])
+
+
+def _gather_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    x_TD, index_R = inputs
+    ctx.save_for_backward(index_R)
+    ctx.num_rows = x_TD.shape[0]  # type: ignore[attr-defined]
+
+
+def _gather_backward(
+    ctx: torch.autograd.function.FunctionCtx, dy_RD: Tensor
+) -> tuple[Tensor, None]:
+    (index_R,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    return scatter_add_rows(dy_RD, index_R, ctx.num_rows), None  # type: ignore[attr-defined]
+
+
+gather_rows.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def _gather_slots(y_RD: Tensor, row_of_slot_TK: Tensor) -> Tensor:
+    """y of each slot, zeros for dropped slots (row -1 lands on an appended zero row)."""
+    y_padded = torch.cat([y_RD, y_RD.new_zeros(1, y_RD.shape[1])])
+    return y_padded[row_of_slot_TK]
+
+
+@torch.library.custom_op("moe::combine", mutates_args=())
+def combine(y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    """y_TD[t] = sum_k weights_TK[t,k] * y_RD[row_of_slot_TK[t,k]] (rows >= 0 only)."""
+    y_TKD = _gather_slots(y_RD, row_of_slot_TK)
+    return torch.bmm(weights_TK.unsqueeze(1).to(y_RD.dtype), y_TKD).squeeze(1)
+
+
+@combine.register_fake
+def _(y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    return y_RD.new_empty(row_of_slot_TK.shape[0], y_RD.shape[1])
+
+
+@torch.library.custom_op("moe::combine_backward", mutates_args=())
+def combine_backward(
+    dy_TD: Tensor, y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(dy_RD, dweights_TK) of `combine`. Every row has exactly one slot, so the
+    scatter into dy_RD has no collisions."""
+    top_k = row_of_slot_TK.shape[1]
+    rows_N = row_of_slot_TK.reshape(-1)
+    slots_S = torch.nonzero(rows_N >= 0).squeeze(1)
+    dy_RD = dy_TD.new_zeros(y_RD.shape)
+    weights_N = weights_TK.reshape(-1).to(dy_TD.dtype)
+    dy_RD[rows_N[slots_S]] = dy_TD[slots_S // top_k] * weights_N[slots_S].unsqueeze(1)
+    y_TKD = _gather_slots(y_RD, row_of_slot_TK)
+    dweights_TK = torch.bmm(y_TKD, dy_TD.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
+    return dy_RD, dweights_TK
+
+
+@combine_backward.register_fake
+def _(
+    dy_TD: Tensor, y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor
+) -> tuple[Tensor, Tensor]:
+    return dy_TD.new_empty(y_RD.shape), weights_TK.new_empty(weights_TK.shape)
+
+
+def _combine_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    y_RD, row_of_slot_TK, weights_TK = inputs
+    ctx.save_for_backward(y_RD, row_of_slot_TK, weights_TK)
+
+
+def _combine_backward(
+    ctx: torch.autograd.function.FunctionCtx, dy_TD: Tensor
+) -> tuple[Tensor, None, Tensor]:
+    y_RD, row_of_slot_TK, weights_TK = ctx.saved_tensors  # type: ignore[attr-defined]
+    dy_RD, dweights_TK = combine_backward(dy_TD.contiguous(), y_RD, row_of_slot_TK, weights_TK)
+    return dy_RD, None, dweights_TK
+
+
+combine.register_autograd(_combine_backward, setup_context=_combine_setup)

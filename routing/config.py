@@ -1,0 +1,104 @@
+"""Routing configuration: the schema of the Hydra `routing` group.
+
+Plain data, validated on construction; no tensors, devices or process groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+
+class RouterKind(str, Enum):
+    """Who picks the experts."""
+
+    TOPK = "topk"  # softmax top-k over token logits (Switch k=1, GShard k=2, any k)
+    SIGMA = "sigma"  # sigmoid gates, top-k by gate value (sigma-MoE, Csordas et al. 2023)
+    TASK = "task"  # the task id, not the token, picks the experts (Kudugunta et al. 2021)
+
+
+class CapacityKind(str, Enum):
+    """How router choices become kept slots."""
+
+    FIXED = "fixed"  # round(C*K*T/E) slots per expert, filled choice by choice in token order
+    PRIORITY = "priority"  # same capacity, filled in order of router confidence (BPR, V-MoE)
+    DROPLESS = "dropless"  # every choice is kept
+
+
+class PriorityKind(str, Enum):
+    """Batch Priority Routing score of a token."""
+
+    MAX = "max"  # the token's largest router score
+    SUM = "sum"  # the sum of its top-k router scores
+
+
+@dataclass
+class RoutingConfig:
+    """Settings of a router and its capacity policy.
+
+    `normalize_weights` renormalises the kept top-k softmax weights to sum to 1 per token
+    (before capacity is applied; a dropped slot is not re-spread over the others).
+    Sigma-MoE weights are never renormalised.
+    """
+
+    router: RouterKind = RouterKind.TOPK
+    top_k: int = 2
+    capacity: CapacityKind = CapacityKind.FIXED
+    capacity_factor: float = 1.25
+    min_capacity: int = 1
+    priority: PriorityKind = PriorityKind.MAX
+    normalize_weights: bool = True
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    jitter_noise: float = 0.0
+    entropy_weight: float = 0.001
+    expert_dropout: float = 0.0
+    num_tasks: int = 0
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        self.router = _enum(RouterKind, self.router, "routing.router")
+        self.capacity = _enum(CapacityKind, self.capacity, "routing.capacity")
+        self.priority = _enum(PriorityKind, self.priority, "routing.priority")
+        if self.top_k < 1:
+            raise ValueError(f"routing.top_k={self.top_k} must be >= 1")
+        if not self.capacity_factor > 0:
+            raise ValueError(
+                f"routing.capacity_factor={self.capacity_factor} must be > 0 "
+                "(C < 1 forces drops; use routing.capacity=dropless to keep every choice)"
+            )
+        if self.min_capacity < 0:
+            raise ValueError(f"routing.min_capacity={self.min_capacity} must be >= 0")
+        for name in ("aux_loss_weight", "z_loss_weight", "jitter_noise", "entropy_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"routing.{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"routing.expert_dropout={self.expert_dropout} must be in [0, 1)")
+        if self.router == RouterKind.TASK and self.num_tasks < 1:
+            raise ValueError(
+                f"routing.num_tasks={self.num_tasks}: the task router needs num_tasks >= 1"
+            )
+
+    def validate_for(self, num_experts: int) -> None:
+        """Check the settings that depend on the layer's expert count."""
+        if num_experts < 1:
+            raise ValueError(f"num_experts={num_experts} must be >= 1")
+        if self.top_k > num_experts:
+            raise ValueError(
+                f"routing.top_k={self.top_k} exceeds num_experts={num_experts}; "
+                f"choose top_k in [1, {num_experts}]"
+            )
+
+
+EnumT = TypeVar("EnumT", bound=Enum)
+
+
+def _enum(kind: type[EnumT], value: object, key: str) -> EnumT:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        accepted = ", ".join(str(member.value) for member in kind)
+        raise ValueError(f"{key}={value!r} is not one of: {accepted}") from None

@@ -1,0 +1,213 @@
+"""Routers: token (or task) -> RoutingPlan with every slot kept.
+
+- `TopKRouter`: softmax over x W_r, top-k (Switch k=1, GShard k=2), balance loss,
+  z-loss, optional multiplicative jitter on the router input during training.
+- `SigmaRouter`: sigma-MoE (Csordas et al. 2023): sigmoid gates, top-k by gate value,
+  each expert weighted by its own gate (no renormalisation), batch-entropy
+  regulariser, expert dropout before the top-k.
+- `TaskRouter`: task-level MoE (Kudugunta et al. 2021): a learned logit table indexed by
+  the task id, so all tokens of a task go to the same K experts.
+
+Shapes: T tokens, D model width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from routing.config import RouterKind, RoutingConfig
+from routing.losses import (
+    batch_entropy_regularizer,
+    load_balancing_loss,
+    mean_entropy,
+    router_z_loss,
+)
+from routing.plan import RoutingPlan
+
+
+def validate_tokens(x_TD: Tensor, d_model: int, check_finite: bool) -> None:
+    """Raise ValueError for input a router cannot take."""
+    if not isinstance(x_TD, Tensor):
+        raise ValueError(f"expected a torch.Tensor of tokens, got {type(x_TD).__name__}")
+    if x_TD.dim() != 2 or x_TD.shape[1] != d_model:
+        raise ValueError(
+            f"tokens have shape {tuple(x_TD.shape)}; expected [T, {d_model}] (T tokens, d_model)"
+        )
+    if not x_TD.is_floating_point():
+        raise ValueError(f"tokens have dtype {x_TD.dtype}; expected a floating-point dtype")
+    if check_finite and not bool(torch.isfinite(x_TD).all()):
+        raise ValueError("tokens contain NaN or Inf (routing.check_finite=true)")
+
+
+def _router_dtype(x_TD: Tensor) -> torch.dtype:
+    # Routing decisions in at least fp32: bf16 logits flip top-k choices.
+    return torch.promote_types(x_TD.dtype, torch.float32)
+
+
+def softmax_topk_plan(logits_TE: Tensor, config: RoutingConfig) -> RoutingPlan:
+    """Softmax top-k selection with balance and z losses; every slot kept."""
+    num_experts = logits_TE.shape[1]
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    scores_TK, expert_ids_TK = torch.topk(probs_TE, config.top_k, dim=-1)
+    weights_TK = scores_TK
+    if config.normalize_weights:
+        weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True)
+    balance = load_balancing_loss(probs_TE, expert_ids_TK)
+    z_loss = router_z_loss(logits_TE)
+    aux = config.aux_loss_weight * balance + config.z_loss_weight * z_loss
+    return _kept_plan(
+        expert_ids_TK,
+        weights_TK,
+        scores_TK.detach(),
+        aux,
+        mean_entropy(probs_TE.detach()),
+        {"load_balance": balance.detach(), "z_loss": z_loss.detach()},
+        num_experts,
+    )
+
+
+def _kept_plan(
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    scores_TK: Tensor,
+    aux_loss: Tensor,
+    entropy: Tensor,
+    losses: dict[str, Tensor],
+    num_experts: int,
+) -> RoutingPlan:
+    return RoutingPlan(
+        expert_ids_TK=expert_ids_TK,
+        weights_TK=weights_TK,
+        scores_TK=scores_TK,
+        keep_TK=torch.ones_like(expert_ids_TK, dtype=torch.bool),
+        counts_E=torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts),
+        aux_loss=aux_loss,
+        router_entropy=entropy,
+        losses=losses,
+        capacity=None,
+    )
+
+
+class TopKRouter(nn.Module):
+    """Softmax top-k router (Shazeer 2017; GShard; Switch)."""
+
+    def __init__(self, d_model: int, num_experts: int, config: RoutingConfig) -> None:
+        super().__init__()
+        config.validate_for(num_experts)
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.config = config
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+
+    def forward(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
+        validate_tokens(x_TD, self.d_model, self.config.check_finite)
+        if self.training and self.config.jitter_noise > 0:
+            # Switch Transformer: multiplicative noise on the router input.
+            eps = self.config.jitter_noise
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        dtype = _router_dtype(x_TD)
+        logits_TE = nn.functional.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
+        return softmax_topk_plan(logits_TE, self.config)
+
+
+class SigmaRouter(nn.Module):
+    """Sigma-MoE router: s = sigmoid(x W_r); top-k by s; weight = s (no renormalisation).
+
+    Expert dropout follows the authors' reference layer: in training each (token, expert)
+    gate is removed from selection with probability `expert_dropout` before the top-k,
+    but a chosen expert is weighted by its undropped gate.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, config: RoutingConfig) -> None:
+        super().__init__()
+        config.validate_for(num_experts)
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.config = config
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Rows normalised to equal norm, keeping the matrix's overall std."""
+        with torch.no_grad():
+            weight = self.gate.weight
+            nn.init.normal_(weight, std=self.d_model**-0.5)
+            std = weight.std()
+            weight.div_(weight.norm(dim=1, keepdim=True))
+            weight.mul_(std / weight.std())
+
+    def forward(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
+        validate_tokens(x_TD, self.d_model, self.config.check_finite)
+        dtype = _router_dtype(x_TD)
+        logits_TE = nn.functional.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
+        gates_TE = torch.sigmoid(logits_TE)
+        selection_TE = gates_TE.detach()
+        if self.training and self.config.expert_dropout > 0:
+            dropped = torch.rand_like(selection_TE) < self.config.expert_dropout
+            selection_TE = selection_TE.masked_fill(dropped, float("-inf"))
+        expert_ids_TK = torch.topk(selection_TE, self.config.top_k, dim=-1).indices
+        weights_TK = gates_TE.gather(1, expert_ids_TK)
+        entropy_reg = batch_entropy_regularizer(logits_TE)
+        probs_TE = torch.softmax(logits_TE.detach(), dim=-1)
+        return _kept_plan(
+            expert_ids_TK,
+            weights_TK,
+            weights_TK.detach(),
+            self.config.entropy_weight * entropy_reg,
+            mean_entropy(probs_TE),
+            {"entropy_reg": entropy_reg.detach()},
+            self.num_experts,
+        )
+
+
+class TaskRouter(nn.Module):
+    """Task-level router: logits_E = table[task_id]; softmax top-k as `TopKRouter`.
+
+    The table is an embedding of the task id projected to E logits (one learned
+    [num_tasks, E] matrix, the product of the two folded together).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, config: RoutingConfig) -> None:
+        super().__init__()
+        config.validate_for(num_experts)
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.config = config
+        self.task_logits = nn.Embedding(config.num_tasks, num_experts)
+        nn.init.normal_(self.task_logits.weight, std=1.0)
+
+    def forward(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
+        validate_tokens(x_TD, self.d_model, self.config.check_finite)
+        if task_ids_T is None:
+            raise ValueError("routing.router=task needs task_ids for every token; got None")
+        if task_ids_T.shape != x_TD.shape[:1]:
+            raise ValueError(
+                f"task_ids have shape {tuple(task_ids_T.shape)}; expected [{x_TD.shape[0]}]"
+            )
+        if task_ids_T.numel() and (
+            int(task_ids_T.min()) < 0 or int(task_ids_T.max()) >= self.config.num_tasks
+        ):
+            raise ValueError(
+                f"task ids must lie in [0, {self.config.num_tasks - 1}] "
+                f"(routing.num_tasks={self.config.num_tasks}); "
+                f"got min {int(task_ids_T.min())}, max {int(task_ids_T.max())}"
+            )
+        dtype = _router_dtype(x_TD)
+        logits_TE = self.task_logits(task_ids_T).to(dtype)
+        return softmax_topk_plan(logits_TE, self.config)
+
+    def experts_for_task(self, task_id: int) -> list[int]:
+        """The K experts every token of `task_id` is sent to (sorted)."""
+        logits_E = self.task_logits.weight[task_id]
+        return sorted(torch.topk(logits_E, self.config.top_k).indices.tolist())
+
+
+def build_router(d_model: int, num_experts: int, config: RoutingConfig) -> nn.Module:
+    """The router the config names."""
+    kinds: dict[RouterKind, type[nn.Module]] = {
+        RouterKind.TOPK: TopKRouter,
+        RouterKind.SIGMA: SigmaRouter,
+        RouterKind.TASK: TaskRouter,
+    }
+    return kinds[RouterKind(config.router)](d_model, num_experts, config)

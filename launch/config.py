@@ -1,0 +1,251 @@
+"""The top-level run configuration: the Hydra schema that `conf/` extends.
+
+`RunConfig` gathers the schemas of every package (model, routing, comm, data) with the
+launch-only settings (`TrainConfig`, `WandbConfig`, `run_dir`). `register_configs()` puts
+the schema twin (`launch.schema`) of each in Hydra's ConfigStore under a `base_*` name so
+that the YAML files in `conf/` can extend it (`defaults: [base_train, _self_]`); unknown
+keys and ill-typed values then fail in Hydra, and `to_run_config()` builds the real
+dataclasses, whose `__post_init__` rejects bad values with a `ValueError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.schema import build, hydra_schema
+from moe.config import ModelConfig
+from moe.data import DataConfig
+from routing.config import RoutingConfig
+
+__all__ = [
+    "AllToAllKind",
+    "Backend",
+    "CommConfig",
+    "DataConfig",
+    "Engine",
+    "ModelConfig",
+    "ResumeMode",
+    "RoutingConfig",
+    "RunConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "WandbMode",
+    "register_configs",
+    "to_run_config",
+]
+
+
+class Engine(str, Enum):
+    """Who runs the optimizer step."""
+
+    TORCH = "torch"  # plain torch: AdamW, our gradient reduction and clipping
+    DEEPSPEED = "deepspeed"  # DeepSpeed engine with ZeRO stage 1 or 2
+
+
+class ResumeMode(str, Enum):
+    """What to do with checkpoints already in `run_dir/checkpoints`."""
+
+    AUTO = "auto"  # resume from the latest if there is one, else start fresh
+    NEVER = "never"  # start fresh; refuse to run if checkpoints exist
+    MUST = "must"  # resume from the latest; fail if there is none
+
+
+class WandbMode(str, Enum):
+    """wandb's own modes (`WANDB_MODE=online` in the environment overrides `offline`)."""
+
+    OFFLINE = "offline"
+    ONLINE = "online"
+    DISABLED = "disabled"
+
+
+EnumT = TypeVar("EnumT", bound=Enum)
+
+
+def _enum(kind: type[EnumT], value: object, key: str) -> EnumT:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        accepted = ", ".join(str(member.value) for member in kind)
+        raise ValueError(f"{key}={value!r} is not one of: {accepted}") from None
+
+
+def _at_least(value: float, low: float, key: str) -> None:
+    if value < low:
+        raise ValueError(f"{key}={value} must be >= {low}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and checkpoint cadence of one run.
+
+    The learning rate rises linearly from 0 over `warmup_steps`, then follows a cosine
+    from `lr` down to `min_lr` at `steps`. One step is `grad_accum` micro-batches.
+    `fail_at_step` makes rank 1 (or rank 0 in a one-process run) exit abruptly when it
+    reaches that step the first time; it exists for the fault-tolerance tests only.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    seed: int = 0
+    engine: Engine = Engine.TORCH
+    zero_stage: int = 1
+    resume: ResumeMode = ResumeMode.AUTO
+    sample_tokens: int = 0
+    sample_prompt: str = "In the beginning"
+    progress: bool = True
+    fail_at_step: int = -1
+
+    def __post_init__(self) -> None:
+        self.engine = _enum(Engine, self.engine, "train.engine")
+        self.resume = _enum(ResumeMode, self.resume, "train.resume")
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
+            _at_least(getattr(self, key), 1, f"train.{key}")
+        for key in ("warmup_steps", "checkpoint_every", "sample_tokens"):
+            _at_least(getattr(self, key), 0, f"train.{key}")
+        _at_least(self.keep_last, 1, "train.keep_last")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}"
+            )
+        _at_least(self.weight_decay, 0.0, "train.weight_decay")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be in [0, 1)")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(f"train.zero_stage={self.zero_stage} is not one of: 1, 2")
+        if self.fail_at_step != -1 and not 1 <= self.fail_at_step <= self.steps:
+            raise ValueError(
+                f"train.fail_at_step={self.fail_at_step} must be -1 (off) or in [1, {self.steps}]"
+            )
+
+
+class AllToAllKind(str, Enum):
+    """Which all-to-all moves tokens between EP ranks."""
+
+    FLAT = "flat"  # one all-to-all over the EP group
+    HIERARCHICAL = "hierarchical"  # intra-node then inter-node (Tutel 2DH / DeepSpeed)
+    AUTO = "auto"  # hierarchical when the EP group spans several nodes, else flat
+
+
+class Backend(str, Enum):
+    """torch.distributed backend; `auto` is NCCL with CUDA, gloo without."""
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+@dataclass
+class CommConfig:
+    """Expert parallelism and how the processes talk.
+
+    `ep_size` experts shards; the world size must be a multiple of it (the rest is data
+    parallelism over expert replicas). `ranks_per_node` 0 takes the launcher's local
+    world size (torchrun's LOCAL_WORLD_SIZE, Ray's local world size).
+    """
+
+    ep_size: int = 1
+    ranks_per_node: int = 0
+    alltoall: AllToAllKind = AllToAllKind.AUTO
+    backend: Backend = Backend.AUTO
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        self.alltoall = _enum(AllToAllKind, self.alltoall, "comm.alltoall")
+        self.backend = _enum(Backend, self.backend, "comm.backend")
+        _at_least(self.ep_size, 1, "comm.ep_size")
+        _at_least(self.ranks_per_node, 0, "comm.ranks_per_node")
+        if not self.timeout_s > 0:
+            raise ValueError(f"comm.timeout_s={self.timeout_s} must be > 0")
+
+
+@dataclass
+class WandbConfig:
+    """Experiment tracking. The run lives in `run_dir/wandb`; offline unless told."""
+
+    project: str = "moe-system"
+    mode: WandbMode = WandbMode.OFFLINE
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.mode = _enum(WandbMode, self.mode, "wandb.mode")
+        if not self.project:
+            raise ValueError("wandb.project must be a non-empty string")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; `run_dir` receives everything it writes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must be a non-empty path")
+
+
+_GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "routing": RoutingConfig,
+    "comm": CommConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "wandb": WandbConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the schema twin of every config in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=hydra_schema(RunConfig))
+    for group, schema in _GROUPS.items():
+        store.store(group=group, name=f"base_{group}", node=hydra_schema(schema))
+
+
+def to_run_config(cfg: DictConfig | RunConfig | dict[str, Any]) -> RunConfig:
+    """Turn a composed Hydra config (or a plain dict) into validated dataclasses.
+
+    Missing keys take the schema defaults; every `__post_init__` runs, so a bad value
+    raises a `ValueError` that names the key and the accepted values.
+    """
+    if isinstance(cfg, RunConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        data = {key: value for key, value in data.items() if key != "hydra"}  # type: ignore[union-attr]
+    else:
+        data = cfg
+    return build(RunConfig, data)

@@ -1,0 +1,208 @@
+"""Routers and capacity policies: hand-computed cases and loop oracles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe.reference import reference_keep
+from routing import (
+    CapacityKind,
+    RoutingConfig,
+    SigmaRouter,
+    TaskRouter,
+    TopKRouter,
+    apply_capacity,
+    expert_capacity,
+    keep_within_capacity,
+    priority_order,
+)
+from routing.config import PriorityKind
+from routing.routers import softmax_topk_plan
+
+# Four tokens, two experts, two choices each; capacity 2 (C=0.5: 0.5*2*4/2 = 2).
+IDS_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+SCORES_TK = torch.tensor([[0.5, 0.3], [0.4, 0.3], [0.9, 0.05], [0.6, 0.35]])
+
+
+def test_capacity_formula_rounds_half_up() -> None:
+    assert expert_capacity(10, 4, 2, 1.25, 1) == 6  # 6.25
+    assert expert_capacity(6, 4, 1, 1.0, 1) == 2  # 1.5 -> 2
+    assert expert_capacity(4, 2, 2, 0.5, 1) == 2
+    assert expert_capacity(3, 8, 1, 0.1, 1) == 1  # min_capacity
+    assert expert_capacity(3, 8, 1, 0.1, 0) == 0
+
+
+def test_vanilla_order_hand_computed() -> None:
+    # First choices in token order: t0,t1 fill expert 0, t2's first choice is dropped,
+    # t3 takes expert 1. Second choices: t0 fills expert 1; the rest find it full.
+    keep = keep_within_capacity(IDS_TK, torch.arange(4), capacity=2)
+    expected = torch.tensor([[True, True], [True, False], [False, False], [True, False]])
+    assert torch.equal(keep, expected)
+
+
+def test_priority_order_hand_computed() -> None:
+    # By max score: t2 (0.9), t3 (0.6), t0 (0.5), t1 (0.4). First choices: t2 -> e0,
+    # t3 -> e1, t0 -> e0, t1 dropped; second choices: t2 -> e1, the rest dropped.
+    order = priority_order(SCORES_TK, PriorityKind.MAX)
+    assert order.tolist() == [2, 3, 0, 1]
+    keep = keep_within_capacity(IDS_TK, order, capacity=2)
+    expected = torch.tensor([[True, False], [False, False], [True, True], [True, False]])
+    assert torch.equal(keep, expected)
+    # By sum: t3 (0.95) before t2 (0.95 - 0.01), then t0, t1.
+    assert priority_order(SCORES_TK, PriorityKind.SUM).tolist() == [3, 2, 0, 1]
+
+
+def test_priority_beats_vanilla_for_confident_tokens() -> None:
+    config = RoutingConfig(capacity=CapacityKind.PRIORITY, capacity_factor=0.5)
+    logits = torch.log(torch.tensor([[0.5, 0.5], [0.45, 0.55], [0.95, 0.05], [0.05, 0.95]]))
+    plan = apply_capacity(softmax_topk_plan(logits, config), config)
+    # The two confident tokens (2 and 3) keep their first choice.
+    assert bool(plan.keep_TK[2, 0]) and bool(plan.keep_TK[3, 0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_capacity_matches_loop_oracle(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    num_tokens, num_experts, top_k = 37, 5, 3
+    ids = torch.stack(
+        [torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)]
+    )
+    order = torch.randperm(num_tokens, generator=generator)
+    for capacity in (0, 1, 4, 9, 40):
+        keep = keep_within_capacity(ids, order, capacity)
+        assert torch.equal(keep, reference_keep(ids, order.tolist(), capacity))
+
+
+def test_dropless_keeps_everything_and_counts() -> None:
+    config = RoutingConfig(capacity="dropless", top_k=2)
+    router = TopKRouter(8, 4, config)
+    plan = apply_capacity(router(torch.randn(50, 8)), config)
+    assert bool(plan.keep_TK.all()) and plan.capacity is None
+    assert int(plan.counts_E.sum()) == 100
+    assert float(plan.stats.dropped_fraction) == 0.0
+
+
+def test_fixed_capacity_stats() -> None:
+    config = RoutingConfig(capacity="fixed", capacity_factor=0.5, top_k=1)
+    router = TopKRouter(8, 4, config)
+    plan = apply_capacity(router(torch.randn(64, 8)), config)
+    assert plan.capacity == 8
+    assert int(plan.counts_E.max()) <= 8
+    kept = int(plan.keep_TK.sum())
+    assert math.isclose(float(plan.stats.dropped_fraction), 1 - kept / 64, abs_tol=1e-6)
+    assert torch.equal(plan.stats.tokens_per_expert_E, plan.counts_E.float())
+
+
+def test_softmax_losses_match_formulas() -> None:
+    config = RoutingConfig(top_k=2, aux_loss_weight=0.1, z_loss_weight=0.01)
+    logits = torch.randn(30, 6, dtype=torch.float64)
+    plan = softmax_topk_plan(logits, config)
+    probs = torch.softmax(logits, -1)
+    ids = probs.topk(2, -1).indices
+    f = torch.stack([(ids == e).sum() for e in range(6)]).double() / ids.numel()
+    balance = 6 * (f * probs.mean(0)).sum()
+    z_loss = torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(plan.losses["load_balance"], balance)
+    torch.testing.assert_close(plan.losses["z_loss"], z_loss)
+    torch.testing.assert_close(plan.aux_loss, 0.1 * balance + 0.01 * z_loss)
+    torch.testing.assert_close(plan.weights_TK.sum(-1), torch.ones(30, dtype=torch.float64))
+    entropy = -(probs * probs.log()).sum(-1).mean()
+    torch.testing.assert_close(plan.stats.router_entropy, entropy)
+    # Uniform routing gives a balance loss of exactly 1.
+    uniform = softmax_topk_plan(torch.zeros(6, 6), RoutingConfig(top_k=1))
+    assert float(uniform.losses["load_balance"]) == pytest.approx(1.0)
+
+
+def test_unnormalized_weights_are_probabilities() -> None:
+    config = RoutingConfig(top_k=2, normalize_weights=False)
+    logits = torch.randn(10, 5)
+    plan = softmax_topk_plan(logits, config)
+    torch.testing.assert_close(plan.weights_TK, torch.softmax(logits, -1).topk(2, -1).values)
+
+
+def test_jitter_only_in_training() -> None:
+    router = TopKRouter(8, 4, RoutingConfig(jitter_noise=0.5))
+    x = torch.randn(16, 8)
+    router.eval()
+    assert torch.equal(router(x).weights_TK, router(x).weights_TK)
+    router.train()
+    assert not torch.equal(router(x).weights_TK, router(x).weights_TK)
+
+
+def test_sigma_router_selection_and_regularizer() -> None:
+    config = RoutingConfig(router="sigma", top_k=2, entropy_weight=0.5)
+    router = SigmaRouter(8, 6, config).double().eval()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    plan = router(x)
+    logits = x @ router.gate.weight.t()
+    gates = torch.sigmoid(logits)
+    torch.testing.assert_close(plan.weights_TK, gates.topk(2, -1).values)
+    mean_probs = torch.softmax(logits, -1).mean(0)
+    negative_entropy = (mean_probs * mean_probs.log()).sum()
+    torch.testing.assert_close(plan.losses["entropy_reg"], negative_entropy)
+    torch.testing.assert_close(plan.aux_loss, 0.5 * negative_entropy)
+    # Rows of the router have equal norm.
+    norms = router.gate.weight.norm(dim=1)
+    torch.testing.assert_close(norms, norms.mean().expand_as(norms))
+
+
+def test_sigma_expert_dropout_changes_selection_in_training_only() -> None:
+    config = RoutingConfig(router="sigma", top_k=2, expert_dropout=0.5)
+    router = SigmaRouter(8, 8, config)
+    x = torch.randn(200, 8)
+    router.eval()
+    eval_ids = router(x).expert_ids_TK
+    router.train()
+    torch.manual_seed(0)
+    train_plan = router(x)
+    assert not torch.equal(train_plan.expert_ids_TK, eval_ids)
+    gates = torch.sigmoid(x @ router.gate.weight.t())
+    torch.testing.assert_close(train_plan.weights_TK, gates.gather(1, train_plan.expert_ids_TK))
+
+
+def test_task_router_sends_a_task_to_its_experts() -> None:
+    config = RoutingConfig(router="task", num_tasks=3, top_k=2)
+    router = TaskRouter(8, 6, config)
+    tasks = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])
+    plan = router(torch.randn(8, 8), tasks)
+    for task in range(3):
+        rows = plan.expert_ids_TK[tasks == task]
+        assert all(sorted(r) == router.experts_for_task(task) for r in rows.tolist())
+    with pytest.raises(ValueError, match="task_ids"):
+        router(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        router(torch.randn(2, 8), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"capacity_factor": 0.0}, "capacity_factor=0.0"),
+        ({"capacity_factor": -1.0}, "capacity_factor=-1.0"),
+        ({"top_k": 0}, "top_k=0"),
+        ({"router": "softmax"}, "topk, sigma, task"),
+        ({"capacity": "fixd"}, "fixed, priority, dropless"),
+        ({"expert_dropout": 1.0}, "expert_dropout"),
+        ({"router": "task"}, "num_tasks"),
+    ],
+)
+def test_bad_config_is_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RoutingConfig(**kwargs)
+
+
+def test_bad_tokens_are_named() -> None:
+    router = TopKRouter(8, 4, RoutingConfig(top_k=2, check_finite=True))
+    with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
+        TopKRouter(8, 4, RoutingConfig(top_k=5))
+    with pytest.raises(ValueError, match=r"expected \[T, 8\]"):
+        router(torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"dtype torch\.int64"):
+        router(torch.ones(4, 8, dtype=torch.int64))
+    bad = torch.randn(4, 8)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        router(bad)

@@ -1,0 +1,266 @@
+"""The Triton kernels of `moe.kernels` against plain torch references.
+
+On CPU the kernels run under the Triton interpreter. `TRITON_INTERPRET=1` must be set
+before Triton is imported, so each check runs in a fresh subprocess (this file run as a
+script) and the pytest process itself never imports Triton in interpreter mode. The
+`gpu` tests run the same checks, on CUDA tensors, in process.
+
+Shape legend: T tokens, D input width, H output width, E experts, R routed rows,
+K slots per token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _gemm_dtypes(device: str) -> tuple[torch.dtype, ...]:
+    """The Triton interpreter multiplies the raw bits of bf16 `tl.dot` operands
+    (triton-lang/triton#11584, "not supported yet"), so bf16 GEMMs are checked on CUDA only.
+    """
+    return DTYPES if device != "cpu" else (torch.float32, torch.float16)
+
+
+def _tolerance(dtype: torch.dtype, scale: float) -> dict[str, Any]:
+    """assert_close tolerances for a result of magnitude ~scale rounded to dtype."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-4, "atol": 1e-4 * scale}
+    return {"rtol": 2e-2, "atol": 2e-2 * scale}
+
+
+def _row_ranges(counts_E: list[int]) -> list[tuple[int, int]]:
+    ends = torch.tensor(counts_E).cumsum(0).tolist()
+    return [(end - count, end) for count, end in zip(counts_E, ends)]
+
+
+def reference_grouped_mm(
+    x_RD: torch.Tensor, w_EDH: torch.Tensor, counts_E: list[int]
+) -> torch.Tensor:
+    """fp32 per-expert loop."""
+    blocks = [
+        x_RD[s:e].float() @ w_EDH[i].float() for i, (s, e) in enumerate(_row_ranges(counts_E))
+    ]
+    return torch.cat(blocks)
+
+
+def reference_wgrad(x_RD: torch.Tensor, dy_RH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    """fp32 per-expert loop; an expert with no rows gets an explicit zero block."""
+    return torch.stack([x_RD[s:e].float().T @ dy_RH[s:e].float() for s, e in _row_ranges(counts_E)])
+
+
+def reference_combine(
+    y_RD: torch.Tensor, row_of_slot_TK: torch.Tensor, weights_TK: torch.Tensor
+) -> torch.Tensor:
+    """Per-token, per-slot loop in float64."""
+    num_tokens, top_k = row_of_slot_TK.shape
+    y_TD = torch.zeros(num_tokens, y_RD.shape[1], dtype=torch.float64)
+    for t in range(num_tokens):
+        for k in range(top_k):
+            row = int(row_of_slot_TK[t, k])
+            if row >= 0:
+                y_TD[t] += float(weights_TK[t, k]) * y_RD[row].double()
+    return y_TD
+
+
+COUNT_CASES = ([5, 0, 37, 20], [0, 17, 0], [33])
+
+
+def check_grouped_mm(device: str) -> None:
+    from moe.kernels import GemmBlocks, grouped_mm
+
+    small = GemmBlocks(16, 16, 16)
+    for case, counts_E in enumerate(COUNT_CASES):
+        num_experts, num_rows = len(counts_E), sum(counts_E)
+        for dtype in _gemm_dtypes(device):
+            d_in, d_out = random.choice([(24, 40), (32, 16), (16, 33)])
+            # A column slice of a wider tensor: x with a row stride != D.
+            x_RD = torch.randn(num_rows, d_in + 5, device=device).to(dtype)[:, :d_in]
+            w_EHD = torch.randn(num_experts, d_out, d_in, device=device).to(dtype)
+            w_EDH = torch.randn(num_experts, d_in, d_out, device=device).to(dtype)
+            offsets_dtype = torch.int32 if case % 2 else torch.int64
+            offsets_E = torch.tensor(counts_E, device=device).cumsum(0).to(offsets_dtype)
+            tolerance = _tolerance(dtype, d_in**0.5)
+            for weights in (w_EDH, w_EHD.transpose(1, 2)):
+                expected = reference_grouped_mm(x_RD.cpu(), weights.cpu(), counts_E)
+                for blocks in (small, None):
+                    y_RH = grouped_mm(x_RD, weights, offsets_E, blocks)
+                    assert y_RH.dtype == dtype and y_RH.shape == (num_rows, d_out)
+                    torch.testing.assert_close(y_RH.cpu().float(), expected, **tolerance)
+
+
+def check_grouped_mm_wgrad(device: str) -> None:
+    from moe.kernels import GemmBlocks, grouped_mm_wgrad
+
+    small = GemmBlocks(16, 16, 16)
+    for case, counts_E in enumerate(COUNT_CASES):
+        num_experts, num_rows = len(counts_E), sum(counts_E)
+        for dtype in _gemm_dtypes(device):
+            d_in, d_out = random.choice([(24, 40), (32, 16), (16, 33)])
+            x_RD = torch.randn(num_rows, d_in, device=device).to(dtype)
+            dy_RH = torch.randn(num_rows, d_out + 3, device=device).to(dtype)[:, :d_out]
+            offsets_dtype = torch.int32 if case % 2 else torch.int64
+            offsets_E = torch.tensor(counts_E, device=device).cumsum(0).to(offsets_dtype)
+            expected = reference_wgrad(x_RD.cpu(), dy_RH.cpu(), counts_E)
+            tolerance = _tolerance(dtype, max(counts_E) ** 0.5)
+            for blocks, out_dtype in ((small, None), (None, torch.float32)):
+                dw_EDH = grouped_mm_wgrad(x_RD, dy_RH, offsets_E, num_experts, out_dtype, blocks)
+                assert dw_EDH.dtype == (out_dtype or dtype)
+                assert dw_EDH.shape == (num_experts, d_in, d_out)
+                torch.testing.assert_close(dw_EDH.cpu().float(), expected, **tolerance)
+
+
+def _random_slots(num_tokens: int, top_k: int, extra_rows: int) -> tuple[torch.Tensor, int]:
+    """row_of_slot_TK of a random permutation: about 1/4 of the slots dropped (-1).
+
+    Kept slots get distinct rows in a random order; `extra_rows` rows are named by no slot.
+    """
+    keep_TK = torch.rand(num_tokens, top_k) > 0.25
+    keep_TK[0] = False  # a token with every slot dropped
+    num_kept = int(keep_TK.sum())
+    num_rows = num_kept + extra_rows
+    row_of_slot_TK = torch.full((num_tokens, top_k), -1, dtype=torch.int64)
+    row_of_slot_TK[keep_TK] = torch.randperm(num_rows)[:num_kept]
+    return row_of_slot_TK, num_rows
+
+
+def check_gather(device: str) -> None:
+    from moe.kernels import combine, gather_rows, gather_rows_backward
+
+    for num_tokens, width, top_k in ((23, 24, 2), (9, 1100, 3)):
+        row_of_slot_TK, num_rows = _random_slots(num_tokens, top_k, extra_rows=0)
+        token_of_row_R = torch.empty(num_rows, dtype=torch.int64)
+        kept_TK = row_of_slot_TK >= 0
+        token_of_row_R[row_of_slot_TK[kept_TK]] = torch.nonzero(kept_TK)[:, 0]
+        for dtype, index_dtype in ((torch.float32, torch.int64), (torch.bfloat16, torch.int32)):
+            x_TD = torch.randn(width + 2, num_tokens, device=device).to(dtype).T[:, :width]
+            index_R = token_of_row_R.to(device=device, dtype=index_dtype)
+            x_RD = gather_rows(x_TD, index_R)
+            assert torch.equal(x_RD.cpu(), x_TD.cpu()[token_of_row_R])
+
+            dx_RD = torch.randn(num_rows, width, device=device).to(dtype)
+            expected = torch.zeros(num_tokens, width, dtype=torch.float64)
+            for row, token in enumerate(token_of_row_R.tolist()):
+                expected[token] += dx_RD[row].cpu().double()
+            tolerance = _tolerance(dtype, 1.0)
+            by_scatter = gather_rows_backward(dx_RD, token_of_row_R.to(device), num_tokens)
+            torch.testing.assert_close(by_scatter.cpu().double(), expected, **tolerance)
+            by_gather = combine(dx_RD, row_of_slot_TK.to(device=device, dtype=index_dtype), None)
+            assert by_gather.dtype == dtype
+            torch.testing.assert_close(by_gather.cpu().double(), expected, **tolerance)
+
+
+def check_combine(device: str) -> None:
+    from moe.kernels import combine, combine_backward
+
+    for num_tokens, width, top_k in ((23, 24, 2), (9, 1100, 3), (40, 16, 1)):
+        row_of_slot_TK, num_rows = _random_slots(num_tokens, top_k, extra_rows=3)
+        for y_dtype, w_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+            y_RD = torch.randn(num_rows, width).to(y_dtype)
+            weights_TK = torch.rand(num_tokens, top_k, dtype=w_dtype)
+            weights_TK[row_of_slot_TK < 0] = float("nan")  # dropped slots must never be read
+            rows = row_of_slot_TK.to(device)
+            y_TD = combine(y_RD.to(device), rows, weights_TK.to(device))
+            assert y_TD.dtype == y_dtype
+            expected = reference_combine(y_RD, row_of_slot_TK, weights_TK)
+            torch.testing.assert_close(y_TD.cpu().double(), expected, **_tolerance(y_dtype, 1.0))
+
+            # Backward: autograd through a differentiable torch form of the reference.
+            dy_TD = torch.randn(num_tokens, width).to(y_TD.dtype)
+            y_leaf = y_RD.double().requires_grad_()
+            w_leaf = torch.nan_to_num(weights_TK.double()).requires_grad_()
+            kept_TK = row_of_slot_TK >= 0
+            gathered_TKD = y_leaf[row_of_slot_TK.clamp(min=0)] * kept_TK[..., None]
+            (w_leaf[..., None] * gathered_TKD).sum(1).mul(dy_TD.double()).sum().backward()
+            dy_RD, dweights_TK = combine_backward(
+                dy_TD.to(device), y_RD.to(device), rows, weights_TK.to(device)
+            )
+            assert dy_RD.dtype == y_dtype and dweights_TK.dtype == w_dtype
+            assert y_leaf.grad is not None and w_leaf.grad is not None
+            tolerance = _tolerance(y_dtype, width**0.5)
+            torch.testing.assert_close(dy_RD.cpu().double(), y_leaf.grad, **_tolerance(y_dtype, 1))
+            torch.testing.assert_close(dweights_TK.cpu().double(), w_leaf.grad, **tolerance)
+
+
+CHECKS: dict[str, Callable[[str], None]] = {
+    "grouped_mm": check_grouped_mm,
+    "grouped_mm_wgrad": check_grouped_mm_wgrad,
+    "gather": check_gather,
+    "combine": check_combine,
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_kernel_under_triton_interpreter(check: str) -> None:
+    seed = random.randrange(2**31)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, __file__, check, str(seed)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = f"seed {seed}\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, report
+    assert f"passed {check}" in result.stdout, report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_kernel_on_cuda(check: str) -> None:
+    torch.manual_seed(random.randrange(2**31))
+    CHECKS[check]("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_gemm_at_layer_sizes_on_cuda(dtype: torch.dtype) -> None:
+    """Default tiles (the ones training uses) at benchmark sizes, with an empty expert."""
+    from moe.kernels import grouped_mm, grouped_mm_wgrad
+
+    num_experts, d_in, d_out = 8, 512, 1024
+    counts_E = torch.multinomial(torch.ones(num_experts), 4096, replacement=True).bincount(
+        minlength=num_experts
+    )
+    counts_E[3] = 0
+    counts = counts_E.tolist()
+    offsets_E = counts_E.cumsum(0).cuda()
+    x_RD = torch.randn(sum(counts), d_in, device="cuda", dtype=dtype)
+    w_EHD = torch.randn(num_experts, d_out, d_in, device="cuda", dtype=dtype)
+    dy_RH = torch.randn(sum(counts), d_out, device="cuda", dtype=dtype)
+    y_RH = grouped_mm(x_RD, w_EHD.transpose(1, 2), offsets_E)
+    expected = reference_grouped_mm(x_RD, w_EHD.transpose(1, 2), counts)
+    torch.testing.assert_close(y_RH.float(), expected, **_tolerance(dtype, d_in**0.5))
+    dw_EDH = grouped_mm_wgrad(x_RD, dy_RH, offsets_E, num_experts)
+    expected_dw = reference_wgrad(x_RD, dy_RH, counts)
+    torch.testing.assert_close(dw_EDH.float(), expected_dw, **_tolerance(dtype, 4096**0.5))
+
+
+def test_import_does_not_need_triton() -> None:
+    code = "import sys, moe.kernels; assert 'triton' not in sys.modules; print('clean')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "clean", result.stderr
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (the pytest tests do)")
+    name, seed = sys.argv[1], int(sys.argv[2])
+    random.seed(seed)
+    torch.manual_seed(seed)
+    CHECKS[name]("cpu")
+    print(f"passed {name}")

@@ -1,0 +1,103 @@
+"""A run's checkpoints: `moe.checkpoint` directories under `run_dir/checkpoints`.
+
+A training checkpoint holds the model (dense file + one file per expert), every rank's
+optimizer state, the sampler state (`extra["sampler"]`) and the run's config. Resuming
+loads the weights at any EP size but the optimizer state only with the layout it was
+saved with (same world size, same experts per rank): a resharded resume would change
+Adam's moments, so it is refused with the reason rather than done approximately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launch.config import RunConfig
+from launch.runtime import Runtime
+from moe.checkpoint import load_checkpoint, resolve_latest, save_checkpoint
+from moe.transformer import MoETransformer
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int
+    sampler_state: dict[str, Any]
+    directory: Path
+
+
+def config_dict(config: RunConfig) -> dict[str, Any]:
+    """The run config as plain JSON data (enums as their values)."""
+    from dataclasses import asdict
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return getattr(value, "value", value)
+
+    return plain(asdict(config))
+
+
+class CheckpointManager:
+    """Save and resume the checkpoints of one run (every rank makes the same calls)."""
+
+    def __init__(self, directory: Path, runtime: Runtime, keep_last: int) -> None:
+        self.directory = Path(directory)
+        self.runtime = runtime
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (ValueError if the `latest` pointer dangles)."""
+        return resolve_latest(self.directory)
+
+    def save(
+        self,
+        step: int,
+        model: MoETransformer,
+        optimizer: torch.optim.Optimizer,
+        sampler_state: dict[str, Any],
+        config: RunConfig,
+    ) -> Path:
+        groups = self.runtime.groups
+        return save_checkpoint(
+            self.directory,
+            model,
+            optimizer.state_dict(),
+            step,
+            config_dict(config),
+            extra={"sampler": sampler_state},
+            group=groups.world if groups is not None else None,
+            keep_last=self.keep_last,
+        )
+
+    def load_latest(
+        self, model: MoETransformer, optimizer: torch.optim.Optimizer, config: RunConfig
+    ) -> Resumed | None:
+        """Load the newest checkpoint into `model` and `optimizer`; None if there is none.
+
+        Refuses (ValueError) a checkpoint whose model or routing config differs from this
+        run's, and a corrupt or missing file (named by `moe.checkpoint`)."""
+        path = self.latest()
+        if path is None:
+            return None
+        info = self.runtime.info
+        loaded = load_checkpoint(
+            path, model, load_optimizer=True, rank=info.rank, world_size=info.world_size
+        )
+        mine = config_dict(config)
+        for key in ("model", "routing"):
+            if loaded.config.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint {path} was written with {key}={loaded.config.get(key)} but "
+                    f"this run has {key}={mine[key]}; use another run_dir or the same {key}"
+                )
+        assert loaded.optimizer_state is not None
+        optimizer.load_state_dict(loaded.optimizer_state)
+        sampler_state = loaded.extra.get("sampler")
+        if not isinstance(sampler_state, dict):
+            raise ValueError(f"checkpoint {path} has no sampler state; it was not written by train")
+        return Resumed(step=loaded.step, sampler_state=sampler_state, directory=path)

@@ -1,0 +1,154 @@
+"""Optimizer, learning-rate schedule and gradient handling under expert parallelism.
+
+Parameters fall in two kinds. Dense parameters (attention, norms, embeddings, routers,
+dense and residual MLPs) are replicated on every rank: their gradients are averaged over
+all ranks. Expert parameters (`GroupedExperts`) live on one EP rank per EP group: the
+all-to-all backward already sums, into each expert's gradient, the contributions of the
+losses of every rank in its EP group; they are then summed over the ranks holding the same
+experts (one per EP group) and divided by the world size, so that every gradient is that
+of the mean loss over all ranks, exactly as a one-process run over the global batch.
+
+The global gradient norm (for clipping) counts each dense gradient once and each expert
+gradient once: dense squares are the same on every rank, expert squares are summed over
+the EP group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from launch.config import TrainConfig
+from moe.experts import GroupedExperts
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """The model's parameters by kind (each list in `named_parameters` order)."""
+
+    dense: list[nn.Parameter]
+    expert: list[nn.Parameter]
+    dense_no_decay: list[nn.Parameter]
+
+
+def split_parameters(model: nn.Module) -> ParamSplit:
+    """Expert parameters are those of `GroupedExperts` modules; dense 1-D parameters
+    (norm gains) and embeddings get no weight decay."""
+    expert_ids = {
+        id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
+    }
+    dense, expert, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in expert_ids:
+            expert.append(param)
+        elif param.dim() < 2 or name.startswith("embed."):
+            no_decay.append(param)
+        else:
+            dense.append(param)
+    return ParamSplit(dense=dense, expert=expert, dense_no_decay=no_decay)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: dense with decay, dense without, experts (tagged `moe=True`)."""
+    split = split_parameters(model)
+    groups = [
+        {"name": "dense", "params": split.dense, "weight_decay": weight_decay},
+        {"name": "dense_no_decay", "params": split.dense_no_decay, "weight_decay": 0.0},
+        {"name": "experts", "params": split.expert, "weight_decay": weight_decay, "moe": True},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        foreach=False,  # identical arithmetic whatever the group sizes (EP=1 vs EP=2)
+    )
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup to `lr` over `warmup_steps`,
+    then a cosine from `lr` to `min_lr` at `steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _all_reduce_sum(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Sum `grads` over `group` in place, as one flat buffer."""
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(reduced)
+
+
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    return [param.grad for param in params if param.grad is not None]
+
+
+def reduce_gradients(
+    split: ParamSplit,
+    world_size: int,
+    dense_group: dist.ProcessGroup | None,
+    expert_replica_group: dist.ProcessGroup | None,
+    expert_replicas: int,
+) -> None:
+    """Make every gradient that of the mean loss over all ranks (see module docstring).
+
+    `dense_group` spans every rank; `expert_replica_group` the ranks holding the same
+    experts (`expert_replicas` of them). Groups are only used when they have > 1 rank.
+    """
+    dense = _grads(split.dense + split.dense_no_decay)
+    expert = _grads(split.expert)
+    if world_size > 1:
+        _all_reduce_sum(dense, dense_group)
+    if expert_replicas > 1:
+        _all_reduce_sum(expert, expert_replica_group)
+    if world_size > 1 and dense + expert:
+        torch._foreach_mul_(dense + expert, 1.0 / world_size)
+
+
+def global_grad_norm(split: ParamSplit, ep_group: dist.ProcessGroup | None, ep_size: int) -> float:
+    """L2 norm of all gradients of the model, experts of every EP rank included."""
+    device = next(iter(split.dense + split.dense_no_decay + split.expert)).device
+    dense_sq = torch.zeros((), device=device)
+    for p in split.dense + split.dense_no_decay:
+        if p.grad is not None:
+            dense_sq += p.grad.detach().float().pow(2).sum()
+    expert_sq = torch.zeros((), device=device)
+    for p in split.expert:
+        if p.grad is not None:
+            expert_sq += p.grad.detach().float().pow(2).sum()
+    if ep_size > 1:
+        dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=ep_group)
+    return float(torch.sqrt(dense_sq + expert_sq))
+
+
+def clip_gradients(split: ParamSplit, max_norm: float, total_norm: float) -> None:
+    """Scale every gradient by min(1, max_norm / total_norm) (no-op when max_norm == 0)."""
+    if max_norm <= 0 or total_norm <= max_norm:
+        return
+    scale = max_norm / (total_norm + 1e-6)
+    grads = [p.grad for p in split.dense + split.dense_no_decay + split.expert]
+    torch._foreach_mul_([g for g in grads if g is not None], scale)

@@ -1,0 +1,152 @@
+"""Causal self-attention with rotary positions, grouped-query heads and a KV cache.
+
+Legend: B batch, T query positions, S key positions (cache + new), D model width,
+N query heads, G key/value heads (N % G == 0; G = 1 is multi-query, G = N multi-head),
+C head width.
+
+RoPE follows the "rotate half" convention (GPT-NeoX, Llama in HF): channel c of the first
+half is paired with channel c + C/2, rotated by position * theta^(-2c/C). The frequencies
+are computed in float32 on the fly (no buffer, so a cast to bfloat16 cannot degrade them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding.
+
+    `k_BGSC`/`v_BGSC` are preallocated to the maximum length; `length` positions are
+    filled. Owned by one generation loop (not shared, not global).
+    """
+
+    k_BGSC: torch.Tensor
+    v_BGSC: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> KVCache:
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k_BGSC.shape[2]
+
+    def append(
+        self, k_BGTC: torch.Tensor, v_BGTC: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store T new positions; return all filled keys and values (views, [B, G, S, C])."""
+        end = self.length + k_BGTC.shape[2]
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {end} positions needed, capacity is {self.capacity}"
+            )
+        self.k_BGSC[:, :, self.length : end] = k_BGTC
+        self.v_BGSC[:, :, self.length : end] = v_BGTC
+        self.length = end
+        return self.k_BGSC[:, :, :end], self.v_BGSC[:, :, :end]
+
+
+def rotary_cos_sin(
+    positions_T: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each [T, C] in float32."""
+    exponents = torch.arange(0, head_dim, 2, device=positions_T.device, dtype=torch.float32)
+    inv_freq = theta ** (-exponents / head_dim)
+    angles_TH = positions_T.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles_TC = torch.cat([angles_TH, angles_TH], dim=-1)
+    return angles_TC.cos(), angles_TC.sin()
+
+
+def apply_rotary(x_BNTC: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (c, c + C/2) of every head by the position's angles."""
+    half = x_BNTC.shape[-1] // 2
+    x = x_BNTC.to(torch.float32)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos_TC + rotated * sin_TC).to(x_BNTC.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head / grouped-query / multi-query causal attention with RoPE.
+
+    Uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU) with
+    `enable_gqa`, so key/value heads are never materialised N/G times.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        rope_theta: float = 10000.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.rope_theta = rope_theta
+        self.dropout = dropout
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x_BTD -> y_BTD. With a cache, the T new positions follow the cached ones."""
+        B, T, _ = x_BTD.shape
+        N, G, C = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x_BTD)
+        q_BNTC = qkv[..., : N * C].view(B, T, N, C).transpose(1, 2)
+        k_BGTC = qkv[..., N * C : (N + G) * C].view(B, T, G, C).transpose(1, 2)
+        v_BGTC = qkv[..., (N + G) * C :].view(B, T, G, C).transpose(1, 2)
+
+        offset = cache.length if cache is not None else 0
+        positions_T = torch.arange(offset, offset + T, device=x_BTD.device)
+        cos_TC, sin_TC = rotary_cos_sin(positions_T, C, self.rope_theta)
+        q_BNTC = apply_rotary(q_BNTC, cos_TC, sin_TC)
+        k_BGTC = apply_rotary(k_BGTC, cos_TC, sin_TC)
+        if cache is not None:
+            k_BGSC, v_BGSC = cache.append(k_BGTC, v_BGTC)
+        else:
+            k_BGSC, v_BGSC = k_BGTC, v_BGTC
+
+        S = k_BGSC.shape[2]
+        mask_TS: torch.Tensor | None = None
+        is_causal = False
+        if S == T:
+            is_causal = True
+        elif T > 1:
+            # SDPA's is_causal aligns the mask top-left; new queries sit at the end.
+            key_pos_S = torch.arange(S, device=x_BTD.device)
+            mask_TS = key_pos_S[None, :] <= (positions_T[:, None])
+        y_BNTC = F.scaled_dot_product_attention(
+            q_BNTC,
+            k_BGSC,
+            v_BGSC,
+            attn_mask=mask_TS,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=G != N,
+        )
+        return self.out_proj(y_BNTC.transpose(1, 2).reshape(B, T, N * C))

@@ -1,0 +1,320 @@
+"""The decoder-only MoE transformer language model.
+
+Legend: B batch, T positions, D model width, V vocabulary, F dense FFN hidden width.
+
+Block i: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)) (pre-norm), where FFN is an
+`MoELayer` when (i + 1) % moe_every == 0 (see `moe.config`) and a dense MLP otherwise.
+A final RMSNorm precedes the output head, which reuses the embedding matrix when
+`tie_embeddings` (computed as `F.linear(h, embed.weight)`, so no tensor is stored twice).
+
+Initialisation (deterministic given `seed`): the embedding, the attention projections
+and the untied output head ~ N(0, init_std^2), except the attention `out_proj`, which
+writes into the residual stream, ~ N(0, init_std^2 / (2 * n_layers)) (GPT-2); RMSNorm
+gains 1. Each of those parameters draws from its own generator seeded by (seed,
+parameter name). Every FFN, dense or MoE, keeps its own initialisation (`moe.experts`: a
+dense MLP is initialised like one expert, so the dense baseline starts like the MoE) and
+is built under the global RNG forked and seeded by (seed, block index); so the weights
+outside the experts do not depend on how many experts a rank holds. Construction never
+advances the caller's global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.attention import CausalSelfAttention, KVCache
+from moe.config import ModelConfig
+from moe.experts import DenseMLP
+from moe.layer import MoELayer
+from moe.parallel import Dispatcher
+from routing import RoutingConfig, RoutingStats
+
+DispatcherFactory = Callable[[int], Dispatcher]
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block; the FFN is a `DenseMLP` or an `MoELayer`."""
+
+    def __init__(self, config: ModelConfig, ffn: DenseMLP | MoELayer) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.attn = CausalSelfAttention(
+            config.d_model, config.n_heads, config.n_kv_heads, config.rope_theta, config.dropout
+        )
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.ffn = ffn
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        task_ids_BT: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new residual stream and the MoE aux loss (None for a dense FFN)."""
+        x_BTD = x_BTD + self.residual_dropout(self.attn(self.attn_norm(x_BTD), cache))
+        h_BTD = self.ffn_norm(x_BTD)
+        aux_loss = None
+        if isinstance(self.ffn, MoELayer):
+            out = self.ffn(h_BTD, task_ids_BT)
+            y_BTD, aux_loss = out.y, out.aux_loss
+        else:
+            y_BTD = self.ffn(h_BTD)
+        return x_BTD + self.residual_dropout(y_BTD), aux_loss
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """logits_BTV: next-token logits; aux_loss: sum of the MoE layers' (weighted) aux
+    losses, a scalar (zero for a dense model)."""
+
+    logits_BTV: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+def _derived_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only LM over `config.vocab_size` tokens (bytes by default).
+
+    `routing` configures every MoE layer (required when the model has one);
+    `dispatcher_factory(num_experts)` builds each MoE layer's dispatcher (expert
+    parallelism); None keeps all experts local. `seed` makes construction deterministic.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        routing: RoutingConfig | None = None,
+        dispatcher_factory: DispatcherFactory | None = None,
+        *,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if config.moe_layer_indices() and routing is None:
+            raise ValueError(
+                f"routing=None but moe_every={config.moe_every} gives MoE layers at blocks "
+                f"{config.moe_layer_indices()}; pass a RoutingConfig or set moe_every=0"
+            )
+        self.config = config
+        self.routing = routing
+        # Built under a forked RNG: construction leaves the caller's global RNG alone.
+        with torch.random.fork_rng(devices=[]):
+            self.embed = nn.Embedding(config.vocab_size, config.d_model)
+            self.blocks = nn.ModuleList(
+                self._build_block(index, num_experts, dispatcher_factory, seed)
+                for index, num_experts in enumerate(config.experts_per_block())
+            )
+            self.final_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+            self.lm_head = (
+                None
+                if config.tie_embeddings
+                else nn.Linear(config.d_model, config.vocab_size, bias=False)
+            )
+        self._init_dense_weights(seed)
+
+    def _build_block(
+        self,
+        index: int,
+        num_experts: int,
+        dispatcher_factory: DispatcherFactory | None,
+        seed: int,
+    ) -> Block:
+        config = self.config
+        torch.manual_seed(_derived_seed(seed, f"blocks.{index}"))
+        ffn: DenseMLP | MoELayer
+        if num_experts == 0:
+            ffn = DenseMLP(config.d_model, config.ffn_hidden, config.activation)
+        else:
+            assert self.routing is not None
+            ffn = MoELayer(
+                config.d_model,
+                config.expert_hidden,
+                num_experts,
+                self.routing,
+                activation=config.activation,
+                residual_mlp=config.residual_mlp,
+                dispatcher=dispatcher_factory(num_experts) if dispatcher_factory else None,
+            )
+        return Block(config, ffn)
+
+    @torch.no_grad()
+    def _init_dense_weights(self, seed: int) -> None:
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if ".ffn." in name:
+                continue
+            if "norm." in name:
+                param.fill_(1.0)
+                continue
+            scale = residual_std if name.endswith("out_proj.weight") else std
+            generator = torch.Generator().manual_seed(_derived_seed(seed, name))
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        """(block index, MoELayer) of every MoE block, in order."""
+        return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    def routing_stats(self) -> dict[int, RoutingStats]:
+        """The last forward's RoutingStats of every MoE layer, by block index."""
+        return {
+            i: layer.last_stats for i, layer in self.moe_layers() if layer.last_stats is not None
+        }
+
+    def init_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        """Empty KV caches (one per block) for incremental decoding."""
+        param = self.embed.weight
+        return [
+            KVCache.empty(
+                batch,
+                self.config.n_kv_heads,
+                max_len or self.config.max_seq_len,
+                self.config.head_dim,
+                param.device,
+                param.dtype,
+            )
+            for _ in self.blocks
+        ]
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        task_ids_B: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> ModelOutput:
+        """tokens_BT (int64 in [0, V)) -> ModelOutput. `task_ids_B` (one task per
+        sequence) is broadcast to every token of its sequence for the MoE routers."""
+        if tokens_BT.dim() != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"tokens have shape {tuple(tokens_BT.shape)} and dtype {tokens_BT.dtype}; "
+                "expected an integer tensor [batch, seq_len]"
+            )
+        B, T = tokens_BT.shape
+        start = caches[0].length if caches else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"got {len(caches)} KV caches for {len(self.blocks)} blocks")
+        task_ids_BT = None
+        if task_ids_B is not None:
+            if task_ids_B.shape != (B,):
+                raise ValueError(
+                    f"task_ids have shape {tuple(task_ids_B.shape)}; expected [{B}] "
+                    "(one task id per sequence)"
+                )
+            task_ids_BT = task_ids_B[:, None].expand(B, T)
+        x_BTD = self.embed(tokens_BT)
+        aux_loss = x_BTD.new_zeros(())
+        for index, block in enumerate(self.blocks):
+            x_BTD, block_aux = block(x_BTD, task_ids_BT, caches[index] if caches else None)
+            if block_aux is not None:
+                aux_loss = aux_loss + block_aux
+        h_BTD = self.final_norm(x_BTD)
+        if self.lm_head is None:
+            logits_BTV = F.linear(h_BTD, self.embed.weight)
+        else:
+            logits_BTV = self.lm_head(h_BTD)
+        return ModelOutput(logits_BTV=logits_BTV, aux_loss=aux_loss)
+
+
+@dataclass(frozen=True)
+class LMLoss:
+    """loss = ce + aux_loss (what to backpropagate); ce: mean next-token cross entropy
+    in nats; aux_loss: the MoE layers' summed aux losses."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+def lm_loss(output: ModelOutput, targets_BT: torch.Tensor, ignore_index: int = -100) -> LMLoss:
+    """Cross entropy of `output.logits_BTV` against `targets_BT` (positions equal to
+    `ignore_index` are skipped) plus the aux loss."""
+    logits_BTV = output.logits_BTV
+    if targets_BT.shape != logits_BTV.shape[:2]:
+        raise ValueError(
+            f"targets have shape {tuple(targets_BT.shape)}; expected {tuple(logits_BTV.shape[:2])}"
+        )
+    ce = F.cross_entropy(
+        logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=ignore_index
+    )
+    return LMLoss(loss=ce + output.aux_loss, ce=ce, aux_loss=output.aux_loss)
+
+
+def bits_per_byte(ce_nats: float) -> float:
+    """Bits per byte of a byte-level model from its mean cross entropy in nats per token
+    (one token = one byte, so bpb = ce / ln 2)."""
+    return ce_nats / math.log(2)
+
+
+@torch.no_grad()
+def generate(
+    model: MoETransformer,
+    prompt_bytes: bytes,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    task_id: int | None = None,
+    seed: int = 0,
+) -> bytes:
+    """Sample `max_new_tokens` bytes after `prompt_bytes`; returns only the new bytes.
+
+    Prefill once, then decode one token at a time with a KV cache. When the context
+    reaches `max_seq_len`, the last half window is prefilled again into a fresh cache
+    (positions restart at 0, as in training). `temperature=0` is greedy; `top_k` keeps
+    the k most likely bytes. Runs in eval mode and restores the previous mode.
+    """
+    vocab_size, max_len = model.config.vocab_size, model.config.max_seq_len
+    if vocab_size != 256:
+        raise ValueError(f"generate needs a byte-level model (vocab_size=256), got {vocab_size}")
+    if not prompt_bytes:
+        raise ValueError("prompt_bytes is empty; give at least one byte")
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}: "
+            "accepted are max_new_tokens >= 0, temperature >= 0, top_k None or >= 1"
+        )
+    device = model.embed.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    task_ids_B = None if task_id is None else torch.tensor([task_id], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        context = list(prompt_bytes)[-max_len:]
+        caches = model.init_caches(1)
+        step_tokens = list(context)
+        new_tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            tokens_BT = torch.tensor([step_tokens], device=device)
+            logits_V = model(tokens_BT, task_ids_B, caches).logits_BTV[0, -1].float()
+            if temperature == 0:
+                token = int(logits_V.argmax())
+            else:
+                logits_V = logits_V / temperature
+                if top_k is not None and top_k < vocab_size:
+                    kth = torch.topk(logits_V, top_k).values[-1]
+                    logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+                probs_V = torch.softmax(logits_V, dim=-1)
+                token = int(torch.multinomial(probs_V, 1, generator=generator))
+            new_tokens.append(token)
+            context.append(token)
+            step_tokens = [token]
+            if caches[0].length >= max_len:
+                context = context[-max(1, max_len // 2) :]
+                caches = model.init_caches(1)
+                step_tokens = list(context)
+    finally:
+        model.train(was_training)
+    return bytes(new_tokens)

@@ -17,7 +17,7 @@ import torch
 
 from launch.config import RunConfig
 from launch.runtime import Runtime
-from moe.checkpoint import load_checkpoint, resolve_latest, save_checkpoint
+from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
 from moe.transformer import MoETransformer
 
 
@@ -85,16 +85,16 @@ class CheckpointManager:
         if path is None:
             return None
         info = self.runtime.info
+        saved, mine = read_meta(path)["config"], config_dict(config)
+        for key in ("model", "routing"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint {path} was written with {key}={saved.get(key)} but "
+                    f"this run has {key}={mine[key]}; use another run_dir or the same {key}"
+                )
         loaded = load_checkpoint(
             path, model, load_optimizer=True, rank=info.rank, world_size=info.world_size
         )
-        mine = config_dict(config)
-        for key in ("model", "routing"):
-            if loaded.config.get(key) != mine[key]:
-                raise ValueError(
-                    f"checkpoint {path} was written with {key}={loaded.config.get(key)} but "
-                    f"this run has {key}={mine[key]}; use another run_dir or the same {key}"
-                )
         assert loaded.optimizer_state is not None
         optimizer.load_state_dict(loaded.optimizer_state)
         sampler_state = loaded.extra.get("sampler")

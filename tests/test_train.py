@@ -85,7 +85,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 
 def test_resume_must_without_checkpoint_fails(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="train.resume=must but there is no checkpoint"):
+    with pytest.raises(ValueError, match=r"train\.resume=must but there is no checkpoint"):
         train(tiny_config(tmp_path, "train.resume=must"))
 
 
@@ -101,7 +101,7 @@ def test_corrupt_checkpoint_is_named_and_not_overwritten(tmp_path: Path) -> None
     data = bytearray(dense.read_bytes())
     data[-1] ^= 0xFF
     dense.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="dense.safetensors"):
+    with pytest.raises(ValueError, match=r"dense\.safetensors"):
         train(tiny_config(tmp_path, *overrides, "train.steps=6"))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         LATEST_FILE,
@@ -151,7 +151,7 @@ def test_resume_never_refuses_existing_checkpoints(tmp_path: Path) -> None:
         "train.eval_every=2",
     )
     train(tiny_config(tmp_path, *overrides))
-    with pytest.raises(ValueError, match="train.resume=never"):
+    with pytest.raises(ValueError, match=r"train\.resume=never"):
         train(tiny_config(tmp_path, *overrides, "train.resume=never"))
 
 

@@ -89,6 +89,11 @@ class MoETransformer(nn.Module):
     `routing` configures every MoE layer (required when the model has one);
     `dispatcher_factory(num_experts)` builds each MoE layer's dispatcher (expert
     parallelism); None keeps all experts local. `seed` makes construction deterministic.
+
+    Causality: with dropless routing every position sees only its past. Capacity-limited
+    routing (fixed, priority) is not strictly causal: which slots a token keeps depends on
+    the other tokens of the batch, later positions included (as in GShard/Switch
+    decoders), and so KV-cache decoding matches a full forward only when dropless.
     """
 
     def __init__(

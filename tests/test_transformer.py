@@ -78,7 +78,7 @@ def test_moe_layer_pattern_and_schedule() -> None:
 
 def test_config_is_a_structured_config() -> None:
     schema = OmegaConf.structured(ModelConfig)
-    # OmegaConf parses enums by member *name* (today SWIGLU, swiglu once names are lowercase).
+    # OmegaConf parses enums by member *name*; launch.schema maps the lowercase values.
     overrides = {"activation": Activation.SWIGLU.name, "n_layers": 2, "expert_schedule": [2, 4]}
     merged = OmegaConf.merge(schema, overrides)
     config = OmegaConf.to_object(merged)

@@ -64,22 +64,29 @@ def _transpose_loop(x_RD: torch.Tensor, counts_AB: torch.Tensor) -> torch.Tensor
     return torch.cat([chunks[a, b] for b in range(b_size) for a in range(a_size)])
 
 
+@pytest.mark.parametrize("max_cat_chunks", [0, 1024])  # 0: the gather path
 @pytest.mark.parametrize("shape", [(1, 1), (3, 2), (4, 5), (2, 8)])
-def test_transpose_chunks_matches_loop_and_inverts(shape: tuple[int, int]) -> None:
+def test_transpose_chunks_matches_loop_and_inverts(
+    shape: tuple[int, int], max_cat_chunks: int
+) -> None:
     gen = torch.Generator().manual_seed(sum(shape))
     for _ in range(5):
         counts_AB = torch.randint(0, 4, shape, generator=gen)
         counts_AB[0] = 0  # an empty row of chunks
         x_RD = torch.randn(int(counts_AB.sum()), 3, generator=gen, requires_grad=True)
-        y_RD = transpose_chunks(x_RD, counts_AB)
+        y_RD = transpose_chunks(x_RD, counts_AB, max_cat_chunks=max_cat_chunks)
         assert torch.equal(y_RD, _transpose_loop(x_RD.detach(), counts_AB))
-        assert torch.equal(transpose_chunks(y_RD, counts_AB.t()), x_RD)
+        back_RD = transpose_chunks(y_RD, counts_AB.t(), max_cat_chunks=max_cat_chunks)
+        assert torch.equal(back_RD, x_RD)
         probe_RD = torch.randn(y_RD.shape, generator=gen)
         (y_RD * probe_RD).sum().backward()
         assert x_RD.grad is not None
         assert torch.equal(x_RD.grad, transpose_chunks(probe_RD, counts_AB.t()))
 
 
-def test_transpose_chunks_rejects_wrong_rows() -> None:
-    with pytest.raises(ValueError, match="rows"):
-        transpose_chunks(torch.zeros(5, 2), torch.tensor([[1, 1], [1, 1]]))
+@pytest.mark.parametrize("max_cat_chunks", [0, 1024])
+def test_transpose_chunks_rejects_wrong_rows(max_cat_chunks: int) -> None:
+    with pytest.raises(ValueError, match="expected 5"):
+        transpose_chunks(
+            torch.zeros(5, 2), torch.tensor([[1, 1], [1, 1]]), max_cat_chunks=max_cat_chunks
+        )

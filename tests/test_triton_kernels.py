@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,6 +201,119 @@ CHECKS: dict[str, Callable[[str], None]] = {
 }
 
 
+def compile_for_gpu(arch: int) -> None:
+    """Compile every kernel to a cubin for sm_{arch}, with no GPU present.
+
+    The interpreter accepts code the compiler rejects; this catches that. Specialised as a
+    launch on contiguous tensors is: unit strides constant, pointers and other strides
+    16-divisible (which enables vector loads, cp.async pipelining and wgmma).
+    """
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from moe.kernels import gather, grouped_gemm
+
+    def build(
+        kernel: Any,
+        pointer_types: list[str],
+        constants: dict[str, Any],
+        unit_strides: tuple[str, ...],
+        num_warps: int = 4,
+    ) -> None:
+        params = list(inspect.signature(kernel.fn).parameters)
+        constants = {**constants, **dict.fromkeys(unit_strides, 1)}
+        pointers = iter(pointer_types)
+        signature = {
+            p: "constexpr" if p in constants else next(pointers) if p.endswith("_ptr") else "i32"
+            for p in params
+        }
+        divisible = {
+            (i,): [["tt.divisibility", 16]]
+            for i, p in enumerate(params)
+            if p not in constants and (p.endswith("_ptr") or p.startswith("stride"))
+        }
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=divisible)
+        options = {"num_warps": num_warps, "num_stages": 3}
+        triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    # fp16 takes the bf16 path and tf32 the fp32 tile shapes; these two cover both.
+    for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
+        blocks = grouped_gemm.default_blocks(torch_dtypes[dtype], rows_per_expert=512)
+        gemm = {"BLOCK_K": blocks.block_k, "INPUT_PRECISION": precision}
+        pointers = [f"*{dtype}"] * 3 + ["*i64"]
+        for weight_unit_stride in ("stride_wh", "stride_wd"):  # w_EDH and w_EHD.transpose(1, 2)
+            build(
+                grouped_gemm._grouped_mm_kernel,
+                pointers,
+                {"BLOCK_M": 128, "BLOCK_N": 128, "EXPERTS_POW2": 8, **gemm},
+                ("stride_xd", weight_unit_stride, "stride_yh"),
+                num_warps=8,
+            )
+        build(
+            grouped_gemm._grouped_mm_wgrad_kernel,
+            pointers,
+            {
+                "BLOCK_D": 128,
+                "BLOCK_H": 128,
+                "BLOCK_R": blocks.block_k,
+                "INPUT_PRECISION": precision,
+            },
+            ("stride_xd", "stride_dyh", "stride_dwh"),
+            num_warps=8,
+        )
+    rows = {"BLOCK_T": 8, "BLOCK_D": 512}
+    build(
+        gather._gather_rows_kernel,
+        ["*bf16", "*i64", "*bf16"],
+        {"BLOCK_R": 8, "BLOCK_D": 512},
+        ("stride_xd", "stride_od"),
+    )
+    for has_weights in (True, False):
+        build(
+            gather._combine_kernel,
+            ["*bf16", "*i64", "*fp32", "*bf16"],
+            {"HAS_WEIGHTS": has_weights, **rows},
+            ("stride_yd", "stride_rk", "stride_wk", "stride_od"),
+        )
+    build(
+        gather._combine_backward_kernel,
+        ["*bf16", "*bf16", "*i64", "*fp32", "*bf16", "*fp32"],
+        rows,
+        ("stride_dod", "stride_yd", "stride_rk", "stride_wk", "stride_dyd", "stride_dwk"),
+    )
+
+
+def _has_ptxas() -> bool:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(
+        os.path.exists(os.path.join(root, "backends", "nvidia", "bin", "ptxas"))
+        for root in spec.submodule_search_locations
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_ptxas(), reason="triton with its bundled ptxas is not installed")
+def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run(
+        [sys.executable, __file__, "compile_for_sm90", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = f"{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, report
+    assert "passed compile_for_sm90" in result.stdout, report
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_kernel_under_triton_interpreter(check: str) -> None:
@@ -257,10 +371,13 @@ def test_import_does_not_need_triton() -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1 (the pytest tests do)")
     name, seed = sys.argv[1], int(sys.argv[2])
-    random.seed(seed)
-    torch.manual_seed(seed)
-    CHECKS[name]("cpu")
+    if name == "compile_for_sm90":
+        compile_for_gpu(90)
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run the kernel checks with TRITON_INTERPRET=1 (the pytest tests do)")
+    else:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        CHECKS[name]("cpu")
     print(f"passed {name}")

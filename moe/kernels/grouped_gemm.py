@@ -2,7 +2,7 @@
 
 Rows of `x_RD` are sorted by expert. `offsets_E` is the inclusive cumulative sum of the
 per-expert row counts (a device tensor, int32 or int64): expert e owns the rows
-`[offsets_E[e - 1], offsets_E[e])` (with `offsets_E[-1]` read as 0). Nothing here syncs
+`[offsets_E[e - 1], offsets_E[e])`, expert 0 from row 0. Nothing here syncs
 with the host: the kernels read `offsets_E` on the device.
 
 Shape legend: R routed rows, D input width, H output width, E experts.

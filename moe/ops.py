@@ -33,8 +33,7 @@ def _row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
     return blocks
 
 
-@torch.library.custom_op("moe::grouped_mm", mutates_args=())
-def grouped_mm(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mm_torch(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
     """y_RH[rows of e] = x_RD[rows of e] @ w_EDH[e]; rows sorted by expert."""
     y_RH = x_RD.new_empty(x_RD.shape[0], w_EDH.shape[2])
     blocks = _row_blocks(counts_E)
@@ -44,18 +43,25 @@ def grouped_mm(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
     return y_RH
 
 
+grouped_mm = torch.library.custom_op("moe::grouped_mm", grouped_mm_torch, mutates_args=())
+
+
 @grouped_mm.register_fake
 def _(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
     return x_RD.new_empty(x_RD.shape[0], w_EDH.shape[2])
 
 
-@torch.library.custom_op("moe::grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mm_wgrad_torch(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor) -> Tensor:
     """dw_EDH[e] = x_RD[rows of e]^T @ dy_RH[rows of e]; zero for experts without rows."""
     dw_EDH = x_RD.new_zeros(counts_E.shape[0], x_RD.shape[1], dy_RH.shape[1])
     for expert, start, stop in _row_blocks(counts_E):
         torch.mm(x_RD[start:stop].t(), dy_RH[start:stop], out=dw_EDH[expert])
     return dw_EDH
+
+
+grouped_mm_wgrad = torch.library.custom_op(
+    "moe::grouped_mm_wgrad", grouped_mm_wgrad_torch, mutates_args=()
+)
 
 
 @grouped_mm_wgrad.register_fake
@@ -177,3 +183,13 @@ def _combine_backward(
 
 
 combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+def _register_cuda_kernels() -> None:
+    from moe import cuda_ops, kernels
+
+    if kernels.triton_available():
+        cuda_ops.register()
+
+
+_register_cuda_kernels()

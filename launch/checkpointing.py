@@ -75,13 +75,18 @@ class CheckpointManager:
         )
 
     def load_latest(
-        self, model: MoETransformer, optimizer: torch.optim.Optimizer, config: RunConfig
+        self,
+        model: MoETransformer,
+        optimizer: torch.optim.Optimizer,
+        config: RunConfig,
+        path: Path | None = None,
     ) -> Resumed | None:
-        """Load the newest checkpoint into `model` and `optimizer`; None if there is none.
+        """Load checkpoint `path` (default: the newest of this run) into `model` and
+        `optimizer`; None if there is none.
 
         Refuses (ValueError) a checkpoint whose model or routing config differs from this
         run's, and a corrupt or missing file (named by `moe.checkpoint`)."""
-        path = self.latest()
+        path = path if path is not None else self.latest()
         if path is None:
             return None
         info = self.runtime.info

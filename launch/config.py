@@ -29,6 +29,7 @@ __all__ = [
     "DataConfig",
     "Engine",
     "ModelConfig",
+    "RayConfig",
     "ResumeMode",
     "RoutingConfig",
     "RunConfig",
@@ -201,6 +202,31 @@ class WandbConfig:
 
 
 @dataclass
+class RayConfig:
+    """How `launch.ray_train` runs the workers (ignored by torchrun).
+
+    `num_workers` 0 means `comm.ep_size` workers; `use_gpu` None asks the cluster (GPUs
+    present: one per worker). `max_failures` is how often a dead worker is replaced (the
+    run then resumes from its last checkpoint). `num_cpus` sizes an embedded local Ray
+    instance (0: enough for the workers); with RAY_ADDRESS set, the cluster's own count
+    is used.
+    """
+
+    num_workers: int = 0
+    use_gpu: bool | None = None
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    num_cpus: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self.num_workers, 0, "ray.num_workers")
+        _at_least(self.max_failures, -1, "ray.max_failures")
+        _at_least(self.num_cpus, 0, "ray.num_cpus")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"ray.cpus_per_worker={self.cpus_per_worker} must be > 0")
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs; `run_dir` receives everything it writes."""
 
@@ -210,6 +236,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -224,6 +251,7 @@ _GROUPS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "wandb": WandbConfig,
+    "ray": RayConfig,
 }
 
 

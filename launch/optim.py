@@ -1,12 +1,10 @@
 """Optimizer, learning-rate schedule and gradient handling under expert parallelism.
 
 Parameters fall in two kinds. Dense parameters (attention, norms, embeddings, routers,
-dense and residual MLPs) are replicated on every rank: their gradients are averaged over
-all ranks. Expert parameters (`GroupedExperts`) live on one EP rank per EP group: the
-all-to-all backward already sums, into each expert's gradient, the contributions of the
-losses of every rank in its EP group; they are then summed over the ranks holding the same
-experts (one per EP group) and divided by the world size, so that every gradient is that
-of the mean loss over all ranks, exactly as a one-process run over the global batch.
+dense and residual MLPs) are replicated on every rank; expert parameters
+(`GroupedExperts`) live on one EP rank per EP group. `moe.parallel.reduce_gradients`
+averages each kind over the right ranks; this module adds the optimizer groups, the LR
+schedule and clipping by the global norm.
 
 The global gradient norm (for clipping) counts each dense gradient once and each expert
 gradient once: dense squares are the same on every rank, expert squares are summed over
@@ -21,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from launch.config import TrainConfig
 from moe.experts import GroupedExperts
@@ -88,45 +85,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def _all_reduce_sum(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-    """Sum `grads` over `group` in place, as one flat buffer."""
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(reduced)
-
-
-def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-    return [param.grad for param in params if param.grad is not None]
-
-
-def reduce_gradients(
-    split: ParamSplit,
-    world_size: int,
-    dense_group: dist.ProcessGroup | None,
-    expert_replica_group: dist.ProcessGroup | None,
-    expert_replicas: int,
-) -> None:
-    """Make every gradient that of the mean loss over all ranks (see module docstring).
-
-    `dense_group` spans every rank; `expert_replica_group` the ranks holding the same
-    experts (`expert_replicas` of them). Groups are only used when they have > 1 rank.
-    """
-    dense = _grads(split.dense + split.dense_no_decay)
-    expert = _grads(split.expert)
-    if world_size > 1:
-        _all_reduce_sum(dense, dense_group)
-    if expert_replicas > 1:
-        _all_reduce_sum(expert, expert_replica_group)
-    if world_size > 1 and dense + expert:
-        torch._foreach_mul_(dense + expert, 1.0 / world_size)
 
 
 def global_grad_norm(split: ParamSplit, ep_group: dist.ProcessGroup | None, ep_size: int) -> float:

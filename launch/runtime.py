@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from comm.alltoall import make_all_to_all
 from comm.topology import ProcessGroups, Topology, build_process_groups
-from launch.config import AllToAllKind, Backend, CommConfig
-from moe.parallel import Dispatcher
+from launch.config import Backend, CommConfig
+from moe.parallel import Dispatcher, ExpertParallelDispatcher
 from moe.transformer import DispatcherFactory
 
 
@@ -132,26 +131,16 @@ def teardown_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def _algorithm(comm: CommConfig, topology: Topology) -> str:
-    if comm.alltoall == AllToAllKind.AUTO:
-        return "hierarchical" if topology.ep_num_nodes > 1 else "flat"
-    return comm.alltoall.value
-
-
 def dispatcher_factory(runtime: Runtime, comm: CommConfig) -> DispatcherFactory | None:
     """Per MoE layer, an expert-parallel dispatcher over this rank's EP group (None at
-    EP=1: every expert is local)."""
+    EP=1: every expert is local). `comm.alltoall=auto` lets the dispatcher pick flat or
+    hierarchical per call from comm's cost model."""
     if runtime.ep_size == 1:
         return None
     groups = runtime.groups
     assert groups is not None
-    all_to_all = make_all_to_all(
-        _algorithm(comm, runtime.topology), groups.ep, groups.ep_intra, groups.ep_inter
-    )
-
-    from moe.parallel import ExpertParallelDispatcher  # type: ignore[attr-defined]
 
     def factory(num_experts: int) -> Dispatcher:
-        return ExpertParallelDispatcher(num_experts, groups.ep, all_to_all)
+        return ExpertParallelDispatcher(num_experts, groups, algorithm=comm.alltoall.value)
 
     return factory

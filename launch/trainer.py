@@ -13,6 +13,7 @@ draws exactly what the uninterrupted one drew.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -32,17 +33,18 @@ from launch.optim import (
     clip_gradients,
     global_grad_norm,
     learning_rate,
-    reduce_gradients,
     set_learning_rate,
     split_parameters,
 )
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.tracking import Tracker
 from moe.data import build_dataset
+from moe.parallel import reduce_gradients
 from moe.params import count_parameters
-from moe.transformer import generate, lm_loss
+from moe.transformer import MoETransformer, generate, lm_loss
 
 FAIL_MARKER = "injected_failure"
+EVENTS_FILE = "events.jsonl"
 # Called on every rank after each checkpoint: (step, checkpoint dir, metrics) (Ray reports).
 CheckpointHook = Callable[[int, Path, dict[str, float]], None]
 
@@ -57,6 +59,7 @@ class TrainResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)
     sample: bytes = b""
     run_dir: str = ""
+    model: MoETransformer | None = field(default=None, repr=False)
 
 
 def _check_compatible(config: RunConfig, num_tasks: int) -> None:
@@ -89,18 +92,26 @@ def train(
     config: RunConfig,
     info: ProcessInfo | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
-    """Run one rank of the training run `config` (see the module docstring)."""
+    """Run one rank of the training run `config` (see the module docstring).
+
+    `on_checkpoint` is called on every rank after each checkpoint (the Ray launcher
+    reports it); `resume_from` names the checkpoint to resume from instead of the run's
+    latest (the Ray launcher passes the one Ray restored)."""
     info = info or ProcessInfo()
     runtime = setup_runtime(config.comm, info)
     try:
-        return _train(config, runtime, on_checkpoint)
+        return _train(config, runtime, on_checkpoint, resume_from)
     finally:
         teardown_runtime(runtime)
 
 
 def _train(
-    config: RunConfig, runtime: Runtime, on_checkpoint: CheckpointHook | None
+    config: RunConfig,
+    runtime: Runtime,
+    on_checkpoint: CheckpointHook | None,
+    resume_from: Path | None,
 ) -> TrainResult:
     info, device, train_cfg = runtime.info, runtime.device, config.train
     run_dir = Path(config.run_dir)
@@ -122,7 +133,7 @@ def _train(
     start_step = 0
     resumed = None
     if train_cfg.resume != ResumeMode.NEVER:
-        resumed = checkpoints.load_latest(model, optimizer, config)
+        resumed = checkpoints.load_latest(model, optimizer, config, resume_from)
     elif checkpoints.latest() is not None:
         raise ValueError(
             f"train.resume=never but {checkpoints.directory} holds checkpoints; "
@@ -137,6 +148,16 @@ def _train(
     tracker = Tracker(run_dir, config.wandb, config_dict(config), enabled=info.is_main)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _append_event(
+            run_dir,
+            {
+                "event": "start",
+                "step": start_step,
+                "resumed_from": str(resumed.directory) if resumed is not None else None,
+                "world_size": info.world_size,
+                "ep_size": runtime.ep_size,
+            },
+        )
         print(
             f"[train] {counts.total:,} parameters ({counts.active:,} active non-embedding, "
             f"{counts.expert:,} in experts), world={info.world_size} ep={runtime.ep_size} "
@@ -167,13 +188,8 @@ def _train(
             ce_sum += float(losses.ce.detach()) / train_cfg.grad_accum
             monitor.observe(model)
         groups = runtime.groups
-        reduce_gradients(
-            split,
-            info.world_size,
-            groups.dense_dp if groups else None,
-            groups.expert_dp if groups else None,
-            runtime.topology.num_ep_groups,
-        )
+        if groups is not None:
+            reduce_gradients(model, groups)
         grad_norm = global_grad_norm(split, groups.ep if groups else None, runtime.ep_size)
         clip_gradients(split, train_cfg.grad_clip, grad_norm)
         optimizer.step()
@@ -241,7 +257,14 @@ def _train(
     if info.is_main:
         _print_summary(result, heatmap, tracker, train_cfg.sample_prompt)
     tracker.finish()
+    result.model = model
     return result
+
+
+def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
+    """One line of `run_dir/events.jsonl`: starts and resumptions of the run."""
+    with open(run_dir / EVENTS_FILE, "a") as handle:
+        handle.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
 def _print_summary(

@@ -366,3 +366,59 @@ def test_distributed_save_with_a_group_loads_at_ep1(tmp_path: Path) -> None:
     assert results[0]["error"].startswith("RuntimeError") and "rank 1" in results[0]["error"]
     assert not (tmp_path / "failing" / "step_4").exists()
     assert resolve_latest(tmp_path / "failing") is None
+
+
+def _lm_setup() -> tuple[ModelConfig, RoutingConfig, torch.Tensor]:
+    config = ModelConfig(
+        d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16, ffn_hidden=24,
+        expert_hidden=8, num_experts=4, moe_every=1,
+    )  # fmt: skip
+    routing = RoutingConfig(top_k=2, capacity=CapacityKind.DROPLESS)
+    tokens_BT = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    return config, routing, tokens_BT
+
+
+def _reshard_on_four_ranks(
+    rank: int, world_size: int, ep1: str, ep4_directory: str
+) -> list[torch.Tensor]:
+    """On 4 ranks: load the EP=1 checkpoint at EP=4 and save it from there; then load that
+    at EP=2 (x 2 data-parallel replicas). Models are built with other weights (seed 7)
+    before loading. Returns the logits at EP=4 and at EP=2."""
+    from comm.topology import Topology, build_process_groups
+    from moe.parallel import ExpertParallelDispatcher
+
+    config, routing, tokens_BT = _lm_setup()
+    logits = []
+    for ep_size, source in ((4, ep1), (2, f"{ep4_directory}/step_2")):
+        groups = build_process_groups(Topology(world_size, world_size, ep_size))
+        model = MoETransformer(
+            config, routing, lambda n, g=groups: ExpertParallelDispatcher(n, g), seed=7
+        )
+        load_checkpoint(source, model)
+        if ep_size == 4:
+            save_checkpoint(ep4_directory, model, None, 2, {}, group=groups.world)
+        with torch.no_grad():
+            logits.append(model(tokens_BT).logits_BTV)
+    return logits
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_transformer_saved_at_ep4_gives_the_same_outputs_at_ep2_and_ep1(tmp_path: Path) -> None:
+    config, routing, tokens_BT = _lm_setup()
+    reference = MoETransformer(config, routing, seed=0)
+    with torch.no_grad():
+        expected = reference(tokens_BT).logits_BTV
+    ep1 = save_checkpoint(tmp_path / "ep1", reference, None, 1, {})
+    results = values_or_raise(
+        run_distributed(_reshard_on_four_ranks, 4, str(ep1), str(tmp_path / "ep4"))
+    )
+    ep4 = tmp_path / "ep4" / "step_2"
+    assert read_meta(ep4)["ep_size"] == 4 and len(list((ep4 / "experts").iterdir())) == 8
+    for logits in (logits for per_rank in results for logits in per_rank):
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    at_ep1 = MoETransformer(config, routing, seed=7)
+    load_checkpoint(ep4, at_ep1)
+    assert_same_weights(at_ep1, reference)
+    with torch.no_grad():
+        assert torch.equal(at_ep1(tokens_BT).logits_BTV, expected)

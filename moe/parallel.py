@@ -10,9 +10,26 @@ Shapes: R routed rows, D model width, E experts (global), L local experts.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from torch import Tensor
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from comm.alltoall import (
+    Algorithm,
+    AllToAll,
+    ExchangePlan,
+    check_consistent,
+    exchange_counts,
+    make_all_to_all,
+)
+from comm.chunks import transpose_chunks
+from comm.cost import CostModel
+from comm.topology import ProcessGroups
+from moe.experts import GroupedExperts
 
 
 class Dispatcher(Protocol):
@@ -42,3 +59,156 @@ class LocalDispatcher:
 
     def combine(self, y_RD: Tensor, context: Any) -> Tensor:
         return y_RD
+
+
+@dataclass(frozen=True)
+class _EPContext:
+    """What combine needs: the exchange plan and the received counts [source, expert]."""
+
+    plan: ExchangePlan
+    recv_PL: Tensor
+
+
+_DTYPE_CODES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class ExpertParallelDispatcher:
+    """Experts sharded over the EP group of `groups`: EP rank j holds global experts
+    [j * L, (j + 1) * L).
+
+    dispatch: exchange the counts [destination rank, local expert] (one all-to-all of
+    L ints per peer), send each rank the rows of its experts, and regroup what arrives
+    from [source rank][local expert] to [local expert][source rank], so the experts see
+    rows sorted by local expert. combine undoes both steps (autograd flows through).
+
+    `algorithm`: `flat`, `hierarchical`, or `auto` (per call, from `cost_model` and the
+    mean bytes per rank, which every rank learns from the same all-gather, so every rank
+    picks the same algorithm). `validate`: before each dispatch, all-gather (E, row
+    width, dtype, rows) so that ranks entering with different shapes or expert counts get
+    a ValueError on every rank instead of a hang or silently wrong rows; `auto` always
+    does it.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        groups: ProcessGroups,
+        algorithm: Algorithm | str = Algorithm.FLAT,
+        cost_model: CostModel | None = None,
+        validate: bool = True,
+    ) -> None:
+        topology = groups.topology
+        if num_experts < 1 or num_experts % topology.ep_size:
+            raise ValueError(
+                f"num_experts={num_experts} must be a positive multiple of the EP size "
+                f"{topology.ep_size} (each EP rank holds the same number of experts)"
+            )
+        try:
+            self.algorithm = Algorithm(algorithm)
+        except ValueError:
+            raise ValueError(
+                f"algorithm={algorithm!r}; accepted: flat, hierarchical, auto"
+            ) from None
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // topology.ep_size
+        self.expert_offset = groups.ep_rank * self.num_local_experts
+        self.groups = groups
+        self.cost_model = cost_model or CostModel.projected_cluster()
+        self.validate = validate
+        self._flat = make_all_to_all(Algorithm.FLAT, groups.ep, groups.ep_intra, groups.ep_inter)
+        self._hierarchical = make_all_to_all(
+            Algorithm.HIERARCHICAL, groups.ep, groups.ep_intra, groups.ep_inter
+        )
+        self.last_algorithm: str = ""
+
+    def _check_and_choose(self, x_RD: Tensor) -> AllToAll:
+        algorithm = self.algorithm
+        if self.validate or algorithm == Algorithm.AUTO:
+            dtype_code = _DTYPE_CODES.index(x_RD.dtype) if x_RD.dtype in _DTYPE_CODES else 99
+            row_width = math.prod(x_RD.shape[1:])
+            signature = [self.num_experts, x_RD.dim(), row_width, dtype_code, x_RD.shape[0]]
+            gathered = check_consistent(
+                signature,
+                self.groups.ep,
+                what="MoE dispatch inputs (num_experts, ndim, row width, dtype code)",
+                device=x_RD.device,
+                agree=[0, 1, 2, 3],
+            )
+            if algorithm == Algorithm.AUTO:
+                mean_rows = float(gathered[:, 4].double().mean())
+                nbytes = mean_rows * row_width * x_RD.element_size()
+                topology = self.groups.topology
+                algorithm = Algorithm(
+                    self.cost_model.choose(topology.ep_num_nodes, topology.ep_local_size, nbytes)
+                )
+        self.last_algorithm = algorithm.value
+        return self._hierarchical if algorithm == Algorithm.HIERARCHICAL else self._flat
+
+    def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, _EPContext]:
+        """x_RD: rows sorted by global expert; counts_E: int64 [E] rows per expert.
+        -> (rows sorted by local expert, counts_L int64, context for combine)."""
+        if counts_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)"
+            )
+        all_to_all = self._check_and_choose(x_RD)
+        ep_size = self.groups.topology.ep_size
+        send_PL = counts_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1)
+        recv_PL = exchange_counts(send_PL.contiguous(), self.groups.ep)
+        recv_PL_host = recv_PL.cpu()
+        plan = all_to_all.plan(send_PL.sum(1).cpu(), recv_PL_host.sum(1), x_RD.device)
+        x_from_sources = plan.forward(x_RD)
+        x_local = transpose_chunks(x_from_sources, recv_PL_host)
+        counts_L = recv_PL_host.sum(0).to(counts_E.device)
+        return x_local, counts_L, _EPContext(plan, recv_PL_host)
+
+    def combine(self, y_RD: Tensor, context: _EPContext) -> Tensor:
+        """Local expert outputs (sorted by local expert) -> rows in dispatch's input order."""
+        y_from_sources = transpose_chunks(y_RD, context.recv_PL.t())
+        return context.plan.reverse(y_from_sources)
+
+
+def _is_expert_parameter(module: nn.Module) -> set[int]:
+    return {
+        id(p) for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
+    }
+
+
+def _all_reduce_mean(grads: list[Tensor], group: dist.ProcessGroup, divisor: int) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if dist.get_world_size(group=group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat.div_(divisor)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def reduce_gradients(module: nn.Module, groups: ProcessGroups) -> None:
+    """Average gradients over the data: dense parameters over the dense DP group (all
+    ranks), expert parameters (those of `GroupedExperts`) only over their replicas.
+
+    Loss convention: each rank backpropagates the mean loss of *its own* tokens, and the
+    training objective is the mean of those per-rank losses. Then the exact gradient is
+    the sum over ranks divided by the world size, for both kinds: an expert's gradient on
+    one rank already holds every token of its EP group that reached it (the all-to-all's
+    backward brought them), so summing over the expert's replicas covers all tokens once,
+    and the divisor is the world size, not the replica count (as in DeepSpeed). With this
+    rule a run at EP=N equals EP=1 data parallelism on the same shards. A parameter with
+    no gradient on this rank counts as zeros (so every rank reduces the same buffer).
+    """
+    expert_ids = _is_expert_parameter(module)
+    dense: list[Tensor] = []
+    experts: list[Tensor] = []
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        (experts if id(param) in expert_ids else dense).append(param.grad)
+    world = groups.topology.world_size
+    _all_reduce_mean(dense, groups.dense_dp, world)
+    _all_reduce_mean(experts, groups.expert_dp, world)

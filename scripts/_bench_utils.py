@@ -1,0 +1,89 @@
+"""Shared helpers of the benchmark scripts: interleaved timing and peak resident memory.
+
+Timing: every implementation runs once per round, the rounds repeat, and the starting
+implementation rotates from round to round, so slow drifts of a shared machine hit all
+of them alike; the figure reported is the median over rounds.
+
+Memory (Linux): the peak resident set size (VmHWM) of this process above a baseline.
+Writing "5" to /proc/self/clear_refs resets VmHWM to the current RSS, so a measurement
+is: finish setup, free what can be freed, reset the high-water mark, run, read VmHWM.
+Run one implementation per process so that nothing another one left in the allocator
+hides or inflates its peak.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+MIB = 1024 * 1024
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int = 1,
+    before_each: dict[str, Callable[[], None]] | None = None,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of each step per round. `before_each[name]` runs untimed before its step
+    (e.g. dropping gradients); the first `warmup` rounds are run and discarded."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if before_each is not None and name in before_each:
+                before_each[name]()
+            start = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+        if on_round is not None and round_index >= warmup:
+            on_round()
+    return times
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    return 1000.0 * statistics.median(seconds)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    assert match is not None, f"/proc/self/status has no {field}"
+    return int(match.group(1))
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS (glibc malloc_trim)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: large tensors are mmapped and unmapped on free anyway
+
+
+def peak_rss_above_baseline_mb(run: Callable[[], None]) -> float:
+    """MiB of resident memory `run` adds at its peak over the resident set before it."""
+    release_free_memory()
+    baseline_kib = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset VmHWM to the current RSS
+    run()
+    return (_status_kib("VmHWM") - baseline_kib) * 1024 / MIB
+
+
+def free_port() -> int:
+    """A TCP port on localhost nobody listens on right now (for a 1-rank rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,300 @@
+"""Benchmark of one MoE layer on CPU: forward + backward, fp32, side by side in one run.
+
+Implementations (same input, same upstream gradient, gradients dropped between steps):
+- moe:          our `MoELayer`, top-2 softmax router, dropless;
+- moe_capacity: our `MoELayer`, fixed capacity C=1.25;
+- dense:        a dense FFN of hidden width K*H with the same activation (the physical
+                floor: the same active parameters and matmul FLOPs per token, no routing);
+- deepspeed:    `deepspeed.moe.layer.MoE` (k=2, capacity_factor=1.25, ep_size=1) with an
+                expert of the same shape, on CPU (`DS_ACCELERATOR=cpu`, a 1-rank gloo group).
+
+Times are medians over interleaved rounds (each round runs every implementation once; the
+starting one rotates). Peak memory is the peak resident set size above the resident set
+after setup, one implementation per subprocess (see `scripts/_bench_utils.py`).
+
+    python scripts/bench_layer.py [--quick] [--json PATH] [--plot PATH] [--repeats N]
+
+Shapes: T tokens, D model width, H expert hidden width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# DeepSpeed picks its accelerator when it is first imported; a script may set it.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _bench_utils import free_port, interleaved_times, median_ms, peak_rss_above_baseline_mb
+
+from moe.experts import DenseMLP
+from moe.layer import MoELayer
+from routing import RoutingConfig
+
+IMPLEMENTATIONS = ("moe", "moe_capacity", "dense", "deepspeed")
+CAPACITY_FACTOR = 1.25
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    D: int
+    H: int
+    E: int
+    K: int
+    T: int
+
+
+FULL_CONFIGS = (
+    BenchConfig("E8", D=512, H=1024, E=8, K=2, T=4096),
+    BenchConfig("E64", D=512, H=512, E=64, K=2, T=8192),
+)
+QUICK_CONFIGS = (
+    BenchConfig("quick-E8", D=64, H=128, E=8, K=2, T=512),
+    BenchConfig("quick-E32", D=64, H=64, E=32, K=2, T=1024),
+)
+
+
+class Runner:
+    """One implementation on one config: `step()` runs forward + backward."""
+
+    def __init__(
+        self, module: nn.Module, forward: Callable[[Tensor], list[Tensor]], cfg: BenchConfig
+    ):
+        generator = torch.Generator().manual_seed(1)
+        self.module = module.train()
+        self.forward = forward
+        self.x_TD = torch.randn(cfg.T, cfg.D, generator=generator, requires_grad=True)
+        self.dy_TD = torch.randn(cfg.T, cfg.D, generator=generator)
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+        self.x_TD.grad = None
+
+    def step(self) -> None:
+        outputs = self.forward(self.x_TD)
+        # The output gets a fixed random upstream gradient; auxiliary losses get 1.
+        grads = [self.dy_TD] + [torch.ones_like(aux) for aux in outputs[1:]]
+        torch.autograd.backward(outputs, grads)
+
+
+def init_deepspeed_single_rank() -> None:
+    """A 1-rank gloo group for deepspeed.comm (DeepSpeed's MoE asks for its groups even
+    at ep_size=1). Idempotent."""
+    import deepspeed
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="gloo",
+            auto_mpi_discovery=False,
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0,
+            world_size=1,
+            verbose=False,
+        )
+
+
+def build_runner(implementation: str, cfg: BenchConfig) -> Runner:
+    torch.manual_seed(0)
+    if implementation in ("moe", "moe_capacity"):
+        routing = RoutingConfig(
+            top_k=cfg.K,
+            capacity="dropless" if implementation == "moe" else "fixed",
+            capacity_factor=CAPACITY_FACTOR,
+        )
+        layer = MoELayer(cfg.D, cfg.H, cfg.E, routing, activation="gelu")
+
+        def moe_forward(x_TD: Tensor) -> list[Tensor]:
+            out = layer(x_TD)
+            return [out.y, out.aux_loss]
+
+        return Runner(layer, moe_forward, cfg)
+    if implementation == "dense":
+        mlp = DenseMLP(cfg.D, cfg.K * cfg.H, activation="gelu")
+        return Runner(mlp, lambda x_TD: [mlp(x_TD)], cfg)
+    if implementation == "deepspeed":
+        init_deepspeed_single_rank()
+        from deepspeed.moe.layer import MoE
+
+        expert = nn.Sequential(
+            nn.Linear(cfg.D, cfg.H, bias=False), nn.GELU(), nn.Linear(cfg.H, cfg.D, bias=False)
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per new group
+            ds_moe = MoE(
+                cfg.D, expert, num_experts=cfg.E, ep_size=1, k=cfg.K,
+                capacity_factor=CAPACITY_FACTOR,
+            )  # fmt: skip
+            ds_moe.set_deepspeed_parallelism()
+
+        def ds_forward(x_TD: Tensor) -> list[Tensor]:
+            y_TD, aux_loss, _ = ds_moe(x_TD)
+            return [y_TD, aux_loss]
+
+        return Runner(ds_moe, ds_forward, cfg)
+    raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
+
+
+def time_config(
+    cfg: BenchConfig, implementations: list[str], repeats: int, progress: Callable[[], None] | None
+) -> dict[str, float]:
+    """Median ms of forward + backward for each implementation, interleaved."""
+    runners = {name: build_runner(name, cfg) for name in implementations}
+    times = interleaved_times(
+        {name: runner.step for name, runner in runners.items()},
+        repeats=repeats,
+        warmup=1,
+        before_each={name: runner.zero_grad for name, runner in runners.items()},
+        on_round=progress,
+    )
+    return {name: median_ms(seconds) for name, seconds in times.items()}
+
+
+def peak_memory_here(implementation: str, cfg: BenchConfig) -> float:
+    """Peak MiB one forward + backward adds over the state after setup and a warm-up step
+    (parameters and input in the baseline; gradients, activations and temporaries above)."""
+    runner = build_runner(implementation, cfg)
+    runner.step()  # lazy initialisations and thread pools belong to setup
+    runner.zero_grad()
+    return peak_rss_above_baseline_mb(runner.step)
+
+
+def peak_memory_subprocess(implementation: str, cfg: BenchConfig, threads: int) -> float:
+    command = [
+        sys.executable, __file__, "--threads", str(threads),
+        "--peak-of", implementation, "--peak-config", json.dumps(asdict(cfg)),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"peak-memory run of {implementation} on {cfg.name} failed:\n{done.stderr}"
+        )
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'config':<10} {'D':>4} {'H':>5} {'E':>3} {'K':>2} {'T':>5} | {'moe ms':>8} "
+        f"{'cap ms':>8} {'dense ms':>8} {'ds ms':>8} | {'moe/dense':>9} {'cap/dense':>9} "
+        f"{'ds/moe':>7} | {'moe MB':>7} {'dense MB':>8} {'ds MB':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['name']:<10} {row['D']:>4} {row['H']:>5} {row['E']:>3} {row['K']:>2} "
+            f"{row['T']:>5} | {row['moe_ms']:>8.1f} {row['moe_capacity_ms']:>8.1f} "
+            f"{row['dense_ms']:>8.1f} {row['deepspeed_ms']:>8.1f} | "
+            f"{row['moe_ms'] / row['dense_ms']:>9.2f} "
+            f"{row['moe_capacity_ms'] / row['dense_ms']:>9.2f} "
+            f"{row['deepspeed_ms'] / row['moe_ms']:>7.2f} | {row['moe_peak_mb']:>7.1f} "
+            f"{row['dense_peak_mb']:>8.1f} {row['deepspeed_peak_mb']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_ratios(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "ours dropless / dense": [r["moe_ms"] / r["dense_ms"] for r in rows],
+        "ours C=1.25 / dense": [r["moe_capacity_ms"] / r["dense_ms"] for r in rows],
+        "DeepSpeed / ours dropless": [r["deepspeed_ms"] / r["moe_ms"] for r in rows],
+        "peak MB ours / DeepSpeed": [r["moe_peak_mb"] / r["deepspeed_peak_mb"] for r in rows],
+    }
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2.5 + 2.2 * len(rows), 4.0))
+    for index, (label, values) in enumerate(series.items()):
+        xs = [i + (index - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r['name']}\nE={r['E']} T={r['T']}" for r in rows])
+    ax.set_ylabel("ratio (forward + backward time, or peak memory)")
+    ax.set_title("MoE layer on CPU, fp32, 2 threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds (default 9; 5 quick)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--peak-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats={args.repeats} must be >= 1")
+    if args.threads < 1:
+        parser.error(f"--threads={args.threads} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.peak_of is not None:  # child process of peak_memory_subprocess
+        cfg = BenchConfig(**json.loads(args.peak_config))
+        print(json.dumps({"peak_mb": peak_memory_here(args.peak_of, cfg)}))
+        return
+    configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
+    repeats = args.repeats or (5 if args.quick else 9)
+    progress_bar = None
+    if not args.quick:
+        from tqdm import tqdm
+
+        progress_bar = tqdm(total=len(configs) * repeats, desc="timing rounds", file=sys.stderr)
+    rows = []
+    for cfg in configs:
+        medians = time_config(
+            cfg, list(IMPLEMENTATIONS), repeats, progress_bar.update if progress_bar else None
+        )
+        row = asdict(cfg) | {f"{name}_ms": medians[name] for name in IMPLEMENTATIONS}
+        for name in ("moe", "dense", "deepspeed"):
+            row[f"{name}_peak_mb"] = (
+                float("nan") if args.no_memory else peak_memory_subprocess(name, cfg, args.threads)
+            )
+        rows.append(row)
+    if progress_bar is not None:
+        progress_bar.close()
+    print(f"MoE layer, forward + backward, fp32, {args.threads} threads, median of {repeats}")
+    print(format_table(rows))
+    if args.json:
+        meta = {
+            "threads": args.threads,
+            "repeats": repeats,
+            "torch": torch.__version__,
+            "capacity_factor": CAPACITY_FACTOR,
+            "peak_memory": "peak RSS above the RSS after setup, one subprocess each",
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, "configs": rows}, indent=2) + "\n")
+    if args.plot:
+        plot_ratios(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from launch.config import RunConfig
 from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
@@ -26,6 +24,7 @@ class Resumed:
     step: int
     sampler_state: dict[str, Any]
     directory: Path
+    optimizer_state: dict[str, Any]
 
 
 def config_dict(config: RunConfig) -> dict[str, Any]:
@@ -58,7 +57,7 @@ class CheckpointManager:
         self,
         step: int,
         model: MoETransformer,
-        optimizer: torch.optim.Optimizer,
+        optimizer_state: dict[str, Any],
         sampler_state: dict[str, Any],
         config: RunConfig,
     ) -> Path:
@@ -66,7 +65,7 @@ class CheckpointManager:
         return save_checkpoint(
             self.directory,
             model,
-            optimizer.state_dict(),
+            optimizer_state,
             step,
             config_dict(config),
             extra={"sampler": sampler_state},
@@ -77,12 +76,11 @@ class CheckpointManager:
     def load_latest(
         self,
         model: MoETransformer,
-        optimizer: torch.optim.Optimizer,
         config: RunConfig,
         path: Path | None = None,
     ) -> Resumed | None:
-        """Load checkpoint `path` (default: the newest of this run) into `model` and
-        `optimizer`; None if there is none.
+        """Load checkpoint `path` (default: the newest of this run) into `model`, and
+        read this rank's optimizer state; None if there is none.
 
         Refuses (ValueError) a checkpoint whose model or routing config differs from this
         run's, and a corrupt or missing file (named by `moe.checkpoint`)."""
@@ -101,8 +99,12 @@ class CheckpointManager:
             path, model, load_optimizer=True, rank=info.rank, world_size=info.world_size
         )
         assert loaded.optimizer_state is not None
-        optimizer.load_state_dict(loaded.optimizer_state)
         sampler_state = loaded.extra.get("sampler")
         if not isinstance(sampler_state, dict):
             raise ValueError(f"checkpoint {path} has no sampler state; it was not written by train")
-        return Resumed(step=loaded.step, sampler_state=sampler_state, directory=path)
+        return Resumed(
+            step=loaded.step,
+            sampler_state=sampler_state,
+            directory=path,
+            optimizer_state=loaded.optimizer_state,
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -95,9 +96,16 @@ class Runtime:
         return self.topology.ep_rank(self.info.rank)
 
 
-def setup_runtime(comm: CommConfig, info: ProcessInfo) -> Runtime:
+def _free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def setup_runtime(comm: CommConfig, info: ProcessInfo, need_process_group: bool = False) -> Runtime:
     """Initialise torch.distributed (unless the launcher did, as Ray does), build the
-    topology and every process group. Every rank must call this."""
+    topology and every process group. Every rank must call this. A one-process run gets
+    a process group only when `need_process_group` (DeepSpeed wants one)."""
     backend = resolve_backend(comm.backend)
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
@@ -113,11 +121,16 @@ def setup_runtime(comm: CommConfig, info: ProcessInfo) -> Runtime:
     topology = Topology(
         world_size=info.world_size, ranks_per_node=ranks_per_node, ep_size=comm.ep_size
     )
-    if info.world_size == 1:
+    if info.world_size == 1 and not need_process_group:
         return Runtime(info, device, backend, topology, None, owns_process_group=False)
     timeout = datetime.timedelta(seconds=comm.timeout_s)
     owns = not dist.is_initialized()
-    if owns:
+    if owns and info.world_size == 1:
+        init_method = f"tcp://127.0.0.1:{_free_local_port()}"
+        dist.init_process_group(
+            backend, init_method=init_method, rank=0, world_size=1, timeout=timeout
+        )
+    elif owns:  # torchrun: MASTER_ADDR / MASTER_PORT in the environment (env://)
         dist.init_process_group(
             backend, rank=info.rank, world_size=info.world_size, timeout=timeout
         )

@@ -26,20 +26,14 @@ import torch
 
 from launch.build import build_model
 from launch.checkpointing import CheckpointManager, config_dict
+from launch.config import Engine as EngineKind
 from launch.config import ResumeMode, RunConfig
+from launch.engines import build_engine
 from launch.evaluation import RoutingMonitor, all_reduce_mean, evaluate
-from launch.optim import (
-    build_optimizer,
-    clip_gradients,
-    global_grad_norm,
-    learning_rate,
-    set_learning_rate,
-    split_parameters,
-)
+from launch.optim import learning_rate
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.tracking import Tracker
 from moe.data import build_dataset
-from moe.parallel import reduce_gradients
 from moe.params import count_parameters
 from moe.transformer import MoETransformer, generate, lm_loss
 
@@ -100,7 +94,9 @@ def train(
     reports it); `resume_from` names the checkpoint to resume from instead of the run's
     latest (the Ray launcher passes the one Ray restored)."""
     info = info or ProcessInfo()
-    runtime = setup_runtime(config.comm, info)
+    runtime = setup_runtime(
+        config.comm, info, need_process_group=config.train.engine == EngineKind.DEEPSPEED
+    )
     try:
         return _train(config, runtime, on_checkpoint, resume_from)
     finally:
@@ -124,8 +120,7 @@ def _train(
         )
     model = build_model(config, runtime)
     model.train()
-    optimizer = build_optimizer(model, train_cfg)
-    split = split_parameters(model)
+    engine = build_engine(model, train_cfg, runtime)
     sampler = dataset.sampler(
         train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size, config.data.balance_tasks
     )
@@ -133,7 +128,7 @@ def _train(
     start_step = 0
     resumed = None
     if train_cfg.resume != ResumeMode.NEVER:
-        resumed = checkpoints.load_latest(model, optimizer, config, resume_from)
+        resumed = checkpoints.load_latest(model, config, resume_from)
     elif checkpoints.latest() is not None:
         raise ValueError(
             f"train.resume=never but {checkpoints.directory} holds checkpoints; "
@@ -142,6 +137,7 @@ def _train(
     if resumed is not None:
         start_step = resumed.step
         sampler.load_state_dict(resumed.sampler_state)
+        engine.load_optimizer_state(resumed.optimizer_state)
     elif train_cfg.resume == ResumeMode.MUST:
         raise ValueError(f"train.resume=must but there is no checkpoint in {checkpoints.directory}")
     counts = count_parameters(model)
@@ -175,24 +171,18 @@ def _train(
         _maybe_fail(config, step, runtime)
         torch.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + info.rank)
         lr = learning_rate(step, train_cfg)
-        set_learning_rate(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
+        engine.begin_step(lr)
         loss_sum, ce_sum = 0.0, 0.0
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
-            output = model(tokens_BT[:, :-1], batch.task_ids_B.to(device))
+            output = engine.module(tokens_BT[:, :-1], batch.task_ids_B.to(device))
             losses = lm_loss(output, tokens_BT[:, 1:])
-            (losses.loss / train_cfg.grad_accum).backward()
+            engine.backward(losses.loss)
             loss_sum += float(losses.loss.detach()) / train_cfg.grad_accum
             ce_sum += float(losses.ce.detach()) / train_cfg.grad_accum
             monitor.observe(model)
-        groups = runtime.groups
-        if groups is not None:
-            reduce_gradients(model, groups)
-        grad_norm = global_grad_norm(split, groups.ep if groups else None, runtime.ep_size)
-        clip_gradients(split, train_cfg.grad_clip, grad_norm)
-        optimizer.step()
+        grad_norm = engine.finish_step()
         loss, ce = all_reduce_mean([loss_sum, ce_sum], info.world_size, device)
         result.losses.append(loss)
         result.final_step = step + 1
@@ -237,7 +227,9 @@ def _train(
             window_start, window_steps = time.perf_counter(), 0
         checkpoint_due = train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0
         if checkpoint_due or done == train_cfg.steps:
-            path = checkpoints.save(done, model, optimizer, sampler.state_dict(), config)
+            path = checkpoints.save(
+                done, model, engine.optimizer_state(), sampler.state_dict(), config
+            )
             if on_checkpoint is not None:
                 on_checkpoint(done, path, result.evaluations[-1] if result.evaluations else {})
     if progress is not None:

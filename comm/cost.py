@@ -105,17 +105,31 @@ def features_of(algo: str, num_nodes: int, ranks_per_node: int, nbytes: float) -
     raise ValueError(f"unknown algorithm {algo!r}; accepted: flat, raw, hierarchical, memcpy")
 
 
-def _nnls(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Non-negative least squares by dropping negative coefficients and refitting."""
-    active = list(range(a.shape[1]))
-    x = torch.zeros(a.shape[1], dtype=a.dtype)
-    while active:
-        sol = torch.linalg.lstsq(a[:, active], b.unsqueeze(1)).solution.squeeze(1)
-        if bool((sol >= 0).all()):
-            x.zero_()
-            x[active] = sol
-            return x
-        del active[int(torch.argmin(sol))]
+def _nnls(a: torch.Tensor, b: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
+    """Non-negative least squares, min |a x - b| with x >= 0 (Lawson-Hanson active set)."""
+    n = a.shape[1]
+    x = torch.zeros(n, dtype=a.dtype)
+    passive = torch.zeros(n, dtype=torch.bool)
+    for _ in range(max_iter):
+        gradient = a.t() @ (b - a @ x)
+        candidates = (~passive) & (gradient > 1e-12 * gradient.abs().max().clamp_min(1e-300))
+        if not bool(candidates.any()):
+            break
+        passive[int(torch.where(candidates, gradient, -torch.inf).argmax())] = True
+        while True:
+            z = torch.zeros(n, dtype=a.dtype)
+            z[passive] = torch.linalg.lstsq(
+                a[:, passive], b.unsqueeze(1), rcond=1e-12, driver="gelsd"
+            ).solution.squeeze(1)
+            if bool((z[passive] > 0).all()):
+                x = z
+                break
+            # Step from x towards z until the first passive coefficient hits zero.
+            shrinking = passive & (z <= 0)
+            step = (x[shrinking] / (x[shrinking] - z[shrinking])).min()
+            x = x + step * (z - x)
+            passive &= x > 1e-15 * x.abs().max().clamp_min(1e-300)
+            x[~passive] = 0.0
     return x
 
 

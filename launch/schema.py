@@ -58,8 +58,7 @@ def hydra_schema(cls: type) -> type:
         elif f.default is not dataclasses.MISSING:
             spec = dataclasses.field(default=_schema_default(f.default))
         elif f.default_factory is not dataclasses.MISSING:
-            factory = f.default_factory
-            spec = dataclasses.field(default_factory=lambda factory=factory: factory())
+            spec = dataclasses.field(default_factory=f.default_factory)
         else:
             spec = dataclasses.field()
         specs.append((f.name, annotation, spec))

@@ -45,6 +45,8 @@ class Tracker:
         if config.mode == WandbMode.DISABLED:
             return
         mode = env.get("WANDB_MODE") or config.mode.value  # the environment decides sync
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"WANDB_MODE={mode!r} is not one of: online, offline, disabled")
         import wandb  # slow to import; only the tracking rank pays for it
 
         id_file = self.run_dir / "wandb_run_id"
@@ -55,7 +57,7 @@ class Tracker:
             name=config.name or None,
             tags=list(config.tags),
             dir=str(self.run_dir),
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]
             id=run_id,
             resume="allow",
             config=dict(run_config),
@@ -116,7 +118,8 @@ def save_expert_load_heatmap(
     for layer, load_E in enumerate(load_per_layer):
         total = float(np.sum(load_E))
         grid_LE[layer, : len(load_E)] = load_E / total if total > 0 else 0.0
-    figure = Figure(figsize=(1.2 + 0.45 * max_experts, 1.0 + 0.45 * len(load_per_layer)))
+    width = max(4.5, 1.6 + 0.45 * max_experts)
+    figure = Figure(figsize=(width, max(2.5, 1.2 + 0.45 * len(load_per_layer))))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(grid_LE, cmap="viridis", aspect="auto", vmin=0.0)

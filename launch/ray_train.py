@@ -72,7 +72,7 @@ def run_ray(config: RunConfig) -> Any:
     """Train `config` with Ray Train; returns Ray's `Result` (raises if the run failed
     more than `ray.max_failures` times)."""
     import ray
-    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -110,6 +110,8 @@ def run_ray(config: RunConfig) -> Any:
             name="train",
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
+            # Ray keeps its own copy of each reported checkpoint; keep as few as we do.
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_last),
         ),
     )
     return trainer.fit()

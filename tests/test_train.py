@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from launch.config import RunConfig, register_configs, to_run_config
 from launch.optim import learning_rate
+from launch.runtime import ProcessInfo, process_info_from_env
 from launch.trainer import train
 from moe.checkpoint import LATEST_FILE
 
@@ -168,3 +169,13 @@ def test_data_folder_without_text_fails_before_any_checkpoint(tmp_path: Path) ->
 def test_seq_len_longer_than_the_model_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data.seq_len=128 exceeds model.max_seq_len=64"):
         train(tiny_config(tmp_path, "data.seq_len=128"))
+
+
+def test_process_info_reads_torchrun_variables() -> None:
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert process_info_from_env(env) == ProcessInfo(3, 4, 1, 2)
+    assert process_info_from_env({}) == ProcessInfo(0, 1, 0, 1)
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        process_info_from_env({"WORLD_SIZE": "two"})
+    with pytest.raises(ValueError, match="rank=4 is outside"):
+        process_info_from_env({"RANK": "4", "WORLD_SIZE": "4"})

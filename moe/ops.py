@@ -7,7 +7,8 @@
   autograd would build a full-size gradient per slice: E times the memory traffic).
 - `moe::gather_rows(x_TD, index_R) -> x_RD`: the permute; backward is a scatter-add.
 - `moe::combine(y_RD, row_of_slot_TK, weights_TK) -> y_TD`: the weighted unpermute,
-  y[t] = sum_k w[t,k] * y[row[t,k]] over slots with row >= 0 (gather-based, no atomics).
+  y[t] = sum_k w[t,k] * y[row[t,k]] over slots with row >= 0 (gather-based, no atomics;
+  on CPU one fused `embedding_bag`).
 
 CPU (and any device without a kernel): plain torch, a loop of `torch.mm` over the row
 blocks. CUDA: the Triton kernels of `moe.kernels`.
@@ -19,7 +20,7 @@ H output width, E experts.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
@@ -127,17 +128,34 @@ def _gather_backward(
 gather_rows.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
-def _gather_slots(y_RD: Tensor, row_of_slot_TK: Tensor) -> Tensor:
-    """y of each slot, zeros for dropped slots (row -1 lands on an appended zero row)."""
-    y_padded = torch.cat([y_RD, y_RD.new_zeros(1, y_RD.shape[1])])
-    return y_padded[row_of_slot_TK]
+def _kept_slots(row_of_slot_TK: Tensor) -> tuple[Tensor, Tensor]:
+    """(slots_S, rows_S): flat index (t*K + k) and routed row of every kept slot, in
+    token order (S = number of kept slots = R)."""
+    rows_N = row_of_slot_TK.reshape(-1)
+    slots_S = torch.nonzero(rows_N >= 0).squeeze(1)
+    return slots_S, rows_N[slots_S]
 
 
 @torch.library.custom_op("moe::combine", mutates_args=())
 def combine(y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor) -> Tensor:
-    """y_TD[t] = sum_k weights_TK[t,k] * y_RD[row_of_slot_TK[t,k]] (rows >= 0 only)."""
-    y_TKD = _gather_slots(y_RD, row_of_slot_TK)
-    return torch.bmm(weights_TK.unsqueeze(1).to(y_RD.dtype), y_TKD).squeeze(1)
+    """y_TD[t] = sum_k weights_TK[t,k] * y_RD[row_of_slot_TK[t,k]] (rows >= 0 only).
+
+    One fused weighted gather-sum (`embedding_bag`, a bag per token): no [T, K, D]
+    intermediate and no padded copy of y_RD for the dropped slots."""
+    num_tokens = row_of_slot_TK.shape[0]
+    weights_N = weights_TK.reshape(-1).to(y_RD.dtype)
+    if num_tokens == 0:
+        return y_RD.new_zeros(0, y_RD.shape[1])
+    if bool((row_of_slot_TK >= 0).all()):  # dropless: every bag holds K rows
+        return nn.functional.embedding_bag(
+            row_of_slot_TK, y_RD, mode="sum", per_sample_weights=weights_TK.to(y_RD.dtype)
+        )
+    slots_S, rows_S = _kept_slots(row_of_slot_TK)
+    kept_T = (row_of_slot_TK >= 0).sum(dim=1)
+    offsets_T = torch.cumsum(kept_T, dim=0) - kept_T
+    return nn.functional.embedding_bag(
+        rows_S, y_RD, offsets_T, mode="sum", per_sample_weights=weights_N[slots_S]
+    )
 
 
 @combine.register_fake
@@ -149,17 +167,22 @@ def _(y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor) -> Tensor:
 def combine_backward(
     dy_TD: Tensor, y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """(dy_RD, dweights_TK) of `combine`. Every row has exactly one slot, so the
-    scatter into dy_RD has no collisions."""
+    """(dy_RD, dweights_TK) of `combine`. Every row has exactly one slot, so both are
+    gathers: dy_RD[r] = w[slot] * dy_TD[token of r]; dweights[slot] = <y_RD[r], dy_TD[t]>."""
     top_k = row_of_slot_TK.shape[1]
-    rows_N = row_of_slot_TK.reshape(-1)
-    slots_S = torch.nonzero(rows_N >= 0).squeeze(1)
-    dy_RD = dy_TD.new_zeros(y_RD.shape)
-    weights_N = weights_TK.reshape(-1).to(dy_TD.dtype)
-    dy_RD[rows_N[slots_S]] = dy_TD[slots_S // top_k] * weights_N[slots_S].unsqueeze(1)
-    y_TKD = _gather_slots(y_RD, row_of_slot_TK)
-    dweights_TK = torch.bmm(y_TKD, dy_TD.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
-    return dy_RD, dweights_TK
+    num_rows = y_RD.shape[0]
+    slots_S, rows_S = _kept_slots(row_of_slot_TK)
+    assert slots_S.numel() == num_rows, "every routed row must belong to exactly one slot"
+    slot_of_row_R = torch.empty_like(slots_S)
+    slot_of_row_R[rows_S] = slots_S
+    dy_RD = dy_TD.index_select(0, slot_of_row_R // top_k)
+    # dweights before dy_RD is scaled in place: the gathered dy_TD rows are shared.
+    dweights_R = torch.bmm(dy_RD.unsqueeze(1), y_RD.unsqueeze(2)).view(num_rows)
+    weights_R = weights_TK.reshape(-1)[slot_of_row_R].to(dy_RD.dtype)
+    dy_RD.mul_(weights_R.unsqueeze(1))
+    dweights_N = weights_TK.new_zeros(weights_TK.numel())
+    dweights_N[slot_of_row_R] = dweights_R.to(weights_TK.dtype)
+    return dy_RD, dweights_N.view(weights_TK.shape)
 
 
 @combine_backward.register_fake

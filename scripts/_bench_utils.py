@@ -13,6 +13,7 @@ hides or inflates its peak.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import re
@@ -66,10 +67,9 @@ def _status_kib(field: str) -> int:
 def release_free_memory() -> None:
     """Collect garbage and hand free heap pages back to the OS (glibc malloc_trim)."""
     gc.collect()
-    try:
+    # Not glibc: nothing to trim (large tensors are mmapped and unmapped on free anyway).
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: large tensors are mmapped and unmapped on free anyway
 
 
 def peak_rss_above_baseline_mb(run: Callable[[], None]) -> float:

@@ -18,7 +18,7 @@ from launch.config import (
     register_configs,
     to_run_config,
 )
-from moe.config import ModelConfig
+from moe.config import ModelConfig, dense_equivalent
 from moe.data import DataConfig
 from routing.config import CapacityKind, RouterKind, RoutingConfig
 
@@ -142,3 +142,9 @@ def test_plain_dict_builds_with_defaults() -> None:
     assert run.train.steps == 5 and run.model == ModelConfig()
     with pytest.raises(ValueError, match="unknown key"):
         to_run_config({"trian": {}})
+
+
+def test_dense_preset_matches_small_at_equal_active_parameters() -> None:
+    small = to_run_config(_compose("model=small", "routing=topk"))
+    dense = to_run_config(_compose("model=dense")).model
+    assert dense == dense_equivalent(small.model, small.routing.top_k)

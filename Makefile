@@ -32,11 +32,15 @@ typecheck: venv
 test: venv lint typecheck
 	$(VENV)/bin/pytest -m "not gpu" -q
 
+# The main job: a small MoE LM on the KJV Bible, 2 expert-parallel processes (gloo on
+# CPU), a few minutes; everything it writes lands in runs/demo/ (run again: it resumes).
 demo: venv
-	$(PY) scripts/bench_layer.py --quick
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m launch.train experiment=demo
 
+# Benchmarks behind docs/BENCHMARKS.md (tens of minutes on 2 cores).
 bench: venv
-	$(PY) scripts/bench_layer.py --json docs/bench_layer.json
+	$(PY) scripts/bench_layer.py --json docs/bench_layer.json --plot docs/bench_layer.png
+	OMP_NUM_THREADS=1 $(PY) -m comm.bench --nproc 4 --ranks-per-node 2 --json runs/comm_bench.json
 
 clean:
 	rm -rf $(VENV) outputs runs wandb

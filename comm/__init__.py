@@ -6,6 +6,8 @@ Nothing here defaults to the WORLD group or reads environment switches: build a
 See docs/COMM.md.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from comm.alltoall import (
     Algorithm,
     AllToAll,
@@ -17,12 +19,16 @@ from comm.alltoall import (
     make_all_to_all,
 )
 from comm.chunks import transpose_chunks
-from comm.cost import CostModel
+from comm.timing import CommTimer
 from comm.topology import ProcessGroups, Topology, build_process_groups
+
+if TYPE_CHECKING:
+    from comm.cost import CostModel
 
 __all__ = [
     "Algorithm",
     "AllToAll",
+    "CommTimer",
     "CostModel",
     "ExchangePlan",
     "FlatAllToAll",
@@ -35,3 +41,13 @@ __all__ = [
     "make_all_to_all",
     "transpose_chunks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use so that `python -m comm.cost` runs without the module
+    # already being in sys.modules (runpy warns about that).
+    if name == "CostModel":
+        from comm.cost import CostModel
+
+        return CostModel
+    raise AttributeError(f"module 'comm' has no attribute {name!r}")

@@ -28,7 +28,8 @@ Legend: P ranks in the EP group, M nodes in it, G ranks per node, R rows, D row 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from comm.chunks import transpose_chunks
+from comm.timing import CommTimer
 
 Counts = Sequence[int] | torch.Tensor
 
@@ -171,6 +173,15 @@ class _Exchange(torch.autograd.Function):
         return ctx.plan.run(grad_RD.contiguous(), not ctx.reverse), None, None
 
 
+@contextmanager
+def _timed(timer: CommTimer | None, device: torch.device) -> Iterator[None]:
+    if timer is None:
+        yield
+    else:
+        with timer.measure(device):
+            yield
+
+
 def _check_rows(x_RD: torch.Tensor, expected: int, name: str) -> None:
     if x_RD.dim() < 1 or x_RD.shape[0] != expected:
         raise ValueError(
@@ -183,11 +194,13 @@ class FlatPlan:
     group: dist.ProcessGroup
     send_counts: tuple[int, ...]
     recv_counts: tuple[int, ...]
+    timer: CommTimer | None = None
 
     def run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
-        if reverse:
-            return _all_to_all(x_RD, self.send_counts, self.recv_counts, self.group)
-        return _all_to_all(x_RD, self.recv_counts, self.send_counts, self.group)
+        with _timed(self.timer, x_RD.device):
+            if reverse:
+                return _all_to_all(x_RD, self.send_counts, self.recv_counts, self.group)
+            return _all_to_all(x_RD, self.recv_counts, self.send_counts, self.group)
 
     def forward(self, x_RD: torch.Tensor) -> torch.Tensor:
         _check_rows(x_RD, sum(self.send_counts), "FlatPlan.forward")
@@ -200,10 +213,12 @@ class FlatPlan:
 
 @dataclass(frozen=True)
 class FlatAllToAll:
-    """One `all_to_all_single` over `group` (the EP group)."""
+    """One `all_to_all_single` over `group` (the EP group). With a `timer`, every
+    exchange of its plans (forward and backward) is timed into it."""
 
     group: dist.ProcessGroup
     name: str = "flat"
+    timer: CommTimer | None = None
 
     @property
     def size(self) -> int:
@@ -215,6 +230,7 @@ class FlatAllToAll:
             self.group,
             _as_counts(send_counts, self.size, "send_counts"),
             _as_counts(recv_counts, self.size, "recv_counts"),
+            self.timer,
         )
 
     def exchange(
@@ -236,8 +252,13 @@ class HierarchicalPlan:
     send_MG: torch.Tensor
     recv_MG: torch.Tensor
     intra_GM: torch.Tensor
+    timer: CommTimer | None = None
 
     def run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
+        with _timed(self.timer, x_RD.device):
+            return self._run(x_RD, reverse)
+
+    def _run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
         intra_send_G = self.send_MG.sum(0).tolist()  # to local rank g', summed over nodes
         intra_recv_G = self.intra_GM.sum(1).tolist()  # from local rank h
         inter_send_M = self.intra_GM.sum(0).tolist()  # to node m'
@@ -264,11 +285,13 @@ class HierarchicalPlan:
 @dataclass(frozen=True)
 class HierarchicalAllToAll:
     """2DH all-to-all over an EP group split into `intra` (G ranks, same node) and
-    `inter` (M ranks, same local index) subgroups; group rank p = m * G + g."""
+    `inter` (M ranks, same local index) subgroups; group rank p = m * G + g. With a
+    `timer`, its plans' exchanges (forward and backward) are timed into it."""
 
     intra: dist.ProcessGroup
     inter: dist.ProcessGroup
     name: str = "hierarchical"
+    timer: CommTimer | None = None
 
     @property
     def local_size(self) -> int:
@@ -290,7 +313,8 @@ class HierarchicalAllToAll:
         shape = (self.num_nodes, self.local_size)
         send_MG = torch.tensor(send, dtype=torch.int64).view(shape)
         # Row g' of send_MG.T goes to local rank g': my rows for (every node, local g').
-        intra_GM = exchange_counts(send_MG.t().contiguous().to(device), self.intra).cpu()
+        with _timed(self.timer, device):
+            intra_GM = exchange_counts(send_MG.t().contiguous().to(device), self.intra).cpu()
         return HierarchicalPlan(
             intra=self.intra,
             inter=self.inter,
@@ -299,6 +323,7 @@ class HierarchicalAllToAll:
             send_MG=send_MG,
             recv_MG=torch.tensor(recv, dtype=torch.int64).view(shape),
             intra_GM=intra_GM,
+            timer=self.timer,
         )
 
     def exchange(
@@ -320,8 +345,10 @@ def make_all_to_all(
     ep: dist.ProcessGroup,
     intra: dist.ProcessGroup,
     inter: dist.ProcessGroup,
+    timer: CommTimer | None = None,
 ) -> AllToAll:
-    """The flat or hierarchical all-to-all over one EP group and its two subgroups."""
+    """The flat or hierarchical all-to-all over one EP group and its two subgroups;
+    `timer`, if given, accumulates the time of every exchange."""
     try:
         kind = Algorithm(algorithm)
     except ValueError:
@@ -329,7 +356,7 @@ def make_all_to_all(
             f"all-to-all algorithm {algorithm!r} is unknown; accepted: flat, hierarchical"
         ) from None
     if kind is Algorithm.FLAT:
-        return FlatAllToAll(ep)
+        return FlatAllToAll(ep, timer=timer)
     if kind is Algorithm.HIERARCHICAL:
-        return HierarchicalAllToAll(intra, inter)
+        return HierarchicalAllToAll(intra, inter, timer=timer)
     raise ValueError("make_all_to_all takes flat or hierarchical; resolve auto with comm.cost")

@@ -330,19 +330,45 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m comm.bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--nproc", type=int, default=4)
-    parser.add_argument("--ranks-per-node", type=int, default=2)
-    parser.add_argument("--min-bytes", type=int, default=1024)
-    parser.add_argument("--max-bytes", type=int, default=4 << 20)
-    parser.add_argument("--factor", type=int, default=4)
-    parser.add_argument("--ops", default="alltoall,dispatch,allreduce")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--row-bytes", type=int, default=1024)
-    parser.add_argument("--skew", type=float, default=1.0)
-    parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
-    parser.add_argument("--json", dest="json_path", default=None)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=4,
+        help="processes to launch (ignored under torchrun, which sets the world size)",
+    )
+    parser.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=2,
+        help="ranks per (simulated) node; the hierarchical algorithm needs >= 2 nodes",
+    )
+    parser.add_argument("--min-bytes", type=int, default=1024, help="smallest send buffer")
+    parser.add_argument("--max-bytes", type=int, default=4 << 20, help="largest send buffer")
+    parser.add_argument("--factor", type=int, default=4, help="size multiplier per step")
+    parser.add_argument(
+        "--ops",
+        default="alltoall,dispatch,allreduce",
+        help=f"comma list of {', '.join(OPS)}",
+    )
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per size")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per size")
+    parser.add_argument(
+        "--row-bytes", type=int, default=1024, help="bytes per row (a token's activation)"
+    )
+    parser.add_argument(
+        "--skew",
+        type=float,
+        default=1.0,
+        help="Zipf exponent of the expert popularity in the dispatch op (0 = uniform)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        default="auto",
+        help="auto: nccl when CUDA is available, else gloo",
+    )
+    parser.add_argument("--json", dest="json_path", default=None, help="write the rows here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args(argv)
     ops = tuple(o for o in args.ops.split(",") if o)
     unknown = [o for o in ops if o not in OPS]

@@ -200,6 +200,7 @@ def _train(
                 "train/grad_norm": grad_norm,
                 "train/tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "train/moe_layer_time_s": moe_time.take() / window_steps,
+                "train/alltoall_time_s": _take_comm_time(model) / window_steps,
                 **monitor.scalars(model),
             }
             tracker.log(done, scalars)
@@ -235,6 +236,15 @@ def _train(
     if progress is not None:
         progress.close()
     moe_time.remove()
+    if not result.evaluations:
+        # Resumed at (or past) train.steps: nothing was trained, but report where it stands.
+        evaluation = evaluate(
+            model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
+            info.rank, info.world_size, device,
+        )  # fmt: skip
+        result.evaluations.append(
+            {"step": start_step, "val_loss": evaluation.val_loss, "val_bpb": evaluation.val_bpb}
+        )
     loads = monitor.global_load(info.world_size, device)
     heatmap = tracker.save_heatmap(loads, monitor.layer_names())
     if train_cfg.sample_tokens > 0:
@@ -285,6 +295,17 @@ def _progress(enabled: bool, start: int, total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+
+def _take_comm_time(model: Any) -> float:
+    """Seconds this rank spent in the MoE all-to-alls (counts and rows, forward and
+    backward) since the last call, over all layers; 0 at EP=1."""
+    total = 0.0
+    for _, layer in model.moe_layers():
+        timer = getattr(layer.dispatcher, "comm_timer", None)
+        if timer is not None:
+            total += timer.take()
+    return total
 
 
 class _MoETimer:

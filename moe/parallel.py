@@ -28,6 +28,7 @@ from comm.alltoall import (
 )
 from comm.chunks import transpose_chunks
 from comm.cost import CostModel
+from comm.timing import CommTimer
 from comm.topology import ProcessGroups
 from moe.experts import GroupedExperts
 
@@ -115,9 +116,14 @@ class ExpertParallelDispatcher:
         self.groups = groups
         self.cost_model = cost_model or CostModel.projected_cluster()
         self.validate = validate
-        self._flat = make_all_to_all(Algorithm.FLAT, groups.ep, groups.ep_intra, groups.ep_inter)
+        # Time in the all-to-alls (counts and rows, forward and backward); read with
+        # `comm_timer.take()` (the trainer logs it as train/alltoall_time_s).
+        self.comm_timer = CommTimer()
+        self._flat = make_all_to_all(
+            Algorithm.FLAT, groups.ep, groups.ep_intra, groups.ep_inter, self.comm_timer
+        )
         self._hierarchical = make_all_to_all(
-            Algorithm.HIERARCHICAL, groups.ep, groups.ep_intra, groups.ep_inter
+            Algorithm.HIERARCHICAL, groups.ep, groups.ep_intra, groups.ep_inter, self.comm_timer
         )
         self.last_algorithm: str = ""
 
@@ -154,7 +160,8 @@ class ExpertParallelDispatcher:
         all_to_all = self._check_and_choose(x_RD)
         ep_size = self.groups.topology.ep_size
         send_PL = counts_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1)
-        recv_PL = exchange_counts(send_PL.contiguous(), self.groups.ep)
+        with self.comm_timer.measure(x_RD.device):
+            recv_PL = exchange_counts(send_PL.contiguous(), self.groups.ep)
         recv_PL_host = recv_PL.cpu()
         plan = all_to_all.plan(send_PL.sum(1).cpu(), recv_PL_host.sum(1), x_RD.device)
         x_from_sources = plan.forward(x_RD)

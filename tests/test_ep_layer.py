@@ -113,6 +113,10 @@ def _check_case(
             want = want[offset : offset + local]
         assert bool(want.abs().sum() > 0), f"{name}: the reference gradient is zero"
         torch.testing.assert_close(grad, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    # The timer saw the counts exchange, dispatch, combine and both backward exchanges.
+    calls = dispatcher.comm_timer.calls
+    assert calls >= 5, f"comm timer saw {calls} all-to-alls, expected at least 5"
+    assert dispatcher.comm_timer.take() > 0 and dispatcher.comm_timer.calls == 0
     return dispatcher.last_algorithm
 
 

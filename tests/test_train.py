@@ -83,6 +83,10 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert resumed.evaluations[-1] == full.evaluations[-1] | {
         "tokens_per_s": resumed.evaluations[-1]["tokens_per_s"]
     }
+    # Started again after the end, a run trains nothing and reports the final model.
+    again = train(tiny_config(tmp_path / "full", *overrides))
+    assert again.start_step == 16 and again.losses == []
+    assert again.evaluations[-1]["val_loss"] == full.evaluations[-1]["val_loss"]
 
 
 def test_resume_must_without_checkpoint_fails(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ busbw (alltoall and dispatch: algbw * (n-1)/n; allreduce: algbw * 2(n-1)/n), #wr
 Time is the median over iterations of the slowest rank's time.
 
 Operations (`--ops`) and their algorithms:
-- alltoall: `raw` (`all_to_all_single` called directly, the floor), `flat` and
+- alltoall: `raw` (`all_to_all_single` called directly into a preallocated output,
+  as nccl-tests does: the floor), `raw_alloc` (the same into a fresh output, as any
+  function that returns a new tensor must; on CUDA the caching allocator makes the two
+  equal, on CPU a fresh MiB-sized buffer costs page faults), `flat` and
   `hierarchical` (through `comm.alltoall`), `memcpy` (one process copying the same
   bytes: the memory floor; the other ranks wait).
 - dispatch: the MoE pattern: rows of `--row-bytes` routed to 4 experts per rank with a
@@ -127,8 +130,14 @@ def _make_cases(
             dist.all_to_all_single(out, x, split, split, group=groups.ep)
             return out
 
+        def raw_alloc() -> torch.Tensor:
+            fresh = torch.empty_like(x)
+            dist.all_to_all_single(fresh, x, split, split, group=groups.ep)
+            return fresh
+
         runs: dict[str, Callable[[], torch.Tensor | None]] = {
             "raw": raw,
+            "raw_alloc": raw_alloc,
             "flat": lambda: flat.exchange(x, split, split),
             "hierarchical": lambda: hier.exchange(x, split, split),
         }
@@ -273,8 +282,12 @@ def _print_table(rows: list[dict[str, object]]) -> None:
         by_key.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), int(str(kv[0][2])))
     ):
         raw = by_key.get((op, "raw", nbytes))
+        raw_alloc = by_key.get((op, "raw_alloc", nbytes))
         if algo in ("flat", "hierarchical") and raw:
-            print(f"#   {op:>9} {algo:>13} {nbytes:>10} B: {t / raw:5.2f} x raw")
+            line = f"#   {op:>9} {algo:>13} {nbytes:>10} B: {t / raw:5.2f} x raw"
+            if raw_alloc:
+                line += f", {t / raw_alloc:5.2f} x raw_alloc"
+            print(line)
 
 
 def _worker(rank: int, opts: Options, port: int | None) -> None:

@@ -94,7 +94,7 @@ def features_of(algo: str, num_nodes: int, ranks_per_node: int, nbytes: float) -
                          f"{num_nodes}, {ranks_per_node}")  # fmt: skip
     m, g = num_nodes, ranks_per_node
     p = m * g
-    if algo in ("flat", "raw"):
+    if algo in ("flat", "raw", "raw_alloc"):
         return [1.0, g - 1.0, p - g, nbytes * (g - 1) / p, nbytes * (p - g) / p, 0.0, 0.0]
     if algo == "hierarchical":
         calls = (2.0 if g > 1 else 0.0) + (1.0 if m > 1 else 0.0)
@@ -102,7 +102,9 @@ def features_of(algo: str, num_nodes: int, ranks_per_node: int, nbytes: float) -
                 2.0 * nbytes, 2.0]  # fmt: skip
     if algo == "memcpy":
         return [0.0, 0.0, 0.0, 0.0, 0.0, nbytes, 1.0]
-    raise ValueError(f"unknown algorithm {algo!r}; accepted: flat, raw, hierarchical, memcpy")
+    raise ValueError(
+        f"unknown algorithm {algo!r}; accepted: flat, raw, raw_alloc, hierarchical, memcpy"
+    )
 
 
 def _nnls(a: torch.Tensor, b: torch.Tensor, max_iter: int = 100) -> torch.Tensor:

@@ -28,6 +28,7 @@ Legend: P ranks in the EP group, M nodes in it, G ranks per node, R rows, D row 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -188,12 +189,17 @@ def _check_rows(x_RD: torch.Tensor, expected: int, name: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class FlatPlan:
-    group: dist.ProcessGroup
+class _Plan(ABC):
+    """What both plans share: timing, the row check, and the autograd-aware
+    `forward` / `reverse` around a subclass's `_run`."""
+
     send_counts: tuple[int, ...]
     recv_counts: tuple[int, ...]
-    timer: CommTimer | None = None
+    timer: CommTimer | None
+
+    @abstractmethod
+    def _run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """The exchange itself, no autograd: dispatch order, or combine if `reverse`."""
 
     def run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
         if self.timer is None:
@@ -201,18 +207,26 @@ class FlatPlan:
         with self.timer.measure(x_RD.device):
             return self._run(x_RD, reverse)
 
+    def forward(self, x_RD: torch.Tensor) -> torch.Tensor:
+        _check_rows(x_RD, sum(self.send_counts), f"{type(self).__name__}.forward")
+        return _exchange(x_RD, self, False)
+
+    def reverse(self, y_RD: torch.Tensor) -> torch.Tensor:
+        _check_rows(y_RD, sum(self.recv_counts), f"{type(self).__name__}.reverse")
+        return _exchange(y_RD, self, True)
+
+
+@dataclass(frozen=True)
+class FlatPlan(_Plan):
+    group: dist.ProcessGroup
+    send_counts: tuple[int, ...]
+    recv_counts: tuple[int, ...]
+    timer: CommTimer | None = None
+
     def _run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
         if reverse:
             return _all_to_all(x_RD, self.send_counts, self.recv_counts, self.group)
         return _all_to_all(x_RD, self.recv_counts, self.send_counts, self.group)
-
-    def forward(self, x_RD: torch.Tensor) -> torch.Tensor:
-        _check_rows(x_RD, sum(self.send_counts), "FlatPlan.forward")
-        return _exchange(x_RD, self, False)
-
-    def reverse(self, y_RD: torch.Tensor) -> torch.Tensor:
-        _check_rows(y_RD, sum(self.recv_counts), "FlatPlan.reverse")
-        return _exchange(y_RD, self, True)
 
 
 @dataclass(frozen=True)
@@ -244,7 +258,7 @@ class FlatAllToAll:
 
 
 @dataclass(frozen=True)
-class HierarchicalPlan:
+class HierarchicalPlan(_Plan):
     """Counts of the four steps. s_MG: my send counts by destination (node, local rank);
     r_MG: my receive counts by source; c_GM: rows my intra-node peer h holds for
     (node m', my local index), which is what step (2) brings me."""
@@ -257,12 +271,6 @@ class HierarchicalPlan:
     recv_MG: torch.Tensor
     intra_GM: torch.Tensor
     timer: CommTimer | None = None
-
-    def run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
-        if self.timer is None:
-            return self._run(x_RD, reverse)
-        with self.timer.measure(x_RD.device):
-            return self._run(x_RD, reverse)
 
     def _run(self, x_RD: torch.Tensor, reverse: bool) -> torch.Tensor:
         intra_send_G = self.send_MG.sum(0).tolist()  # to local rank g', summed over nodes
@@ -278,14 +286,6 @@ class HierarchicalPlan:
         y = transpose_chunks(y, self.intra_GM.t())
         y = _all_to_all(y, intra_send_G, intra_recv_G, self.intra)
         return transpose_chunks(y, self.send_MG.t())
-
-    def forward(self, x_RD: torch.Tensor) -> torch.Tensor:
-        _check_rows(x_RD, sum(self.send_counts), "HierarchicalPlan.forward")
-        return _exchange(x_RD, self, False)
-
-    def reverse(self, y_RD: torch.Tensor) -> torch.Tensor:
-        _check_rows(y_RD, sum(self.recv_counts), "HierarchicalPlan.reverse")
-        return _exchange(y_RD, self, True)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from launch.schema import build, hydra_schema
 from moe.config import ModelConfig
 from moe.data import DataConfig
-from routing.config import RoutingConfig
+from routing.config import RoutingConfig, parse_enum
 
 __all__ = [
     "AllToAllKind",
@@ -64,19 +64,6 @@ class WandbMode(str, Enum):
     DISABLED = "disabled"
 
 
-EnumT = TypeVar("EnumT", bound=Enum)
-
-
-def _enum(kind: type[EnumT], value: object, key: str) -> EnumT:
-    if isinstance(value, kind):
-        return value
-    try:
-        return kind(value)
-    except ValueError:
-        accepted = ", ".join(str(member.value) for member in kind)
-        raise ValueError(f"{key}={value!r} is not one of: {accepted}") from None
-
-
 def _at_least(value: float, low: float, key: str) -> None:
     if value < low:
         raise ValueError(f"{key}={value} must be >= {low}")
@@ -117,8 +104,8 @@ class TrainConfig:
     fail_at_step: int = -1
 
     def __post_init__(self) -> None:
-        self.engine = _enum(Engine, self.engine, "train.engine")
-        self.resume = _enum(ResumeMode, self.resume, "train.resume")
+        self.engine = parse_enum(Engine, self.engine, "train.engine")
+        self.resume = parse_enum(ResumeMode, self.resume, "train.resume")
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
             _at_least(getattr(self, key), 1, f"train.{key}")
         for key in ("warmup_steps", "checkpoint_every", "sample_tokens"):
@@ -178,8 +165,8 @@ class CommConfig:
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        self.alltoall = _enum(AllToAllKind, self.alltoall, "comm.alltoall")
-        self.backend = _enum(Backend, self.backend, "comm.backend")
+        self.alltoall = parse_enum(AllToAllKind, self.alltoall, "comm.alltoall")
+        self.backend = parse_enum(Backend, self.backend, "comm.backend")
         _at_least(self.ep_size, 1, "comm.ep_size")
         _at_least(self.ranks_per_node, 0, "comm.ranks_per_node")
         if not self.timeout_s > 0:
@@ -196,7 +183,7 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.mode = _enum(WandbMode, self.mode, "wandb.mode")
+        self.mode = parse_enum(WandbMode, self.mode, "wandb.mode")
         if not self.project:
             raise ValueError("wandb.project must be a non-empty string")
 

@@ -58,9 +58,9 @@ class RoutingConfig:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
-        self.router = _enum(RouterKind, self.router, "routing.router")
-        self.capacity = _enum(CapacityKind, self.capacity, "routing.capacity")
-        self.priority = _enum(PriorityKind, self.priority, "routing.priority")
+        self.router = parse_enum(RouterKind, self.router, "routing.router")
+        self.capacity = parse_enum(CapacityKind, self.capacity, "routing.capacity")
+        self.priority = parse_enum(PriorityKind, self.priority, "routing.priority")
         if self.top_k < 1:
             raise ValueError(f"routing.top_k={self.top_k} must be >= 1")
         if not self.capacity_factor > 0:
@@ -94,7 +94,9 @@ class RoutingConfig:
 EnumT = TypeVar("EnumT", bound=Enum)
 
 
-def _enum(kind: type[EnumT], value: object, key: str) -> EnumT:
+def parse_enum(kind: type[EnumT], value: object, key: str) -> EnumT:
+    """`value` as a member of `kind` (by value), or a ValueError naming `key` and the
+    accepted values. Used by every config dataclass's validation."""
     if isinstance(value, kind):
         return value
     try:

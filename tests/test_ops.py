@@ -140,3 +140,38 @@ def test_compile_traces_grouped_mm() -> None:
     torch.testing.assert_close(loss, fn(x, w))
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+def _fork_child(queue: object) -> None:
+    x, w, counts = torch.randn(40, 6), torch.randn(4, 6, 5), torch.tensor([10, 0, 25, 5])
+    y = ops.grouped_mm_torch(x, w, counts)
+    queue.put(bool(torch.allclose(y[10:35], x[10:35] @ w[2], atol=1e-5)))  # type: ignore[attr-defined]
+
+
+def test_cpu_block_workers_equal_one_thread_and_survive_fork() -> None:
+    """With 2 intra-op threads the blocks run on worker threads (single-threaded mm each):
+    bit for bit the one-thread result, for uneven blocks and idle experts."""
+    import multiprocessing
+
+    generator = torch.Generator().manual_seed(11)
+    counts = torch.tensor([0, 70, 3, 0, 41, 1, 0, 9])
+    x = torch.randn(int(counts.sum()), 16, generator=generator)
+    w = torch.randn(8, 16, 12, generator=generator)
+    dy = torch.randn(int(counts.sum()), 12, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, dw1 = ops.grouped_mm_torch(x, w, counts), ops.grouped_mm_wgrad_torch(x, dy, counts)
+        torch.set_num_threads(2)
+        y2, dw2 = ops.grouped_mm_torch(x, w, counts), ops.grouped_mm_wgrad_torch(x, dy, counts)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and torch.equal(dw1, dw2)
+    assert not dw2[[0, 3, 6]].any()
+    # A forked child (the parent's pool threads do not exist there) still computes.
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_fork_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and queue.get(timeout=5) is True

@@ -94,8 +94,10 @@ class _BlockRunner:
             loads[least] += block[2] - block[1]
 
         def run_share(share: list[Block]) -> None:
-            for block in share:
-                work(block)
+            # Grad mode is per thread; the op's body never records autograd history.
+            with torch.no_grad():
+                for block in share:
+                    work(block)
 
         pool = self._get_pool(workers)
         for future in [pool.submit(run_share, share) for share in shares]:

@@ -168,6 +168,18 @@ def test_cpu_block_workers_equal_one_thread_and_survive_fork() -> None:
         torch.set_num_threads(threads)
     assert torch.equal(y1, y2) and torch.equal(dw1, dw2)
     assert not dw2[[0, 3, 6]].any()
+    # Through autograd (the inputs require grad; grad mode is per thread).
+    grads = []
+    for num_threads in (1, 2):
+        torch.set_num_threads(num_threads)
+        try:
+            leaf_x, leaf_w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            out = ops.grouped_mm(leaf_x, leaf_w, counts)
+            grads.append((out, *torch.autograd.grad(out, (leaf_x, leaf_w), dy)))
+        finally:
+            torch.set_num_threads(threads)
+    for one, two in zip(*grads):
+        assert torch.equal(one, two)
     # A forked child (the parent's pool threads do not exist there) still computes.
     context = multiprocessing.get_context("fork")
     queue = context.Queue()

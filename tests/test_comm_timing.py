@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from comm.timing import CommTimer
@@ -23,10 +24,7 @@ def test_timer_accumulates_and_resets() -> None:
 
 def test_timer_counts_a_block_that_raises() -> None:
     timer = CommTimer()
-    try:
-        with timer.measure(torch.device("cpu")):
-            time.sleep(0.005)
-            raise RuntimeError("peer went away")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError, match="peer went away"), timer.measure(torch.device("cpu")):
+        time.sleep(0.005)
+        raise RuntimeError("peer went away")
     assert timer.calls == 1 and timer.take() >= 0.005

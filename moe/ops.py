@@ -31,7 +31,10 @@ import torch
 from torch import Tensor, nn
 
 
-def _row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:  # (expert, start, stop)
+Block = tuple[int, int, int]  # (expert, start row, stop row)
+
+
+def _row_blocks(counts_E: Tensor) -> list[Block]:
     """(expert, start, stop) of each non-empty row block."""
     blocks = []
     start = 0
@@ -42,18 +45,15 @@ def _row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:  # (expert, sta
     return blocks
 
 
-Block = tuple[int, int, int]
-
-
 class _BlockRunner:
     """Runs per-block matmuls on CPU, in parallel over blocks.
 
     Small per-expert matmuls with two OpenMP threads each pay a fork/join per block
     (E per grouped matmul) and run below the large-matmul rate; the same blocks split
     between N workers running single-threaded `torch.mm` (which releases the GIL) need
-    one hand-off per call. Measured at E=64, 256 rows per expert, D=H=512, 2 threads:
-    161-167 ms -> 148 ms for one grouped matmul (a single dense matmul of the same FLOPs:
-    134-140 ms). Blocks go to workers largest first, each to the least loaded worker.
+    one hand-off per call. At E=64, 16384 rows, D=H=512, 2 threads: 162.6 -> 147.5 ms
+    for one grouped matmul, the dense floor 133.1 ms (`scripts/bench_grouped_mm.py`,
+    docs/BENCHMARKS.md). Blocks go to workers largest first, each to the least loaded worker.
     Every block is still computed by exactly one `torch.mm` into its own output rows.
     The pool is rebuilt when the intra-op thread count changes and in a forked child.
     """

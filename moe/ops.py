@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-
 Block = tuple[int, int, int]  # (expert, start row, stop row)
 
 

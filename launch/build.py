@@ -15,26 +15,26 @@ from torch import nn
 
 from launch.config import RunConfig
 from launch.runtime import Runtime, dispatcher_factory
-from moe.experts import GroupedExperts
+from moe.experts import Experts
 from moe.transformer import MoETransformer
 
 
 @torch.no_grad()
 def copy_from_full(full: nn.Module, sharded: nn.Module) -> None:
-    """Copy `full`'s weights into `sharded`: dense tensors whole, each `GroupedExperts`
-    stack sliced at its `expert_offset` (its local experts)."""
+    """Copy `full`'s weights into `sharded`: dense tensors whole, each expert stack
+    indexed by its `expert_ids` (its local experts)."""
     full_modules = dict(full.named_modules())
     for name, module in sharded.named_modules():
         source = full_modules.get(name)
         if source is None:
             raise ValueError(f"module {name!r} of the sharded model is not in the full model")
-        if isinstance(module, GroupedExperts):
-            assert isinstance(source, GroupedExperts), name
-            begin, end = module.expert_offset, module.expert_offset + module.num_experts
+        if isinstance(module, Experts):
+            assert isinstance(source, Experts), name
+            ids = list(module.expert_ids)
             for pname, param in module.named_parameters(recurse=False):
-                param.copy_(getattr(source, pname)[begin:end])
+                param.copy_(getattr(source, pname)[ids])
             continue
-        if any(isinstance(parent, GroupedExperts) for parent in _ancestors(sharded, name)):
+        if any(isinstance(parent, Experts) for parent in _ancestors(sharded, name)):
             continue
         for pname, param in module.named_parameters(recurse=False):
             param.copy_(getattr(source, pname))

@@ -2,7 +2,7 @@
 
 Parameters fall in two kinds. Dense parameters (attention, norms, embeddings, routers,
 dense and residual MLPs) are replicated on every rank; expert parameters
-(`GroupedExperts`) live on one EP rank per EP group. `moe.parallel.reduce_gradients`
+(`moe.experts.Experts`) live on one EP rank per EP group. `moe.parallel.reduce_gradients`
 averages each kind over the right ranks; this module adds the optimizer groups, the LR
 schedule and clipping by the global norm.
 
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from launch.config import TrainConfig
-from moe.experts import GroupedExperts
+from moe.experts import expert_parameter_ids
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,9 @@ class ParamSplit:
 
 
 def split_parameters(model: nn.Module) -> ParamSplit:
-    """Expert parameters are those of `GroupedExperts` modules; dense 1-D parameters
-    (norm gains) and embeddings get no weight decay."""
-    expert_ids = {
-        id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
-    }
+    """Expert parameters are those of the expert stacks (`moe.experts.Experts`); dense
+    1-D parameters (norm gains) and embeddings get no weight decay."""
+    expert_ids = expert_parameter_ids(model)
     dense, expert, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

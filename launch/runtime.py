@@ -153,7 +153,7 @@ def dispatcher_factory(runtime: Runtime, comm: CommConfig) -> DispatcherFactory 
     groups = runtime.groups
     assert groups is not None
 
-    def factory(num_experts: int) -> Dispatcher:
+    def factory(block: int, num_experts: int) -> Dispatcher:
         return ExpertParallelDispatcher(num_experts, groups, algorithm=comm.alltoall.value)
 
     return factory

@@ -34,8 +34,9 @@ from launch.optim import learning_rate
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.tracking import Tracker
 from moe.data import build_dataset
+from moe.inference import generate
 from moe.params import count_parameters
-from moe.transformer import MoETransformer, generate, lm_loss
+from moe.transformer import MoETransformer, lm_loss
 
 FAIL_MARKER = "injected_failure"
 EVENTS_FILE = "events.jsonl"
@@ -62,11 +63,7 @@ def _check_compatible(config: RunConfig, num_tasks: int) -> None:
             f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
-    if config.routing.router.value == "task" and config.routing.num_tasks < num_tasks:
-        raise ValueError(
-            f"routing.num_tasks={config.routing.num_tasks} but the data has {num_tasks} "
-            f"tasks; set routing.num_tasks={num_tasks}"
-        )
+    config.routing.validate_for_data(num_tasks)
 
 
 def _maybe_fail(config: RunConfig, step: int, runtime: Runtime) -> None:

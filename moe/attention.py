@@ -4,6 +4,12 @@ Legend: B batch, T query positions, S key positions (cache + new), D model width
 N query heads, G key/value heads (N % G == 0; G = 1 is multi-query, G = N multi-head),
 C head width.
 
+A cache is anything with the `AttentionCache` interface: it says where the new tokens
+sit (their positions) and attends the new queries over everything it holds after
+storing the new keys and values. `KVCache` is the one-batch cache of single-sequence
+decoding; the inference engine (`moe.inference.cache`) supplies caches that keep many
+sequences of different lengths, each in its own slot.
+
 RoPE follows the "rotate half" convention (GPT-NeoX, Llama in HF): channel c of the first
 half is paired with channel c + C/2, rotated by position * theta^(-2c/C). The frequencies
 are computed in float32 on the fly (no buffer, so a cast to bfloat16 cannot degrade them).
@@ -12,10 +18,26 @@ are computed in float32 on the fly (no buffer, so a cast to bfloat16 cannot degr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class AttentionCache(Protocol):
+    """Keys and values of one attention layer across calls (see the module docstring)."""
+
+    def positions(self, num_new: int, device: torch.device) -> torch.Tensor:
+        """int64 [T]: the positions of the T new tokens (RoPE)."""
+        ...
+
+    def attend(
+        self, q_BNTC: torch.Tensor, k_BGTC: torch.Tensor, v_BGTC: torch.Tensor
+    ) -> torch.Tensor:
+        """Store the new keys/values and return y_BNTC: each new query attends to the
+        positions before it and itself (rotary already applied)."""
+        ...
 
 
 @dataclass
@@ -63,6 +85,35 @@ class KVCache:
         self.v_BGSC[:, :, self.length : end] = v_BGTC
         self.length = end
         return self.k_BGSC[:, :, :end], self.v_BGSC[:, :, :end]
+
+    def positions(self, num_new: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + num_new, device=device)
+
+    def attend(
+        self, q_BNTC: torch.Tensor, k_BGTC: torch.Tensor, v_BGTC: torch.Tensor
+    ) -> torch.Tensor:
+        start = self.length
+        k_BGSC, v_BGSC = self.append(k_BGTC, v_BGTC)
+        return attention_after(q_BNTC, k_BGSC, v_BGSC, start)
+
+
+def attention_after(
+    q_BNTC: torch.Tensor, k_BGSC: torch.Tensor, v_BGSC: torch.Tensor, start: int
+) -> torch.Tensor:
+    """The T queries sit at positions start..start+T-1 of the S = start + T keys: query
+    t sees keys 0..start+t (SDPA's `is_causal` aligns top-left, so with start > 0 and
+    T > 1 an explicit mask is needed)."""
+    T, S = q_BNTC.shape[2], k_BGSC.shape[2]
+    mask_TS = None
+    if start > 0 and T > 1:
+        key_pos_S = torch.arange(S, device=q_BNTC.device)
+        mask_TS = (
+            key_pos_S[None, :] <= torch.arange(start, start + T, device=q_BNTC.device)[:, None]
+        )
+    return F.scaled_dot_product_attention(
+        q_BNTC, k_BGSC, v_BGSC, attn_mask=mask_TS, is_causal=start == 0 and T > 1,
+        enable_gqa=k_BGSC.shape[1] != q_BNTC.shape[1],
+    )  # fmt: skip
 
 
 def rotary_cos_sin(
@@ -112,8 +163,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """x_BTD -> y_BTD. With a cache, the T new positions follow the cached ones."""
+    def forward(self, x_BTD: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
+        """x_BTD -> y_BTD. With a cache, the new positions follow the cached ones."""
         B, T, _ = x_BTD.shape
         N, G, C = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv_proj(x_BTD)
@@ -121,32 +172,18 @@ class CausalSelfAttention(nn.Module):
         k_BGTC = qkv[..., N * C : (N + G) * C].view(B, T, G, C).transpose(1, 2)
         v_BGTC = qkv[..., (N + G) * C :].view(B, T, G, C).transpose(1, 2)
 
-        offset = cache.length if cache is not None else 0
-        positions_T = torch.arange(offset, offset + T, device=x_BTD.device)
+        if cache is None:
+            positions_T = torch.arange(T, device=x_BTD.device)
+        else:
+            positions_T = cache.positions(T, x_BTD.device)
         cos_TC, sin_TC = rotary_cos_sin(positions_T, C, self.rope_theta)
         q_BNTC = apply_rotary(q_BNTC, cos_TC, sin_TC)
         k_BGTC = apply_rotary(k_BGTC, cos_TC, sin_TC)
         if cache is not None:
-            k_BGSC, v_BGSC = cache.append(k_BGTC, v_BGTC)
+            y_BNTC = cache.attend(q_BNTC, k_BGTC, v_BGTC)
         else:
-            k_BGSC, v_BGSC = k_BGTC, v_BGTC
-
-        S = k_BGSC.shape[2]
-        mask_TS: torch.Tensor | None = None
-        is_causal = False
-        if S == T:
-            is_causal = True
-        elif T > 1:
-            # SDPA's is_causal aligns the mask top-left; new queries sit at the end.
-            key_pos_S = torch.arange(S, device=x_BTD.device)
-            mask_TS = key_pos_S[None, :] <= (positions_T[:, None])
-        y_BNTC = F.scaled_dot_product_attention(
-            q_BNTC,
-            k_BGSC,
-            v_BGSC,
-            attn_mask=mask_TS,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=G != N,
-        )
+            y_BNTC = F.scaled_dot_product_attention(
+                q_BNTC, k_BGTC, v_BGTC, is_causal=True, enable_gqa=G != N,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # fmt: skip
         return self.out_proj(y_BNTC.transpose(1, 2).reshape(B, T, N * C))

@@ -1,13 +1,21 @@
 """Experts: E two-layer MLPs stored as stacked weights, computed over rows sorted by
 expert. Experts know nothing of routing or communication.
 
+`Experts` is the interface every expert stack satisfies (`GroupedExperts` here, the int8
+`moe.inference.quant.Int8Experts`): `forward(x_RD, counts_E)`, the global ids of the
+experts it holds, and every tensor of its state stacked over those experts (leading
+dimension), so that checkpoints save and load one expert per file whatever the class.
+`expert_modules` / `expert_parameter_ids` are the one way to ask which modules and
+parameters are experts (optimizer groups, gradient reduction, checkpoints, counts).
+
 Shapes: R routed rows, D model width, H expert hidden width, E experts (local to this
-process; `expert_offset` is the global id of local expert 0).
+process; `expert_ids[e]` is the global id of local expert e).
 """
 
 from __future__ import annotations
 
-import math
+import abc
+from collections.abc import Sequence
 from enum import Enum
 
 import torch
@@ -30,7 +38,56 @@ def parse_activation(value: object) -> Activation:
         raise ValueError(f"activation={value!r} is not one of: {accepted}") from None
 
 
-class GroupedExperts(nn.Module):
+def _check_expert_ids(expert_ids: Sequence[int] | None, num_experts: int) -> tuple[int, ...]:
+    ids = tuple(range(num_experts)) if expert_ids is None else tuple(int(i) for i in expert_ids)
+    if len(ids) != num_experts or any(i < 0 for i in ids) or list(ids) != sorted(set(ids)):
+        raise ValueError(
+            f"expert_ids={list(ids)} is invalid for {num_experts} local experts; accepted: "
+            f"{num_experts} distinct global ids >= 0 in ascending order"
+        )
+    return ids
+
+
+class Experts(nn.Module, metaclass=abc.ABCMeta):
+    """The interface of an expert stack (see the module docstring).
+
+    Subclasses set `num_experts` (local), `d_model`, `d_hidden`, `activation` and
+    `expert_ids` (ascending global ids, one per local expert), keep every state tensor
+    stacked over the local experts, and implement `forward` and `expert_forward`.
+    `quantization` names the storage ("none" or "int8"); checkpoints record it.
+    """
+
+    num_experts: int
+    d_model: int
+    d_hidden: int
+    activation: Activation
+    expert_ids: tuple[int, ...]
+    quantization: str = "none"
+
+    @abc.abstractmethod
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        """x_RD: rows sorted by local expert; counts_E: int64 rows per local expert."""
+
+    @abc.abstractmethod
+    def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
+        """Local expert `expert` on any rows (plain torch: the reference path)."""
+
+    def expert_state(self, local: int) -> dict[str, Tensor]:
+        """Local expert `local`'s tensors, each sliced to [1, ...] (one checkpoint file)."""
+        return {k: t[local : local + 1] for k, t in self.state_dict().items()}
+
+
+def expert_modules(model: nn.Module) -> list[tuple[str, Experts]]:
+    """(qualified name, module) of every expert stack in `model`, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
+
+
+def expert_parameter_ids(model: nn.Module) -> set[int]:
+    """`id()` of every parameter that belongs to an expert stack of `model`."""
+    return {id(p) for _, m in expert_modules(model) for p in m.parameters()}
+
+
+class GroupedExperts(Experts):
     """E expert MLPs: y = act(x w1) w2, or (silu(x w1) * x w3) w2 for SwiGLU.
 
     Initialisation: the up-projections with std D^-1/2; the down-projection with std
@@ -43,7 +100,7 @@ class GroupedExperts(nn.Module):
         d_model: int,
         d_hidden: int,
         activation: Activation | str = Activation.GELU,
-        expert_offset: int = 0,
+        expert_ids: Sequence[int] | None = None,
         down_std: float | None = None,
     ) -> None:
         super().__init__()
@@ -55,7 +112,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.d_model = d_model
         self.d_hidden = d_hidden
-        self.expert_offset = expert_offset
+        self.expert_ids = _check_expert_ids(expert_ids, num_experts)
         self.activation = parse_activation(activation)
         self.down_std = down_std if down_std is not None else d_hidden**-0.5
         self.w1_EDH = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
@@ -96,13 +153,8 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
-            f"activation={self.activation.value}, expert_offset={self.expert_offset}"
+            f"activation={self.activation.value}, expert_ids={list(self.expert_ids)}"
         )
-
-
-def sigma_moe_down_std(num_experts: int, d_hidden: int) -> float:
-    """Down-projection std of sigma-MoE: as a dense FFN of width E*H."""
-    return 1.0 / math.sqrt(num_experts * d_hidden)
 
 
 class DenseMLP(nn.Module):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from moe.dispatch import permute, plan_permutation, unpermute
-from moe.experts import Activation, DenseMLP, GroupedExperts, sigma_moe_down_std
+from moe.experts import Activation, DenseMLP, Experts, GroupedExperts
 from moe.parallel import Dispatcher, LocalDispatcher
 from routing import (
-    RouterKind,
     RoutingConfig,
     RoutingPlan,
     RoutingStats,
@@ -36,7 +35,8 @@ class MoEOutput:
 
 class MoELayer(nn.Module):
     """A mixture-of-experts FFN. With a dispatcher from `moe.parallel` the experts are
-    sharded over an expert-parallel group; without one all experts are local."""
+    sharded over an expert-parallel group; without one all experts are local. `experts`
+    is any `moe.experts.Experts` (inference swaps in int8 ones)."""
 
     def __init__(
         self,
@@ -60,14 +60,13 @@ class MoELayer(nn.Module):
                 f"dispatcher routes {self.dispatcher.num_experts} experts but the layer has "
                 f"num_experts={num_experts}"
             )
-        sigma = RouterKind(routing.router) == RouterKind.SIGMA
-        self.experts = GroupedExperts(
+        self.experts: Experts = GroupedExperts(
             self.dispatcher.num_local_experts,
             d_model,
             d_hidden,
             activation,
-            expert_offset=self.dispatcher.expert_offset,
-            down_std=sigma_moe_down_std(num_experts, d_hidden) if sigma else None,
+            expert_ids=self.dispatcher.expert_ids,
+            down_std=self.router.expert_down_std(d_hidden),
         )
         self.residual: DenseMLP | None = None
         self.residual_gate: nn.Linear | None = None

@@ -30,13 +30,16 @@ from comm.chunks import transpose_chunks
 from comm.cost import CostModel
 from comm.timing import CommTimer
 from comm.topology import ProcessGroups
-from moe.experts import GroupedExperts
+from moe.experts import expert_parameter_ids
 
 
 class Dispatcher(Protocol):
+    """`num_experts`: experts the router chooses from (global ids 0..E-1);
+    `expert_ids`: the ascending global ids of the experts this process computes."""
+
     num_experts: int
     num_local_experts: int
-    expert_offset: int
+    expert_ids: tuple[int, ...]
 
     def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, Any]:
         """-> (rows for the local experts sorted by local expert, counts_L, context)."""
@@ -48,15 +51,38 @@ class Dispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """Every expert is local: no data moves."""
+    """Every expert this process needs is local: no data moves.
 
-    def __init__(self, num_experts: int) -> None:
+    `expert_ids` (a task subset, `moe.inference.subset`): the process holds only these
+    global experts, and the router must be restricted to them. Rows arrive sorted by
+    global id, so they are already sorted by local id; only the counts are selected.
+    """
+
+    def __init__(self, num_experts: int, expert_ids: list[int] | None = None) -> None:
         self.num_experts = num_experts
-        self.num_local_experts = num_experts
-        self.expert_offset = 0
+        self.expert_ids = tuple(range(num_experts)) if expert_ids is None else tuple(expert_ids)
+        ids = list(self.expert_ids)
+        if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= num_experts:
+            raise ValueError(
+                f"expert_ids={list(self.expert_ids)} is invalid; accepted: distinct ascending "
+                f"global ids in [0, {num_experts - 1}]"
+            )
+        self.num_local_experts = len(self.expert_ids)
+        self._subset = (
+            None if self.num_local_experts == num_experts else torch.tensor(self.expert_ids)
+        )
 
     def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, None]:
-        return x_RD, counts_E, None
+        if self._subset is None:
+            return x_RD, counts_E, None
+        counts_L = counts_E[self._subset.to(counts_E.device)]
+        if int(counts_L.sum()) != x_RD.shape[0]:
+            raise ValueError(
+                f"{x_RD.shape[0] - int(counts_L.sum())} rows were routed to experts outside "
+                f"this subset {list(self.expert_ids)}; restrict the router to the subset "
+                "(router.restrict)"
+            )
+        return x_RD, counts_L, None
 
     def combine(self, y_RD: Tensor, context: Any) -> Tensor:
         return y_RD
@@ -112,7 +138,8 @@ class ExpertParallelDispatcher:
             ) from None
         self.num_experts = num_experts
         self.num_local_experts = num_experts // topology.ep_size
-        self.expert_offset = groups.ep_rank * self.num_local_experts
+        offset = groups.ep_rank * self.num_local_experts
+        self.expert_ids = tuple(range(offset, offset + self.num_local_experts))
         self.groups = groups
         self.cost_model = cost_model or CostModel.projected_cluster()
         self.validate = validate
@@ -175,12 +202,6 @@ class ExpertParallelDispatcher:
         return context.plan.reverse(y_from_sources)
 
 
-def _is_expert_parameter(module: nn.Module) -> set[int]:
-    return {
-        id(p) for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
-    }
-
-
 def _all_reduce_mean(grads: list[Tensor], group: dist.ProcessGroup, divisor: int) -> None:
     if not grads:
         return
@@ -196,7 +217,7 @@ def _all_reduce_mean(grads: list[Tensor], group: dist.ProcessGroup, divisor: int
 
 def reduce_gradients(module: nn.Module, groups: ProcessGroups) -> None:
     """Average gradients over the data: dense parameters over the dense DP group (all
-    ranks), expert parameters (those of `GroupedExperts`) only over their replicas.
+    ranks), expert parameters (`moe.experts.expert_parameter_ids`) only over their replicas.
 
     Loss convention: each rank backpropagates the mean loss of *its own* tokens, and the
     training objective is the mean of those per-rank losses. Then the exact gradient is
@@ -207,7 +228,7 @@ def reduce_gradients(module: nn.Module, groups: ProcessGroups) -> None:
     rule a run at EP=N equals EP=1 data parallelism on the same shards. A parameter with
     no gradient on this rank counts as zeros (so every rank reduces the same buffer).
     """
-    expert_ids = _is_expert_parameter(module)
+    expert_ids = expert_parameter_ids(module)
     dense: list[Tensor] = []
     experts: list[Tensor] = []
     for param in module.parameters():

@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.attention import CausalSelfAttention, KVCache
+from moe.attention import AttentionCache, CausalSelfAttention, KVCache
 from moe.config import ModelConfig
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
 from moe.parallel import Dispatcher
 from routing import RoutingConfig, RoutingStats
 
-DispatcherFactory = Callable[[int], Dispatcher]
+# (block index, the layer's expert count) -> the MoE layer's dispatcher.
+DispatcherFactory = Callable[[int, int], Dispatcher]
 
 
 class Block(nn.Module):
@@ -56,7 +57,7 @@ class Block(nn.Module):
         self,
         x_BTD: torch.Tensor,
         task_ids_BT: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: AttentionCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the new residual stream and the MoE aux loss (None for a dense FFN)."""
         x_BTD = x_BTD + self.residual_dropout(self.attn(self.attn_norm(x_BTD), cache))
@@ -87,8 +88,8 @@ class MoETransformer(nn.Module):
     """Decoder-only LM over `config.vocab_size` tokens (bytes by default).
 
     `routing` configures every MoE layer (required when the model has one);
-    `dispatcher_factory(num_experts)` builds each MoE layer's dispatcher (expert
-    parallelism); None keeps all experts local. `seed` makes construction deterministic.
+    `dispatcher_factory(block_index, num_experts)` builds each MoE layer's dispatcher
+    (expert parallelism, task subsets); None keeps all experts local. `seed` makes construction deterministic.
 
     Causality: with dropless routing every position sees only its past. Capacity-limited
     routing (fixed, priority) is not strictly causal: which slots a token keeps depends on
@@ -148,7 +149,7 @@ class MoETransformer(nn.Module):
                 self.routing,
                 activation=config.activation,
                 residual_mlp=config.residual_mlp,
-                dispatcher=dispatcher_factory(num_experts) if dispatcher_factory else None,
+                dispatcher=(dispatcher_factory(index, num_experts) if dispatcher_factory else None),
             )
         return Block(config, ffn)
 
@@ -194,32 +195,36 @@ class MoETransformer(nn.Module):
     def forward(
         self,
         tokens_BT: torch.Tensor,
-        task_ids_B: torch.Tensor | None = None,
-        caches: list[KVCache] | None = None,
+        task_ids: torch.Tensor | None = None,
+        caches: list[AttentionCache] | None = None,
     ) -> ModelOutput:
-        """tokens_BT (int64 in [0, V)) -> ModelOutput. `task_ids_B` (one task per
-        sequence) is broadcast to every token of its sequence for the MoE routers."""
+        """tokens_BT (int64 in [0, V)) -> ModelOutput. `task_ids` is [B] (one task per
+        sequence, broadcast to its tokens) or [B, T] (one per token: the inference
+        engine packs several sequences into one row). With `caches` (one per block) the
+        tokens continue what the caches hold, at the positions the caches give."""
         if tokens_BT.dim() != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens have shape {tuple(tokens_BT.shape)} and dtype {tokens_BT.dtype}; "
                 "expected an integer tensor [batch, seq_len]"
             )
         B, T = tokens_BT.shape
-        start = caches[0].length if caches else 0
-        if start + T > self.config.max_seq_len:
+        if caches is None and tokens_BT.shape[1] > self.config.max_seq_len:
             raise ValueError(
-                f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}"
+                f"sequence of {T} positions exceeds max_seq_len={self.config.max_seq_len}"
             )
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"got {len(caches)} KV caches for {len(self.blocks)} blocks")
         task_ids_BT = None
-        if task_ids_B is not None:
-            if task_ids_B.shape != (B,):
+        if task_ids is not None:
+            if task_ids.shape == (B,):
+                task_ids_BT = task_ids[:, None].expand(B, T)
+            elif task_ids.shape == (B, T):
+                task_ids_BT = task_ids
+            else:
                 raise ValueError(
-                    f"task_ids have shape {tuple(task_ids_B.shape)}; expected [{B}] "
-                    "(one task id per sequence)"
+                    f"task_ids have shape {tuple(task_ids.shape)}; expected [{B}] (one task "
+                    f"id per sequence) or [{B}, {T}] (one per token)"
                 )
-            task_ids_BT = task_ids_B[:, None].expand(B, T)
         x_BTD = self.embed(tokens_BT)
         aux_loss = x_BTD.new_zeros(())
         for index, block in enumerate(self.blocks):
@@ -262,64 +267,3 @@ def bits_per_byte(ce_nats: float) -> float:
     """Bits per byte of a byte-level model from its mean cross entropy in nats per token
     (one token = one byte, so bpb = ce / ln 2)."""
     return ce_nats / math.log(2)
-
-
-@torch.no_grad()
-def generate(
-    model: MoETransformer,
-    prompt_bytes: bytes,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    task_id: int | None = None,
-    seed: int = 0,
-) -> bytes:
-    """Sample `max_new_tokens` bytes after `prompt_bytes`; returns only the new bytes.
-
-    Prefill once, then decode one token at a time with a KV cache. When the context
-    reaches `max_seq_len`, the last half window is prefilled again into a fresh cache
-    (positions restart at 0, as in training). `temperature=0` is greedy; `top_k` keeps
-    the k most likely bytes. Runs in eval mode and restores the previous mode.
-    """
-    vocab_size, max_len = model.config.vocab_size, model.config.max_seq_len
-    if vocab_size != 256:
-        raise ValueError(f"generate needs a byte-level model (vocab_size=256), got {vocab_size}")
-    if not prompt_bytes:
-        raise ValueError("prompt_bytes is empty; give at least one byte")
-    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}: "
-            "accepted are max_new_tokens >= 0, temperature >= 0, top_k None or >= 1"
-        )
-    device = model.embed.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    task_ids_B = None if task_id is None else torch.tensor([task_id], device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        context = list(prompt_bytes)[-max_len:]
-        caches = model.init_caches(1)
-        step_tokens = list(context)
-        new_tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            tokens_BT = torch.tensor([step_tokens], device=device)
-            logits_V = model(tokens_BT, task_ids_B, caches).logits_BTV[0, -1].float()
-            if temperature == 0:
-                token = int(logits_V.argmax())
-            else:
-                logits_V = logits_V / temperature
-                if top_k is not None and top_k < vocab_size:
-                    kth = torch.topk(logits_V, top_k).values[-1]
-                    logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-                probs_V = torch.softmax(logits_V, dim=-1)
-                token = int(torch.multinomial(probs_V, 1, generator=generator))
-            new_tokens.append(token)
-            context.append(token)
-            step_tokens = [token]
-            if caches[0].length >= max_len:
-                context = context[-max(1, max_len // 2) :]
-                caches = model.init_caches(1)
-                step_tokens = list(context)
-    finally:
-        model.train(was_training)
-    return bytes(new_tokens)

@@ -3,11 +3,19 @@
 from routing.capacity import apply_capacity, expert_capacity, keep_within_capacity, priority_order
 from routing.config import CapacityKind, PriorityKind, RouterKind, RoutingConfig
 from routing.plan import RoutingPlan, RoutingStats
-from routing.routers import SigmaRouter, TaskRouter, TopKRouter, build_router, validate_tokens
+from routing.routers import (
+    Router,
+    SigmaRouter,
+    TaskRouter,
+    TopKRouter,
+    build_router,
+    validate_tokens,
+)
 
 __all__ = [
     "CapacityKind",
     "PriorityKind",
+    "Router",
     "RouterKind",
     "RoutingConfig",
     "RoutingPlan",

@@ -8,10 +8,17 @@
 - `TaskRouter`: task-level MoE (Kudugunta et al. 2021): a learned logit table indexed by
   the task id, so all tokens of a task go to the same K experts.
 
+Every router can be restricted to a subset of its experts (`Router.restrict`, used by
+task expert subsets at inference): the other experts' logits are masked to -inf before
+the selection, so the softmax renormalises over the allowed ones and top-k never picks a
+missing expert. Expert ids in the plan stay global.
+
 Shapes: T tokens, D model width, E experts, K experts per token.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +52,51 @@ def _router_dtype(x_TD: Tensor) -> torch.dtype:
     return torch.promote_types(x_TD.dtype, torch.float32)
 
 
+class Router(nn.Module):
+    """What every router shares: its expert count, config, and an optional restriction
+    to a subset of experts (`allowed_E`, a bool buffer; None = all)."""
+
+    allowed_E: Tensor | None
+
+    def __init__(self, d_model: int, num_experts: int, config: RoutingConfig) -> None:
+        super().__init__()
+        config.validate_for(num_experts)
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.config = config
+        self.register_buffer("allowed_E", None, persistent=False)
+
+    def restrict(self, expert_ids: list[int] | None) -> None:
+        """Route only to `expert_ids` from now on (None lifts the restriction)."""
+        if expert_ids is None:
+            self.allowed_E = None
+            return
+        ids = sorted(set(expert_ids))
+        if len(ids) < self.config.top_k or ids[0] < 0 or ids[-1] >= self.num_experts:
+            raise ValueError(
+                f"expert_ids={list(expert_ids)} cannot restrict a top-{self.config.top_k} router "
+                f"over {self.num_experts} experts; accepted: at least top_k distinct ids in "
+                f"[0, {self.num_experts - 1}]"
+            )
+        allowed_E = torch.zeros(self.num_experts, dtype=torch.bool)
+        allowed_E[ids] = True
+        self.allowed_E = allowed_E
+
+    def mask(self, logits_TE: Tensor) -> Tensor:
+        """Logits with the experts outside the restriction at -inf."""
+        if self.allowed_E is None:
+            return logits_TE
+        return logits_TE.masked_fill(~self.allowed_E.to(logits_TE.device), float("-inf"))
+
+    def expert_down_std(self, d_hidden: int) -> float | None:
+        """The std the experts' down-projection should start with under this router
+        (None: the experts' own default)."""
+        return None
+
+
 def softmax_topk_plan(logits_TE: Tensor, config: RoutingConfig) -> RoutingPlan:
-    """Softmax top-k selection with balance and z losses; every slot kept."""
+    """Softmax top-k selection with balance and z losses; every slot kept. Logits at
+    -inf (a restricted router) get probability 0 and are never selected."""
     num_experts = logits_TE.shape[1]
     probs_TE = torch.softmax(logits_TE, dim=-1)
     scores_TK, expert_ids_TK = torch.topk(probs_TE, config.top_k, dim=-1)
@@ -89,15 +139,11 @@ def _kept_plan(
     )
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """Softmax top-k router (Shazeer 2017; GShard; Switch)."""
 
     def __init__(self, d_model: int, num_experts: int, config: RoutingConfig) -> None:
-        super().__init__()
-        config.validate_for(num_experts)
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.config = config
+        super().__init__(d_model, num_experts, config)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 
     def forward(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
@@ -108,23 +154,20 @@ class TopKRouter(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         dtype = _router_dtype(x_TD)
         logits_TE = nn.functional.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
-        return softmax_topk_plan(logits_TE, self.config)
+        return softmax_topk_plan(self.mask(logits_TE), self.config)
 
 
-class SigmaRouter(nn.Module):
+class SigmaRouter(Router):
     """Sigma-MoE router: s = sigmoid(x W_r); top-k by s; weight = s (no renormalisation).
 
     Expert dropout follows the authors' reference layer: in training each (token, expert)
     gate is removed from selection with probability `expert_dropout` before the top-k,
-    but a chosen expert is weighted by its undropped gate.
+    but a chosen expert is weighted by its undropped gate. A restriction removes experts
+    from selection the same way (gates are per expert: nothing to renormalise).
     """
 
     def __init__(self, d_model: int, num_experts: int, config: RoutingConfig) -> None:
-        super().__init__()
-        config.validate_for(num_experts)
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.config = config
+        super().__init__(d_model, num_experts, config)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.reset_parameters()
 
@@ -137,12 +180,16 @@ class SigmaRouter(nn.Module):
             weight.div_(weight.norm(dim=1, keepdim=True))
             weight.mul_(std / weight.std())
 
+    def expert_down_std(self, d_hidden: int) -> float:
+        """sigma-MoE: the down-projection as a dense FFN of width E*H, std (E*H)^-1/2."""
+        return 1.0 / math.sqrt(self.num_experts * d_hidden)
+
     def forward(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
         validate_tokens(x_TD, self.d_model, self.config.check_finite)
         dtype = _router_dtype(x_TD)
         logits_TE = nn.functional.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
         gates_TE = torch.sigmoid(logits_TE)
-        selection_TE = gates_TE.detach()
+        selection_TE = self.mask(gates_TE.detach())
         if self.training and self.config.expert_dropout > 0:
             dropped = torch.rand_like(selection_TE) < self.config.expert_dropout
             selection_TE = selection_TE.masked_fill(dropped, float("-inf"))
@@ -161,7 +208,7 @@ class SigmaRouter(nn.Module):
         )
 
 
-class TaskRouter(nn.Module):
+class TaskRouter(Router):
     """Task-level router: logits_E = table[task_id]; softmax top-k as `TopKRouter`.
 
     The table is an embedding of the task id projected to E logits (one learned
@@ -169,11 +216,7 @@ class TaskRouter(nn.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, config: RoutingConfig) -> None:
-        super().__init__()
-        config.validate_for(num_experts)
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.config = config
+        super().__init__(d_model, num_experts, config)
         self.task_logits = nn.Embedding(config.num_tasks, num_experts)
         nn.init.normal_(self.task_logits.weight, std=1.0)
 
@@ -195,17 +238,22 @@ class TaskRouter(nn.Module):
             )
         dtype = _router_dtype(x_TD)
         logits_TE = self.task_logits(task_ids_T).to(dtype)
-        return softmax_topk_plan(logits_TE, self.config)
+        return softmax_topk_plan(self.mask(logits_TE), self.config)
 
     def experts_for_task(self, task_id: int) -> list[int]:
         """The K experts every token of `task_id` is sent to (sorted)."""
-        logits_E = self.task_logits.weight[task_id]
+        if not 0 <= task_id < self.config.num_tasks:
+            raise ValueError(
+                f"task id {task_id} is outside [0, {self.config.num_tasks - 1}] "
+                f"(routing.num_tasks={self.config.num_tasks})"
+            )
+        logits_E = self.mask(self.task_logits.weight[task_id])
         return sorted(torch.topk(logits_E, self.config.top_k).indices.tolist())
 
 
-def build_router(d_model: int, num_experts: int, config: RoutingConfig) -> nn.Module:
+def build_router(d_model: int, num_experts: int, config: RoutingConfig) -> Router:
     """The router the config names."""
-    kinds: dict[RouterKind, type[nn.Module]] = {
+    kinds: dict[RouterKind, type[Router]] = {
         RouterKind.TOPK: TopKRouter,
         RouterKind.SIGMA: SigmaRouter,
         RouterKind.TASK: TaskRouter,

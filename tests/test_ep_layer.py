@@ -47,7 +47,7 @@ def _reference_layer(capacity: str, residual: bool) -> MoELayer:
 
 
 def _copy_weights(ep_layer: MoELayer, ref: MoELayer) -> None:
-    offset, local = ep_layer.experts.expert_offset, ep_layer.experts.num_experts
+    offset, local = ep_layer.experts.expert_ids[0], ep_layer.experts.num_experts
     with torch.no_grad():
         for name, param in ep_layer.named_parameters():
             source = ref.get_parameter(name)
@@ -106,7 +106,7 @@ def _check_case(
     torch.testing.assert_close(loss, ref_losses[rank].detach(), **tol)
     assert x.grad is not None and ref_x.grad is not None
     torch.testing.assert_close(x.grad / world_size, ref_x.grad[shard], **tol)
-    offset, local = ep_layer.experts.expert_offset, ep_layer.experts.num_experts
+    offset, local = ep_layer.experts.expert_ids[0], ep_layer.experts.num_experts
     for name, grad in _grads(ep_layer).items():
         want = ref_grads[name]
         if name.startswith("experts."):

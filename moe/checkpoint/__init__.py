@@ -4,7 +4,7 @@ A checkpoint is a directory. Layout of `<directory>/step_N/`:
     meta.json                  format, step, config, extra (JSON part), layout, sha256 per file
     dense.safetensors          every non-expert tensor of the model (written by rank 0)
     experts/layer_I_expert_E.safetensors
-                               expert E (global id) of the I-th `GroupedExperts` module (in
+                               expert E (global id) of the I-th expert stack (`moe.experts.Experts`) (in
                                `named_modules` order): each of its stacked tensors sliced to
                                [1, ...] under the module's own name (`w1_EDH`, ...)
     optimizer/rank_R.json, optimizer/rank_R.safetensors
@@ -17,9 +17,10 @@ meta.json (the union of the ranks' manifests), renames the directory to `step_N`
 replaces `latest` (write + os.replace). A crash at any point leaves the previous `latest`
 and no `step_N` that looks whole.
 
-Resharding: a model loads, for each `GroupedExperts`, the files of exactly the experts it
-holds (`expert_offset` .. `expert_offset + num_experts - 1`), so a checkpoint written at
-EP=4 loads at EP=2 or EP=1. Optimizer state restores only when the layout of ranks
+Resharding: a model loads, for each expert stack, the files of exactly the experts it
+holds (its `expert_ids`), so a checkpoint written at EP=4 loads at EP=2 or EP=1, and a
+task subset checkpoint (meta.json's `moe_layers[i].expert_ids` lists the global ids it
+holds; `quantization` says how they are stored) loads without the full one. Optimizer state restores only when the layout of ranks
 matches (same world size, same experts per rank); otherwise load the weights alone.
 
 Distributed saves take the process group explicitly (`group=`); the phases
@@ -35,7 +36,6 @@ from moe.checkpoint.files import (
     decode_state,
     encode_state,
     expert_file,
-    expert_modules,
     read_meta,
     verify_checkpoint,
 )
@@ -47,6 +47,7 @@ from moe.checkpoint.save import (
     save_checkpoint,
     write_checkpoint_shard,
 )
+from moe.experts import expert_modules
 
 __all__ = [
     "FORMAT",

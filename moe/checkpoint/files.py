@@ -14,12 +14,11 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from torch import nn
-
-from moe.experts import GroupedExperts
 
 FORMAT = "moe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 recorded each rank's experts as (offset, count) and had no per-layer
+# `expert_ids` / `quantization`; `read_meta` upgrades it in memory.
 META_FILE = "meta.json"
 DENSE_FILE = "dense.safetensors"
 EXTRA_FILE = "extra.safetensors"
@@ -30,11 +29,6 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 def expert_file(layer: int, expert: int) -> str:
     """Path (relative to a step directory) of global expert `expert` of MoE layer `layer`."""
     return f"experts/layer_{layer:03d}_expert_{expert:04d}.safetensors"
-
-
-def expert_modules(model: nn.Module) -> list[tuple[str, GroupedExperts]]:
-    """(qualified name, module) of every `GroupedExperts` in `model`, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, GroupedExperts)]
 
 
 # --- nested state (optimizer, extra) as JSON + safetensors; never pickle -----------------
@@ -142,10 +136,20 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint file {path} is corrupt: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} meta file (format={FORMAT!r} expected)")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in (1, FORMAT_VERSION):
         raise ValueError(
-            f"{path} has version {meta.get('version')}; this code reads {FORMAT_VERSION}"
+            f"{path} has version {meta.get('version')}; this code reads 1 and {FORMAT_VERSION}"
         )
+    if meta["version"] == 1:
+        for entry in meta["ranks"]:
+            entry["experts"] = {
+                name: list(range(offset, offset + count))
+                for name, (offset, count) in entry["experts"].items()
+            }
+        meta["version"] = FORMAT_VERSION
+    for layer in meta["moe_layers"]:
+        layer.setdefault("expert_ids", list(range(layer["num_experts"])))
+        layer.setdefault("quantization", "none")
     return meta
 
 

@@ -1,8 +1,9 @@
 """Reading a checkpoint into a model at any expert-parallel size.
 
-For each `GroupedExperts` the loader reads the files of exactly the experts the module
-holds, so resharding (saved at EP=4, loaded at EP=2 or 1) is a choice of files. Every
-file read is checked against its sha256 in meta.json.
+For each expert stack (`moe.experts.Experts`) the loader reads the files of exactly the
+experts the module holds, by global id, so resharding (saved at EP=4, loaded at EP=2 or
+1) and loading a task subset are a choice of files. Every file read is checked against
+its sha256 in meta.json.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from moe.checkpoint.files import (
     STEP_DIR,
     decode_state,
     expert_file,
-    expert_modules,
     load_tensors,
     read_meta,
     read_verified,
 )
-from moe.experts import GroupedExperts
+from moe.experts import Experts, expert_modules
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def resolve_latest(directory: str | Path) -> Path | None:
 
 
 def _expert_state(
-    checkpoint: Path, meta: dict[str, Any], name: str, module: GroupedExperts
+    checkpoint: Path, meta: dict[str, Any], name: str, module: Experts
 ) -> dict[str, torch.Tensor]:
     layers = {layer["module"]: layer for layer in meta["moe_layers"]}
     if name not in layers:
@@ -68,14 +68,21 @@ def _expert_state(
             f"checkpoint {checkpoint} has no MoE layer {name!r}; it has {list(layers)}"
         )
     layer = layers[name]
-    if module.expert_offset + module.num_experts > layer["num_experts"]:
+    missing = sorted(set(module.expert_ids) - set(layer["expert_ids"]))
+    if missing:
         raise ValueError(
-            f"{name} holds experts {module.expert_offset}..{module.expert_offset + module.num_experts - 1}"
-            f" but checkpoint {checkpoint} has {layer['num_experts']} experts in that layer"
+            f"{name} holds experts {list(module.expert_ids)} but checkpoint {checkpoint} has "
+            f"only {layer['expert_ids']} of {layer['num_experts']} in that layer (missing "
+            f"{missing})"
+        )
+    if layer["quantization"] != module.quantization:
+        raise ValueError(
+            f"checkpoint {checkpoint} stores {name} as quantization={layer['quantization']!r} "
+            f"but the model's experts are {module.quantization!r}; build the model to match"
         )
     parts = [
-        load_tensors(checkpoint, expert_file(layer["index"], module.expert_offset + local), meta)
-        for local in range(module.num_experts)
+        load_tensors(checkpoint, expert_file(layer["index"], global_id), meta)
+        for global_id in module.expert_ids
     ]
     return {f"{name}.{key}": torch.cat([part[key] for part in parts]) for key in parts[0]}
 
@@ -105,8 +112,8 @@ def load_checkpoint(
     rank: int = 0,
     world_size: int = 1,
 ) -> LoadedCheckpoint:
-    """Load a step directory into `model`: the dense weights and, for each
-    `GroupedExperts`, the experts it holds (any EP size). Every file read is checked
+    """Load a step directory into `model`: the dense weights and, for each expert stack,
+    the experts it holds (any EP size, or a subset by global id). Every file read is checked
     against its sha256. With `load_optimizer`, also rank `rank`'s optimizer state, which
     needs the layout it was saved with (same world size and experts per rank). On any
     error the model is left unchanged."""
@@ -125,7 +132,7 @@ def load_checkpoint(
     optimizer_state = None
     if load_optimizer:
         saved = {entry["rank"]: entry for entry in meta["ranks"]}
-        here = {name: [module.expert_offset, module.num_experts] for name, module in modules}
+        here = {name: list(module.expert_ids) for name, module in modules}
         layout_saved = {k: list(v) for k, v in saved.get(rank, {}).get("experts", {}).items()}
         if meta["world_size"] != world_size or layout_saved != here:
             raise ValueError(

@@ -30,24 +30,26 @@ from moe.checkpoint.files import (
     STEP_DIR,
     encode_state,
     expert_file,
-    expert_modules,
     fsync_dir,
     save_tensors,
     sha256_hex,
     write_bytes,
 )
+from moe.experts import expert_modules
 
 
 @dataclass(frozen=True)
 class ShardManifest:
-    """What one rank wrote: its experts per module (name -> (expert_offset, count)), in
-    module order, and the sha256 of every file it wrote (path relative to the step dir)."""
+    """What one rank wrote: its experts per module (name -> ascending global ids), in
+    module order, their storage (name -> "none" | "int8"), and the sha256 of every file
+    it wrote (path relative to the step dir)."""
 
     rank: int
-    experts: dict[str, tuple[int, int]]
+    experts: dict[str, list[int]]
     files: dict[str, str]
     has_optimizer: bool
     dense_aliases: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, str] = field(default_factory=dict)
 
 
 # --- saving --------------------------------------------------------------------------
@@ -101,19 +103,22 @@ def write_checkpoint_shard(
             seen[identity] = key
             dense[key] = tensor.detach().to("cpu").contiguous().clone()
         files[DENSE_FILE] = save_tensors(temp, DENSE_FILE, dense)
-    experts: dict[str, tuple[int, int]] = {}
+    experts: dict[str, list[int]] = {}
+    quantization: dict[str, str] = {}
     for layer, (name, module) in enumerate(modules):
-        experts[name] = (module.expert_offset, module.num_experts)
-        state = module.state_dict()
-        for key, tensor in state.items():
+        experts[name] = list(module.expert_ids)
+        quantization[name] = module.quantization
+        for key, tensor in module.state_dict().items():
             if tensor.dim() == 0 or tensor.shape[0] != module.num_experts:
                 raise ValueError(
                     f"{name}.{key} has shape {tuple(tensor.shape)}; accepted: stacked over the "
                     f"module's {module.num_experts} local experts (leading dimension)"
                 )
-        for local in range(module.num_experts):
-            expert = {k: t[local : local + 1].detach().to("cpu").clone() for k, t in state.items()}
-            relative = expert_file(layer, module.expert_offset + local)
+        for local, global_id in enumerate(module.expert_ids):
+            expert = {
+                k: t.detach().to("cpu").clone() for k, t in module.expert_state(local).items()
+            }
+            relative = expert_file(layer, global_id)
             files[relative] = save_tensors(temp, relative, expert)
     if optimizer_state is not None:
         tensors: dict[str, torch.Tensor] = {}
@@ -123,12 +128,17 @@ def write_checkpoint_shard(
         data = json.dumps(encoded).encode()
         write_bytes(temp / f"{stem}.json", data)
         files[f"{stem}.json"] = sha256_hex(data)
-    return ShardManifest(rank, experts, files, optimizer_state is not None, aliases)
+    return ShardManifest(rank, experts, files, optimizer_state is not None, aliases, quantization)
 
 
-def _merge_layout(manifests: list[ShardManifest]) -> list[dict[str, Any]]:
-    """The MoE layers (module, global expert count), checking that the ranks' experts tile
-    0..E-1 (replicas on data-parallel ranks hold identical ranges)."""
+def _merge_layout(
+    manifests: list[ShardManifest], layer_num_experts: dict[str, int] | None
+) -> list[dict[str, Any]]:
+    """The MoE layers (module, global expert count, the global ids held, storage).
+
+    Without `layer_num_experts` the ranks' experts must tile 0..E-1 (replicas on
+    data-parallel ranks hold identical ranges): a whole model. With it (module name ->
+    global E), the ranks may hold any subset of 0..E-1: a task subset checkpoint."""
     names = list(manifests[0].experts)
     layers = []
     for manifest in manifests:
@@ -138,13 +148,23 @@ def _merge_layout(manifests: list[ShardManifest]) -> list[dict[str, Any]]:
                 f"{manifests[0].rank} has {names}; accepted: the same model on every rank"
             )
     for index, name in enumerate(names):
-        ranges = sorted({manifest.experts[name] for manifest in manifests})
-        covered = 0
-        for offset, count in ranges:
-            if offset != covered:
-                raise ValueError(f"{name}: the ranks' experts {ranges} do not tile 0..E-1")
-            covered += count
-        layers.append({"index": index, "module": name, "num_experts": covered})
+        held = sorted({tuple(manifest.experts[name]) for manifest in manifests})
+        expert_ids = sorted({i for ids in held for i in ids})
+        if layer_num_experts is None:
+            num_experts = sum(len(ids) for ids in held)
+            if expert_ids != list(range(num_experts)):
+                raise ValueError(f"{name}: the ranks' experts {held} do not tile 0..E-1")
+        else:
+            num_experts = layer_num_experts[name]
+            if not expert_ids or expert_ids[-1] >= num_experts:
+                raise ValueError(
+                    f"{name}: experts {expert_ids} are not a subset of 0..{num_experts - 1}"
+                )
+        layers.append({
+            "index": index, "module": name, "num_experts": num_experts,
+            "expert_ids": expert_ids,
+            "quantization": manifests[0].quantization.get(name, "none"),
+        })  # fmt: skip
     return layers
 
 
@@ -156,9 +176,12 @@ def finalize_checkpoint(
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    layer_num_experts: dict[str, int] | None = None,
 ) -> Path:
     """Rank 0, after every rank wrote its shard: write meta.json, rename the temporary
-    directory to `step_N`, point `latest` at it, prune to `keep_last` step directories."""
+    directory to `step_N`, point `latest` at it, prune to `keep_last` step directories.
+    `layer_num_experts` (module name -> global E) marks a subset checkpoint (see
+    `_merge_layout`)."""
     temp = Path(temp_dir)
     directory = temp.parent
     if keep_last is not None and keep_last < 1:
@@ -187,8 +210,8 @@ def finalize_checkpoint(
         "config": config,
         "extra": encoded_extra,
         "world_size": len(manifests),
-        "ep_size": len({tuple(m.experts.values()) for m in manifests}),
-        "moe_layers": _merge_layout(manifests),
+        "ep_size": len({tuple(tuple(ids) for ids in m.experts.values()) for m in manifests}),
+        "moe_layers": _merge_layout(manifests, layer_num_experts),
         "dense_aliases": {k: v for m in manifests for k, v in m.dense_aliases.items()},
         "ranks": [
             {"rank": m.rank, "experts": m.experts, "optimizer": m.has_optimizer} for m in manifests
@@ -257,11 +280,13 @@ def save_checkpoint(
     *,
     group: dist.ProcessGroup | None = None,
     keep_last: int | None = None,
+    layer_num_experts: dict[str, int] | None = None,
 ) -> Path:
     """Save `model` (and this rank's `optimizer_state`) as `directory/step_{step}`.
 
     Single process: `group=None`. Distributed: every rank of `group` calls this with its
     own model shard; rank 0 writes the dense weights and meta.json. Returns the step dir.
+    `layer_num_experts`: see `finalize_checkpoint` (subset checkpoints).
     """
     directory = Path(directory)
     if keep_last is not None and keep_last < 1:
@@ -271,8 +296,9 @@ def save_checkpoint(
         try:
             manifest = write_checkpoint_shard(temp, model, optimizer_state, rank=0)
             return finalize_checkpoint(
-                temp, [manifest], step=step, config=config, extra=extra, keep_last=keep_last
-            )
+                temp, [manifest], step=step, config=config, extra=extra,
+                keep_last=keep_last, layer_num_experts=layer_num_experts,
+            )  # fmt: skip
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
@@ -283,16 +309,14 @@ def save_checkpoint(
         manifests = _in_step(
             lambda: write_checkpoint_shard(temp, model, optimizer_state, rank=rank), group
         )
-        paths = _in_step(
-            (
-                lambda: finalize_checkpoint(
-                    temp, manifests, step=step, config=config, extra=extra, keep_last=keep_last
-                )
-            )
-            if rank == 0
-            else None,
-            group,
-        )
+
+        def finalize() -> Path:
+            return finalize_checkpoint(
+                temp, manifests, step=step, config=config, extra=extra,
+                keep_last=keep_last, layer_num_experts=layer_num_experts,
+            )  # fmt: skip
+
+        paths = _in_step(finalize if rank == 0 else None, group)
     except BaseException:
         if rank == 0:
             shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,344 @@
+"""The inference engine: iteration-level batching over a slot KV cache (Orca, vLLM).
+
+    engine = InferenceEngine(model, max_batch=32)
+    rid = engine.submit(b"In the beginning", SamplingParams(max_tokens=50, temperature=0))
+    for completion in engine.run():  # or: while engine.has_work(): engine.step()
+        print(completion.request_id, completion.text)
+
+Scheduling happens per model call, not per request: at every `step()` each running
+sequence decodes one token, waiting requests are admitted into free slots and prefilled
+in the same call (within `max_step_tokens`), and a sequence that finishes (max tokens or
+a stop string) leaves and frees its slot for the next waiting request. A request never
+waits for the longest request of a batch. Each sequence samples with its own generator
+(`moe.inference.sampling`), so its output does not depend on its neighbours.
+
+Routing at inference is dropless by default: capacity-limited routing makes the slots
+a token keeps depend on the other tokens of the batch, so one request's output would
+change with its neighbours. The engine sets every MoE layer's capacity policy to
+dropless while it lives (`restore()` puts the trained one back); `routing="trained"`
+keeps the trained policy for those who want it.
+
+Context longer than `max_len` (the model's `max_seq_len`): a prompt keeps its last
+`max_len` bytes; a sequence whose slot fills up is re-prefilled with the last half
+window (positions restart at 0, as in training windows) and continues.
+
+Expert parallelism: under `torchrun` with EP dispatchers (`moe.inference.loading`),
+every EP rank runs its own engine over its own share of the requests, and the MoE
+layers exchange tokens in every call. `run(group=ep_group)` keeps the ranks in
+lockstep: a rank with no work still calls the model (with no tokens) until every rank
+is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from moe.inference.cache import Segment, SlotKVCache
+from moe.inference.sampling import SamplingParams, sample_tokens
+from moe.transformer import MoETransformer
+from routing import CapacityKind, RoutingConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request. Times are wall-clock seconds: `time_to_first_token_s` from
+    submission to the first sampled token; `per_token_latency_s` the mean time between
+    later tokens (0 with one token)."""
+
+    request_id: int
+    prompt_tokens: int
+    completion_tokens: int
+    text: bytes
+    finish_reason: str  # "stop" (a stop string) or "length" (max_tokens)
+    time_to_first_token_s: float
+    per_token_latency_s: float
+    total_time_s: float
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one step produced for one request: the bytes it may now show (held back
+    while they could still be the start of a stop string), and its completion if it
+    finished."""
+
+    request_id: int
+    new_text: bytes
+    completion: Completion | None
+
+
+@dataclass
+class _Sequence:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    task_id: int | None
+    generator: torch.Generator
+    submitted: float
+    context: list[int] = field(default_factory=list)  # what the slot must hold
+    generated: list[int] = field(default_factory=list)
+    slot: int = -1
+    pending: int = 0  # how many tokens of `context` the slot does not hold yet
+    first_token_at: float = 0.0
+    shown: int = 0  # bytes of `generated` already given out as new_text
+
+
+class InferenceEngine:
+    """Batched generation over `model` (see the module docstring).
+
+    `max_batch`: KV-cache slots, i.e. sequences running at once. `max_step_tokens`:
+    tokens one call may carry (prefills are admitted while they fit). `task_ids`: the
+    task ids requests may name (None: any, or none; a model whose router reads the task
+    requires one per request). `routing`: "dropless" (default) or "trained".
+    """
+
+    def __init__(
+        self,
+        model: MoETransformer,
+        *,
+        max_batch: int = 32,
+        max_step_tokens: int = 4096,
+        task_ids: Sequence[int] | None = None,
+        routing: str = "dropless",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} is invalid; accepted: >= 1")
+        if routing not in ("dropless", "trained"):
+            raise ValueError(f"routing={routing!r} is invalid; accepted: dropless, trained")
+        self.model = model
+        self.max_len = model.config.max_seq_len
+        if max_step_tokens < self.max_len:
+            raise ValueError(
+                f"max_step_tokens={max_step_tokens} is below max_seq_len={self.max_len}; a "
+                "full-length prompt must fit one step"
+            )
+        if model.config.vocab_size != 256:
+            raise ValueError(
+                f"the engine serves byte-level models (vocab_size=256), got "
+                f"{model.config.vocab_size}"
+            )
+        self.max_batch = max_batch
+        self.max_step_tokens = max_step_tokens
+        self.task_ids = None if task_ids is None else sorted(set(task_ids))
+        self.needs_task = model.routing is not None and model.routing.router.value == "task"
+        param = model.embed.weight
+        self.device = param.device
+        self.cache = SlotKVCache(
+            len(model.blocks), max_batch, model.config.n_kv_heads, self.max_len,
+            model.config.head_dim, param.device, param.dtype,
+        )  # fmt: skip
+        self._trained_routing: list[RoutingConfig] = [
+            layer.routing for _, layer in model.moe_layers()
+        ]
+        if routing == "dropless":
+            for _, layer in model.moe_layers():
+                layer.routing = dataclasses.replace(layer.routing, capacity=CapacityKind.DROPLESS)
+        self._was_training = model.training
+        model.eval()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._next_id = 0
+
+    # --- requests ----------------------------------------------------------------------
+
+    def submit(
+        self, prompt: bytes, params: SamplingParams | None = None, task_id: int | None = None
+    ) -> int:
+        """Queue a request; returns its id. The prompt keeps its last `max_len` bytes."""
+        params = params or SamplingParams()
+        if not isinstance(prompt, bytes | bytearray) or not prompt:
+            raise ValueError(f"prompt={prompt!r} is invalid; accepted: non-empty bytes")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params={params!r} is invalid; accepted: a SamplingParams")
+        if task_id is None and self.needs_task:
+            raise ValueError(
+                f"this model routes by task: give task_id, one of {self._accepted_tasks()}"
+            )
+        if task_id is not None and self.task_ids is not None and task_id not in self.task_ids:
+            raise ValueError(
+                f"task_id={task_id} is not a task of this model; accepted: {self._accepted_tasks()}"
+            )
+        request_id = self._next_id
+        self._next_id += 1
+        generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        tokens = list(bytes(prompt))[-self.max_len :]
+        self._waiting.append(
+            _Sequence(request_id, tokens, params, task_id, generator, time.perf_counter(),
+                      context=list(tokens), pending=len(tokens))
+        )  # fmt: skip
+        return request_id
+
+    def _accepted_tasks(self) -> str:
+        return "none known" if self.task_ids is None else str(self.task_ids)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # --- the iteration -----------------------------------------------------------------
+
+    def _admit(self) -> None:
+        budget = self.max_step_tokens - sum(s.pending for s in self._running)
+        while self._waiting and self._free_slots and self._waiting[0].pending <= budget:
+            sequence = self._waiting.popleft()
+            sequence.slot = self._free_slots.pop()
+            self.cache.reset(sequence.slot)
+            budget -= sequence.pending
+            self._running.append(sequence)
+
+    @torch.no_grad()
+    def step(self) -> list[StepEvent]:
+        """One model call: prefill the admitted, decode the running; returns what each
+        request produced. With nothing to do the call still runs with no tokens (EP
+        ranks must call their MoE layers together)."""
+        self._admit()
+        segments, tokens, tasks = [], [], []
+        for sequence in self._running:
+            start = len(sequence.context) - sequence.pending
+            segments.append(
+                Segment(sequence.slot, self.cache.lengths[sequence.slot], sequence.pending)
+            )
+            assert self.cache.lengths[sequence.slot] == start, "slot and context out of step"
+            tokens.extend(sequence.context[start:])
+            tasks.extend(
+                [sequence.task_id if sequence.task_id is not None else 0] * sequence.pending
+            )
+        tokens_1T = torch.tensor([tokens], dtype=torch.int64, device=self.device)
+        task_ids_1T = None
+        if self.needs_task or any(s.task_id is not None for s in self._running):
+            task_ids_1T = torch.tensor([tasks], dtype=torch.int64, device=self.device)
+        caches = self.cache.step(segments)
+        logits_1TV = self.model(tokens_1T, task_ids_1T, caches).logits_BTV
+        self.cache.commit(segments)
+        if not self._running:
+            return []
+        ends, offset = [], 0
+        for segment in segments:
+            offset += segment.count
+            ends.append(offset - 1)
+        last_BV = logits_1TV[0, ends]
+        next_tokens = sample_tokens(
+            last_BV, [s.params for s in self._running], [s.generator for s in self._running]
+        )
+        return self._advance(next_tokens)
+
+    def _advance(self, next_tokens: list[int]) -> list[StepEvent]:
+        now = time.perf_counter()
+        events, still_running = [], []
+        for sequence, token in zip(self._running, next_tokens):
+            if not sequence.generated:
+                sequence.first_token_at = now
+            sequence.generated.append(token)
+            sequence.context.append(token)
+            sequence.pending = 1
+            reason = self._finish_reason(sequence)
+            if reason is not None:
+                events.append(self._finish(sequence, reason, now))
+                continue
+            if self.cache.lengths[sequence.slot] + 1 > self.max_len:
+                # The slot is full: re-prefill the last half window from position 0.
+                sequence.context = sequence.context[-max(1, self.max_len // 2) :]
+                sequence.pending = len(sequence.context)
+                self.cache.reset(sequence.slot)
+            visible = self._visible(sequence)
+            events.append(
+                StepEvent(
+                    sequence.request_id, bytes(sequence.generated[sequence.shown : visible]), None
+                )
+            )
+            sequence.shown = visible
+            still_running.append(sequence)
+        self._running = still_running
+        return events
+
+    def _finish_reason(self, sequence: _Sequence) -> str | None:
+        text = bytes(sequence.generated)
+        for stop in sequence.params.stop:
+            # Only a stop string that ends in the newest token can be new.
+            if text.find(stop, max(0, len(text) - len(stop))) != -1:
+                return "stop"
+        if len(sequence.generated) >= sequence.params.max_tokens:
+            return "length"
+        return None
+
+    def _visible(self, sequence: _Sequence) -> int:
+        """Bytes of the completion that can be shown: all but a tail that may still
+        become a stop string."""
+        text = bytes(sequence.generated)
+        hold = 0
+        for stop in sequence.params.stop:
+            for size in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    hold = max(hold, size)
+                    break
+        return len(text) - hold
+
+    def _finish(self, sequence: _Sequence, reason: str, now: float) -> StepEvent:
+        text = bytes(sequence.generated)
+        if reason == "stop":
+            text = text[: min(i for s in sequence.params.stop if (i := text.find(s)) != -1)]
+        later = len(sequence.generated) - 1
+        completion = Completion(
+            request_id=sequence.request_id,
+            prompt_tokens=len(sequence.prompt),
+            completion_tokens=len(sequence.generated),
+            text=text,
+            finish_reason=reason,
+            time_to_first_token_s=sequence.first_token_at - sequence.submitted,
+            per_token_latency_s=(now - sequence.first_token_at) / later if later else 0.0,
+            total_time_s=now - sequence.submitted,
+        )
+        self._free_slots.append(sequence.slot)
+        self.cache.reset(sequence.slot)
+        return StepEvent(sequence.request_id, text[sequence.shown :], completion)
+
+    # --- driving -----------------------------------------------------------------------
+
+    def run(self, group: dist.ProcessGroup | None = None) -> Iterator[Completion]:
+        """Step until every request is done, yielding completions as they finish. With
+        `group` (the EP group), step until every rank of it is done."""
+        while True:
+            if group is not None:
+                flag = torch.tensor([1.0 if self.has_work() else 0.0], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+                if flag.item() == 0:
+                    return
+            elif not self.has_work():
+                return
+            for event in self.step():
+                if event.completion is not None:
+                    yield event.completion
+
+    def restore(self) -> None:
+        """Give the model back as it came: trained capacity policies, training mode."""
+        for (_, layer), routing in zip(self.model.moe_layers(), self._trained_routing):
+            layer.routing = routing
+        self.model.train(self._was_training)
+
+
+def generate(
+    model: MoETransformer,
+    prompt: bytes,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    task_id: int | None = None,
+    seed: int = 0,
+) -> bytes:
+    """Sample `max_new_tokens` bytes after `prompt` (one request; dropless routing);
+    returns only the new bytes. Leaves the model's mode and routing as they were."""
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed)
+    engine = InferenceEngine(model, max_batch=1)
+    try:
+        engine.submit(prompt, params, task_id)
+        (completion,) = list(engine.run())
+    finally:
+        engine.restore()
+    return completion.text

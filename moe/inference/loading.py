@@ -1,0 +1,145 @@
+"""Build a model for inference from a checkpoint: full, expert-parallel, a task subset,
+or int8.
+
+The model's shape and routing come from the checkpoint's own `meta.json` (the run
+config it was saved with), never from the user. A subset checkpoint (its meta lists,
+per MoE layer, the global ids of the experts it holds) builds each MoE layer with only
+those experts (a `LocalDispatcher` over the ids) and restricts the layer's router to
+them. A checkpoint stored int8 builds int8 experts; `quantize="int8"` quantizes a float
+checkpoint's experts after loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe.checkpoint import load_checkpoint, read_meta, resolve_latest
+from moe.config import ModelConfig
+from moe.parallel import Dispatcher, LocalDispatcher
+from moe.transformer import DispatcherFactory, MoETransformer
+from routing import RoutingConfig
+
+QUANTIZATIONS = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for the engine, and what its checkpoint says about it.
+
+    `subset`: the subset description a subset checkpoint carries (task, routing,
+    coverage, expert ids per layer), None for a whole model. `task_ids`: the task ids
+    requests may name (None: the model does not restrict them)."""
+
+    model: MoETransformer
+    checkpoint: Path
+    step: int
+    run_config: dict[str, Any]
+    subset: dict[str, Any] | None
+    task_ids: list[int] | None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory from a step directory, a run's `checkpoints/` directory or a
+    run directory (their latest step)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for directory in (path, path / "checkpoints"):
+        if (directory / "latest").is_file():
+            latest = resolve_latest(directory)
+            assert latest is not None
+            return latest
+    raise ValueError(
+        f"checkpoint={str(path)!r} is not a checkpoint; accepted: a step directory (with "
+        "meta.json), a checkpoints/ directory or a run directory (with checkpoints/latest)"
+    )
+
+
+def configs_of(meta: dict[str, Any]) -> tuple[ModelConfig, RoutingConfig | None]:
+    """The model and routing configs a checkpoint was saved with."""
+    config = meta.get("config", {})
+    if "model" not in config:
+        raise ValueError(
+            "the checkpoint's meta.json has no config.model; accepted: checkpoints written by "
+            "launch.train, launch.subset or launch.distill"
+        )
+    model_config = ModelConfig(**config["model"])
+    routing = RoutingConfig(**config["routing"]) if config.get("routing") else None
+    if not model_config.moe_layer_indices():
+        routing = None
+    return model_config, routing
+
+
+def subset_ids(meta: dict[str, Any]) -> dict[str, list[int]] | None:
+    """Module name -> global expert ids, when the checkpoint holds a subset."""
+    held = {layer["module"]: list(layer["expert_ids"]) for layer in meta["moe_layers"]}
+    whole = all(
+        ids == list(range(layer["num_experts"]))
+        for ids, layer in zip(held.values(), meta["moe_layers"])
+    )
+    return None if whole else held
+
+
+def load_model(
+    checkpoint: str | Path,
+    *,
+    quantize: str = "none",
+    dispatcher_factory: DispatcherFactory | None = None,
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
+    """Build the checkpoint's model (dispatchers from `dispatcher_factory` for expert
+    parallelism; a subset's own dispatchers otherwise), load it, and quantize its experts
+    when asked or when the checkpoint stores them int8. Eval mode."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r} is invalid; accepted: {', '.join(QUANTIZATIONS)}")
+    directory = resolve_checkpoint(checkpoint)
+    meta = read_meta(directory)
+    model_config, routing = configs_of(meta)
+    held = subset_ids(meta)
+    factory = dispatcher_factory
+    if held is not None:
+        if dispatcher_factory is not None:
+            raise ValueError(
+                f"checkpoint {directory} is a task subset; it runs in one process (no expert "
+                "parallelism): launch it without torchrun"
+            )
+        factory = _subset_factory(held)
+    seed = int(meta["config"].get("train", {}).get("seed", 0))
+    model = MoETransformer(model_config, routing, factory, seed=seed)
+    if held is not None:
+        for block, layer in model.moe_layers():
+            layer.router.restrict(held[f"blocks.{block}.ffn.experts"])
+    stored = {layer["quantization"] for layer in meta["moe_layers"]}
+    if stored - {"none"}:
+        _quantize(model)
+    loaded = load_checkpoint(directory, model)
+    if quantize == "int8" and stored == {"none"}:
+        _quantize(model)
+    model.to(device).eval()
+    subset = loaded.extra.get("subset")
+    task_ids: list[int] | None = None
+    if subset is not None and subset.get("task") is not None:
+        task_ids = [int(subset["task"])]
+    elif routing is not None and routing.router.value == "task":
+        task_ids = list(range(routing.num_tasks))
+    return LoadedModel(model, directory, loaded.step, meta["config"], subset, task_ids)
+
+
+def _subset_factory(held: dict[str, list[int]]) -> DispatcherFactory:
+    def factory(block: int, num_experts: int) -> Dispatcher:
+        name = f"blocks.{block}.ffn.experts"
+        if name not in held:
+            raise ValueError(f"the subset checkpoint lists no experts for MoE layer {name}")
+        return LocalDispatcher(num_experts, held[name])
+
+    return factory
+
+
+def _quantize(model: MoETransformer) -> None:
+    from moe.inference.quant import quantize_experts
+
+    quantize_experts(model)

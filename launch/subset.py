@@ -1,0 +1,115 @@
+"""`python -m launch.subset checkpoint=P task=T out=Q [overrides]`: write a task subset.
+
+    python -m launch.subset checkpoint=runs/demo task=law out=runs/subset_law
+    python -m launch.subset checkpoint=runs/demo task=3 out=runs/subset_3 coverage=0.9
+    python -m launch.subset checkpoint=runs/task_moe task=2 out=runs/sub2 quantize=int8
+
+`checkpoint` is a step directory or a run directory (its latest step); `task` a task id
+or a task name of the run's data (the KJV book groups: law, history, wisdom_poetry,
+prophets, gospels_acts, epistles_revelation). Task-level routing keeps each layer's K
+experts of the task; token-level routing keeps the experts that carry `coverage` of the
+task's routed token-slots, measured on `max_windows` of its training windows
+(`moe.inference.subset`). The subset loads alone:
+`python -m launch.generate checkpoint=Q prompt=... task=T`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.generate import Quantization
+from launch.schema import build, hydra_schema
+from moe.inference.subset import (
+    DEFAULT_MAX_WINDOWS,
+    DEFAULT_SEED,
+    SubsetResult,
+    weight_bytes,
+    write_subset,
+)
+from routing.config import parse_enum
+
+CONFIG_PATH = "../conf"
+
+
+@dataclass
+class SubsetConfig:
+    """What `launch.subset` writes: the subset of `checkpoint` for `task` into `out`.
+    `coverage` in (0, 1] (token-level routing only); `max_windows` training windows of
+    the task, drawn with `seed`, measure the experts' use."""
+
+    checkpoint: str = ""
+    task: str = ""
+    out: str = ""
+    coverage: float = 0.99
+    quantize: Quantization = Quantization.NONE
+    max_windows: int = DEFAULT_MAX_WINDOWS
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        self.quantize = parse_enum(Quantization, self.quantize, "quantize")
+        for key, example in (("checkpoint", "runs/demo"), ("task", "law"), ("out", "runs/sub")):
+            if not str(getattr(self, key)).strip():
+                raise ValueError(f"{key} is required: {key}={example}")
+        self.task = str(self.task)
+        if not 0.0 < self.coverage <= 1.0:
+            raise ValueError(f"coverage={self.coverage} is invalid; accepted: a number in (0, 1]")
+        if self.max_windows < 1:
+            raise ValueError(f"max_windows={self.max_windows} is invalid; accepted: >= 1")
+
+
+def register_subset_config() -> None:
+    ConfigStore.instance().store(name="base_subset", node=hydra_schema(SubsetConfig))
+
+
+def to_subset_config(cfg: DictConfig | dict[str, Any]) -> SubsetConfig:
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
+    return build(SubsetConfig, data)
+
+
+def run_subset(config: SubsetConfig) -> SubsetResult:
+    return write_subset(
+        config.checkpoint, config.task, config.out, coverage=config.coverage,
+        quantize=config.quantize.value, max_windows=config.max_windows, seed=config.seed,
+    )  # fmt: skip
+
+
+def describe(result: SubsetResult) -> str:
+    """Experts kept per layer and the bytes against the full checkpoint, as text."""
+    full_bytes = weight_bytes(result.source)
+    lines = [
+        f"[subset] task {result.task}, {result.routing} routing"
+        + (f", coverage {result.coverage}" if result.routing == "token" else "")
+        + f" -> {result.directory}"
+    ]
+    for block, ids in result.experts.items():
+        lines.append(
+            f"[subset] block {block}: {len(ids)} of {result.num_experts[block]} experts {ids}"
+        )
+    lines.append(
+        f"[subset] {result.checkpoint_bytes:,} bytes, {result.checkpoint_bytes / full_bytes:.1%} "
+        f"of the full checkpoint's {full_bytes:,} (without optimizer state)"
+    )
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="subset", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        config = to_subset_config(cfg)
+        result = run_subset(config)
+    except ValueError as error:
+        sys.exit(f"launch.subset: {error}")
+    print(describe(result), flush=True)
+
+
+register_subset_config()
+
+if __name__ == "__main__":
+    main()

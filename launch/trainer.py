@@ -251,6 +251,7 @@ def _train(
             train_cfg.sample_tokens,
             temperature=0.8,
             top_k=40,
+            task_id=0 if config.routing.needs_task_ids else None,  # a task router needs one
             seed=train_cfg.seed,
         )
     if info.is_main:

@@ -90,10 +90,15 @@ class RoutingConfig:
                 f"choose top_k in [1, {num_experts}]"
             )
 
+    @property
+    def needs_task_ids(self) -> bool:
+        """Whether the router reads a task id for every token (task-level routing)."""
+        return self.router == RouterKind.TASK
+
     def validate_for_data(self, num_tasks: int) -> None:
         """Check the settings that depend on the data: a router that reads task ids
         needs an id for every task the data has."""
-        if self.router == RouterKind.TASK and self.num_tasks < num_tasks:
+        if self.needs_task_ids and self.num_tasks < num_tasks:
             raise ValueError(
                 f"routing.num_tasks={self.num_tasks} but the data has {num_tasks} "
                 f"tasks; set routing.num_tasks={num_tasks}"

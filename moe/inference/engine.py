@@ -126,7 +126,7 @@ class InferenceEngine:
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
         self.task_ids = None if task_ids is None else sorted(set(task_ids))
-        self.needs_task = model.routing is not None and model.routing.router.value == "task"
+        self.needs_task = model.routing is not None and model.routing.needs_task_ids
         param = model.embed.weight
         self.device = param.device
         self.cache = SlotKVCache(
@@ -158,12 +158,11 @@ class InferenceEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params={params!r} is invalid; accepted: a SamplingParams")
         if task_id is None and self.needs_task:
-            raise ValueError(
-                f"this model routes by task: give task_id, one of {self._accepted_tasks()}"
-            )
+            accepted = "" if self.task_ids is None else f", one of {self.task_ids}"
+            raise ValueError(f"this model routes by task: give task_id{accepted}")
         if task_id is not None and self.task_ids is not None and task_id not in self.task_ids:
             raise ValueError(
-                f"task_id={task_id} is not a task of this model; accepted: {self._accepted_tasks()}"
+                f"task_id={task_id} is not a task of this model; accepted: {self.task_ids}"
             )
         request_id = self._next_id
         self._next_id += 1
@@ -174,9 +173,6 @@ class InferenceEngine:
                       context=list(tokens), pending=len(tokens))
         )  # fmt: skip
         return request_id
-
-    def _accepted_tasks(self) -> str:
-        return "none known" if self.task_ids is None else str(self.task_ids)
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)

@@ -124,7 +124,7 @@ def load_model(
     task_ids: list[int] | None = None
     if subset is not None and subset.get("task") is not None:
         task_ids = [int(subset["task"])]
-    elif routing is not None and routing.router.value == "task":
+    elif routing is not None and routing.needs_task_ids:
         task_ids = list(range(routing.num_tasks))
     return LoadedModel(model, directory, loaded.step, meta["config"], subset, task_ids)
 

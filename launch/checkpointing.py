@@ -9,6 +9,7 @@ Adam's moments, so it is refused with the reason rather than done approximately.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 from launch.config import RunConfig
 from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
+from moe.config import ModelConfig
 from moe.transformer import MoETransformer
+from routing import RoutingConfig
 
 
 @dataclass(frozen=True)
@@ -27,18 +30,38 @@ class Resumed:
     optimizer_state: dict[str, Any]
 
 
+def plain(value: Any) -> Any:
+    """A dataclass (or container of them) as plain JSON data (enums as their values)."""
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return getattr(value, "value", value)
+
+
 def config_dict(config: RunConfig) -> dict[str, Any]:
     """The run config as plain JSON data (enums as their values)."""
-    from dataclasses import asdict
+    result: dict[str, Any] = plain(config)
+    return result
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return getattr(value, "value", value)
 
-    return plain(asdict(config))
+_SCHEMAS: dict[str, type] = {"model": ModelConfig, "routing": RoutingConfig}
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """A saved `model` / `routing` section with the defaults of keys added since it was
+    written (an older checkpoint lacks them), so that only real differences count."""
+    schema = _SCHEMAS.get(key)
+    if schema is None or not isinstance(value, dict):
+        return value
+    try:
+        return plain(schema(**value))
+    except (TypeError, ValueError):
+        return value
 
 
 class CheckpointManager:
@@ -59,41 +82,40 @@ class CheckpointManager:
         model: MoETransformer,
         optimizer_state: dict[str, Any],
         sampler_state: dict[str, Any],
-        config: RunConfig,
+        record: dict[str, Any],
     ) -> Path:
+        """Save step `step`; `record` is the run's config as plain data (meta.json)."""
         groups = self.runtime.groups
         return save_checkpoint(
             self.directory,
             model,
             optimizer_state,
             step,
-            config_dict(config),
+            record,
             extra={"sampler": sampler_state},
             group=groups.world if groups is not None else None,
             keep_last=self.keep_last,
         )
 
-    def load_latest(
+    def load(
         self,
+        path: Path,
         model: MoETransformer,
-        config: RunConfig,
-        path: Path | None = None,
-    ) -> Resumed | None:
-        """Load checkpoint `path` (default: the newest of this run) into `model`, and
-        read this rank's optimizer state; None if there is none.
+        record: dict[str, Any],
+        compared: Iterable[str] = ("model", "routing"),
+    ) -> Resumed:
+        """Load checkpoint `path` into `model` and read this rank's optimizer state.
 
-        Refuses (ValueError) a checkpoint whose model or routing config differs from this
-        run's, and a corrupt or missing file (named by `moe.checkpoint`)."""
-        path = path if path is not None else self.latest()
-        if path is None:
-            return None
+        Refuses (ValueError) a checkpoint whose config differs from this run's `record`
+        in a `compared` section (model, routing, and the objective's settings), and a
+        corrupt or missing file (named by `moe.checkpoint`)."""
         info = self.runtime.info
-        saved, mine = read_meta(path)["config"], config_dict(config)
-        for key in ("model", "routing"):
-            if saved.get(key) != mine[key]:
+        saved = read_meta(path)["config"]
+        for key in compared:
+            if _canonical(key, saved.get(key)) != record[key]:
                 raise ValueError(
                     f"checkpoint {path} was written with {key}={saved.get(key)} but "
-                    f"this run has {key}={mine[key]}; use another run_dir or the same {key}"
+                    f"this run has {key}={record[key]}; use another run_dir or the same {key}"
                 )
         loaded = load_checkpoint(
             path, model, load_optimizer=True, rank=info.rank, world_size=info.world_size

@@ -10,6 +10,10 @@ checkpoint the run writes is reported with `ray.train.report`; when a worker die
 replaces the worker group (at most `ray.max_failures` times) and the new workers resume
 from the last reported checkpoint. `run_dir` must be on storage every worker can read
 (on one machine, any local path); Ray's own records go to `run_dir/ray`.
+
+`run_ray` also runs distillation (`launch.ray_distill`): given a
+`launch.distillation.DistillRunConfig`, each worker runs `launch.distillation.distill`
+instead, with the same reports and the same recovery.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from launch.checkpointing import config_dict
+from launch.checkpointing import plain
 from launch.config import Backend, RunConfig, register_configs, to_run_config
+from launch.distillation import DistillRunConfig, distill, to_distill_config
 from launch.runtime import ProcessInfo
 from launch.trainer import train
 
@@ -33,7 +38,13 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Body of every Ray worker: its rank comes from Ray's train context."""
     import ray.train
 
-    config = to_run_config(loop_config["config"])
+    run: Any
+    if loop_config["kind"] == "distill":
+        config: Any = to_distill_config(loop_config["config"])
+        run = distill
+    else:
+        config = to_run_config(loop_config["config"])
+        run = train
     context = ray.train.get_context()
     info = ProcessInfo(
         rank=context.get_world_rank(),
@@ -49,14 +60,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     restored = ray.train.get_checkpoint()
     if restored is None:
-        train(config, info, on_checkpoint=report)
+        run(config, info, on_checkpoint=report)
         return
     with restored.as_directory() as directory:
         print(f"[ray worker {info.rank}] resuming from {directory}", flush=True)
-        train(config, info, on_checkpoint=report, resume_from=Path(directory))
+        run(config, info, on_checkpoint=report, resume_from=Path(directory))
 
 
-def _init_ray(config: RunConfig, num_workers: int) -> None:
+def _init_ray(config: RunConfig | DistillRunConfig, num_workers: int) -> None:
     import ray
 
     if ray.is_initialized():
@@ -68,9 +79,9 @@ def _init_ray(config: RunConfig, num_workers: int) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def run_ray(config: RunConfig) -> Any:
-    """Train `config` with Ray Train; returns Ray's `Result` (raises if the run failed
-    more than `ray.max_failures` times)."""
+def run_ray(config: RunConfig | DistillRunConfig) -> Any:
+    """Train (or, for a `DistillRunConfig`, distil) `config` with Ray Train; returns Ray's
+    `Result` (raises if the run failed more than `ray.max_failures` times)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -97,9 +108,13 @@ def run_ray(config: RunConfig) -> Any:
     if data.path is not None:
         data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
     config = dataclasses.replace(config, run_dir=str(run_dir), data=data)
+    kind = "train"
+    if isinstance(config, DistillRunConfig):
+        kind = "distill"
+        config = dataclasses.replace(config, teacher=str(Path(config.teacher).resolve()))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config_dict(config)},
+        train_loop_config={"kind": kind, "config": plain(config)},
         torch_config=TorchConfig(backend=backend, timeout_s=int(config.comm.timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=num_workers,
@@ -107,7 +122,7 @@ def run_ray(config: RunConfig) -> Any:
             resources_per_worker={"CPU": config.ray.cpus_per_worker},
         ),
         run_config=RayRunConfig(
-            name="train",
+            name=kind,
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
             # Ray keeps its own copy of each reported checkpoint; keep as few as we do.

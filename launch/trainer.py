@@ -1,10 +1,13 @@
-"""The training function that both launchers (torchrun and Ray) call.
+"""The training loop, and the training function that both launchers (torchrun and Ray) call.
 
-`train(config, info)` runs one rank of a run: it builds the runtime (devices, topology,
-process groups), the data, the model with its expert-parallel dispatchers and the
-optimizer, resumes from the latest checkpoint when there is one, and trains with
+`run_training(config, runtime, dataset, model, objective)` is the one loop: it builds the
+optimizer engine, resumes from the latest checkpoint when there is one, and trains with
 warmup + cosine LR, gradient accumulation, gradient clipping over the global norm,
-periodic evaluation (validation loss and bits per byte) and checkpoints.
+periodic evaluation (validation loss and bits per byte) and checkpoints. What it
+minimises is the `launch.objectives.Objective` it is given: `train(config, info)` (one
+rank of a language-modelling run: runtime, data, model with its expert-parallel
+dispatchers) passes `LanguageModelling`; `launch.distillation.distill` passes
+`Distillation` with a frozen teacher.
 
 Exact resumption: the batch of a step is a pure function of (seed, step), and the
 global RNG is reseeded from (seed, step, rank) before every step, so a resumed run
@@ -30,13 +33,14 @@ from launch.config import Engine as EngineKind
 from launch.config import ResumeMode, RunConfig
 from launch.engines import build_engine
 from launch.evaluation import RoutingMonitor, all_reduce_mean, evaluate
+from launch.objectives import LanguageModelling, Objective
 from launch.optim import learning_rate
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.tracking import Tracker
-from moe.data import build_dataset
+from moe.data import ByteDataset, build_dataset
 from moe.inference import generate
 from moe.params import count_parameters
-from moe.transformer import MoETransformer, lm_loss
+from moe.transformer import MoETransformer
 
 FAIL_MARKER = "injected_failure"
 EVENTS_FILE = "events.jsonl"
@@ -57,7 +61,8 @@ class TrainResult:
     model: MoETransformer | None = field(default=None, repr=False)
 
 
-def _check_compatible(config: RunConfig, num_tasks: int) -> None:
+def check_compatible(config: RunConfig, num_tasks: int) -> None:
+    """The model and routing of `config` against its data (ValueError naming the key)."""
     if config.data.seq_len > config.model.max_seq_len:
         raise ValueError(
             f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
@@ -95,50 +100,82 @@ def train(
         config.comm, info, need_process_group=config.train.engine == EngineKind.DEEPSPEED
     )
     try:
-        return _train(config, runtime, on_checkpoint, resume_from)
+        dataset = build_dataset(config.data)
+        check_compatible(config, dataset.num_tasks)
+        check_batch(config, info.world_size)
+        model = build_model(config, runtime)
+        return run_training(
+            config, runtime, dataset, model, LanguageModelling(), on_checkpoint, resume_from
+        )
     finally:
         teardown_runtime(runtime)
 
 
-def _train(
+def check_batch(config: RunConfig, world_size: int) -> None:
+    if config.train.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} is not a multiple of the world size "
+            f"{world_size}; the global batch is split evenly over the ranks"
+        )
+
+
+def _resume_path(
+    checkpoints: CheckpointManager, config: RunConfig, resume_from: Path | None
+) -> Path | None:
+    """The checkpoint this run resumes from (None: it starts fresh), by `train.resume`."""
+    mode = config.train.resume
+    if mode == ResumeMode.NEVER:
+        if checkpoints.latest() is not None:
+            raise ValueError(
+                f"train.resume=never but {checkpoints.directory} holds checkpoints; "
+                "choose another run_dir or train.resume=auto"
+            )
+        return None
+    path = resume_from if resume_from is not None else checkpoints.latest()
+    if path is None and mode == ResumeMode.MUST:
+        raise ValueError(f"train.resume=must but there is no checkpoint in {checkpoints.directory}")
+    return path
+
+
+def run_training(
     config: RunConfig,
     runtime: Runtime,
-    on_checkpoint: CheckpointHook | None,
-    resume_from: Path | None,
+    dataset: ByteDataset,
+    model: MoETransformer,
+    objective: Objective,
+    on_checkpoint: CheckpointHook | None = None,
+    resume_from: Path | None = None,
+    on_fresh_start: Callable[[], None] | None = None,
 ) -> TrainResult:
+    """Train `model` (this rank's part, built from `config.model`) on `dataset` to
+    minimise `objective` (see the module docstring); every rank calls it.
+
+    `on_fresh_start` runs when the run starts without a checkpoint, before the optimizer
+    is built (the distillation student's initialisation); a resumed run loads its
+    weights from the checkpoint instead. Nothing is written under `run_dir` before it."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
     run_dir = Path(config.run_dir)
-    dataset = build_dataset(config.data)
-    _check_compatible(config, dataset.num_tasks)
-    if train_cfg.batch_size % info.world_size:
-        raise ValueError(
-            f"train.batch_size={train_cfg.batch_size} is not a multiple of the world size "
-            f"{info.world_size}; the global batch is split evenly over the ranks"
-        )
-    model = build_model(config, runtime)
+    run_record = config_dict(config) | objective.config_record()
+    checkpoints = CheckpointManager(run_dir / "checkpoints", runtime, train_cfg.keep_last)
+    resume_path = _resume_path(checkpoints, config, resume_from)
+    if resume_path is None and on_fresh_start is not None:
+        on_fresh_start()
     model.train()
     engine = build_engine(model, train_cfg, runtime)
     sampler = dataset.sampler(
         train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size, config.data.balance_tasks
     )
-    checkpoints = CheckpointManager(run_dir / "checkpoints", runtime, train_cfg.keep_last)
     start_step = 0
     resumed = None
-    if train_cfg.resume != ResumeMode.NEVER:
-        resumed = checkpoints.load_latest(model, config, resume_from)
-    elif checkpoints.latest() is not None:
-        raise ValueError(
-            f"train.resume=never but {checkpoints.directory} holds checkpoints; "
-            "choose another run_dir or train.resume=auto"
-        )
-    if resumed is not None:
+    if resume_path is not None:
+        compared = ("model", "routing", *objective.config_record())
+        resumed = checkpoints.load(resume_path, model, run_record, compared)
         start_step = resumed.step
         sampler.load_state_dict(resumed.sampler_state)
         engine.load_optimizer_state(resumed.optimizer_state)
-    elif train_cfg.resume == ResumeMode.MUST:
-        raise ValueError(f"train.resume=must but there is no checkpoint in {checkpoints.directory}")
     counts = count_parameters(model)
-    tracker = Tracker(run_dir, config.wandb, config_dict(config), enabled=info.is_main)
+    tracker = Tracker(run_dir, config.wandb, run_record, enabled=info.is_main)
+    name = objective.name
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _append_event(
@@ -152,38 +189,43 @@ def _train(
             },
         )
         print(
-            f"[train] {counts.total:,} parameters ({counts.active:,} active non-embedding, "
+            f"[{name}] {counts.total:,} parameters ({counts.active:,} active non-embedding, "
             f"{counts.expert:,} in experts), world={info.world_size} ep={runtime.ep_size} "
             f"device={device}, steps {start_step}->{train_cfg.steps}"
             + (f" (resumed from step {start_step})" if resumed is not None else ""),
             flush=True,
         )
     monitor = RoutingMonitor()
+    routed = objective.routed_model(model)
     result = TrainResult(start_step=start_step, final_step=start_step, run_dir=str(run_dir))
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * config.data.seq_len
-    progress = _progress(info.is_main and train_cfg.progress, start_step, train_cfg.steps)
+    progress = _progress(info.is_main and train_cfg.progress, start_step, train_cfg.steps, name)
     window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
-    moe_time = _MoETimer(model)
+    last_terms: dict[str, float] = {}
+    moe_time = _MoETimer(routed)
     for step in range(start_step, train_cfg.steps):
         _maybe_fail(config, step, runtime)
         torch.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + info.rank)
         lr = learning_rate(step, train_cfg)
         engine.begin_step(lr)
-        loss_sum, ce_sum = 0.0, 0.0
+        sums: dict[str, float] = {}
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
-            output = engine.module(tokens_BT[:, :-1], batch.task_ids_B.to(device))
-            losses = lm_loss(output, tokens_BT[:, 1:])
+            losses = objective(
+                engine.module, tokens_BT[:, :-1], tokens_BT[:, 1:], batch.task_ids_B.to(device)
+            )
             engine.backward(losses.loss)
-            loss_sum += float(losses.loss.detach()) / train_cfg.grad_accum
-            ce_sum += float(losses.ce.detach()) / train_cfg.grad_accum
-            monitor.observe(model)
+            parts = {"loss": losses.loss, "ce": losses.ce, **losses.terms}
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) / train_cfg.grad_accum
+            monitor.observe(routed)
         grad_norm = engine.finish_step()
-        loss, ce = all_reduce_mean([loss_sum, ce_sum], info.world_size, device)
+        means = dict(zip(sums, all_reduce_mean(list(sums.values()), info.world_size, device)))
+        loss, ce = means.pop("loss"), means.pop("ce")
         result.losses.append(loss)
         result.final_step = step + 1
-        last_loss, window_steps = ce, window_steps + 1
+        last_loss, last_terms, window_steps = ce, means, window_steps + 1
         done = step + 1
         if progress is not None:
             progress.update(1)
@@ -195,10 +237,11 @@ def _train(
                 "train/ce": ce,
                 "train/lr": lr,
                 "train/grad_norm": grad_norm,
+                **{f"train/{key}": value for key, value in means.items()},
                 "train/tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "train/moe_layer_time_s": moe_time.take() / window_steps,
-                "train/alltoall_time_s": _take_comm_time(model) / window_steps,
-                **monitor.scalars(model),
+                "train/alltoall_time_s": _take_comm_time(routed) / window_steps,
+                **monitor.scalars(routed),
             }
             tracker.log(done, scalars)
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
@@ -214,6 +257,7 @@ def _train(
                 "val_bpb": evaluation.val_bpb,
                 "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "lr": lr,
+                **last_terms,
             }
             result.evaluations.append(record)
             tracker.log_evaluation(record)
@@ -226,7 +270,7 @@ def _train(
         checkpoint_due = train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0
         if checkpoint_due or done == train_cfg.steps:
             path = checkpoints.save(
-                done, model, engine.optimizer_state(), sampler.state_dict(), config
+                done, model, engine.optimizer_state(), sampler.state_dict(), run_record
             )
             if on_checkpoint is not None:
                 on_checkpoint(done, path, result.evaluations[-1] if result.evaluations else {})
@@ -255,7 +299,7 @@ def _train(
             seed=train_cfg.seed,
         )
     if info.is_main:
-        _print_summary(result, heatmap, tracker, train_cfg.sample_prompt)
+        _print_summary(result, heatmap, tracker, train_cfg.sample_prompt, name)
     tracker.finish()
     result.model = model
     return result
@@ -268,31 +312,31 @@ def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
 
 
 def _print_summary(
-    result: TrainResult, heatmap: Path | None, tracker: Tracker, prompt: str
+    result: TrainResult, heatmap: Path | None, tracker: Tracker, prompt: str, name: str
 ) -> None:
     if result.evaluations:
         last = result.evaluations[-1]
         print(
-            f"[train] step {last['step']}: validation loss {last['val_loss']:.4f} nats, "
+            f"[{name}] step {last['step']}: validation loss {last['val_loss']:.4f} nats, "
             f"{last['val_bpb']:.4f} bits per byte",
             flush=True,
         )
     if result.sample:
         text = result.sample.decode("utf-8", errors="replace")
-        print(f"[train] sample: {prompt}{text}", flush=True)
-    print(f"[train] run directory: {result.run_dir}", flush=True)
+        print(f"[{name}] sample: {prompt}{text}", flush=True)
+    print(f"[{name}] run directory: {result.run_dir}", flush=True)
     if heatmap is not None:
-        print(f"[train] expert-load heatmap: {heatmap}", flush=True)
+        print(f"[{name}] expert-load heatmap: {heatmap}", flush=True)
     if tracker.wandb_dir is not None:
-        print(f"[train] wandb run: {tracker.wandb_dir}", flush=True)
+        print(f"[{name}] wandb run: {tracker.wandb_dir}", flush=True)
 
 
-def _progress(enabled: bool, start: int, total: int) -> Any:
+def _progress(enabled: bool, start: int, total: int, name: str) -> Any:
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=name, file=sys.stderr, dynamic_ncols=True)
 
 
 def _take_comm_time(model: Any) -> float:

@@ -11,6 +11,12 @@ Layout of the blocks (`moe_every = N`):
            FFN an MoE layer and N = 2 makes blocks 1, 3, 5, ... MoE (the last block of
            every group of N), the rest dense.
 
+The dense FFNs (`moe_every = 0`, or the blocks between MoE layers) are `ffn_kind`:
+    mlp    `moe.experts.DenseMLP` (two `nn.Linear`);
+    expert `moe.experts.ExpertFFN`: the expert-layer code with one expert and no router
+           (`GroupedExperts(num_experts=1)` over all tokens), the same class and
+           parameter layout as one expert of an MoE layer (the distillation student).
+
 PR-MoE (DeepSpeed-MoE): `expert_schedule` lists the expert count of each MoE layer in
 order (empty = `num_experts` everywhere); a pyramid puts more experts in later layers
 (`pyramid_schedule`). `residual_mlp` turns on the MoE layer's dense residual MLP.
@@ -20,9 +26,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 
 # One enum for experts and dense MLPs: gelu, relu (sigma-MoE's experts), swiglu.
 from moe.experts import Activation
+
+
+class FFNKind(str, Enum):
+    """The module of a dense (non-MoE) FFN."""
+
+    MLP = "mlp"  # DenseMLP
+    EXPERT = "expert"  # ExpertFFN: one expert of the expert-layer code, no router
 
 
 def _require(condition: bool, key: str, value: object, accepted: str) -> None:
@@ -53,6 +67,7 @@ class ModelConfig:
     moe_every: int = 1
     residual_mlp: bool = False
     activation: Activation = Activation.GELU
+    ffn_kind: FFNKind = FFNKind.MLP
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_theta: float = 10000.0
@@ -121,6 +136,12 @@ class ModelConfig:
                 accepted,
             )
             self.activation = Activation(self.activation)
+        if not isinstance(self.ffn_kind, FFNKind):
+            accepted = ", ".join(k.value for k in FFNKind)
+            _require(
+                self.ffn_kind in {k.value for k in FFNKind}, "ffn_kind", self.ffn_kind, accepted
+            )
+            self.ffn_kind = FFNKind(self.ffn_kind)
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a float in [0, 1)")
         _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a float > 0")
         _require(self.init_std > 0, "init_std", self.init_std, "a float > 0")

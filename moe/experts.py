@@ -8,6 +8,13 @@ dimension), so that checkpoints save and load one expert per file whatever the c
 `expert_modules` / `expert_parameter_ids` are the one way to ask which modules and
 parameters are experts (optimizer groups, gradient reduction, checkpoints, counts).
 
+A *replicated* stack (`replicated = True`) is the expert code used as a dense layer: the
+`ExpertFFN` of a dense model (the distillation student) runs one expert over every token
+on every rank. Checkpoints still save it as an expert stack (one file per expert, the
+same layout as one expert of an MoE layer), but it is not sharded over the EP group, so
+for the optimizer and the gradient reduction its parameters are dense:
+`expert_parameter_ids` leaves it out.
+
 Shapes: R routed rows, D model width, H expert hidden width, E experts (local to this
 process; `expert_ids[e]` is the global id of local expert e).
 """
@@ -38,7 +45,8 @@ def parse_activation(value: object) -> Activation:
         raise ValueError(f"activation={value!r} is not one of: {accepted}") from None
 
 
-def _check_expert_ids(expert_ids: Sequence[int] | None, num_experts: int) -> tuple[int, ...]:
+def check_expert_ids(expert_ids: Sequence[int] | None, num_experts: int) -> tuple[int, ...]:
+    """The ids as a tuple (0..E-1 when None), or a ValueError unless distinct ascending >= 0."""
     ids = tuple(range(num_experts)) if expert_ids is None else tuple(int(i) for i in expert_ids)
     if len(ids) != num_experts or any(i < 0 for i in ids) or list(ids) != sorted(set(ids)):
         raise ValueError(
@@ -63,6 +71,9 @@ class Experts(nn.Module, metaclass=abc.ABCMeta):
     activation: Activation
     expert_ids: tuple[int, ...]
     quantization: str = "none"
+    # True: the same experts on every rank (a dense layer built from expert code), so
+    # their gradients are reduced like dense ones (see the module docstring).
+    replicated: bool = False
 
     @abc.abstractmethod
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
@@ -83,8 +94,9 @@ def expert_modules(model: nn.Module) -> list[tuple[str, Experts]]:
 
 
 def expert_parameter_ids(model: nn.Module) -> set[int]:
-    """`id()` of every parameter that belongs to an expert stack of `model`."""
-    return {id(p) for _, m in expert_modules(model) for p in m.parameters()}
+    """`id()` of every parameter of a sharded expert stack of `model` (replicated stacks,
+    the `ExpertFFN`s of a dense model, hold dense parameters)."""
+    return {id(p) for _, m in expert_modules(model) if not m.replicated for p in m.parameters()}
 
 
 class GroupedExperts(Experts):
@@ -102,6 +114,7 @@ class GroupedExperts(Experts):
         activation: Activation | str = Activation.GELU,
         expert_ids: Sequence[int] | None = None,
         down_std: float | None = None,
+        replicated: bool = False,
     ) -> None:
         super().__init__()
         if num_experts < 1 or d_model < 1 or d_hidden < 1:
@@ -112,7 +125,8 @@ class GroupedExperts(Experts):
         self.num_experts = num_experts
         self.d_model = d_model
         self.d_hidden = d_hidden
-        self.expert_ids = _check_expert_ids(expert_ids, num_experts)
+        self.expert_ids = check_expert_ids(expert_ids, num_experts)
+        self.replicated = replicated
         self.activation = parse_activation(activation)
         self.down_std = down_std if down_std is not None else d_hidden**-0.5
         self.w1_EDH = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
@@ -154,7 +168,30 @@ class GroupedExperts(Experts):
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"activation={self.activation.value}, expert_ids={list(self.expert_ids)}"
+            + (", replicated" if self.replicated else "")
         )
+
+
+class ExpertFFN(nn.Module):
+    """A dense FFN made of the expert-layer code: one expert, no router. Every token goes
+    to expert 0 (`counts = [T]`), so the module computes what one expert of an MoE layer
+    computes, with the same class (`GroupedExperts`, replicated) and parameter layout
+    (`experts.w1_EDH` [1, D, H], ...). It is the distillation student's FFN: a teacher
+    expert copies into it, and its checkpoint files have the format of an expert's.
+    `experts` may be swapped for another `Experts` (int8 at inference)."""
+
+    def __init__(
+        self, d_model: int, d_hidden: int, activation: Activation | str = Activation.GELU
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.experts: Experts = GroupedExperts(1, d_model, d_hidden, activation, replicated=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., D] -> [..., D]."""
+        x_TD = x.reshape(-1, self.d_model)
+        counts_E = torch.full((1,), x_TD.shape[0], dtype=torch.int64, device=x.device)
+        return self.experts(x_TD, counts_E).reshape(x.shape)
 
 
 class DenseMLP(nn.Module):

@@ -3,7 +3,8 @@
 Legend: B batch, T positions, D model width, V vocabulary, F dense FFN hidden width.
 
 Block i: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)) (pre-norm), where FFN is an
-`MoELayer` when (i + 1) % moe_every == 0 (see `moe.config`) and a dense MLP otherwise.
+`MoELayer` when (i + 1) % moe_every == 0 (see `moe.config`) and a dense FFN otherwise
+(`DenseMLP`, or with `ffn_kind=expert` an `ExpertFFN`: one expert of the expert code).
 A final RMSNorm precedes the output head, which reuses the embedding matrix when
 `tie_embeddings` (computed as `F.linear(h, embed.weight)`, so no tensor is stored twice).
 
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.attention import AttentionCache, CausalSelfAttention, KVCache
-from moe.config import ModelConfig
-from moe.experts import DenseMLP
+from moe.config import FFNKind, ModelConfig
+from moe.experts import DenseMLP, ExpertFFN
 from moe.layer import MoELayer
 from moe.parallel import Dispatcher
 from routing import RoutingConfig, RoutingStats
@@ -41,9 +42,10 @@ DispatcherFactory = Callable[[int, int], Dispatcher]
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block; the FFN is a `DenseMLP` or an `MoELayer`."""
+    """One pre-norm transformer block; the FFN is a `DenseMLP`, an `ExpertFFN` (dense,
+    one expert of the expert code) or an `MoELayer`."""
 
-    def __init__(self, config: ModelConfig, ffn: DenseMLP | MoELayer) -> None:
+    def __init__(self, config: ModelConfig, ffn: DenseMLP | ExpertFFN | MoELayer) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.attn = CausalSelfAttention(
@@ -137,8 +139,10 @@ class MoETransformer(nn.Module):
     ) -> Block:
         config = self.config
         torch.manual_seed(_derived_seed(seed, f"blocks.{index}"))
-        ffn: DenseMLP | MoELayer
-        if num_experts == 0:
+        ffn: DenseMLP | ExpertFFN | MoELayer
+        if num_experts == 0 and config.ffn_kind == FFNKind.EXPERT:
+            ffn = ExpertFFN(config.d_model, config.ffn_hidden, config.activation)
+        elif num_experts == 0:
             ffn = DenseMLP(config.d_model, config.ffn_hidden, config.activation)
         else:
             assert self.routing is not None

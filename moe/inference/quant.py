@@ -76,7 +76,7 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from moe.experts import Activation, Experts, GroupedExperts, _check_expert_ids, parse_activation
+from moe.experts import Activation, Experts, GroupedExperts, check_expert_ids, parse_activation
 
 QMAX = 127
 # "auto" takes `int8mm` for at most this many rows of one expert, and only for weights of
@@ -262,7 +262,7 @@ class Int8Experts(Experts):
         self.num_experts = num_experts
         self.d_model = d_model
         self.d_hidden = d_hidden
-        self.expert_ids = _check_expert_ids(expert_ids, num_experts)
+        self.expert_ids = check_expert_ids(expert_ids, num_experts)
         self.activation = parse_activation(activation)
         self.cpu_method = parse_cpu_method(cpu_method)
         E, D, H = num_experts, d_model, d_hidden

@@ -1,0 +1,41 @@
+"""`python -m launch.distill teacher=CHECKPOINT [overrides]`: distil an MoE into a dense
+student with Hydra config, alone or under torchrun.
+
+    python -m launch.distill teacher=runs/demo run_dir=runs/demo_student
+    python -m launch.distill teacher=runs/tiny data=synthetic train=tiny \\
+        distill.init=merge distill.temperature=4 distill.alpha=0 run_dir=runs/tiny_student
+    torchrun --nproc-per-node 2 -m launch.distill teacher=runs/demo comm=ep2 \\
+        run_dir=runs/demo_student          # the teacher's experts split over 2 ranks
+
+torchrun's variables are read here (and only here); every rank composes the same
+config (`conf/distill.yaml`) and `launch.distillation.distill` does the rest. Bad input
+(a teacher that is not a checkpoint, a bad key or value) exits with the reason and
+writes nothing under `run_dir`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from launch.distillation import distill, register_distill_configs, to_distill_config
+from launch.runtime import process_info_from_env
+
+CONFIG_PATH = "../conf"
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="distill", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        config = to_distill_config(cfg)
+        distill(config, process_info_from_env())
+    except ValueError as error:  # bad input: the reason, no traceback
+        sys.exit(f"launch.distill: {error}")
+
+
+register_distill_configs()
+
+if __name__ == "__main__":
+    main()

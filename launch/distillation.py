@@ -1,0 +1,258 @@
+"""One rank of a distillation run: a frozen MoE teacher, a dense student, the trainer loop.
+
+`distill(config, info)` is to `launch.distill` (torchrun) and `launch.ray_train` (Ray)
+what `launch.trainer.train` is to training: it reads the teacher's shape from its
+checkpoint, derives the student (`moe.distill.student_config`: the teacher's transformer
+with every FFN one expert of the expert code, `ffn_kind=expert`), checks the data
+against the teacher, loads the teacher (expert-parallel over the EP group when
+`comm.ep_size > 1`, dropless unless `distill.teacher_routing=trained`), initialises the
+student when the run starts fresh (`distill.init`; usage measured on the run's first
+`distill.usage_batches` global training batches, summed over the ranks) and hands both
+to `launch.trainer.run_training` with the `Distillation` objective.
+
+The student is replicated on every rank (data parallel); its one-expert FFNs are dense
+parameters for the optimizer and the gradient reduction. Its checkpoints are ordinary
+checkpoints (`moe.inference.load_model`, `launch.generate`); their config records the
+student's `model`, plus `teacher` (the resolved step directory) and `distill`, which a
+resumed run must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.build import build_model
+from launch.checkpointing import plain
+from launch.config import (
+    CommConfig,
+    DataConfig,
+    RayConfig,
+    RoutingConfig,
+    RunConfig,
+    TrainConfig,
+    WandbConfig,
+    register_configs,
+)
+from launch.config import Engine as EngineKind
+from launch.objectives import Distillation
+from launch.runtime import (
+    ProcessInfo,
+    Runtime,
+    dispatcher_factory,
+    setup_runtime,
+    teardown_runtime,
+)
+from launch.schema import build, hydra_schema
+from launch.trainer import CheckpointHook, TrainResult, check_batch, check_compatible, run_training
+from moe.checkpoint import read_meta
+from moe.data import ByteDataset, build_dataset
+from moe.distill import (
+    CheckpointExperts,
+    DistillConfig,
+    StudentInit,
+    TeacherRouting,
+    check_init,
+    initialise_student,
+    measure_expert_usage,
+    student_config,
+)
+from moe.inference.loading import configs_of, load_model, resolve_checkpoint
+from moe.transformer import MoETransformer
+from routing import CapacityKind
+
+
+@dataclass
+class DistillRunConfig:
+    """Everything one distillation run needs. `teacher`: a checkpoint step directory or
+    a run directory (its latest step); the student's shape comes from it."""
+
+    teacher: str = ""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: str = "runs/distill"
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise ValueError("teacher is required: teacher=RUN_DIR or teacher=STEP_DIR")
+        if not self.run_dir:
+            raise ValueError("run_dir must be a non-empty path")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher's checkpoint and what it says about the model."""
+
+    checkpoint: Path
+    meta: dict[str, Any]
+    model: Any  # moe.config.ModelConfig
+    routing: RoutingConfig | None
+
+
+def read_teacher(path: str) -> Teacher:
+    """Resolve and read the teacher checkpoint (ValueError naming `path` when it is not
+    one)."""
+    try:
+        checkpoint = resolve_checkpoint(path)
+        meta = read_meta(checkpoint)
+        model, routing = configs_of(meta)
+    except ValueError as error:
+        raise ValueError(f"teacher={path!r} cannot be read: {error}") from None
+    return Teacher(checkpoint, meta, model, routing)
+
+
+def student_run_config(config: DistillRunConfig, teacher: Teacher) -> RunConfig:
+    """The student's run: its model from the teacher; comm, data, train... from `config`.
+    Its `routing` is unused (the student has no MoE layer): the defaults."""
+    model = student_config(teacher.model, teacher.routing, config.distill.width)
+    check_init(teacher.model, model.ffn_hidden, config.distill.init)
+    return RunConfig(
+        model=model, routing=RoutingConfig(), comm=config.comm, data=config.data,
+        train=config.train, wandb=config.wandb, ray=config.ray, run_dir=config.run_dir,
+    )  # fmt: skip
+
+
+def check_teacher_fits(teacher: Teacher, dataset: ByteDataset, config: DistillRunConfig) -> None:
+    """The teacher against the data: the same vocabulary, windows it can read, a task id
+    for every task when it routes by task."""
+    vocab = teacher.model.vocab_size
+    if vocab != dataset.vocab_size:
+        raise ValueError(
+            f"teacher {teacher.checkpoint} has vocab_size={vocab} but data.source="
+            f"{config.data.source.value} has a vocabulary of {dataset.vocab_size}; distill on "
+            "data with the teacher's vocabulary"
+        )
+    if teacher.routing is not None:
+        teacher.routing.validate_for_data(dataset.num_tasks)
+
+
+def load_teacher(teacher: Teacher, runtime: Runtime, config: DistillRunConfig) -> MoETransformer:
+    """The frozen teacher on this rank: its experts sharded over the EP group like a
+    training model's, dropless unless `distill.teacher_routing=trained`."""
+    loaded = load_model(
+        teacher.checkpoint,
+        dispatcher_factory=dispatcher_factory(runtime, config.comm),
+        device=runtime.device,
+    )
+    model = loaded.model
+    if config.distill.teacher_routing == TeacherRouting.DROPLESS:
+        for _, layer in model.moe_layers():
+            layer.routing = dataclasses.replace(layer.routing, capacity=CapacityKind.DROPLESS)
+    return model.eval().requires_grad_(False)
+
+
+def teacher_usage(
+    teacher: MoETransformer,
+    dataset: ByteDataset,
+    config: DistillRunConfig,
+    runtime: Runtime,
+) -> dict[int, torch.Tensor]:
+    """Slots routed to each expert over the run's first `distill.usage_batches` global
+    training batches (every rank its share, summed over the ranks)."""
+    info, train = runtime.info, config.train
+    sampler = dataset.sampler(
+        train.batch_size, train.seed, info.rank, info.world_size, config.data.balance_tasks
+    )
+    batches = []
+    for _ in range(config.distill.usage_batches):
+        batch = sampler.next_batch()
+        batches.append(
+            (batch.tokens_BT[:, :-1].to(runtime.device), batch.task_ids_B.to(runtime.device))
+        )
+    usage = measure_expert_usage(teacher, batches)
+    if runtime.groups is not None and usage:
+        blocks = sorted(usage)
+        flat = torch.cat([usage[b] for b in blocks]).to(runtime.device)
+        dist.all_reduce(flat, group=runtime.groups.world)
+        usage = dict(zip(blocks, flat.cpu().split([len(usage[b]) for b in blocks])))
+    return usage
+
+
+def distill(
+    config: DistillRunConfig,
+    info: ProcessInfo | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    resume_from: Path | None = None,
+) -> TrainResult:
+    """Run one rank of the distillation run `config` (see the module docstring). Bad
+    input (a teacher that is not a checkpoint, a bad width, a teacher that does not fit
+    the data) raises ValueError before anything is written under `run_dir`."""
+    info = info or ProcessInfo()
+    teacher = read_teacher(config.teacher)
+    run_config = student_run_config(config, teacher)
+    runtime = setup_runtime(
+        config.comm, info, need_process_group=config.train.engine == EngineKind.DEEPSPEED
+    )
+    try:
+        dataset = build_dataset(config.data)
+        check_teacher_fits(teacher, dataset, config)
+        check_compatible(run_config, dataset.num_tasks)
+        check_batch(run_config, info.world_size)
+        teacher_model = load_teacher(teacher, runtime, config)
+        student = build_model(run_config, runtime)
+        record = {
+            "teacher": str(teacher.checkpoint.resolve()),
+            "distill": plain(config.distill),
+        }
+        objective = Distillation(
+            teacher_model, config.distill.temperature, config.distill.alpha, record
+        )
+
+        def initialise() -> None:
+            init = config.distill.init
+            usage = {}
+            if init != StudentInit.RANDOM and teacher_model.moe_layers():
+                usage = teacher_usage(teacher_model, dataset, config, runtime)
+            report = initialise_student(
+                student,
+                teacher_model,
+                init,
+                usage,
+                CheckpointExperts(teacher.checkpoint, teacher.meta),
+            )
+            if info.is_main:
+                summary = "; ".join(f"block {b}: {how}" for b, how in report.items())
+                print(
+                    f"[distill] student FFN width {run_config.model.ffn_hidden}, init="
+                    f"{init.value}" + (f" ({summary})" if summary else ""),
+                    flush=True,
+                )
+
+        return run_training(
+            run_config, runtime, dataset, student, objective, on_checkpoint, resume_from,
+            on_fresh_start=initialise,
+        )  # fmt: skip
+    finally:
+        teardown_runtime(runtime)
+
+
+def register_distill_configs() -> None:
+    """The training schemas (`launch.config.register_configs`) plus the root schema of
+    `conf/distill.yaml` and the `distill` group's (idempotent)."""
+    register_configs()
+    store = ConfigStore.instance()
+    store.store(name="base_distill_config", node=hydra_schema(DistillRunConfig))
+    store.store(group="distill", name="base_distill", node=hydra_schema(DistillConfig))
+
+
+def to_distill_config(cfg: DictConfig | DistillRunConfig | dict[str, Any]) -> DistillRunConfig:
+    """A composed `conf/distill.yaml` (or a plain dict) as validated dataclasses."""
+    if isinstance(cfg, DistillRunConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        data = {key: value for key, value in data.items() if key != "hydra"}  # type: ignore[union-attr]
+    else:
+        data = cfg
+    return build(DistillRunConfig, data)

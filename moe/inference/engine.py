@@ -95,7 +95,10 @@ class InferenceEngine:
     `max_batch`: KV-cache slots, i.e. sequences running at once. `max_step_tokens`:
     tokens one call may carry (prefills are admitted while they fit). `task_ids`: the
     task ids requests may name (None: any, or none; a model whose router reads the task
-    requires one per request). `routing`: "dropless" (default) or "trained".
+    requires one per request). `routing`: "dropless" (default) or "trained". `warmup`:
+    run one token through the model at construction (the first call of the model's
+    custom ops in a process imports `torch._dynamo`, seconds that would otherwise land
+    in the first request's time to first token); under EP every rank must agree on it.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class InferenceEngine:
         max_step_tokens: int = 4096,
         task_ids: Sequence[int] | None = None,
         routing: str = "dropless",
+        warmup: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} is invalid; accepted: >= 1")
@@ -145,6 +149,16 @@ class InferenceEngine:
         self._running: list[_Sequence] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._next_id = 0
+        if warmup:
+            self._warmup()
+
+    @torch.no_grad()
+    def _warmup(self) -> None:
+        tokens_11 = torch.zeros((1, 1), dtype=torch.int64, device=self.device)
+        task_ids_11 = torch.zeros_like(tokens_11) if self.needs_task else None
+        segments = [Segment(0, 0, 1)]
+        self.model(tokens_11, task_ids_11, self.cache.step(segments))
+        self.cache.reset(0)  # nothing committed: slot 0 is as empty as before
 
     # --- requests ----------------------------------------------------------------------
 

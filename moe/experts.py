@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moe.ops import grouped_mm
+from routing.config import parse_enum
 
 
 class Activation(str, Enum):
@@ -38,11 +39,7 @@ class Activation(str, Enum):
 
 
 def parse_activation(value: object) -> Activation:
-    try:
-        return Activation(value)
-    except ValueError:
-        accepted = ", ".join(a.value for a in Activation)
-        raise ValueError(f"activation={value!r} is not one of: {accepted}") from None
+    return parse_enum(Activation, value, "activation")
 
 
 def check_expert_ids(expert_ids: Sequence[int] | None, num_experts: int) -> tuple[int, ...]:

@@ -77,6 +77,7 @@ import torch
 from torch import Tensor, nn
 
 from moe.experts import Activation, Experts, GroupedExperts, check_expert_ids, parse_activation
+from routing.config import parse_enum
 
 QMAX = 127
 # "auto" takes `int8mm` for at most this many rows of one expert, and only for weights of
@@ -95,11 +96,7 @@ class CpuInt8Method(str, Enum):
 
 
 def parse_cpu_method(value: object) -> CpuInt8Method:
-    try:
-        return CpuInt8Method(value)
-    except ValueError:
-        accepted = ", ".join(m.value for m in CpuInt8Method)
-        raise ValueError(f"cpu_method={value!r} is not one of: {accepted}") from None
+    return parse_enum(CpuInt8Method, value, "cpu_method")
 
 
 def quantize_weight(w_KN: Tensor) -> tuple[Tensor, Tensor]:

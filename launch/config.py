@@ -17,13 +17,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from comm.alltoall import Algorithm
 from launch.schema import build, hydra_schema
 from moe.config import ModelConfig
 from moe.data import DataConfig
 from routing.config import RoutingConfig, parse_enum
 
 __all__ = [
-    "AllToAllKind",
     "Backend",
     "CommConfig",
     "DataConfig",
@@ -133,14 +133,6 @@ class TrainConfig:
             )
 
 
-class AllToAllKind(str, Enum):
-    """Which all-to-all moves tokens between EP ranks."""
-
-    FLAT = "flat"  # one all-to-all over the EP group
-    HIERARCHICAL = "hierarchical"  # intra-node then inter-node (Tutel 2DH / DeepSpeed)
-    AUTO = "auto"  # hierarchical when the EP group spans several nodes, else flat
-
-
 class Backend(str, Enum):
     """torch.distributed backend; `auto` is NCCL with CUDA, gloo without."""
 
@@ -155,17 +147,20 @@ class CommConfig:
 
     `ep_size` experts shards; the world size must be a multiple of it (the rest is data
     parallelism over expert replicas). `ranks_per_node` 0 takes the launcher's local
-    world size (torchrun's LOCAL_WORLD_SIZE, Ray's local world size).
+    world size (torchrun's LOCAL_WORLD_SIZE, Ray's local world size). `alltoall` is
+    `comm.alltoall.Algorithm` itself (one enum, one meaning): `flat`, `hierarchical`, or
+    `auto`, which asks comm's cost model on every call which of the two is cheaper for
+    the bytes at hand (so a group within one node always gets flat).
     """
 
     ep_size: int = 1
     ranks_per_node: int = 0
-    alltoall: AllToAllKind = AllToAllKind.AUTO
+    alltoall: Algorithm = Algorithm.AUTO
     backend: Backend = Backend.AUTO
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        self.alltoall = parse_enum(AllToAllKind, self.alltoall, "comm.alltoall")
+        self.alltoall = parse_enum(Algorithm, self.alltoall, "comm.alltoall")
         self.backend = parse_enum(Backend, self.backend, "comm.backend")
         _at_least(self.ep_size, 1, "comm.ep_size")
         _at_least(self.ranks_per_node, 0, "comm.ranks_per_node")

@@ -154,6 +154,6 @@ def dispatcher_factory(runtime: Runtime, comm: CommConfig) -> DispatcherFactory 
     assert groups is not None
 
     def factory(block: int, num_experts: int) -> Dispatcher:
-        return ExpertParallelDispatcher(num_experts, groups, algorithm=comm.alltoall.value)
+        return ExpertParallelDispatcher(num_experts, groups, algorithm=comm.alltoall)
 
     return factory

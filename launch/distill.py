@@ -15,11 +15,10 @@ writes nothing under `run_dir`.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from launch.cli import exits_on_bad_input
 from launch.distillation import distill, register_distill_configs, to_distill_config
 from launch.runtime import process_info_from_env
 
@@ -27,12 +26,10 @@ CONFIG_PATH = "../conf"
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="distill", version_base=None)
+@exits_on_bad_input("launch.distill")
 def main(cfg: DictConfig) -> None:
-    try:
-        config = to_distill_config(cfg)
-        distill(config, process_info_from_env())
-    except ValueError as error:  # bad input: the reason, no traceback
-        sys.exit(f"launch.distill: {error}")
+    config = to_distill_config(cfg)
+    distill(config, process_info_from_env())
 
 
 register_distill_configs()

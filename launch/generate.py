@@ -26,6 +26,7 @@ import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.cli import exits_on_bad_input
 from launch.config import CommConfig
 from launch.runtime import (
     ProcessInfo,
@@ -146,13 +147,11 @@ def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="generate", version_base=None)
+@exits_on_bad_input("launch.generate")
 def main(cfg: DictConfig) -> None:
     info = process_info_from_env()
-    try:
-        config = to_generate_config(cfg)
-        completions = run_generate(config, info)
-    except ValueError as error:  # bad input (a key, a checkpoint, a task): no traceback
-        sys.exit(f"launch.generate: {error}")
+    config = to_generate_config(cfg)
+    completions = run_generate(config, info)
     if info.is_main:
         for prompt, completion in zip(config.all_prompts(), completions):
             text = completion.text.decode("utf-8", errors="replace")

@@ -13,11 +13,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from launch.cli import exits_on_bad_input
 from launch.distillation import register_distill_configs, to_distill_config
 from launch.ray_train import run_ray
 
 
 @hydra.main(config_path="../conf", config_name="distill", version_base=None)
+@exits_on_bad_input("launch.ray_distill")
 def main(cfg: DictConfig) -> None:
     result = run_ray(to_distill_config(cfg))
     print(f"[ray] finished; last metrics: {result.metrics}", flush=True)

@@ -28,6 +28,7 @@ import hydra
 from omegaconf import DictConfig
 
 from launch.checkpointing import plain
+from launch.cli import exits_on_bad_input
 from launch.config import Backend, RunConfig, register_configs, to_run_config
 from launch.distillation import DistillRunConfig, distill, to_distill_config
 from launch.runtime import ProcessInfo
@@ -133,6 +134,7 @@ def run_ray(config: RunConfig | DistillRunConfig) -> Any:
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
+@exits_on_bad_input("launch.ray_train")
 def main(cfg: DictConfig) -> None:
     result = run_ray(to_run_config(cfg))
     print(f"[ray] finished; last metrics: {result.metrics}", flush=True)

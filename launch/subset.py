@@ -15,7 +15,6 @@ task's routed token-slots, measured on `max_windows` of its training windows
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.cli import exits_on_bad_input
 from launch.generate import Quantization
 from launch.schema import build, hydra_schema
 from moe.inference.subset import (
@@ -100,12 +100,10 @@ def describe(result: SubsetResult) -> str:
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="subset", version_base=None)
+@exits_on_bad_input("launch.subset")
 def main(cfg: DictConfig) -> None:
-    try:
-        config = to_subset_config(cfg)
-        result = run_subset(config)
-    except ValueError as error:
-        sys.exit(f"launch.subset: {error}")
+    config = to_subset_config(cfg)
+    result = run_subset(config)
     print(describe(result), flush=True)
 
 

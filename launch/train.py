@@ -16,6 +16,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from launch.cli import exits_on_bad_input
 from launch.config import register_configs, to_run_config
 from launch.runtime import process_info_from_env
 from launch.trainer import train
@@ -24,6 +25,7 @@ CONFIG_PATH = "../conf"
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base=None)
+@exits_on_bad_input("launch.train")
 def main(cfg: DictConfig) -> None:
     config = to_run_config(cfg)
     train(config, process_info_from_env())

@@ -459,7 +459,7 @@ def test_command_line_distill_then_generate(teacher_dir: Path, tmp_path: Path) -
          f"run_dir={tmp_path / 'bad'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert bad.returncode == 1 and "is not a checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "is not a checkpoint" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 

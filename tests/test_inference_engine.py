@@ -339,4 +339,4 @@ def test_launch_generate_prints_the_engines_greedy_text(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[0] == prompt + expected.splitlines()[0]
     bad = subprocess.run([*command[:-1], "max_tokens=0"], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert bad.returncode != 0 and "max_tokens=0" in bad.stderr
+    assert bad.returncode == 2 and "max_tokens=0" in bad.stderr

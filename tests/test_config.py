@@ -3,24 +3,24 @@ and bad values fail with errors that name the key."""
 
 from __future__ import annotations
 
+import re
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from launch.config import (
-    CommConfig,
     Engine,
     RunConfig,
-    TrainConfig,
     register_configs,
     to_run_config,
 )
 from moe.config import ModelConfig, dense_equivalent
-from moe.data import DataConfig
-from routing.config import CapacityKind, RouterKind, RoutingConfig
+from routing.config import CapacityKind, RouterKind
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -32,31 +32,114 @@ def _compose(*overrides: str) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
+def _yaml(path: Path) -> dict[str, Any]:
+    """The keys a config file sets itself (its `defaults` list left out)."""
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    assert isinstance(values, dict)
+    values.pop("defaults", None)
+    return values
+
+
+def _defaults(path: Path) -> dict[str, str]:
+    """`group: preset` of a defaults list (`override /group: preset` too)."""
+    chosen: dict[str, str] = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
+        if isinstance(entry, dict):
+            ((key, preset),) = entry.items()
+            group = key.removeprefix("override ").strip("/")
+            if "/" not in group and preset is not None:
+                chosen[group] = preset
+    return chosen
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _assert_loaded(section: object, expected: dict[str, Any], where: str) -> None:
+    """Every key in `expected` reached `section` with that value (`???` is skipped)."""
+    assert expected, where
+    for key, value in expected.items():
+        if value == "???":
+            continue
+        assert hasattr(section, key), f"{where}.{key} is not a field"
+        assert _plain(getattr(section, key)) == value, f"{where}.{key}"
+
+
 def test_there_are_experiments() -> None:
     assert {"tiny", "demo"} <= set(EXPERIMENTS)
+
+
+# A few values spelt out, so that the YAML-driven checks below are not the only word.
+KNOWN = {
+    "tiny": {
+        "run_dir": "runs/tiny",
+        "model.d_model": 64,
+        "model.num_experts": 4,
+        "routing.top_k": 2,
+        "comm.ep_size": 1,
+        "data.source": "synthetic",
+        "train.steps": 60,
+    },
+    "demo": {
+        "run_dir": "runs/demo",
+        "model.d_model": 128,
+        "model.num_experts": 8,
+        "comm.ep_size": 2,
+        "data.source": "kjv",
+        "train.steps": 600,
+        "train.warmup_steps": 50,
+        "train.sample_prompt": "And God said, ",
+    },
+}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment: str) -> None:
     run = to_run_config(_compose(f"experiment={experiment}"))
     assert isinstance(run, RunConfig)
-    assert isinstance(run.model, ModelConfig)
-    assert isinstance(run.routing, RoutingConfig)
     assert isinstance(run.routing.router, RouterKind)
-    assert isinstance(run.comm, CommConfig)
-    assert isinstance(run.data, DataConfig)
-    assert isinstance(run.train, TrainConfig)
-    assert run.run_dir
+    for dotted, value in KNOWN.get(experiment, {}).items():
+        *sections, key = dotted.split(".")
+        section = getattr(run, sections[0]) if sections else run
+        assert _plain(getattr(section, key)) == value, f"{experiment}: {dotted}"
+    # The presets it picks (over the root config's), then what it sets itself on top.
+    root = _yaml(CONF / "config.yaml")
+    own = _yaml(CONF / "experiment" / f"{experiment}.yaml")
+    presets = {
+        **_defaults(CONF / "config.yaml"),
+        **_defaults(CONF / "experiment" / f"{experiment}.yaml"),
+    }
+    for group, preset in presets.items():
+        expected = {**_yaml(CONF / group / f"{preset}.yaml"), **own.get(group, {})}
+        _assert_loaded(getattr(run, group), expected, f"{experiment}: {group}={preset}")
+    for key, value in {**root, **own}.items():
+        if key == "hydra" or key in presets:
+            continue
+        if isinstance(value, dict):
+            _assert_loaded(getattr(run, key), {**root.get(key, {}), **value}, experiment)
+        else:
+            assert getattr(run, key) == value, f"{experiment}: {key}"
 
 
 @pytest.mark.parametrize(
     "group", ["model", "routing", "comm", "data", "train"], ids=lambda group: group
 )
 def test_every_group_preset_composes(group: str) -> None:
-    for preset in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+    presets = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert presets
+    for preset in presets:
         extra = ["data.path=/tmp/texts"] if (group, preset) == ("data", "folder") else []
         run = to_run_config(_compose(f"{group}={preset}", *extra))
-        assert isinstance(getattr(run, group), type(getattr(RunConfig(), group)))
+        section = getattr(run, group)
+        assert isinstance(section, type(getattr(RunConfig(), group)))
+        _assert_loaded(section, _yaml(CONF / group / f"{preset}.yaml"), f"{group}={preset}")
+        if extra:
+            assert str(section.path) == "/tmp/texts"
 
 
 def test_presets_mean_what_they_say() -> None:
@@ -96,12 +179,27 @@ def test_hydra_writes_inside_run_dir() -> None:
 
 @pytest.mark.parametrize(
     "override",
-    ["model.nonexistent=1", "routing.capacity_factr=1.0", "train.stepz=10", "bogus=1"],
+    [
+        "model.nonexistent=1",
+        "routing.capacity_factr=1.0",
+        "routing.top_kk=2",
+        "train.stepz=10",
+        "bogus=1",
+        # A misspelt group key and a misspelt group name: the whole key is named.
+        "model.d_modle=3",
+        "trian.steps=10",
+        "rooting=topk",
+    ],
 )
 def test_unknown_keys_fail_in_hydra(override: str) -> None:
     key = override.split("=")[0]
-    with pytest.raises(ConfigCompositionException, match=key.split(".")[-1]):
+    with pytest.raises(ConfigCompositionException, match=f"'{re.escape(key)}'"):
         _compose(override)
+
+
+def test_unknown_preset_fails_in_hydra_naming_it() -> None:
+    with pytest.raises(ConfigCompositionException, match=r"'routing/topkk'"):
+        _compose("routing=topkk")
 
 
 def test_forced_unknown_key_fails_in_our_validation() -> None:

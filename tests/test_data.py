@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -278,8 +279,11 @@ def test_synthetic_corpus_is_deterministic_and_tasks_differ() -> None:
     for a, b, c in zip(first.train_N, second.train_N, other.train_N):
         assert torch.equal(a, b) and not torch.equal(a, c)
     alphabets = [set(stream.tolist()) for stream in first.train_N]
+    assert len(alphabets) == 3
     assert all(len(alphabet) <= 32 for alphabet in alphabets)
-    assert alphabets[0] != alphabets[1] != alphabets[2]
+    # Every pair of tasks differs (a chained `!=` would never compare the first with the last).
+    for i, j in itertools.combinations(range(len(alphabets)), 2):
+        assert alphabets[i] != alphabets[j], (i, j)
 
 
 def test_synthetic_entropy_rate_matches_the_empirical_conditional_entropy() -> None:

@@ -267,18 +267,50 @@ def test_seed_makes_construction_deterministic() -> None:
             assert torch.equal(value, a[name]), name
 
 
+def _head_logits_and_embedding_grad(
+    model: MoETransformer, tokens_BT: torch.Tensor, probe: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, final hidden states, embed.weight.grad) after backpropagating the sum of
+    the logits of token `probe` alone."""
+    model.eval()
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.final_norm.register_forward_hook(
+        lambda _module, _inputs, output: captured.update(h=output)
+    )
+    try:
+        model.zero_grad(set_to_none=True)
+        logits_BTV = model(tokens_BT).logits_BTV
+    finally:
+        hook.remove()
+    logits_BTV[..., probe].sum().backward()
+    grad = model.embed.weight.grad
+    return logits_BTV.detach(), captured["h"].detach(), torch.zeros(0) if grad is None else grad
+
+
 def test_tied_and_untied_embeddings() -> None:
-    tied = MoETransformer(tiny_config(moe_every=0))
-    untied = MoETransformer(tiny_config(moe_every=0, tie_embeddings=False))
+    tokens = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    probe = 200  # never an input token: its embedding row is reached only through the head
+    unused = [row for row in range(128, 256) if row != probe]
+
+    tied = MoETransformer(tiny_config(moe_every=0), seed=0)
     assert tied.lm_head is None and "lm_head.weight" not in tied.state_dict()
-    assert untied.lm_head is not None
-    tokens = torch.randint(0, 256, (1, 5))
+    logits, h, grad = _head_logits_and_embedding_grad(tied, tokens, probe)
+    torch.testing.assert_close(logits, F.linear(h, tied.embed.weight))
+    # One matrix, both uses: the head loss reaches the probe row and the input rows.
+    assert grad[probe].abs().sum() > 0
+    assert grad[tokens.unique()].abs().sum() > 0
+    assert torch.count_nonzero(grad[unused]) == 0
+
+    untied = MoETransformer(tiny_config(moe_every=0, tie_embeddings=False), seed=0)
+    assert untied.lm_head is not None and "lm_head.weight" in untied.state_dict()
+    # Even with the head a copy of the embedding (same logits), the checks above tell a
+    # separate head apart: the head loss never reaches the embedding's probe row.
     with torch.no_grad():
-        tied.embed.weight.mul_(2.0)
-        doubled = tied(tokens).logits_BTV
-        tied.embed.weight.mul_(0.5)
-        base = tied(tokens).logits_BTV
-    assert not torch.allclose(doubled, base)
+        untied.lm_head.weight.copy_(untied.embed.weight)
+    logits, h, grad = _head_logits_and_embedding_grad(untied, tokens, probe)
+    torch.testing.assert_close(logits, F.linear(h, untied.embed.weight))
+    assert grad[probe].abs().sum() == 0
+    assert grad[tokens.unique()].abs().sum() > 0
 
 
 def test_loss_falls_on_a_fixed_batch() -> None:

@@ -94,12 +94,20 @@ class Router(nn.Module):
         return None
 
 
+def topk_lowest_id(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k highest scores along the last dim, highest first; among
+    equal scores the lowest expert id comes first (a stable descending sort), so that the
+    choice is the same on every device and torch version. Differentiable in the values."""
+    values_TE, ids_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+    return values_TE[..., :k], ids_TE[..., :k]
+
+
 def softmax_topk_plan(logits_TE: Tensor, config: RoutingConfig) -> RoutingPlan:
     """Softmax top-k selection with balance and z losses; every slot kept. Logits at
     -inf (a restricted router) get probability 0 and are never selected."""
     num_experts = logits_TE.shape[1]
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    scores_TK, expert_ids_TK = torch.topk(probs_TE, config.top_k, dim=-1)
+    scores_TK, expert_ids_TK = topk_lowest_id(probs_TE, config.top_k)
     weights_TK = scores_TK
     if config.normalize_weights:
         weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True)
@@ -193,7 +201,7 @@ class SigmaRouter(Router):
         if self.training and self.config.expert_dropout > 0:
             dropped = torch.rand_like(selection_TE) < self.config.expert_dropout
             selection_TE = selection_TE.masked_fill(dropped, float("-inf"))
-        expert_ids_TK = torch.topk(selection_TE, self.config.top_k, dim=-1).indices
+        expert_ids_TK = topk_lowest_id(selection_TE, self.config.top_k)[1]
         weights_TK = gates_TE.gather(1, expert_ids_TK)
         entropy_reg = batch_entropy_regularizer(logits_TE)
         probs_TE = torch.softmax(logits_TE.detach(), dim=-1)
@@ -248,7 +256,7 @@ class TaskRouter(Router):
                 f"(routing.num_tasks={self.config.num_tasks})"
             )
         logits_E = self.mask(self.task_logits.weight[task_id])
-        return sorted(torch.topk(logits_E, self.config.top_k).indices.tolist())
+        return sorted(topk_lowest_id(logits_E, self.config.top_k)[1].tolist())
 
 
 def build_router(d_model: int, num_experts: int, config: RoutingConfig) -> Router:

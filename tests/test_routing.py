@@ -206,3 +206,27 @@ def test_bad_tokens_are_named() -> None:
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         router(bad)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_ties_choose_lowest_expert_ids(top_k: int) -> None:
+    """All-equal router scores: every token gets experts 0..K-1, for every router."""
+    num_tokens, num_experts = 9, 6
+    x = torch.randn(num_tokens, 8)
+    expected = torch.arange(top_k).expand(num_tokens, top_k)
+    tasks = torch.tensor([0, 1, 2] * 3)
+    topk = TopKRouter(8, num_experts, RoutingConfig(top_k=top_k))
+    sigma = SigmaRouter(8, num_experts, RoutingConfig(router="sigma", top_k=top_k))
+    task = TaskRouter(8, num_experts, RoutingConfig(router="task", num_tasks=3, top_k=top_k))
+    with torch.no_grad():
+        topk.gate.weight.zero_()
+        sigma.gate.weight.zero_()
+        task.task_logits.weight.fill_(0.25)
+    for router, task_ids in ((topk, None), (sigma, None), (task, tasks)):
+        plan = router.eval()(x, task_ids)
+        assert torch.equal(plan.expert_ids_TK, expected), type(router).__name__
+    assert all(task.experts_for_task(t) == list(range(top_k)) for t in range(3))
+    # Ties between equal scores that are not all equal: the lower id still comes first.
+    logits = torch.log(torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.3, 0.1, 0.3, 0.3]]))
+    plan = softmax_topk_plan(logits, RoutingConfig(top_k=2))
+    assert plan.expert_ids_TK.tolist() == [[1, 2], [0, 2]]

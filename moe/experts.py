@@ -42,6 +42,17 @@ def parse_activation(value: object) -> Activation:
     return parse_enum(Activation, value, "activation")
 
 
+def apply_activation(h: Tensor, gate: Tensor | None, activation: Activation) -> Tensor:
+    """The hidden activation of every MLP here: silu(h) * gate for SwiGLU (gate = x w3),
+    gelu(h) or relu(h) otherwise."""
+    if activation == Activation.SWIGLU:
+        assert gate is not None, "SwiGLU needs the gate projection"
+        return nn.functional.silu(h) * gate
+    if activation == Activation.GELU:
+        return nn.functional.gelu(h)
+    return nn.functional.relu(h)
+
+
 def check_expert_ids(expert_ids: Sequence[int] | None, num_experts: int) -> tuple[int, ...]:
     """The ids as a tuple (0..E-1 when None), or a ValueError unless distinct ascending >= 0."""
     ids = tuple(range(num_experts)) if expert_ids is None else tuple(int(i) for i in expert_ids)
@@ -142,23 +153,14 @@ class GroupedExperts(Experts):
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD: rows sorted by local expert; counts_E: int64 rows per local expert."""
         h_RH = grouped_mm(x_RD, self.w1_EDH, counts_E)
-        if self.w3_EDH is not None:
-            h_RH = nn.functional.silu(h_RH) * grouped_mm(x_RD, self.w3_EDH, counts_E)
-        elif self.activation == Activation.GELU:
-            h_RH = nn.functional.gelu(h_RH)
-        else:
-            h_RH = nn.functional.relu(h_RH)
+        gate_RH = None if self.w3_EDH is None else grouped_mm(x_RD, self.w3_EDH, counts_E)
+        h_RH = apply_activation(h_RH, gate_RH, self.activation)
         return grouped_mm(h_RH, self.w2_EHD, counts_E)
 
     def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
         """One local expert on any rows (plain torch; the reference and small-batch path)."""
-        h = x_ND @ self.w1_EDH[expert]
-        if self.w3_EDH is not None:
-            h = nn.functional.silu(h) * (x_ND @ self.w3_EDH[expert])
-        elif self.activation == Activation.GELU:
-            h = nn.functional.gelu(h)
-        else:
-            h = nn.functional.relu(h)
+        gate = None if self.w3_EDH is None else x_ND @ self.w3_EDH[expert]
+        h = apply_activation(x_ND @ self.w1_EDH[expert], gate, self.activation)
         return h @ self.w2_EHD[expert]
 
     def extra_repr(self) -> str:
@@ -213,11 +215,5 @@ class DenseMLP(nn.Module):
         nn.init.normal_(self.down.weight, std=d_hidden**-0.5)
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        h = self.up(x_TD)
-        if self.gate is not None:
-            h = nn.functional.silu(h) * self.gate(x_TD)
-        elif self.activation == Activation.GELU:
-            h = nn.functional.gelu(h)
-        else:
-            h = nn.functional.relu(h)
-        return self.down(h)
+        gate = None if self.gate is None else self.gate(x_TD)
+        return self.down(apply_activation(self.up(x_TD), gate, self.activation))

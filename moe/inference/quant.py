@@ -76,7 +76,14 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from moe.experts import Activation, Experts, GroupedExperts, check_expert_ids, parse_activation
+from moe.experts import (
+    Activation,
+    Experts,
+    GroupedExperts,
+    apply_activation,
+    check_expert_ids,
+    parse_activation,
+)
 from routing.config import parse_enum
 
 QMAX = 127
@@ -221,15 +228,6 @@ def _register_cuda_kernel() -> None:
 _register_cuda_kernel()
 
 
-def _apply_activation(h: Tensor, gate: Tensor | None, activation: Activation) -> Tensor:
-    if activation == Activation.SWIGLU:
-        assert gate is not None
-        return nn.functional.silu(h) * gate
-    if activation == Activation.GELU:
-        return nn.functional.gelu(h)
-    return nn.functional.relu(h)
-
-
 class Int8Experts(Experts):
     """E expert MLPs with int8 weights: y = act(x w1) w2, or (silu(x w1) * x w3) w2.
 
@@ -325,7 +323,7 @@ class Int8Experts(Experts):
         gate_RH = None
         if self.w3_q_EHD is not None and self.w3_scale_EH is not None:
             gate_RH = int8_grouped_mm(x_RD, self.w3_q_EHD, self.w3_scale_EH, counts_E, method)
-        h_RH = _apply_activation(h_RH, gate_RH, self.activation)
+        h_RH = apply_activation(h_RH, gate_RH, self.activation)
         return int8_grouped_mm(h_RH, self.w2_q_EDH, self.w2_scale_ED, counts_E, method)
 
     def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
@@ -334,7 +332,7 @@ class Int8Experts(Experts):
         gate = None
         if self.w3_q_EHD is not None and self.w3_scale_EH is not None:
             gate = x_ND @ dequantize(self.w3_q_EHD[expert], self.w3_scale_EH[expert], x_ND.dtype)
-        h = _apply_activation(h, gate, self.activation)
+        h = apply_activation(h, gate, self.activation)
         return h @ dequantize(self.w2_q_EDH[expert], self.w2_scale_ED[expert], x_ND.dtype)
 
     def extra_repr(self) -> str:

@@ -74,6 +74,8 @@ def test_bench_cli_runs_checks_and_calibrates(tmp_path: Path) -> None:
     assert "busbw" in done.stdout and "#wrong" in done.stdout
     bench = json.loads(out.read_text())
     assert (bench["nproc"], bench["ranks_per_node"], bench["backend"]) == (2, 1, "gloo")
+    assert bench["command"].startswith("python -m comm.bench --nproc 2") and bench["date"]
+    assert (bench["min_bytes"], bench["max_bytes"], bench["iters"]) == (1024, 65536, 3)
     seen = {(r["op"], r["algo"]) for r in bench["rows"]}
     alltoall = ("raw", "raw_alloc", "flat", "hierarchical", "memcpy")
     assert seen == {("alltoall", a) for a in alltoall} | {

@@ -17,9 +17,13 @@ per-call time. Results are checked against the preallocated floor once.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bytes", type=int, default=1 << 20, help="bytes each rank sends")
     parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--json", metavar="PATH", help="write rank 0's percentiles here")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -80,16 +85,30 @@ def main() -> None:
     if rank == 0:
         print(f"# {world} ranks, {count * 4} bytes per rank, per-call time (us), rank 0")
         floor = sorted(times["pre"])[len(times["pre"]) // 2]
+        rows = {}
         for name, values in times.items():
             values.sort()
 
             def at(q: float, v: list[float] = values) -> float:
                 return v[int(q * (len(v) - 1))] * 1e6
 
+            rows[name] = {"p10_us": at(0.1), "p50_us": at(0.5), "p90_us": at(0.9)}
+            rows[name]["p50_over_pre"] = at(0.5) / (floor * 1e6)
             print(
                 f"{name:>9}  p10 {at(0.1):7.0f}  p50 {at(0.5):7.0f}  p90 {at(0.9):7.0f}"
                 f"  p50/pre {at(0.5) / (floor * 1e6):5.2f}"
             )
+        if args.json:
+            record = {
+                "command": " ".join(["torchrun scripts/bench_alltoall_overhead.py", *sys.argv[1:]]),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load_average": os.getloadavg()[0],
+                "world_size": world,
+                "bytes_per_rank": count * 4,
+                "rounds": args.rounds,
+                "variants": rows,
+            }
+            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     dist.destroy_process_group()
 
 

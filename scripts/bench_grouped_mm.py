@@ -14,9 +14,13 @@ Routing: each row's expert uniform at random (seed 0). Results are checked again
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--d-in", type=int, default=512)
     parser.add_argument("--d-out", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--json", metavar="PATH", help="write the medians here")
     args = parser.parse_args()
     E, R, D, H = args.experts, args.rows, args.d_in, args.d_out
     gen = torch.Generator().manual_seed(0)
@@ -69,9 +74,22 @@ def main() -> None:
     print(f"# E={E} rows={R} D={D} H={H} threads={torch.get_num_threads()} "
           f"max rows per expert {capacity} (mean {R / E:.0f})")  # fmt: skip
     floor = statistics.median(times["dense"])
+    medians_ms = {}
     for name, values in times.items():
         median = statistics.median(values)
+        medians_ms[name] = median * 1e3
         print(f"{name:>7} {median * 1e3:8.1f} ms  {median / floor:5.2f} x dense")
+    if args.json:
+        record = {
+            "command": " ".join(["python scripts/bench_grouped_mm.py", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_average": os.getloadavg()[0],
+            "threads": torch.get_num_threads(),
+            "shape": {"E": E, "rows": R, "D": D, "H": H, "max_rows_per_expert": capacity},
+            "median_ms": medians_ms,
+            "over_dense": {name: ms / (floor * 1e3) for name, ms in medians_ms.items()},
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,21 @@ class InferenceEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    def cancel(self, request_id: int) -> bool:
+        """Drop a waiting or running request (a client that went away) and free its
+        slot; returns whether it was still there. Call it between steps."""
+        for sequence in self._waiting:
+            if sequence.request_id == request_id:
+                self._waiting.remove(sequence)
+                return True
+        for sequence in self._running:
+            if sequence.request_id == request_id:
+                self._running.remove(sequence)
+                self._free_slots.append(sequence.slot)
+                self.cache.reset(sequence.slot)
+                return True
+        return False
+
     # --- the iteration -----------------------------------------------------------------
 
     def _admit(self) -> None:

@@ -1,0 +1,266 @@
+"""`python -m launch.serve checkpoint=P [overrides]`: serve a checkpoint over HTTP.
+
+    python -m launch.serve checkpoint=runs/demo_task                     # 127.0.0.1:8000
+    python -m launch.serve checkpoint=runs/demo_task 'serve.tasks=[law,2]' serve.port=8080
+    python -m launch.serve checkpoint=runs/demo_task serve.ep_size=2 serve.replicas=2
+    RAY_ADDRESS=ray://head:10001 python -m launch.serve checkpoint=/shared/run ...
+
+A Ray Serve application (an embedded local Ray unless `RAY_ADDRESS` names a cluster):
+one deployment per task of `serve.tasks` holding only that task's experts (a subset
+checkpoint: `serve.subsets` maps a task to one, the others are cut at start-up into
+`serve.subset_dir`), one deployment of the full model for every other request
+(expert-parallel over `serve.ep_size` Ray workers when > 1), and the OpenAI-style
+gateway (`launch.serving.api`). Model ids: `full`, and `task-<id>` for every task of a
+task-aware checkpoint (served by its subset deployment when it has one, else by the full
+model). Bounds: `serve.max_body_bytes`, `serve.max_tokens`, and per deployment replica
+`serve.max_ongoing_requests` running plus `serve.max_queued_requests` waiting (then 503
+with `Retry-After`). See docs/SERVING.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.cli import exits_on_bad_input
+from launch.schema import build, hydra_schema
+
+CONFIG_PATH = "../conf"
+
+
+@dataclass
+class ServeOptions:
+    """The service's shape and bounds (`serve.*`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tasks: list[str] = field(default_factory=list)
+    subsets: dict[str, str] = field(default_factory=dict)
+    subset_dir: str = ""
+    replicas: int = 1
+    max_replicas: int = 0  # > replicas: autoscale between the two on ongoing requests
+    ep_size: int = 1
+    max_batch: int = 16
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    max_body_bytes: int = 65536
+    max_tokens: int = 512
+    retry_after_s: int = 1
+    threads_per_replica: int = 1
+    cpus_per_replica: float = 0.5
+    gpus_per_worker: float = 0.0
+    health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 30.0
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        self.tasks = [str(t) for t in self.tasks]
+        self.subsets = {str(k): str(v) for k, v in self.subsets.items()}
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"serve.port={self.port} is invalid; accepted: 0..65535")
+        for key in ("replicas", "ep_size", "max_batch", "max_ongoing_requests",
+                    "max_body_bytes", "max_tokens", "retry_after_s", "threads_per_replica"):  # fmt: skip
+            if getattr(self, key) < 1:
+                raise ValueError(f"serve.{key}={getattr(self, key)} is invalid; accepted: >= 1")
+        if self.max_queued_requests < 0:
+            raise ValueError(
+                f"serve.max_queued_requests={self.max_queued_requests}; accepted: >= 0 (a bound)"
+            )
+        if self.max_replicas and self.max_replicas < self.replicas:
+            raise ValueError(
+                f"serve.max_replicas={self.max_replicas} is below serve.replicas="
+                f"{self.replicas}; accepted: 0 (no autoscaling) or >= serve.replicas"
+            )
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(
+            "MOE_SERVE_PUBLIC"
+        ):
+            print(f"[serve] warning: binding {self.host}, reachable beyond this machine")
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = ""
+    serve: ServeOptions = field(default_factory=ServeOptions)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required: checkpoint=RUN_DIR or checkpoint=STEP_DIR")
+
+
+def register_serve_config() -> None:
+    ConfigStore.instance().store(name="base_serve", node=hydra_schema(ServeConfig))
+
+
+def to_serve_config(cfg: DictConfig | dict[str, Any]) -> ServeConfig:
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
+    return build(ServeConfig, data)
+
+
+def _subset_checkpoints(config: ServeConfig) -> dict[int, str]:
+    """Task id -> subset checkpoint for every task of `serve.tasks` (cut when missing)."""
+    from moe.checkpoint import read_meta
+    from moe.inference.loading import resolve_checkpoint
+    from moe.inference.subset import write_subset
+
+    options = config.serve
+    out_root = Path(options.subset_dir or tempfile.mkdtemp(prefix="moe_serve_subsets_"))
+    chosen: dict[int, str] = {}
+    for task in options.tasks:
+        given = options.subsets.get(task)
+        if given is not None:
+            directory = resolve_checkpoint(given)
+            subset = read_meta(directory).get("extra", {}).get("subset")
+            task_id = int(subset["task"]) if subset else None
+            if task_id is None:
+                raise ValueError(f"serve.subsets.{task}={given!r} is not a task subset checkpoint")
+        else:
+            out = out_root / f"task_{task}"
+            if (out / "latest").is_file():
+                directory = resolve_checkpoint(out)
+                task_id = int(read_meta(directory)["extra"]["subset"]["task"])
+            else:
+                result = write_subset(config.checkpoint, task, out)
+                directory, task_id = result.directory, result.task
+                print(f"[serve] cut the subset of task {task_id} into {directory}", flush=True)
+        if task_id in chosen:
+            raise ValueError(f"serve.tasks names task {task_id} twice")
+        chosen[task_id] = str(Path(directory).resolve())
+    return chosen
+
+
+def _deployment_options(options: ServeOptions, name: str) -> dict[str, Any]:
+    scaling: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.max_replicas > options.replicas:
+        scaling = {"autoscaling_config": {
+            "min_replicas": options.replicas, "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.max_batch,
+        }}  # fmt: skip
+    return {
+        "name": name, "max_ongoing_requests": options.max_ongoing_requests,
+        "max_queued_requests": options.max_queued_requests,
+        "health_check_period_s": options.health_check_period_s,
+        "health_check_timeout_s": options.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": 5,
+        "ray_actor_options": {"num_cpus": options.cpus_per_replica},
+        **scaling,
+    }  # fmt: skip
+
+
+def build_app(config: ServeConfig, probe: bool = False) -> Any:
+    """The Ray Serve application of `config`. `probe` adds the deployment `probe`: the
+    same architecture with no experts (the benchmark's runtime-overhead baseline)."""
+    from ray import serve
+
+    from launch.serving.api import Gateway
+    from launch.serving.deployments import ModelServer, ModelSpec
+    from launch.serving.validation import Limits, ModelEntry
+    from moe.checkpoint import read_meta
+    from moe.inference.loading import configs_of, resolve_checkpoint
+
+    options = config.serve
+    checkpoint = str(resolve_checkpoint(config.checkpoint).resolve())
+    model_config, routing = configs_of(read_meta(Path(checkpoint)))
+    subsets = _subset_checkpoints(config)
+    common = dict(max_batch=options.max_batch, threads=options.threads_per_replica,
+                  cpus_per_worker=options.cpus_per_replica,
+                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s)  # fmt: skip
+    specs = {"full": ModelSpec("full", checkpoint, ep_size=options.ep_size, **common)}  # type: ignore[arg-type]
+    for task_id, path in subsets.items():
+        specs[f"task-{task_id}"] = ModelSpec(f"task-{task_id}", path, **common)  # type: ignore[arg-type]
+    if probe:
+        specs["probe"] = ModelSpec("probe", checkpoint, probe=True, **common)  # type: ignore[arg-type]
+    context = model_config.max_seq_len
+    num_tasks = routing.num_tasks if routing is not None else 0
+    needs_task = routing is not None and routing.needs_task_ids
+    task_ids = tuple(range(num_tasks)) if num_tasks else None
+    catalog = {"full": ModelEntry("full", None, context, needs_task, task_ids)}
+    for task_id in range(num_tasks):
+        deployment = f"task-{task_id}" if task_id in subsets else "full"
+        catalog[f"task-{task_id}"] = ModelEntry(deployment, task_id, context)
+    if probe:
+        catalog["probe"] = ModelEntry("probe", None, context)
+    model_deployment = serve.deployment(ModelServer)
+    handles = {
+        name: model_deployment.options(**_deployment_options(options, name)).bind(spec)
+        for name, spec in specs.items()
+    }
+    limits = Limits(max_body_bytes=options.max_body_bytes, max_tokens=options.max_tokens)
+    gateway = serve.deployment(Gateway).options(
+        name="gateway", num_replicas=1, max_ongoing_requests=4096, max_queued_requests=4096,
+        ray_actor_options={"num_cpus": 0},
+    )  # fmt: skip
+    health_timeout_s = min(options.health_check_timeout_s, 10.0)
+    return gateway.bind(handles, catalog, limits, options.retry_after_s, health_timeout_s)
+
+
+def init_ray(config: ServeConfig) -> None:
+    """An embedded local Ray (enough logical CPUs for every replica and worker), or the
+    cluster `RAY_ADDRESS` names."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    options = config.serve
+    deployments = 1 + len(options.tasks) + 1
+    actors = deployments * max(options.replicas, options.max_replicas) + options.ep_size * max(
+        options.replicas, options.max_replicas
+    )
+    num_cpus = max(2, math.ceil(actors * options.cpus_per_replica) + 2)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def start(config: ServeConfig, probe: bool = False) -> str:
+    """Start Ray (if needed), the HTTP proxy on `serve.host:serve.port` and the
+    application; returns the base URL once every deployment is running."""
+    from ray import serve
+
+    app = build_app(config, probe=probe)
+    init_ray(config)
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(app, name="moe", route_prefix="/")
+    return f"http://{config.serve.host}:{config.serve.port}"
+
+
+def stop() -> None:
+    """Shut Serve and the Ray this process started down."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="serve", version_base=None)
+@exits_on_bad_input("launch.serve")
+def main(cfg: DictConfig) -> None:
+    config = to_serve_config(cfg)
+    url = start(config)
+    print(f"[serve] ready at {url} (POST /v1/completions, GET /v1/models, GET /healthz)",
+          flush=True)  # fmt: skip
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+register_serve_config()
+
+if __name__ == "__main__":
+    main()

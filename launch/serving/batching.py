@@ -1,0 +1,192 @@
+"""Iteration-level batching inside one replica: an asyncio loop driving engine steps.
+
+Requests arrive as coroutines (`BatchLoop.generate`); the loop keeps one list of new
+submissions and one of cancellations, and between two engine steps hands both to the
+step function with the next step. Every running request thus shares each model call
+with every other (Orca / vLLM scheduling, `moe.inference.engine`), and a request whose
+client went away is cancelled in the engine at the next step, freeing its slot.
+
+The step function is where the engine lives: `EngineShard.step` in a thread of this
+process (one replica, one engine), or the same call on every expert-parallel worker at
+once (`launch.serving.ep_workers`). An error from a step fails every request in flight
+and breaks the loop for good (`broken`): the replica then reports unhealthy and Ray
+Serve replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from moe.inference import Completion, InferenceEngine, SamplingParams
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request as the step function sees it; `key` is the loop's request id."""
+
+    key: int
+    prompt: bytes
+    params: SamplingParams
+    task: int | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one step produced for one request: text it may show, its completion when it
+    finished, or the reason the engine refused it."""
+
+    key: int
+    new_text: bytes
+    completion: Completion | None = None
+    error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.completion is not None or self.error is not None
+
+
+class ReplicaUnavailable(RuntimeError):
+    """The replica's engine failed (an expert-parallel worker died, say): retry later."""
+
+
+class EngineShard:
+    """An `InferenceEngine` addressed by the loop's request keys."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.engine = engine
+        self._key_of: dict[int, int] = {}  # engine request id -> key
+        self._engine_id_of: dict[int, int] = {}
+
+    def step(
+        self, submissions: list[Submission], cancels: list[int], always: bool = False
+    ) -> list[Event]:
+        """Cancel, submit, then run one engine step (with `always`, also with no work:
+        expert-parallel ranks call their MoE layers together)."""
+        refused = []
+        for key in cancels:
+            engine_id = self._engine_id_of.pop(key, None)
+            if engine_id is not None:
+                self.engine.cancel(engine_id)
+                del self._key_of[engine_id]
+        for submission in submissions:
+            try:
+                engine_id = self.engine.submit(
+                    submission.prompt, submission.params, submission.task
+                )
+            except ValueError as error:
+                refused.append(Event(submission.key, b"", error=str(error)))
+                continue
+            self._key_of[engine_id] = submission.key
+            self._engine_id_of[submission.key] = engine_id
+        if not (always or self.engine.has_work()):
+            return refused
+        events = refused
+        for event in self.engine.step():
+            key = self._key_of[event.request_id]
+            if event.completion is not None:
+                del self._key_of[event.request_id]
+                del self._engine_id_of[key]
+            events.append(Event(key, event.new_text, event.completion))
+        return events
+
+
+StepFunction = Callable[[list[Submission], list[int]], Awaitable[list[Event]]]
+
+
+def local_step(shard: EngineShard) -> StepFunction:
+    """Steps of an engine in this process, in a thread so the event loop keeps serving."""
+
+    async def step(submissions: list[Submission], cancels: list[int]) -> list[Event]:
+        return await asyncio.to_thread(shard.step, submissions, cancels)
+
+    return step
+
+
+class BatchLoop:
+    """The asyncio side: requests in, events out, one engine step at a time."""
+
+    def __init__(self, step: StepFunction) -> None:
+        self._step = step
+        self._keys = itertools.count()
+        self._queues: dict[int, asyncio.Queue[Event | BaseException]] = {}
+        self._submissions: list[Submission] = []
+        self._cancels: list[int] = []
+        self._in_engine: set[int] = set()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.broken: BaseException | None = None
+        self.completed = 0
+        self.steps = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queues)
+
+    async def generate(
+        self, prompt: bytes, params: SamplingParams, task: int | None
+    ) -> AsyncIterator[Event]:
+        """The events of one request, the last one final. Raises `ReplicaUnavailable`
+        when the engine fails; cancelling the consumer cancels the request."""
+        if self.broken is not None:
+            raise ReplicaUnavailable(f"this replica's engine failed: {self.broken}")
+        self._start()
+        assert self._wake is not None
+        key = next(self._keys)
+        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        self._queues[key] = queue
+        self._submissions.append(Submission(key, prompt, params, task))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise ReplicaUnavailable(f"this replica's engine failed: {item}") from item
+                if item.final:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(key, None)
+            if not finished:  # the consumer went away: free the engine's slot
+                self._cancels.append(key)
+                self._wake.set()
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while self.broken is None:
+            if not (self._submissions or self._cancels or self._in_engine):
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            cancelled = set(self._cancels)
+            submissions = [s for s in self._submissions if s.key not in cancelled]
+            cancels = [key for key in self._cancels if key in self._in_engine]
+            self._submissions, self._cancels = [], []
+            self._in_engine -= cancelled
+            self._in_engine |= {s.key for s in submissions}
+            try:
+                events = await self._step(submissions, cancels)
+            except Exception as error:  # every waiter gets it, then health fails
+                self.broken = error
+                for queue in self._queues.values():
+                    queue.put_nowait(error)
+                return
+            self.steps += 1
+            for event in events:
+                if event.final:
+                    self._in_engine.discard(event.key)
+                    self.completed += event.completion is not None
+                queue = self._queues.get(event.key)
+                if queue is not None:
+                    queue.put_nowait(event)

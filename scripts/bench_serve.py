@@ -1,0 +1,200 @@
+"""Load benchmark of the HTTP service (`launch.serve`): a task-subset deployment against
+the full-model deployment, in one run, over real loopback sockets.
+
+    OMP_NUM_THREADS=1 python scripts/bench_serve.py --checkpoint runs/demo_task --task 2 \\
+        --json docs/results/serve_bench.json --plot docs/results/serve_bench.png
+
+For each concurrency level (1, 8, 32, 64) and, interleaved, each deployment (`task-T`,
+its subset; `full` with `task=T`, the whole model), closed-loop clients (each sends its
+next request when the previous answer is complete) stream greedy completions of fixed
+prompts for `--duration-s`. Per cell: completion tokens/s, p50/p99 request latency, p50
+time to first token (first server-sent event), errors. Every request is counted: the
+clients' count against the gateway's (`/v1/stats`), completion ids unique.
+
+Memory: resident set size per deployment (the replica's process, and an EP model's
+workers), after the load. The target: task RSS <= its dense weights + its experts + the
+runtime overhead, measured on the `probe` deployment (the same architecture with no
+experts: its RSS minus its weight bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from launch.serve import ServeConfig, ServeOptions, start, stop
+
+PROMPTS = ["In the beginning ", "And the LORD said unto ", "Blessed are the ", "And it came "]
+
+
+async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    first = None
+    tokens, completion_id, status = 0, "", 0
+    async with client.stream("POST", "/v1/completions", json=body) as answer:
+        status = answer.status_code
+        if status != 200:
+            await answer.aread()
+            return {"status": status, "latency_s": time.perf_counter() - started}
+        async for line in answer.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if first is None:
+                first = time.perf_counter() - started
+            payload = line.removeprefix("data: ")
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            if "error" in chunk:
+                status = 599
+                break
+            completion_id = chunk["id"]
+            if "usage" in chunk:
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"status": status, "latency_s": time.perf_counter() - started, "ttft_s": first,
+            "tokens": tokens, "id": completion_id}  # fmt: skip
+
+
+async def _cell(url: str, model: str, task: int, clients: int, duration_s: float,
+                max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    limits = httpx.Limits(max_connections=clients + 4)
+    results: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
+        before = (await client.get("/v1/stats")).json()["responses"]
+        deadline = time.perf_counter() + duration_s
+
+        async def loop(index: int) -> None:
+            sent = 0
+            while time.perf_counter() < deadline:
+                body = {"model": model, "prompt": PROMPTS[(index + sent) % len(PROMPTS)],
+                        "max_tokens": max_tokens, "temperature": 0, "stream": True}  # fmt: skip
+                if model == "full":
+                    body["task"] = task
+                results.append(await _one(client, body))
+                sent += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(loop(i) for i in range(clients)))
+        wall = time.perf_counter() - started
+        after = (await client.get("/v1/stats")).json()["responses"]
+    ok = [r for r in results if r["status"] == 200]
+    answered = sum(after.values()) - sum(before.values())
+    ids = [r["id"] for r in ok]
+    latencies = sorted(r["latency_s"] for r in ok)
+    return {
+        "model": model, "clients": clients, "requests": len(results), "ok": len(ok),
+        "errors": len(results) - len(ok), "gateway_answered": answered,
+        "lost": len(results) - answered, "answered_twice": len(ids) - len(set(ids)),
+        "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99),
+        "ttft_p50_s": _quantile(sorted(r["ttft_s"] for r in ok), 0.5),
+    }  # fmt: skip
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _memory(url: str) -> dict[str, Any]:
+    models = {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=120).json()["data"]}
+    memory = {
+        name: {k: models[name][k] for k in ("resident_bytes", "weight_bytes", "expert_bytes",
+                                            "dense_bytes", "experts", "ep_size")}
+        for name in models if name in ("full", "probe") or models[name]["deployment"] == name
+    }  # fmt: skip
+    probe = memory.pop("probe")
+    overhead = probe["resident_bytes"] - probe["weight_bytes"]
+    for entry in memory.values():
+        entry["bound_bytes"] = entry["dense_bytes"] + entry["expert_bytes"] + overhead
+        entry["within_bound"] = entry["resident_bytes"] <= entry["bound_bytes"]
+    return {"runtime_overhead_bytes": overhead, "probe": probe, "deployments": memory}
+
+
+def _plot(cells: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for model in sorted({c["model"] for c in cells}):
+        mine = [c for c in cells if c["model"] == model]
+        clients = [c["clients"] for c in mine]
+        left.plot(clients, [c["tokens_per_s"] for c in mine], marker="o", label=model)
+        right.plot(clients, [c["latency_p50_s"] for c in mine], marker="o", label=f"{model} p50")
+        right.plot(clients, [c["latency_p99_s"] for c in mine], marker="x", ls="--",
+                   label=f"{model} p99")  # fmt: skip
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="completion tokens/s",
+             title="throughput")  # fmt: skip
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (s)",
+              title="request latency")  # fmt: skip
+    left.legend()
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="runs/demo_task")
+    parser.add_argument("--task", type=int, default=2)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--ep-size", type=int, default=1)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args()
+    options = ServeOptions(
+        port=args.port, tasks=[str(args.task)], ep_size=args.ep_size, max_batch=args.max_batch,
+        max_ongoing_requests=max(args.clients), max_queued_requests=max(args.clients),
+        max_tokens=max(64, args.max_tokens),
+    )  # fmt: skip
+    config = ServeConfig(checkpoint=args.checkpoint, serve=options)
+    try:
+        url = start(config, probe=True)
+        memory_idle = _memory(url)
+        cells = []
+        for clients in args.clients:
+            for model in (f"task-{args.task}", "full"):
+                cell = asyncio.run(_cell(url, model, args.task, clients, args.duration_s,
+                                         args.max_tokens))  # fmt: skip
+                print(json.dumps(cell), flush=True)
+                cells.append(cell)
+        memory = _memory(url)
+    finally:
+        stop()
+    result = {
+        "date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join(sys.argv), "checkpoint": args.checkpoint, "task": args.task,
+        "max_tokens": args.max_tokens, "max_batch": args.max_batch, "ep_size": args.ep_size,
+        "duration_s": args.duration_s, "cells": cells, "memory_idle": memory_idle,
+        "memory_after_load": memory,
+        "lost": sum(c["lost"] for c in cells),
+        "answered_twice": sum(c["answered_twice"] for c in cells),
+    }  # fmt: skip
+    print(json.dumps({k: result[k] for k in ("lost", "answered_twice", "memory_after_load")},
+                     indent=1))  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        _plot(cells, args.plot)
+
+
+if __name__ == "__main__":
+    main()

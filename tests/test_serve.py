@@ -1,0 +1,234 @@
+"""The service over real loopback HTTP (`launch.serve`): one Ray Serve application shared
+by the module (a tiny task-routed checkpoint; task 1 served by its subset, the rest by
+the full model expert-parallel over 2 Ray workers). Greedy answers equal offline
+`launch.generate` (EP=1), streaming ends in [DONE], a full queue answers 503 with
+Retry-After and recovers, and the faults: a replica SIGKILLed while clients send, and an
+EP worker stopped. Every request is counted: none lost, none answered twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from test_subset import tiny_run_config
+
+from launch.checkpointing import config_dict
+from launch.generate import GenerateConfig, run_generate
+from launch.runtime import ProcessInfo
+from launch.serve import ServeConfig, ServeOptions, start, stop
+from moe.checkpoint import save_checkpoint
+from moe.transformer import MoETransformer
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPTS = ["In the beginning", "And God said, ", "Blessed are", "x"]
+TOKENS = 12
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _checkpoint(directory: Path) -> Path:
+    """A random task-routed model (4 tasks, 8 experts, top-2) with sharp logits."""
+    config = tiny_run_config("task", 8)
+    model = MoETransformer(config.model, config.routing, seed=5)
+    with torch.no_grad():
+        model.final_norm.weight.mul_(30.0)  # clear greedy margins: EP sums in another order
+    save_checkpoint(directory / "checkpoints", model, None, 7, config_dict(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = _checkpoint(root / "run")
+    options = ServeOptions(
+        port=_free_port(), tasks=["1"], subset_dir=str(root / "subsets"), ep_size=2,
+        max_batch=4, max_ongoing_requests=2, max_queued_requests=2, max_tokens=64,
+        health_check_period_s=1.0, health_check_timeout_s=10.0, timeout_s=60.0,
+    )  # fmt: skip
+    try:
+        url = start(ServeConfig(checkpoint=str(checkpoint), serve=options))
+        with httpx.Client(base_url=url, timeout=120.0) as client:
+            yield checkpoint, client
+    finally:
+        stop()
+
+
+def _offline(checkpoint: Path, task: int) -> list[str]:
+    config = GenerateConfig(checkpoint=str(checkpoint), prompts=PROMPTS, task=task,
+                            max_tokens=TOKENS, temperature=0.0)  # fmt: skip
+    return [c.text.decode("utf-8", "replace") for c in run_generate(config, ProcessInfo())]
+
+
+def _complete(client: httpx.Client, model: str, prompt: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0, **extra}
+    return client.post("/v1/completions", json=body)
+
+
+def test_models_list_each_deployment_and_its_experts(service: Any) -> None:
+    _, client = service
+    answer = client.get("/v1/models")
+    assert answer.status_code == 200
+    models = {m["id"]: m for m in answer.json()["data"]}
+    assert sorted(models) == ["full", "task-0", "task-1", "task-2", "task-3"]
+    assert models["task-1"]["deployment"] == "task-1" and models["task-2"]["deployment"] == "full"
+    assert models["full"]["ep_size"] == 2 and len(models["full"]["pids"]) == 3
+    assert all(ids == list(range(8)) for ids in models["full"]["experts"].values())
+    assert all(len(ids) == 2 for ids in models["task-1"]["experts"].values())  # top-2
+    assert models["task-1"]["weight_bytes"] < models["full"]["weight_bytes"]
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "deployments": {"full": "ok", "task-1": "ok"},
+    }
+
+
+def test_http_greedy_equals_offline_generate_and_ep2_equals_ep1(service: Any) -> None:
+    checkpoint, client = service
+    for task, models in ((1, ["task-1", "full"]), (2, ["task-2"])):
+        expected = _offline(checkpoint, task)  # launch.generate, one process (EP=1)
+        assert len(set(expected)) > 1
+        for model in models:
+            extra = {"task": task} if model == "full" else {}
+            answers = [_complete(client, model, p, **extra).json() for p in PROMPTS]
+            assert [a["choices"][0]["text"] for a in answers] == expected, model
+            assert all(a["usage"]["completion_tokens"] == TOKENS for a in answers)
+            assert all(a["choices"][0]["finish_reason"] == "length" for a in answers)
+
+
+def test_streaming_sends_chunks_then_done(service: Any) -> None:
+    _, client = service
+    whole = _complete(client, "task-1", PROMPTS[0]).json()["choices"][0]["text"]
+    body = {"model": "task-1", "prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0,
+            "stream": True}  # fmt: skip
+    with client.stream("POST", "/v1/completions", json=body) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in answer.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert len(chunks) > 1 and "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_bad_requests_over_http(service: Any) -> None:
+    _, client = service
+    cases = [
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": "task-1", "prompt": "x", "temperature": -1}, 422, "temperature"),
+        ({"model": "task-1", "prompt": "x", "max_tokens": 65}, 422, "max_tokens"),
+        ({"model": "task-1", "prompt": "x" * 40}, 400, "prompt"),
+        ({"model": "full", "prompt": "x"}, 422, "task"),
+    ]
+    for body, status, param in cases:
+        answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == status and answer.json()["error"]["param"] == param
+    assert client.post("/v1/completions", content=b"\xff{").status_code == 400
+    assert client.post("/v1/completions", content=b"x" * 70000).status_code == 413
+
+
+def test_overload_answers_503_with_retry_after_then_recovers(service: Any) -> None:
+    _, client = service
+    body = {"model": "task-1", "prompt": "load", "max_tokens": 64, "temperature": 0}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/completions", json=body), range(16)))
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {200, 503}, statuses
+    rejected = [a for a in answers if a.status_code == 503]
+    assert all(a.headers["retry-after"] == "1" for a in rejected)
+    assert all(a.json()["error"]["code"] == "overloaded" for a in rejected)
+    assert _complete(client, "task-1", "after").status_code == 200
+
+
+def _clients_while(client: httpx.Client, action: Any, settle: Any) -> list[tuple[int, str]]:
+    """4 client threads send requests until `settle()` after `action()`; returns every
+    (status, id). A request that hangs past the client timeout fails the test."""
+    results: list[tuple[int, str]] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def send(index: int) -> None:
+        while not done.is_set():
+            answer = _complete(client, "task-1", PROMPTS[index % len(PROMPTS)])
+            key = answer.json().get("id", "") if answer.status_code == 200 else ""
+            with lock:
+                results.append((answer.status_code, key))
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(send, i) for i in range(4)]
+        while sum(s == 200 for s, _ in results) < 4:
+            time.sleep(0.1)
+        action()
+        try:
+            settle(results)
+        finally:
+            done.set()
+        for future in futures:
+            future.result()  # re-raises a client error (a timeout: a hung request)
+    return results
+
+
+def test_a_replica_killed_from_outside_is_replaced(service: Any) -> None:
+    _, client = service
+    before = client.get("/v1/stats").json()["responses"]
+    (pid,) = [m["pids"][0] for m in client.get("/v1/models").json()["data"] if m["id"] == "task-1"]
+
+    def kill() -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    def settle(results: list[tuple[int, str]]) -> None:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            if sum(s == 200 for s, _ in results[-8:]) == 8 and len(results) > 16:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no recovery: {results[-8:]}")
+
+    results = _clients_while(client, kill, settle)
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    ids = [key for status, key in results if status == 200]
+    assert len(ids) == len(set(ids))  # none answered twice
+    after = client.get("/v1/stats").json()["responses"]
+    answered = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert answered.get("200", 0) == statuses.count(200)  # none lost
+    assert sum(answered.values()) == len(statuses)  # every request answered once
+    new = [m["pids"][0] for m in client.get("/v1/models").json()["data"] if m["id"] == "task-1"]
+    assert new != [pid]
+
+
+def test_a_stopped_ep_worker_makes_the_full_model_unhealthy_then_it_recovers(
+    service: Any,
+) -> None:
+    checkpoint, client = service
+    (full,) = [m for m in client.get("/v1/models").json()["data"] if m["id"] == "full"]
+    os.kill(full["pids"][2], signal.SIGKILL)  # one of the 2 EP workers
+    seen_unhealthy = False
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        health = client.get("/healthz")
+        if health.status_code == 503:
+            seen_unhealthy = True
+            assert health.json()["deployments"]["full"].startswith("unhealthy")
+        elif seen_unhealthy:
+            break
+        time.sleep(0.5)
+    assert seen_unhealthy and health.status_code == 200
+    (renewed,) = [m for m in client.get("/v1/models").json()["data"] if m["id"] == "full"]
+    assert not set(renewed["pids"]) & set(full["pids"])
+    expected = _offline(checkpoint, 3)
+    answers = [_complete(client, "full", p, task=3).json() for p in PROMPTS]
+    assert [a["choices"][0]["text"] for a in answers] == expected

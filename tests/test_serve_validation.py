@@ -1,0 +1,208 @@
+"""Serving without Ray: every request-validation path (`launch.serving.validation`), the
+HTTP errors failures become (`launch.serving.api.translate_error`), and the in-replica
+batching loop (`launch.serving.batching`) over a real engine: concurrent requests share
+steps, answer what one request alone answers, and a cancelled one frees its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from test_inference_engine import prompts, sharp_model
+
+from launch.serving.batching import BatchLoop, EngineShard, local_step
+from launch.serving.validation import (
+    Limits,
+    ModelEntry,
+    RequestError,
+    parse_completion_request,
+)
+from moe.inference import InferenceEngine, SamplingParams, generate
+
+LIMITS = Limits(max_body_bytes=1024, max_tokens=64)
+CATALOG = {
+    "full": ModelEntry("full", None, 32, needs_task=True, task_ids=(0, 1, 2)),
+    "task-1": ModelEntry("task-1", 1, 32),
+    "task-2": ModelEntry("full", 2, 32),
+    "open": ModelEntry("open", None, 32),
+}
+
+
+def parse(body: object, raw: bytes | None = None) -> object:
+    data = raw if raw is not None else json.dumps(body).encode()
+    return parse_completion_request(data, CATALOG, LIMITS)
+
+
+def refused(body: object, raw: bytes | None = None) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        parse(body, raw)
+    return caught.value
+
+
+def test_a_full_request_is_parsed() -> None:
+    request = parse({
+        "model": "task-1", "prompt": "In the beginning", "max_tokens": 12, "temperature": 0,
+        "top_p": 0.5, "stop": ["\n", "."], "seed": 4, "stream": True,
+    })  # fmt: skip
+    assert request.deployment == "task-1" and request.task == 1  # type: ignore[attr-defined]
+    assert request.prompt == b"In the beginning" and request.stop == (b"\n", b".")  # type: ignore[attr-defined]
+    assert request.stream and request.max_tokens == 12 and request.seed == 4  # type: ignore[attr-defined]
+    other = parse({"model": "task-2", "prompt": "x", "stop": "ab"})
+    assert other.deployment == "full" and other.task == 2 and other.stop == (b"ab",)  # type: ignore[attr-defined]
+    defaults = parse({"model": "open", "prompt": "é"})
+    assert defaults.prompt == "é".encode() and defaults.temperature == 1.0  # type: ignore[attr-defined]
+    assert defaults.task is None and not defaults.stream  # type: ignore[attr-defined]
+    assert parse({"model": "full", "prompt": "x", "task": 2}).task == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": 3, "prompt": "x"}, 422, "model"),
+        ({"prompt": "x"}, 422, "model"),
+        ({"model": "open"}, 422, "prompt"),
+        ({"model": "open", "prompt": ["x"]}, 422, "prompt"),
+        ({"model": "open", "prompt": ""}, 422, "prompt"),
+        ({"model": "open", "prompt": "x" * 33}, 400, "prompt"),  # longer than the context
+        ({"model": "open", "prompt": "é" * 17}, 400, "prompt"),  # 34 bytes in UTF-8
+        ({"model": "open", "prompt": "\ud800"}, 400, "prompt"),  # a lone surrogate
+        ({"model": "open", "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+        ({"model": "open", "prompt": "x", "max_tokens": 65}, 422, "max_tokens"),
+        ({"model": "open", "prompt": "x", "max_tokens": "5"}, 422, "max_tokens"),
+        ({"model": "open", "prompt": "x", "max_tokens": 5.0}, 422, "max_tokens"),
+        ({"model": "open", "prompt": "x", "max_tokens": True}, 422, "max_tokens"),
+        ({"model": "open", "prompt": "x", "temperature": -0.1}, 422, "temperature"),
+        ({"model": "open", "prompt": "x", "temperature": "hot"}, 422, "temperature"),
+        ({"model": "open", "prompt": "x", "temperature": 1e9}, 422, "temperature"),
+        ({"model": "open", "prompt": "x", "top_p": 0}, 422, "top_p"),
+        ({"model": "open", "prompt": "x", "top_p": 1.5}, 422, "top_p"),
+        ({"model": "open", "prompt": "x", "stop": 5}, 422, "stop"),
+        ({"model": "open", "prompt": "x", "stop": ["a", 1]}, 422, "stop"),
+        ({"model": "open", "prompt": "x", "stop": [""]}, 422, "stop"),
+        ({"model": "open", "prompt": "x", "stop": ["a"] * 5}, 422, "stop"),
+        ({"model": "open", "prompt": "x", "stop": "x" * 65}, 422, "stop"),
+        ({"model": "open", "prompt": "x", "seed": -1}, 422, "seed"),
+        ({"model": "open", "prompt": "x", "seed": 2**64}, 422, "seed"),
+        ({"model": "open", "prompt": "x", "stream": "yes"}, 422, "stream"),
+        ({"model": "open", "prompt": "x", "n": 2}, 422, "n"),
+        ({"model": "full", "prompt": "x"}, 422, "task"),  # a task-routed model needs one
+        ({"model": "full", "prompt": "x", "task": 7}, 422, "task"),
+        ({"model": "full", "prompt": "x", "task": "1"}, 422, "task"),
+        ({"model": "task-1", "prompt": "x", "task": 2}, 422, "task"),
+    ],
+)
+def test_each_bad_field_is_named(body: dict, status: int, param: str) -> None:
+    error = refused(body)
+    assert (error.status, error.param) == (status, param), error.message
+    payload = error.body()["error"]
+    assert payload["param"] == param and payload["message"] and payload["type"]
+    json.dumps(error.body())  # the answer is JSON
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"\xff\xfe{}", 400, "invalid_utf8"),
+        (b'{"model": "open", "prompt": "\xc3("}', 400, "invalid_utf8"),
+        (b"{not json", 400, "invalid_json"),
+        (b'[{"model": "open"}]', 400, "invalid_json"),
+        (b'{"model": "open", "prompt": "x", "temperature": NaN}', 400, "invalid_json"),
+        (b'{"model": "open", "prompt": "x", "top_p": Infinity}', 400, "invalid_json"),
+        (b'{"model": "open", "prompt": "' + b"x" * 1100 + b'"}', 413, "body_too_large"),
+        (b"\x80\x04\x95" + b"pickle", 400, "invalid_utf8"),  # a pickle is never unpickled
+    ],
+)
+def test_bad_bodies(raw: bytes, status: int, code: str) -> None:
+    error = refused(None, raw)
+    assert (error.status, error.code) == (status, code), error.message
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        Limits(max_tokens=0)
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        Limits(max_body_bytes=-1)
+
+
+def test_failures_behind_the_gateway_become_http_errors() -> None:
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from launch.serving.api import translate_error
+    from launch.serving.batching import ReplicaUnavailable
+
+    full = translate_error(BackPressureError(num_queued_requests=4, max_queued_requests=4), 2)
+    assert full.status == 503 and full.headers == {"Retry-After": "2"}
+    assert translate_error(ActorDiedError(), 1).status == 503
+    assert translate_error(ReplicaUnavailable("worker died"), 1).status == 503
+    assert translate_error(ValueError("task_id=9 is not a task"), 1).status == 422
+    assert translate_error(RuntimeError("bug"), 1).status == 500
+
+
+# --- the batching loop, without Ray ----------------------------------------------------
+
+
+async def _run_loop(engine: InferenceEngine, texts: list[bytes], tokens: int) -> list[bytes]:
+    loop = BatchLoop(local_step(EngineShard(engine)))
+    greedy = SamplingParams(max_tokens=tokens, temperature=0)
+
+    async def one(prompt: bytes) -> bytes:
+        shown, final = b"", b""
+        async for event in loop.generate(prompt, greedy, None):
+            shown += event.new_text
+            if event.completion is not None:
+                final = event.completion.text
+        assert shown == final  # the streamed pieces make up the completion
+        return final
+
+    results = await asyncio.gather(*(one(p) for p in texts))
+    # Concurrent requests shared steps: far fewer steps than one request after another.
+    assert loop.steps < len(texts) * tokens // 2 and loop.completed == len(texts)
+    return list(results)
+
+
+def test_concurrent_requests_share_steps_and_equal_one_at_a_time() -> None:
+    model = sharp_model(31)
+    texts = prompts(6, seed=3)
+    expected = [generate(model, p, 9, temperature=0) for p in texts]
+    engine = InferenceEngine(model, max_batch=4)
+    assert asyncio.run(_run_loop(engine, texts, 9)) == expected
+
+
+def test_a_consumer_that_goes_away_frees_its_slot() -> None:
+    model = sharp_model(32)
+    engine = InferenceEngine(model, max_batch=1)
+
+    async def scenario() -> bytes:
+        loop = BatchLoop(local_step(EngineShard(engine)))
+        stream = loop.generate(b"abc", SamplingParams(max_tokens=50, temperature=0), None)
+        await stream.__anext__()
+        await stream.aclose()  # the client left after one token
+        final = b""
+        async for event in loop.generate(b"xyz", SamplingParams(max_tokens=5, temperature=0), None):
+            if event.completion is not None:
+                final = event.completion.text
+        assert not engine.has_work()
+        return final
+
+    # With one slot, the second request can only run if the first was cancelled.
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == generate(
+        model, b"xyz", 5, temperature=0
+    )
+
+
+def test_engine_refusals_reach_only_their_request() -> None:
+    model = sharp_model(33)
+    engine = InferenceEngine(model, max_batch=2, task_ids=[])
+
+    async def scenario() -> list[str | None]:
+        loop = BatchLoop(local_step(EngineShard(engine)))
+        errors = []
+        async for event in loop.generate(b"ab", SamplingParams(max_tokens=3), 5):
+            errors.append(event.error)
+        return errors
+
+    (error,) = asyncio.run(scenario())
+    assert error is not None and "task_id=5" in error

@@ -26,6 +26,13 @@ LATEST_FILE = "latest"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+def replaced_dir(directory: Path, name: str) -> Path:
+    """Where a re-save of step directory `name` moves the old one aside before moving the
+    new one in. A kill between those two renames leaves the step only here, while
+    `latest` may still name it; `resolve_latest` then takes this copy."""
+    return directory / f".{name}.replaced"
+
+
 def expert_file(layer: int, expert: int) -> str:
     """Path (relative to a step directory) of global expert `expert` of MoE layer `layer`."""
     return f"experts/layer_{layer:03d}_expert_{expert:04d}.safetensors"

@@ -27,6 +27,7 @@ from moe.checkpoint.files import (
     load_tensors,
     read_meta,
     read_verified,
+    replaced_dir,
 )
 from moe.experts import Experts, expert_modules
 
@@ -48,12 +49,17 @@ class LoadedCheckpoint:
 
 def resolve_latest(directory: str | Path) -> Path | None:
     """The step directory `directory/latest` points to; None when there is no checkpoint
-    yet (no `latest`); ValueError when `latest` points to nothing."""
+    yet (no `latest`); ValueError when `latest` points to nothing. If a re-save of that
+    step was killed between moving the old directory aside and moving the new one in,
+    the old one, aside (`files.replaced_dir`)."""
     pointer = Path(directory) / LATEST_FILE
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
     target = Path(directory) / name
+    aside = replaced_dir(Path(directory), name)
+    if STEP_DIR.match(name) and not target.exists() and (aside / META_FILE).is_file():
+        return aside
     if not STEP_DIR.match(name) or not (target / META_FILE).is_file():
         raise ValueError(f"{pointer} points to {name!r}, which is not a complete checkpoint")
     return target

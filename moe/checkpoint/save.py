@@ -31,6 +31,7 @@ from moe.checkpoint.files import (
     encode_state,
     expert_file,
     fsync_dir,
+    replaced_dir,
     save_tensors,
     sha256_hex,
     write_bytes,
@@ -228,8 +229,11 @@ def finalize_checkpoint(
     final = directory / f"step_{step}"
     if final.exists():
         # A re-save of this step (e.g. a run that crashed after publishing step_N but before
-        # moving `latest` resumes and reaches step N again): replace the directory whole.
-        trash = directory / f".step_{step}.replaced"
+        # moving `latest` resumes and reaches step N again, or a Ray restart from the last
+        # checkpoint Ray was told of, older than `latest`): replace the directory whole.
+        # Two renames, not one atomic swap: a kill between them leaves the old step only
+        # as `trash`, which `resolve_latest` takes while `latest` still names the step.
+        trash = replaced_dir(directory, final.name)
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
         os.replace(temp, final)
@@ -238,6 +242,10 @@ def finalize_checkpoint(
         os.replace(temp, final)
     write_bytes(directory / LATEST_FILE, f"{final.name}\n".encode())
     fsync_dir(directory)
+    # `latest` names the new step: an old step left aside by a killed re-save is no
+    # longer anyone's fallback.
+    for stale in directory.glob(".step_*.replaced"):
+        shutil.rmtree(stale)
     if keep_last is not None:
         steps = sorted(
             (int(m.group(1)), path)

@@ -158,7 +158,8 @@ def _deployment_options(options: ServeOptions, name: str) -> dict[str, Any]:
 
 def build_app(config: ServeConfig, probe: bool = False) -> Any:
     """The Ray Serve application of `config`. `probe` adds the deployment `probe`: the
-    same architecture with no experts (the benchmark's runtime-overhead baseline)."""
+    same architecture with one MoE layer of one expert (the benchmark's runtime-overhead
+    baseline, `launch.serving.deployments.probe_model`)."""
     from ray import serve
 
     from launch.serving.api import Gateway
@@ -187,8 +188,8 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     for task_id in range(num_tasks):
         deployment = f"task-{task_id}" if task_id in subsets else "full"
         catalog[f"task-{task_id}"] = ModelEntry(deployment, task_id, context)
-    if probe:
-        catalog["probe"] = ModelEntry("probe", None, context)
+    if probe:  # a task-routed probe answers as task 0 (any task runs the same code)
+        catalog["probe"] = ModelEntry("probe", 0 if needs_task else None, context)
     model_deployment = serve.deployment(ModelServer)
     handles = {
         name: model_deployment.options(**_deployment_options(options, name)).bind(spec)

@@ -1,5 +1,7 @@
 """Serving without Ray: every request-validation path (`launch.serving.validation`), the
-HTTP errors failures become (`launch.serving.api.translate_error`), and the in-replica
+HTTP errors failures become (`launch.serving.api.translate_error`), how a stream is
+counted (`sse_events`: a failure after the first chunk is an error, not a 200), the
+benchmark's memory probe (one MoE layer of one expert), and the in-replica
 batching loop (`launch.serving.batching`) over a real engine: concurrent requests share
 steps, answer what one request alone answers, and a cancelled one frees its slot."""
 
@@ -141,6 +143,39 @@ def test_failures_behind_the_gateway_become_http_errors() -> None:
     assert translate_error(RuntimeError("bug"), 1).status == 500
 
 
+def test_a_stream_counts_as_its_outcome_not_its_200_status_line() -> None:
+    from collections import Counter
+
+    from ray.exceptions import ActorDiedError
+
+    from launch.serving.api import CLIENT_CLOSED, sse_events
+
+    async def chunks(fail: bool) -> object:
+        yield {"text": "b"}
+        if fail:
+            raise ActorDiedError()  # the replica died mid-stream, headers already sent
+        yield {"text": "c", "finish_reason": "length"}
+
+    async def collect(fail: bool, take: int | None = None) -> tuple[list[str], Counter]:
+        responses: Counter[int] = Counter()
+        events = sse_events({"text": "a"}, chunks(fail), dict, 1, responses)
+        lines = []
+        async for line in events:
+            lines.append(line)
+            if take is not None and len(lines) == take:
+                await events.aclose()  # the client went away
+                break
+        return lines, responses
+
+    lines, responses = asyncio.run(collect(fail=False))
+    assert lines[-1] == "data: [DONE]\n\n" and responses == {200: 1}
+    lines, responses = asyncio.run(collect(fail=True))
+    error = json.loads(lines[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "replica_failed" and responses == {503: 1}
+    _, responses = asyncio.run(collect(fail=False, take=2))
+    assert responses == {CLIENT_CLOSED: 1}
+
+
 # --- the batching loop, without Ray ----------------------------------------------------
 
 
@@ -206,3 +241,27 @@ def test_engine_refusals_reach_only_their_request() -> None:
 
     (error,) = asyncio.run(scenario())
     assert error is not None and "task_id=5" in error
+
+
+def test_the_memory_probe_keeps_one_moe_layer_of_one_expert(tmp_path: object) -> None:
+    """The benchmark's runtime-overhead baseline must run the MoE path (its custom ops
+    import torch._dynamo, ~150 MB) while holding almost no expert bytes."""
+    from pathlib import Path
+
+    from test_subset import tiny_run_config
+
+    from launch.checkpointing import config_dict
+    from launch.serving.deployments import probe_model
+    from launch.serving.model_info import describe_model
+    from moe.checkpoint import save_checkpoint
+    from moe.transformer import MoETransformer
+
+    config = tiny_run_config("task", 8)
+    model = MoETransformer(config.model, config.routing, seed=5)
+    save_checkpoint(Path(str(tmp_path)) / "checkpoints", model, None, 1, config_dict(config))
+    probe = probe_model(str(tmp_path))
+    described = describe_model(probe)
+    assert list(described["experts"].values()) == [[0]]
+    engine = InferenceEngine(probe.model, max_batch=2)  # the warm-up runs the MoE layer
+    engine.submit(b"ab", SamplingParams(max_tokens=2, temperature=0), task_id=0)
+    assert len(list(engine.run())) == 1

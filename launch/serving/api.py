@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,6 +41,7 @@ from launch.serving.validation import (
 )
 
 app = FastAPI(title="moe-system completions")
+CLIENT_CLOSED = 499  # a stream whose client went away before its end (nginx's code)
 
 
 def _unavailable(message: str, retry_after_s: int, code: str) -> RequestError:
@@ -95,6 +96,39 @@ def _completion_body(parsed: CompletionRequest, result: dict[str, Any]) -> dict[
     }  # fmt: skip
 
 
+async def sse_events(
+    first: dict[str, Any],
+    chunks: AsyncIterator[dict[str, Any]],
+    event: Callable[[dict[str, Any]], dict[str, Any]],
+    retry_after_s: int,
+    responses: Counter[int],
+) -> AsyncIterator[str]:
+    """A streamed completion as server-sent events: `event(chunk)` per chunk, then
+    `data: [DONE]`, counted in `responses` as 200 just before [DONE] is sent. A failure
+    after the first chunk cannot change the status line (200, already sent): the stream
+    ends with an error event instead and is counted under the error's status (503 for a
+    dead replica), so `/v1/stats` never counts a broken stream as a success. A client
+    that goes away mid-stream is counted as 499 (nginx's "client closed request")."""
+    outcome: int | None = None
+    try:
+        yield f"data: {json.dumps(event(first))}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(event(chunk))}\n\n"
+        except Exception as error:  # the stream ends with the error
+            failure = translate_error(error, retry_after_s)
+            outcome = failure.status
+            responses[outcome] += 1
+            yield f"data: {json.dumps(failure.body())}\n\n"
+            return
+        outcome = 200
+        responses[outcome] += 1
+        yield "data: [DONE]\n\n"
+    finally:
+        if outcome is None:  # cancelled or closed before the end: the client went away
+            responses[CLIENT_CLOSED] += 1
+
+
 @serve.ingress(app)
 class Gateway:
     """Routes each model id to its deployment's handle (`catalog`: id -> `ModelEntry`)."""
@@ -136,7 +170,8 @@ class Gateway:
         return bytes(body)
 
     def _answer(self, response: Response) -> Response:
-        self.responses[response.status_code] += 1
+        if not isinstance(response, StreamingResponse):  # a stream counts itself at its end
+            self.responses[response.status_code] += 1
         return response
 
     @app.post("/v1/completions")
@@ -158,7 +193,7 @@ class Gateway:
         first = await chunks.__anext__()  # errors before the first chunk get a status
         completion_id, created = _new_id(), int(time.time())
 
-        def event(chunk: dict[str, Any]) -> str:
+        def event(chunk: dict[str, Any]) -> dict[str, Any]:
             body = {
                 "id": completion_id, "object": "text_completion", "created": created,
                 "model": parsed.model,
@@ -167,20 +202,10 @@ class Gateway:
             }  # fmt: skip
             if "completion_tokens" in chunk:
                 body["usage"] = _usage(chunk)
-            return f"data: {json.dumps(body)}\n\n"
+            return body
 
-        async def events() -> AsyncIterator[str]:
-            yield event(first)
-            try:
-                async for chunk in chunks:
-                    yield event(chunk)
-            except Exception as error:  # the stream ends with the error
-                failure = translate_error(error, self.retry_after_s)
-                yield f"data: {json.dumps(failure.body())}\n\n"
-                return
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        events = sse_events(first, chunks, event, self.retry_after_s, self.responses)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models(self) -> Response:

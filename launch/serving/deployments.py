@@ -9,8 +9,11 @@ Each replica runs one `BatchLoop` (iteration-level batching: the concurrent requ
 the replica share every decode step). Ray Serve gives the rest: replicas, the bound on
 ongoing and queued requests, health checks (`check_health`) and replacement.
 
-`probe=True` builds the checkpoint's architecture with no experts at all (every FFN a
-dense MLP) and loads nothing: the benchmark measures a replica's runtime overhead on it.
+`probe=True` builds the checkpoint's architecture with one MoE layer of one expert (every
+other FFN a dense MLP; random weights, nothing loaded): the benchmark measures a
+replica's runtime overhead on it. One expert rather than none: the first call of the MoE
+layer's custom ops imports `torch._dynamo` (about 150 MB resident), a cost of the MoE
+runtime that a probe without an MoE layer never pays (docs/BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from launch.serving.batching import BatchLoop, EngineShard, ReplicaUnavailable, local_step
 from launch.serving.ep_workers import EPWorkerGroup
-from launch.serving.model_info import describe_model, resident_bytes, state_bytes
+from launch.serving.model_info import describe_model, resident_bytes
 from moe.checkpoint import read_meta
 from moe.inference import InferenceEngine, LoadedModel, SamplingParams, load_model
 from moe.inference.loading import configs_of, resolve_checkpoint
@@ -50,13 +53,19 @@ class ModelSpec:
 
 
 def probe_model(checkpoint: str) -> LoadedModel:
-    """The checkpoint's architecture with every FFN dense and no expert (random weights;
-    nothing loaded)."""
+    """The checkpoint's architecture with its last block's FFN an MoE layer of one expert
+    (top-1, the checkpoint's router kind) and every other FFN dense; random weights,
+    nothing loaded. A dense checkpoint stays dense."""
     directory = resolve_checkpoint(checkpoint)
     meta = read_meta(directory)
-    model_config, _ = configs_of(meta)
-    dense = dataclasses.replace(model_config, moe_every=0, expert_schedule=[])
-    model = MoETransformer(dense, None).eval()
+    model_config, routing = configs_of(meta)
+    if routing is None:
+        return LoadedModel(MoETransformer(model_config, None).eval(), directory, -1,
+                           meta["config"], None, None)  # fmt: skip
+    one_expert = dataclasses.replace(
+        model_config, moe_every=model_config.n_layers, expert_schedule=[1]
+    )
+    model = MoETransformer(one_expert, dataclasses.replace(routing, top_k=1)).eval()
     return LoadedModel(model, directory, -1, meta["config"], None, None)
 
 
@@ -78,8 +87,6 @@ class ModelServer:
         loaded = probe_model(spec.checkpoint) if spec.probe else load_model(spec.checkpoint)
         engine = InferenceEngine(loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids)
         self.info = describe_model(loaded)
-        if spec.probe:
-            self.info["weight_bytes"] = state_bytes(loaded.model)
         self.loop = BatchLoop(local_step(EngineShard(engine)))
 
     @staticmethod

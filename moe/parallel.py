@@ -41,8 +41,12 @@ class Dispatcher(Protocol):
     num_local_experts: int
     expert_ids: tuple[int, ...]
 
-    def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, Any]:
-        """-> (rows for the local experts sorted by local expert, counts_L, context)."""
+    def dispatch(
+        self, x_RD: Tensor, counts_E: Tensor, uniform_counts: bool = False
+    ) -> tuple[Tensor, Tensor, Any]:
+        """-> (rows for the local experts sorted by local expert, counts_L, context).
+        `uniform_counts`: every rank passes the same counts_E (DynaMoE's static padded
+        capacities), so the split sizes are known without exchanging them."""
         ...
 
     def combine(self, y_RD: Tensor, context: Any) -> Tensor:
@@ -72,7 +76,9 @@ class LocalDispatcher:
             None if self.num_local_experts == num_experts else torch.tensor(self.expert_ids)
         )
 
-    def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, None]:
+    def dispatch(
+        self, x_RD: Tensor, counts_E: Tensor, uniform_counts: bool = False
+    ) -> tuple[Tensor, Tensor, None]:
         if self._subset is None:
             return x_RD, counts_E, None
         counts_L = counts_E[self._subset.to(counts_E.device)]
@@ -177,9 +183,13 @@ class ExpertParallelDispatcher:
         self.last_algorithm = algorithm.value
         return self._hierarchical if algorithm == Algorithm.HIERARCHICAL else self._flat
 
-    def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, _EPContext]:
+    def dispatch(
+        self, x_RD: Tensor, counts_E: Tensor, uniform_counts: bool = False
+    ) -> tuple[Tensor, Tensor, _EPContext]:
         """x_RD: rows sorted by global expert; counts_E: int64 [E] rows per expert.
-        -> (rows sorted by local expert, counts_L int64, context for combine)."""
+        -> (rows sorted by local expert, counts_L int64, context for combine).
+        `uniform_counts`: every rank sends these same counts (DynaMoE's padded capacities),
+        so what arrives from each rank is counts_E of the local experts: no exchange."""
         if counts_E.shape != (self.num_experts,):
             raise ValueError(
                 f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)"
@@ -187,9 +197,13 @@ class ExpertParallelDispatcher:
         all_to_all = self._check_and_choose(x_RD)
         ep_size = self.groups.topology.ep_size
         send_PL = counts_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1)
-        with self.comm_timer.measure(x_RD.device):
-            recv_PL = exchange_counts(send_PL.contiguous(), self.groups.ep)
-        recv_PL_host = recv_PL.cpu()
+        if uniform_counts:
+            local_L = send_PL[self.groups.ep_rank]
+            recv_PL_host = local_L.cpu().expand(ep_size, -1).contiguous()
+        else:
+            with self.comm_timer.measure(x_RD.device):
+                recv_PL = exchange_counts(send_PL.contiguous(), self.groups.ep)
+            recv_PL_host = recv_PL.cpu()
         plan = all_to_all.plan(send_PL.sum(1).cpu(), recv_PL_host.sum(1), x_RD.device)
         x_from_sources = plan.forward(x_RD)
         x_local = transpose_chunks(x_from_sources, recv_PL_host)

@@ -6,7 +6,9 @@ first choice is placed before any token's second choice (GShard; V-MoE). Batch P
 Routing (V-MoE) fills in the same way but visits tokens by descending priority score
 (max or sum of the token's router scores; ties keep token order). A dropped slot keeps
 its weight in `weights_TK` but is marked in `keep_TK`; the token then keeps only its
-other choices (and the residual stream). Dropless keeps every slot.
+other choices (and the residual stream). Dropless keeps every slot. Dynamic (DynaMoE)
+fills like fixed, choice-major in token order, but expert e has its own capacity
+`capacity_E[e]` (from `routing.dynamic.DynamicCapacityController`, handed in).
 
 Shapes: T tokens, K experts per token, E experts.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -36,9 +39,12 @@ def priority_order(scores_TK: Tensor, kind: PriorityKind) -> Tensor:
     return torch.sort(priority_T, descending=True, stable=True).indices
 
 
-def keep_within_capacity(expert_ids_TK: Tensor, token_order_T: Tensor, capacity: int) -> Tensor:
+def keep_within_capacity(
+    expert_ids_TK: Tensor, token_order_T: Tensor, capacity: int | Tensor
+) -> Tensor:
     """Mark the slots that fit: choice-major over tokens in `token_order_T`.
 
+    `capacity`: slots of every expert (int), or of each expert (int64 [E] tensor).
     Returns keep_TK (bool). Position of a slot in its expert's queue = number of earlier
     slots (in visiting order) that chose the same expert.
     """
@@ -53,15 +59,31 @@ def keep_within_capacity(expert_ids_TK: Tensor, token_order_T: Tensor, capacity:
     rank_sorted_N = index_N - group_start_N
     rank_N = torch.empty_like(rank_sorted_N)
     rank_N[order_N] = rank_sorted_N
-    keep_visit_KT = (rank_N < capacity).view(top_k, num_tokens)
+    if isinstance(capacity, Tensor):
+        limit_N = capacity.to(device=visit_ids_N.device, dtype=torch.int64)[visit_ids_N]
+        keep_visit_KT = (rank_N < limit_N).view(top_k, num_tokens)
+    else:
+        keep_visit_KT = (rank_N < capacity).view(top_k, num_tokens)
     keep_TK = torch.empty_like(expert_ids_TK, dtype=torch.bool)
     keep_TK[token_order_T] = keep_visit_KT.t()
     return keep_TK
 
 
-def apply_capacity(plan: RoutingPlan, config: RoutingConfig) -> RoutingPlan:
-    """Apply the configured capacity policy to a plan with every slot kept."""
+def apply_capacity(
+    plan: RoutingPlan, config: RoutingConfig, capacity_E: Sequence[int] | None = None
+) -> RoutingPlan:
+    """Apply the configured capacity policy to a plan with every slot kept.
+
+    `capacity_E`: the per-expert slots of `capacity=dynamic` (required there, refused
+    elsewhere)."""
     kind = CapacityKind(config.capacity)
+    if kind == CapacityKind.DYNAMIC:
+        return apply_expert_capacities(plan, capacity_E)
+    if capacity_E is not None:
+        raise ValueError(
+            f"per-expert capacities were given but routing.capacity={kind.value}; "
+            "they apply only to routing.capacity=dynamic"
+        )
     if kind == CapacityKind.DROPLESS:
         return plan
     capacity = expert_capacity(
@@ -77,4 +99,28 @@ def apply_capacity(plan: RoutingPlan, config: RoutingConfig) -> RoutingPlan:
         keep_TK=keep_TK,
         counts_E=count_per_expert(plan.expert_ids_TK, keep_TK, plan.num_experts),
         capacity=capacity,
+    )
+
+
+def apply_expert_capacities(plan: RoutingPlan, capacity_E: Sequence[int] | None) -> RoutingPlan:
+    """Keep at most `capacity_E[e]` slots of expert e, choice-major in token order (as
+    fixed capacity); the plan records the capacities in `capacity_E`."""
+    if capacity_E is None or len(capacity_E) != plan.num_experts:
+        raise ValueError(
+            f"routing.capacity=dynamic needs one capacity per expert ({plan.num_experts}); "
+            f"got {None if capacity_E is None else list(capacity_E)}"
+        )
+    capacities = tuple(int(c) for c in capacity_E)
+    if min(capacities) < 0:
+        raise ValueError(f"per-expert capacities {list(capacities)} must be >= 0")
+    device = plan.expert_ids_TK.device
+    limit_E = torch.tensor(capacities, dtype=torch.int64, device=device)
+    order_T = torch.arange(plan.num_tokens, device=device)
+    keep_TK = keep_within_capacity(plan.expert_ids_TK, order_T, limit_E) & plan.keep_TK
+    return dataclasses.replace(
+        plan,
+        keep_TK=keep_TK,
+        counts_E=count_per_expert(plan.expert_ids_TK, keep_TK, plan.num_experts),
+        capacity=max(capacities),
+        capacity_E=capacities,
     )

@@ -5,7 +5,7 @@ Plain data, validated on construction; no tensors, devices or process groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ class CapacityKind(str, Enum):
     FIXED = "fixed"  # round(C*K*T/E) slots per expert, filled choice by choice in token order
     PRIORITY = "priority"  # same capacity, filled in order of router confidence (BPR, V-MoE)
     DROPLESS = "dropless"  # every choice is kept
+    DYNAMIC = "dynamic"  # per-expert capacity from recent load, bucketed (DynaMoE)
 
 
 class PriorityKind(str, Enum):
@@ -56,6 +57,23 @@ class RoutingConfig:
     expert_dropout: float = 0.0
     num_tasks: int = 0
     check_finite: bool = False
+    # DynaMoE (capacity=dynamic; routing.dynamic.DynamicCapacityController): per-expert
+    # capacity = headroom * (moving maximum over `dynamic_window` steps of the expert's
+    # share of the slots) * K * T, clamped to [min_factor, max_factor] * K*T/E slots and
+    # rounded up to a bucket: the next entry of `dynamic_buckets` (slot counts) when given,
+    # else the next power of two. After `dynamic_max_rebuilds` bucket changes the buckets
+    # freeze.
+    dynamic_window: int = 16
+    dynamic_headroom: float = 1.1
+    dynamic_min_factor: float = 0.25
+    dynamic_max_factor: float = 2.0
+    dynamic_buckets: list[int] = field(default_factory=list)
+    dynamic_max_rebuilds: int = 32
+    # Assignment cache (capacity=dynamic, training only): a sample whose share of changed
+    # token-slots since it was last seen is below `cache_threshold` is served its cached
+    # experts; at most `cache_max_entries` samples per layer (LRU); 0 turns it off.
+    cache_max_entries: int = 0
+    cache_threshold: float = 0.05
 
     def __post_init__(self) -> None:
         self.router = parse_enum(RouterKind, self.router, "routing.router")
@@ -75,10 +93,38 @@ class RoutingConfig:
                 raise ValueError(f"routing.{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.expert_dropout < 1.0:
             raise ValueError(f"routing.expert_dropout={self.expert_dropout} must be in [0, 1)")
+        self._validate_dynamic()
         if self.router == RouterKind.TASK and self.num_tasks < 1:
             raise ValueError(
                 f"routing.num_tasks={self.num_tasks}: the task router needs num_tasks >= 1"
             )
+
+    def _validate_dynamic(self) -> None:
+        if self.dynamic_window < 1:
+            raise ValueError(f"routing.dynamic_window={self.dynamic_window} must be >= 1")
+        if not self.dynamic_headroom >= 1.0:
+            raise ValueError(f"routing.dynamic_headroom={self.dynamic_headroom} must be >= 1")
+        if not 0 < self.dynamic_min_factor <= self.dynamic_max_factor:
+            raise ValueError(
+                f"routing.dynamic_min_factor={self.dynamic_min_factor} and "
+                f"routing.dynamic_max_factor={self.dynamic_max_factor} must satisfy "
+                "0 < min_factor <= max_factor"
+            )
+        buckets = [int(b) for b in self.dynamic_buckets]
+        if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
+            raise ValueError(
+                f"routing.dynamic_buckets={list(self.dynamic_buckets)} must be distinct "
+                "ascending slot counts >= 1 (or empty for powers of two)"
+            )
+        self.dynamic_buckets = buckets
+        if self.dynamic_max_rebuilds < 0:
+            raise ValueError(
+                f"routing.dynamic_max_rebuilds={self.dynamic_max_rebuilds} must be >= 0"
+            )
+        if self.cache_max_entries < 0:
+            raise ValueError(f"routing.cache_max_entries={self.cache_max_entries} must be >= 0")
+        if not 0.0 < self.cache_threshold <= 1.0:
+            raise ValueError(f"routing.cache_threshold={self.cache_threshold} must be in (0, 1]")
 
     def validate_for(self, num_experts: int) -> None:
         """Check the settings that depend on the layer's expert count."""

@@ -16,7 +16,9 @@ def load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
     P_e: mean router probability of e over the tokens. Equals 1 when both are uniform.
     """
     num_experts = probs_TE.shape[1]
-    slots_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    ids_N = expert_ids_TK.reshape(-1)  # scatter-add, not bincount: a static [E] shape
+    slots_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_N.device)
+    slots_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
     fraction_E = slots_E.to(probs_TE.dtype) / max(expert_ids_TK.numel(), 1)
     mean_prob_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(fraction_E * mean_prob_E)

@@ -40,7 +40,11 @@ class RoutingPlan:
     counts_E: int64 kept slots per expert.
     aux_loss: weighted sum of the router's auxiliary losses (scalar).
     losses: the unweighted losses by name (for logging).
-    capacity: slots per expert, or None when dropless.
+    capacity: slots per expert, or None when dropless (dynamic: the largest).
+    capacity_E: slots of each expert under `capacity=dynamic`, else None.
+    probs_TE: the router's full score matrix (softmax probabilities or sigmoid gates,
+        differentiable) when the router exposes it; an assignment fixed elsewhere (the
+        DynaMoE cache, `routing.dynamic.reassign`) reads its weights from it.
     """
 
     expert_ids_TK: Tensor
@@ -52,6 +56,8 @@ class RoutingPlan:
     router_entropy: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     capacity: int | None = None
+    capacity_E: tuple[int, ...] | None = None
+    probs_TE: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -77,5 +83,7 @@ class RoutingPlan:
 
 
 def count_per_expert(expert_ids_TK: Tensor, keep_TK: Tensor, num_experts: int) -> Tensor:
-    """Kept slots per expert, int64 [E]."""
-    return torch.bincount(expert_ids_TK[keep_TK], minlength=num_experts)
+    """Kept slots per expert, int64 [E]. A scatter-add, not `bincount` of the kept ids:
+    the output size is E whatever the data (a static shape under `torch.compile`)."""
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids_TK.device)
+    return counts_E.scatter_add_(0, expert_ids_TK.reshape(-1), keep_TK.reshape(-1).long())

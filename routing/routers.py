@@ -30,7 +30,7 @@ from routing.losses import (
     mean_entropy,
     router_z_loss,
 )
-from routing.plan import RoutingPlan
+from routing.plan import RoutingPlan, count_per_expert
 
 
 def validate_tokens(x_TD: Tensor, d_model: int, check_finite: bool) -> None:
@@ -122,6 +122,7 @@ def softmax_topk_plan(logits_TE: Tensor, config: RoutingConfig) -> RoutingPlan:
         mean_entropy(probs_TE.detach()),
         {"load_balance": balance.detach(), "z_loss": z_loss.detach()},
         num_experts,
+        probs_TE,
     )
 
 
@@ -133,17 +134,19 @@ def _kept_plan(
     entropy: Tensor,
     losses: dict[str, Tensor],
     num_experts: int,
+    probs_TE: Tensor | None = None,
 ) -> RoutingPlan:
     return RoutingPlan(
         expert_ids_TK=expert_ids_TK,
         weights_TK=weights_TK,
         scores_TK=scores_TK,
         keep_TK=torch.ones_like(expert_ids_TK, dtype=torch.bool),
-        counts_E=torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts),
+        counts_E=count_per_expert(expert_ids_TK, torch.ones_like(expert_ids_TK), num_experts),
         aux_loss=aux_loss,
         router_entropy=entropy,
         losses=losses,
         capacity=None,
+        probs_TE=probs_TE,
     )
 
 
@@ -213,6 +216,7 @@ class SigmaRouter(Router):
             mean_entropy(probs_TE),
             {"entropy_reg": entropy_reg.detach()},
             self.num_experts,
+            gates_TE,
         )
 
 
@@ -236,8 +240,12 @@ class TaskRouter(Router):
             raise ValueError(
                 f"task_ids have shape {tuple(task_ids_T.shape)}; expected [{x_TD.shape[0]}]"
             )
-        if task_ids_T.numel() and (
-            int(task_ids_T.min()) < 0 or int(task_ids_T.max()) >= self.config.num_tasks
+        # Under torch.compile the range check would need the ids on the host (a graph
+        # break); the compiled step relies on the embedding's own bounds check.
+        if (
+            task_ids_T.numel()
+            and not torch.compiler.is_compiling()
+            and (int(task_ids_T.min()) < 0 or int(task_ids_T.max()) >= self.config.num_tasks)
         ):
             raise ValueError(
                 f"task ids must lie in [0, {self.config.num_tasks - 1}] "

@@ -30,10 +30,13 @@ VOCAB_SIZE = 256  # byte-level: every uint8 value is a token
 
 
 class Batch(NamedTuple):
-    """`tokens_BT` int64 [B, T+1] byte windows; `task_ids_B` int64 [B]."""
+    """`tokens_BT` int64 [B, T+1] byte windows; `task_ids_B` int64 [B]; `sample_ids_B`
+    int64 [B]: a training row's sample index (its window's start in the concatenated
+    training bytes, the same window whatever the step), None for validation batches."""
 
     tokens_BT: torch.Tensor
     task_ids_B: torch.Tensor
+    sample_ids_B: torch.Tensor | None = None
 
 
 def _check_shard(batch_size: int, rank: int, world_size: int) -> None:
@@ -124,7 +127,7 @@ class ByteDataset:
             local_B = flat_B - (np.cumsum(starts) - starts)[task_B]
         task_ids_B = torch.from_numpy(task_B.astype(np.int64))
         starts_B = self.train_offsets[task_ids_B] + torch.from_numpy(local_B)
-        return Batch(self._windows(self.train_bytes_N, starts_B), task_ids_B)
+        return Batch(self._windows(self.train_bytes_N, starts_B), task_ids_B, starts_B)
 
     def sampler(
         self,
@@ -203,7 +206,12 @@ class TrainSampler:
         batch = self.dataset.global_batch(step, self.batch_size, self.seed, self.balance_tasks)
         rows = self.batch_size // self.world_size
         begin = self.rank * rows
-        return Batch(batch.tokens_BT[begin : begin + rows], batch.task_ids_B[begin : begin + rows])
+        sample_ids_B = batch.sample_ids_B
+        return Batch(
+            batch.tokens_BT[begin : begin + rows],
+            batch.task_ids_B[begin : begin + rows],
+            None if sample_ids_B is None else sample_ids_B[begin : begin + rows],
+        )
 
     def next_batch(self) -> Batch:
         batch = self.batch_at(self.step)

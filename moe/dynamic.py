@@ -1,0 +1,197 @@
+"""DynaMoE in the MoE layer (`routing.capacity=dynamic`): per-layer state, static padded
+shapes, and the once-per-step controller update.
+
+- `DynamicRouting` (one per layer): the capacity controller
+  (`routing.DynamicCapacityController`), the optional assignment cache
+  (`moe.assignment_cache`), and this step's demand (slots per expert before capacity,
+  training forwards only).
+- `padded_permutation`: like `moe.dispatch.plan_permutation`, but expert e's rows start
+  at sum(capacity[:e]) and every expert gets exactly capacity[e] rows (unused rows hold
+  token 0 and are never combined). The experts and the all-to-all therefore see shapes
+  fixed by the bucket vector, and, since every rank holds the same controller state, the
+  all-to-all split sizes are known on every rank: the split-size exchange is skipped.
+- `end_dynamic_step(model, group)`: one all-reduce of every layer's demand (over `group`,
+  all ranks of the run, so every rank keeps the same capacities), then each controller
+  observes it. The trainer calls it after each optimizer step.
+- `set_sample_ids(model, sample_ids_B)`: the samples of the next training forward (the
+  cache's keys).
+
+Shapes: T tokens, K experts per token, E experts, B samples, S tokens per sample, N = T*K
+slots, P padded rows (sum of the capacities).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moe.assignment_cache import AssignmentCache
+from moe.dispatch import Permutation
+from routing import (
+    DynamicCapacityController,
+    RoutingConfig,
+    RoutingPlan,
+    apply_expert_capacities,
+    reassign,
+)
+
+
+class DynamicRouting:
+    """A layer's DynaMoE state (see the module docstring)."""
+
+    def __init__(self, num_experts: int, config: RoutingConfig) -> None:
+        self.num_experts = num_experts
+        self.config = config
+        self.controller = DynamicCapacityController(num_experts, config.top_k, config)
+        self.cache = (
+            AssignmentCache(config.cache_max_entries, config.cache_threshold)
+            if config.cache_max_entries > 0
+            else None
+        )
+        self.demand_E = torch.zeros(num_experts, dtype=torch.int64)
+        self.tokens = 0  # T of the last training forward
+        self.sample_ids: list[int] | None = None
+        self.processed_rows = 0  # padded rows given to the experts since the last take
+        self.forwards = 0
+
+    def route(self, plan: RoutingPlan, num_samples: int, training: bool) -> RoutingPlan:
+        """The router's plan (every slot kept) -> the capacity-applied plan: cached
+        assignments for converged samples (training, cache on, sample ids set), demand
+        recorded (training), per-expert capacities applied."""
+        num_tokens = plan.num_tokens
+        samples = self.sample_ids if training else None
+        if self.cache is not None and samples is not None and len(samples) == num_samples:
+            shape_SK = (num_tokens // num_samples, plan.top_k)
+            router_ids_BSK = plan.expert_ids_TK.view(num_samples, *shape_SK)
+            cached_BSK, hit_B = self.cache.lookup(samples, shape_SK)
+            self.cache.update(samples, router_ids_BSK)
+            if bool(hit_B.any()):
+                device = plan.expert_ids_TK.device
+                ids_BSK = torch.where(
+                    hit_B.to(device)[:, None, None], cached_BSK.to(device), router_ids_BSK
+                )
+                plan = reassign(plan, ids_BSK.reshape(num_tokens, plan.top_k), self.config)
+        if training:
+            self.demand_E += plan.counts_E.detach().to("cpu", torch.int64)
+            self.tokens = num_tokens
+        capacity_E = self.controller.capacities(num_tokens)
+        self.processed_rows += sum(capacity_E)
+        self.forwards += 1
+        return apply_expert_capacities(plan, capacity_E)
+
+    def take_demand(self) -> Tensor:
+        demand, self.demand_E = self.demand_E, torch.zeros_like(self.demand_E)
+        return demand
+
+
+def padded_permutation(plan: RoutingPlan) -> Permutation:
+    """Kept slots sorted by expert, expert e's block padded to `plan.capacity_E[e]` rows
+    (see the module docstring); `counts_E` are the capacities. No host synchronisation."""
+    assert plan.capacity_E is not None, "padded_permutation needs a dynamic plan"
+    num_tokens, top_k = plan.expert_ids_TK.shape
+    device = plan.expert_ids_TK.device
+    num_experts = plan.num_experts
+    capacity_E = torch.tensor(plan.capacity_E, dtype=torch.int64, device=device)
+    total = sum(plan.capacity_E)
+    keep_N = plan.keep_TK.reshape(-1)
+    key_N = torch.where(keep_N, plan.expert_ids_TK.reshape(-1), num_experts)
+    order_N = torch.sort(key_N, stable=True).indices
+    key_sorted_N = key_N[order_N]
+    counts_X = torch.bincount(key_N, minlength=num_experts + 1)
+    start_X = torch.cumsum(counts_X, 0) - counts_X
+    rank_sorted_N = torch.arange(key_N.numel(), device=device) - start_X[key_sorted_N]
+    offset_X = torch.cat([torch.cumsum(capacity_E, 0) - capacity_E, capacity_E.new_full((1,), 0)])
+    kept_sorted_N = key_sorted_N < num_experts
+    # Dropped slots write to a spare row `total`, cut off below.
+    row_sorted_N = torch.where(kept_sorted_N, offset_X[key_sorted_N] + rank_sorted_N, total)
+    token_index_P = torch.zeros(total + 1, dtype=torch.int64, device=device)
+    token_index_P.scatter_(0, row_sorted_N, order_N // top_k)
+    row_of_slot_N = torch.empty_like(key_N)
+    row_of_slot_N[order_N] = torch.where(kept_sorted_N, row_sorted_N, -1)
+    return Permutation(
+        token_index_R=token_index_P[:total],
+        row_of_slot_TK=row_of_slot_N.view(num_tokens, top_k),
+        counts_E=capacity_E,
+    )
+
+
+def padded_unpermute(y_PD: Tensor, permutation: Permutation, weights_TK: Tensor) -> Tensor:
+    """y_TD[t] = sum over t's kept slots of weight * y_PD[row]; padded rows (no slot) are
+    never read and get a zero gradient. Plain autograd ops with static shapes."""
+    row_of_slot_TK = permutation.row_of_slot_TK
+    kept_TK = row_of_slot_TK >= 0
+    spare = y_PD.shape[0]  # dropped slots read an appended zero row
+    y_ext = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[1])])
+    rows_N = torch.where(kept_TK, row_of_slot_TK, spare).reshape(-1)
+    y_TKD = y_ext.index_select(0, rows_N).view(*row_of_slot_TK.shape, y_PD.shape[1])
+    return torch.einsum("tkd,tk->td", y_TKD, weights_TK.to(y_PD.dtype))
+
+
+def _dynamic_layers(model: Any) -> list[tuple[int, DynamicRouting]]:
+    return [
+        (block, layer.dynamic)
+        for block, layer in model.moe_layers()
+        if getattr(layer, "dynamic", None) is not None
+    ]
+
+
+def set_sample_ids(model: Any, sample_ids_B: Tensor | None) -> None:
+    """Tell every dynamic layer which samples the next forward's rows are."""
+    ids = None if sample_ids_B is None else [int(i) for i in sample_ids_B.tolist()]
+    for _, dynamic in _dynamic_layers(model):
+        dynamic.sample_ids = ids
+
+
+def end_dynamic_step(model: Any, group: dist.ProcessGroup | None = None) -> int:
+    """Sum every dynamic layer's demand of this step over `group` (one all-reduce; None:
+    this process alone) and let each controller observe it. Returns the rebuilds of
+    this step (bucket-vector changes, over layers). Every rank of `group` must call it."""
+    layers = [(block, d) for block, d in _dynamic_layers(model) if d.tokens > 0]
+    if not layers:
+        return 0
+    demand_LE = torch.stack([dynamic.take_demand() for _, dynamic in layers])
+    if group is not None and dist.get_world_size(group=group) > 1:
+        backend = dist.get_backend(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        buffer = demand_LE.to(device) if device is not None else demand_LE
+        dist.all_reduce(buffer, group=group)
+        demand_LE = buffer.cpu()
+    rebuilds = 0
+    for (_, dynamic), demand_E in zip(layers, demand_LE):
+        rebuilds += int(dynamic.controller.observe(demand_E, dynamic.tokens))
+    return rebuilds
+
+
+def bucket_key(model: Any) -> tuple[tuple[int, ...] | None, ...]:
+    """Every dynamic layer's bucket vector: the key a compiled step is cached under."""
+    return tuple(dynamic.controller.bucket_vector for _, dynamic in _dynamic_layers(model))
+
+
+def dynamic_scalars(model: Any) -> dict[str, float]:
+    """Metrics since the last call: rebuilds (total so far), cache hit rate, padded rows
+    the experts processed per forward, and whether the buckets froze."""
+    layers = _dynamic_layers(model)
+    if not layers:
+        return {}
+    out: dict[str, float] = {}
+    hits = lookups = 0
+    rows = forwards = 0
+    for block, dynamic in layers:
+        controller = dynamic.controller
+        out[f"dynamic/layer{block}/rebuilds"] = float(controller.rebuilds)
+        if controller.bucket_vector is not None:
+            out[f"dynamic/layer{block}/capacity_sum"] = float(sum(controller.bucket_vector))
+        if dynamic.cache is not None:
+            layer_hits, layer_lookups = dynamic.cache.take_counts()
+            hits, lookups = hits + layer_hits, lookups + layer_lookups
+        rows, forwards = rows + dynamic.processed_rows, forwards + dynamic.forwards
+        dynamic.processed_rows = dynamic.forwards = 0
+    out["dynamic/rebuilds"] = float(sum(d.controller.rebuilds for _, d in layers))
+    out["dynamic/frozen"] = float(any(d.controller.frozen for _, d in layers))
+    out["dynamic/processed_rows_per_forward"] = rows / max(forwards, 1)
+    if lookups:
+        out["dynamic/cache_hit_rate"] = hits / lookups
+    return out

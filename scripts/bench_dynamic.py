@@ -1,0 +1,236 @@
+"""DynaMoE against fixed capacity and dropless: padded slots, drops, step time, rebuilds,
+cache hit rate.
+
+Two workloads, every policy on the same data and seeds:
+
+- `zipf`: one MoE layer (E=16, top-2) trained with Adam on a skewed load: every token
+  prefers one expert, drawn with probability proportional to 1/(e+1)^s (Zipf), and is
+  that expert's router key plus noise; batches are drawn from a fixed pool of samples
+  (so samples recur, as in multi-epoch training, and the assignment cache can converge).
+- `kjv`: a short KJV training run (`experiment=demo comm=local`, fewer steps) through
+  `launch.trainer.train`, at EP=1.
+
+Figures per policy: *padded slots* = the rows the experts process per layer forward in a
+static-shape step (fixed C: E * round(C*K*T/E); dynamic: the sum of the bucketed
+capacities; dropless: the kept rows, which needs dynamic shapes), the dropped fraction
+of token-slots, the median step time (shared machine: indicative only), the rebuild
+count and the cache hit rate. Slots and drops are deterministic.
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline \\
+        .venv/bin/python scripts/bench_dynamic.py --workload zipf --steps 120
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline \\
+        .venv/bin/python scripts/bench_dynamic.py --workload kjv --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe.dynamic import dynamic_scalars, end_dynamic_step, set_sample_ids
+from moe.layer import MoELayer
+from routing import RoutingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES: dict[str, dict[str, Any]] = {
+    "fixed_c1.0": dict(capacity="fixed", capacity_factor=1.0),
+    "fixed_c1.25": dict(capacity="fixed", capacity_factor=1.25),
+    "fixed_c2.0": dict(capacity="fixed", capacity_factor=2.0),
+    "dropless": dict(capacity="dropless"),
+    "dynamic": dict(capacity="dynamic", dynamic_buckets=[], cache_max_entries=4096),
+    # A configured bucket set: multiples of 16 slots (finer than powers of two).
+    "dynamic_b16": dict(
+        capacity="dynamic", dynamic_buckets=list(range(16, 4097, 16)), cache_max_entries=4096
+    ),
+}
+DYNAMIC_DEFAULTS: dict[str, Any] = dict(
+    dynamic_window=16, dynamic_headroom=1.1, dynamic_min_factor=0.25, dynamic_max_factor=4.0,
+    dynamic_max_rebuilds=32, cache_threshold=0.05,
+)  # fmt: skip
+
+
+class _Model:
+    def __init__(self, layer: MoELayer) -> None:
+        self.layer = layer
+
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        return [(0, self.layer)]
+
+
+def _padded_slots(layer: MoELayer, num_tokens: int, policy: dict[str, Any]) -> int:
+    """Rows the experts process in a static-shape step (see the module docstring)."""
+    last = layer.last_stats
+    assert last is not None
+    if policy["capacity"] == "fixed":
+        k, e = layer.routing.top_k, layer.num_experts
+        capacity = max(1, math.floor(policy["capacity_factor"] * k * num_tokens / e + 0.5))
+        return e * capacity
+    if policy["capacity"] == "dynamic":
+        assert layer.dynamic is not None
+        return sum(layer.dynamic.controller.capacities(num_tokens))
+    return int(last.tokens_per_expert_E.sum())
+
+
+def run_zipf(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
+    experts, top_k, d_model, d_hidden = 16, 2, 64, 128
+    gen = torch.Generator().manual_seed(0)
+    # Expert e has a key vector; a token's preferred expert z ~ Zipf(s) over the experts
+    # and the token is its key plus noise, so the router's first choice follows Zipf.
+    keys_ED = torch.linalg.qr(torch.randn(d_model, experts, generator=gen)).Q.t()
+    zipf_E = torch.tensor([(e + 1.0) ** -args.zipf_s for e in range(experts)])
+    preferred_PS = torch.multinomial(
+        zipf_E / zipf_E.sum(), args.pool * args.seq, replacement=True, generator=gen
+    ).view(args.pool, args.seq)
+    pool = keys_ED[preferred_PS] + 0.3 * torch.randn(args.pool, args.seq, d_model, generator=gen)
+    policy = POLICIES[name]
+    extra = DYNAMIC_DEFAULTS if policy["capacity"] == "dynamic" else {}
+    routing = RoutingConfig(top_k=top_k, **policy, **extra)
+    torch.manual_seed(1)
+    layer = MoELayer(d_model, d_hidden, experts, routing)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(args.bias_scale * keys_ED)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=args.lr)
+    model = _Model(layer)
+    num_tokens = args.batch * args.seq
+    slots, drops, times = [], [], []
+    for step in range(steps):
+        order = torch.randperm(args.pool, generator=torch.Generator().manual_seed(step))
+        ids = order[: args.batch]
+        x = pool[ids] + 0.05 * torch.randn(
+            args.batch, args.seq, d_model, generator=torch.Generator().manual_seed(10_000 + step)
+        )
+        set_sample_ids(model, ids)
+        start = time.perf_counter()
+        out = layer(x)
+        loss = out.y.square().mean() + out.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        end_dynamic_step(model)
+        times.append(time.perf_counter() - start)
+        stats = layer.last_stats
+        assert stats is not None
+        slots.append(_padded_slots(layer, num_tokens, policy))
+        drops.append(float(stats.dropped_fraction))
+    return _summary(layer, model, slots, drops, times, num_tokens * top_k)
+
+
+def _summary(
+    layer: MoELayer,
+    model: Any,
+    slots: list[int],
+    drops: list[float],
+    times: list[float],
+    routed_slots: int,
+) -> dict[str, Any]:
+    scalars = dynamic_scalars(model)
+    warm = times[len(times) // 4 :]
+    return {
+        "padded_slots_per_forward": statistics.mean(slots),
+        "padded_slots_over_routed": statistics.mean(slots) / routed_slots,
+        "dropped_fraction": statistics.mean(drops),
+        "step_time_ms_median": 1000 * statistics.median(warm),
+        "rebuilds": layer.dynamic.controller.rebuilds if layer.dynamic is not None else 0,
+        "frozen": bool(layer.dynamic.controller.frozen) if layer.dynamic is not None else False,
+        "cache_hit_rate": scalars.get("dynamic/cache_hit_rate"),
+        "final_capacities": (
+            list(layer.dynamic.controller.bucket_vector or ())
+            if layer.dynamic is not None
+            else None
+        ),
+    }
+
+
+def run_kjv(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+
+    from launch.config import register_configs, to_run_config
+    from launch.trainer import train
+
+    policy = POLICIES[name]
+    extra = DYNAMIC_DEFAULTS if policy["capacity"] == "dynamic" else {}
+    overrides = [
+        f"routing.{key}={value}".replace(" ", "") for key, value in {**policy, **extra}.items()
+    ]
+    with tempfile.TemporaryDirectory() as run_dir:
+        register_configs()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = compose("config", overrides=[
+                "experiment=demo", "comm=local", f"run_dir={run_dir}", "wandb.mode=disabled",
+                "train.progress=false", f"train.steps={steps}", f"train.eval_every={steps}",
+                f"train.log_every={steps}", "train.checkpoint_every=0", "train.sample_tokens=0",
+                f"train.warmup_steps={min(50, steps // 2)}", *overrides,
+            ])  # fmt: skip
+        config = to_run_config(cfg)
+        start = time.perf_counter()
+        result = train(config)
+        elapsed = time.perf_counter() - start
+        model = result.model
+        assert model is not None
+        layers = model.moe_layers()
+        num_tokens = (config.train.batch_size // 1) * config.data.seq_len
+        slots = [_padded_slots(layer, num_tokens, policy) for _, layer in layers]
+        drops = [float(layer.last_stats.dropped_fraction) for _, layer in layers]  # type: ignore[union-attr]
+        record = result.evaluations[-1]
+        summary = {
+            "padded_slots_per_layer_forward": statistics.mean(slots),
+            "padded_slots_over_routed": statistics.mean(slots)
+            / (num_tokens * config.routing.top_k),
+            "dropped_fraction_last_step": statistics.mean(drops),
+            "train_seconds": elapsed,
+            "tokens_per_s_last_window": record.get("tokens_per_s"),
+            "val_bpb": record.get("val_bpb"),
+            "rebuilds": sum(
+                layer.dynamic.controller.rebuilds for _, layer in layers if layer.dynamic
+            ),
+            "cache_hit_rate": record.get("dynamic_cache_hit_rate"),
+        }
+        return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=["zipf", "kjv"], default="zipf")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--policies", nargs="*", default=list(POLICIES))
+    parser.add_argument("--batch", type=int, default=16, help="zipf: samples per step")
+    parser.add_argument("--seq", type=int, default=32, help="zipf: tokens per sample")
+    parser.add_argument("--pool", type=int, default=64, help="zipf: distinct samples")
+    parser.add_argument("--zipf-s", type=float, default=1.0)
+    parser.add_argument("--bias-scale", type=float, default=4.0, help="router key scale")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runner = run_zipf if args.workload == "zipf" else run_kjv
+    results = {}
+    for name in args.policies:
+        results[name] = runner(name, args.steps, args)
+        print(name, json.dumps(results[name]), flush=True)
+    base = results.get("fixed_c2.0")
+    for name in [n for n in results if n.startswith("dynamic")]:
+        if base is None:
+            break
+        key = next(k for k in results[name] if k.startswith("padded_slots_per"))
+        saving = 1 - results[name][key] / base[key]
+        results[name]["fewer_slots_than_fixed_c2.0"] = saving
+        print(f"{name} vs fixed C=2.0: {100 * saving:.1f}% fewer padded slots", flush=True)
+    date = datetime.date.today().isoformat()
+    out = args.out or ROOT / "docs" / "results" / f"dynamic_{args.workload}_{date}.json"
+    out.write_text(json.dumps({"workload": args.workload, "date": date, "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    }, "results": results}, indent=2) + "\n")  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

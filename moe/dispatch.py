@@ -1,7 +1,8 @@
 """Permute and unpermute: local reordering of token-slots, no communication.
 
 `permute` sorts the kept slots by expert (stable: token order within an expert) and
-gathers their token rows; `unpermute` gathers each token's expert outputs back and
+gathers their token rows (compact: R = kept slots; or capacity-padded, see
+`capacity_padded_permutation`); `unpermute` gathers each token's expert outputs back and
 sums them with the routing weights.
 
 Shapes: T tokens, K slots per token, R kept slots (routed rows), D model width, E experts.
@@ -9,6 +10,7 @@ Shapes: T tokens, K slots per token, R kept slots (routed rows), D model width, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +39,20 @@ class Permutation:
 
 
 def plan_permutation(plan: RoutingPlan) -> Permutation:
-    """Sort the kept slots by expert; dropped slots sort last and get row -1."""
+    """Sort the kept slots by expert; dropped slots sort last and get row -1.
+
+    A plan without capacity (`plan.capacity is None`: every slot kept) has R = T*K rows,
+    known without looking at the data (no host sync; a static shape under
+    `torch.compile`)."""
     num_tokens, top_k = plan.expert_ids_TK.shape
     keep_N = plan.keep_TK.reshape(-1)
-    sort_key_N = torch.where(keep_N, plan.expert_ids_TK.reshape(-1), plan.num_experts)
-    slot_order_N = torch.sort(sort_key_N, stable=True).indices
-    num_rows = int(keep_N.sum())
+    if plan.capacity is None:
+        slot_order_N = torch.sort(plan.expert_ids_TK.reshape(-1), stable=True).indices
+        num_rows = slot_order_N.numel()
+    else:
+        sort_key_N = torch.where(keep_N, plan.expert_ids_TK.reshape(-1), plan.num_experts)
+        slot_order_N = torch.sort(sort_key_N, stable=True).indices
+        num_rows = int(keep_N.sum())
     slot_R = slot_order_N[:num_rows]
     row_of_slot_N = torch.full_like(keep_N, -1, dtype=torch.int64)
     row_of_slot_N[slot_R] = torch.arange(num_rows, device=slot_R.device)
@@ -50,6 +60,44 @@ def plan_permutation(plan: RoutingPlan) -> Permutation:
         token_index_R=slot_R // top_k,
         row_of_slot_TK=row_of_slot_N.view(num_tokens, top_k),
         counts_E=plan.counts_E,
+    )
+
+
+def capacity_padded_permutation(plan: RoutingPlan, slots_E: Sequence[int]) -> Permutation:
+    """Capacity-padded layout: expert e owns rows [offset_e, offset_e + slots_E[e]),
+    its kept slots first (token order), then padding rows (token 0's row: their outputs
+    are never combined, so they get zero gradient). R = sum(slots_E) and
+    `counts_E = slots_E` are fixed by the capacities, not by the data: no host sync,
+    static shapes under `torch.compile`, and with equal capacities the grouped matmuls
+    run as one `bmm` (`moe.ops`). Every expert must keep at most slots_E[e] slots."""
+    num_tokens, top_k = plan.expert_ids_TK.shape
+    num_experts = plan.num_experts
+    device = plan.expert_ids_TK.device
+    assert len(slots_E) == num_experts, "one capacity per expert"
+    total = int(sum(slots_E))
+    slots_X = torch.tensor([*slots_E, 0], dtype=torch.int64, device=device)
+    keep_N = plan.keep_TK.reshape(-1)
+    key_N = torch.where(keep_N, plan.expert_ids_TK.reshape(-1), num_experts)
+    order_N = torch.sort(key_N, stable=True).indices
+    key_sorted_N = key_N[order_N]
+    # Kept slots per expert (and the dropped ones under key E), without bincount's
+    # data-dependent output size.
+    counts_X = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts_X.scatter_add_(0, key_N, torch.ones_like(key_N))
+    start_X = torch.cumsum(counts_X, 0) - counts_X
+    rank_sorted_N = torch.arange(key_N.numel(), device=device) - start_X[key_sorted_N]
+    offset_X = torch.cumsum(slots_X, 0) - slots_X
+    kept_sorted_N = key_sorted_N < num_experts
+    # Dropped slots write into a spare row `total`, cut off below.
+    row_sorted_N = torch.where(kept_sorted_N, offset_X[key_sorted_N] + rank_sorted_N, total)
+    token_index_P = torch.zeros(total + 1, dtype=torch.int64, device=device)
+    token_index_P.scatter_(0, row_sorted_N, order_N // top_k)
+    row_of_slot_N = torch.empty_like(key_N)
+    row_of_slot_N[order_N] = torch.where(kept_sorted_N, row_sorted_N, -1)
+    return Permutation(
+        token_index_R=token_index_P[:total],
+        row_of_slot_TK=row_of_slot_N.view(num_tokens, top_k),
+        counts_E=slots_X[:num_experts],
     )
 
 

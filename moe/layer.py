@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-from moe.dispatch import permute, plan_permutation, unpermute
+from moe.dispatch import capacity_padded_permutation, permute, plan_permutation, unpermute
+from moe.dynamic import DynamicRouting, padded_permutation, padded_unpermute
 from moe.experts import Activation, DenseMLP, Experts, GroupedExperts
 from moe.parallel import Dispatcher, LocalDispatcher
 from routing import (
+    CapacityKind,
     RoutingConfig,
     RoutingPlan,
     RoutingStats,
@@ -74,9 +77,18 @@ class MoELayer(nn.Module):
             self.residual = DenseMLP(d_model, d_hidden, activation)
             self.residual_gate = nn.Linear(d_model, 2)
         self.last_stats: RoutingStats | None = None
+        # DynaMoE (routing.capacity=dynamic): per-expert bucketed capacities, padded rows.
+        self.dynamic: DynamicRouting | None = None
+        if routing.capacity == CapacityKind.DYNAMIC:
+            self.dynamic = DynamicRouting(num_experts, routing)
 
-    def route(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
-        """The capacity-applied routing plan of x_TD (no expert computation)."""
+    def route(
+        self, x_TD: Tensor, task_ids_T: Tensor | None = None, num_samples: int = 1
+    ) -> RoutingPlan:
+        """The capacity-applied routing plan of x_TD (no expert computation);
+        `num_samples`: the sequences x_TD is made of (the DynaMoE cache's rows)."""
+        if self.dynamic is not None:
+            return self.dynamic.route(self.router(x_TD, task_ids_T), num_samples, self.training)
         return apply_capacity(self.router(x_TD, task_ids_T), self.routing)
 
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> MoEOutput:
@@ -93,13 +105,27 @@ class MoELayer(nn.Module):
                     f"task_ids have shape {tuple(task_ids.shape)}; expected {tuple(x.shape[:-1])}"
                 )
             task_ids_T = task_ids.reshape(-1)
-        plan = self.route(x_TD, task_ids_T)
-        permutation = plan_permutation(plan)
+        plan = self.route(x_TD, task_ids_T, x.shape[0] if x.dim() > 2 else 1)
+        padded = self.dynamic is not None
+        if padded:
+            permutation = padded_permutation(plan)
+        elif plan.capacity is not None:
+            # Fixed capacity: each expert's rows padded to the capacity: static shapes
+            # (no host sync, no graph break) and one bmm per grouped matmul (moe.ops).
+            slots_E = [plan.capacity] * self.num_experts
+            permutation = capacity_padded_permutation(plan, slots_E)
+        else:
+            permutation = plan_permutation(plan)
         x_RD = permute(x_TD, permutation)
-        x_local, counts_local, context = self.dispatcher.dispatch(x_RD, permutation.counts_E)
+        dispatch, combine = self.dispatcher.dispatch, self.dispatcher.combine
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            # The EP all-to-all runs eagerly between compiled graphs (launch.compile):
+            # host-side split sizes and gloo collectives have no place in the graph.
+            dispatch, combine = torch.compiler.disable(dispatch), torch.compiler.disable(combine)
+        x_local, counts_local, context = dispatch(x_RD, permutation.counts_E, uniform_counts=padded)
         y_local = self.experts(x_local, counts_local)
-        y_RD = self.dispatcher.combine(y_local, context)
-        y_TD = unpermute(y_RD, permutation, plan.weights_TK)
+        y_RD = combine(y_local, context)
+        y_TD = (padded_unpermute if padded else unpermute)(y_RD, permutation, plan.weights_TK)
         if self.residual is not None and self.residual_gate is not None:
             coefficients_T2 = nn.functional.softmax(self.residual_gate(x_TD), dim=-1)
             y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]

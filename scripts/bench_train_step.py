@@ -1,0 +1,229 @@
+"""Training-step throughput: the demo MoE against its dense twin, eager and compiled, in
+one process, interleaved; and (`--ep`) whole training runs at EP=1 against EP=2.
+
+Step mode (default): `experiment=demo comm=local`, `model=small` (MoE) and `model=dense`
+(its dense twin at equal active parameters), each eager and compiled
+(`launch.compile.CompiledStep`, inductor). One step = forward, loss, backward, gradient
+clipping, AdamW, on one fixed KJV batch of the demo's size (32 x 128 bytes). Each
+variant is compiled and warmed up first; then `--rounds` rounds each run every variant
+for `--steps` steps (the first variant rotates from round to round) and record the
+median step time of the round; the figure is the median over rounds. Tokens/s =
+batch tokens / step time.
+
+EP mode (`--ep`): `launch.train experiment=demo` runs of `--train-steps` steps, EP=1
+(`comm=local`, one process with 2 threads) and EP=2 (`comm=ep2`, `torchrun
+--nproc-per-node 2`, 1 thread each), alternated `--repeats` times, eager or compiled
+(`--compile`); tokens/s is read from each run's metrics.jsonl (windows after the first).
+
+`--profile`: torch.profiler table (by op, self CPU time) of a few eager MoE and dense
+steps. Results go to `--json` (docs/results/train_step_*.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from launch.compile import CompiledStep  # noqa: E402
+from launch.config import RunConfig, register_configs, to_run_config  # noqa: E402
+from launch.optim import (  # noqa: E402
+    build_optimizer,
+    clip_gradients,
+    global_grad_norm,
+    split_parameters,
+)
+from moe.data import build_dataset  # noqa: E402
+from moe.transformer import MoETransformer, lm_loss  # noqa: E402
+
+
+def compose(*overrides: str) -> RunConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = hydra_compose("config", overrides=["experiment=demo", "comm=local", *overrides])
+    return to_run_config(cfg)
+
+
+def make_step(
+    model_name: str, compiled: bool
+) -> tuple[Callable[[], float], int, CompiledStep | None]:
+    """A closure running one full training step on a fixed batch; its tokens per step."""
+    config = compose(f"model={model_name}")
+    model = MoETransformer(config.model, config.routing, seed=config.train.seed)
+    model.train()
+    optimizer = build_optimizer(model, config.train)
+    split = split_parameters(model)
+    dataset = build_dataset(config.data)
+    batch = dataset.sampler(
+        config.train.batch_size, 0, 0, 1, config.data.balance_tasks
+    ).next_batch()
+    inputs, targets = batch.tokens_BT[:, :-1], batch.tokens_BT[:, 1:]
+    tasks = batch.task_ids_B
+    step_model = CompiledStep(model) if compiled else None
+    call = step_model or model
+
+    def step() -> float:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = lm_loss(call(inputs, tasks), targets).loss
+        loss.backward()
+        clip_gradients(split, config.train.grad_clip, global_grad_norm(split, None, 1))
+        optimizer.step()
+        return time.perf_counter() - started
+
+    return step, int(inputs.numel()), step_model
+
+
+def bench_steps(args: argparse.Namespace) -> dict:
+    variants = {}
+    for model_name in ("small", "dense"):
+        for compiled in (False, True):
+            name = f"{'moe' if model_name == 'small' else 'dense'}_{'compiled' if compiled else 'eager'}"
+            step, tokens, step_model = make_step(model_name, compiled)
+            started = time.perf_counter()
+            for _ in range(args.warmup):
+                step()
+            warm_s = time.perf_counter() - started
+            variants[name] = (step, tokens, step_model, warm_s)
+            print(f"# {name}: warm-up {args.warmup} steps {warm_s:.1f} s", flush=True)
+    names = list(variants)
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            times = [variants[name][0]() for _ in range(args.steps)]
+            rounds[name].append(statistics.median(times))
+        print(f"# round {r}: " + " ".join(f"{n}={rounds[n][-1] * 1e3:.1f}ms" for n in names),
+              flush=True)  # fmt: skip
+    result = {}
+    for name in names:
+        _, tokens, step_model, warm_s = variants[name]
+        median = statistics.median(rounds[name])
+        result[name] = {
+            "step_ms": median * 1e3,
+            "tokens_per_s": tokens / median,
+            "round_step_ms": [t * 1e3 for t in rounds[name]],
+            "warmup_s": warm_s,
+            **(step_model.scalars() if step_model is not None else {}),
+        }
+    for mode in ("eager", "compiled"):
+        result[f"moe_over_dense_{mode}"] = (
+            result[f"moe_{mode}"]["tokens_per_s"] / result[f"dense_{mode}"]["tokens_per_s"]
+        )
+    result["compiled_over_eager_moe"] = (
+        result["moe_compiled"]["tokens_per_s"] / result["moe_eager"]["tokens_per_s"]
+    )
+    return result
+
+
+def profile(args: argparse.Namespace) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    tables = {}
+    for model_name in ("small", "dense"):
+        step, _, _ = make_step(model_name, compiled=False)
+        for _ in range(3):
+            step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        print(f"## {model_name}, {args.steps} steps\n{table}", flush=True)
+        tables[model_name] = table
+    return {"profile": tables}
+
+
+def _run_train(ep: int, overrides: list[str], run_dir: Path) -> list[float]:
+    env = dict(os.environ, WANDB_MODE="disabled")
+    common = [
+        "experiment=demo", f"run_dir={run_dir}", "train.progress=false", "wandb.mode=disabled",
+        "train.eval_batches=1", "train.checkpoint_every=0", "train.sample_tokens=0",
+        "train.warmup_steps=5", *overrides,
+    ]  # fmt: skip
+    if ep == 1:
+        cmd = [sys.executable, "-m", "launch.train", *common, "comm=local"]
+        env["OMP_NUM_THREADS"] = "2"
+    else:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        cmd = [torchrun, "--nproc-per-node", str(ep), "-m", "launch.train", *common, "comm=ep2"]
+        env["OMP_NUM_THREADS"] = "1"
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["tokens_per_s"] for r in records[1:]]  # the first window holds the warm-up
+
+
+def bench_ep(args: argparse.Namespace) -> dict:
+    window = max(args.train_steps // 4, 1)
+    overrides = [f"train.steps={args.train_steps}", f"train.eval_every={window}"]
+    if args.compile:
+        overrides.append("train.compile=true")
+    windows: dict[str, list[float]] = {"ep1": [], "ep2": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            order = ("ep1", "ep2") if repeat % 2 == 0 else ("ep2", "ep1")
+            for name in order:
+                got = _run_train(int(name[-1]), overrides, Path(tmp) / f"{name}-{repeat}")
+                windows[name] += got
+                print(f"# repeat {repeat} {name}: {[round(w) for w in got]} tokens/s", flush=True)
+    medians = {name: statistics.median(values) for name, values in windows.items()}
+    return {
+        "compile": args.compile,
+        "windows_tokens_per_s": windows,
+        "median_tokens_per_s": medians,
+        "ep2_over_ep1": medians["ep2"] / medians["ep1"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--ep", action="store_true", help="EP=2 against EP=1 training runs")
+    parser.add_argument("--compile", action="store_true", help="with --ep: train.compile=true")
+    parser.add_argument("--train-steps", type=int, default=80)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    args = parser.parse_args()
+    if not args.ep:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    started = time.time()
+    if args.profile:
+        result = profile(args)
+    elif args.ep:
+        result = bench_ep(args)
+    else:
+        result = bench_steps(args)
+    record = {
+        "command": " ".join(["python scripts/bench_train_step.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "threads": torch.get_num_threads(),
+        "load_average_end": os.getloadavg(),
+        "torch": torch.__version__,
+        **result,
+    }
+    print(json.dumps({k: v for k, v in record.items() if k != "profile"}, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

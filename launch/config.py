@@ -75,8 +75,6 @@ class TrainConfig:
 
     The learning rate rises linearly from 0 over `warmup_steps`, then follows a cosine
     from `lr` down to `min_lr` at `steps`. One step is `grad_accum` micro-batches.
-    `fail_at_step` makes rank 1 (or rank 0 in a one-process run) exit abruptly when it
-    reaches that step the first time; it exists for the fault-tolerance tests only.
     """
 
     steps: int = 1000
@@ -101,7 +99,10 @@ class TrainConfig:
     sample_tokens: int = 0
     sample_prompt: str = "In the beginning"
     progress: bool = True
-    fail_at_step: int = -1
+    # torch.compile the model's forward and backward (launch.compile.CompiledStep);
+    # `compile_cache_dir`: inductor's on-disk cache ("" = torch's default directory).
+    compile: bool = False
+    compile_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         self.engine = parse_enum(Engine, self.engine, "train.engine")
@@ -125,12 +126,18 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be in [0, 1)")
         if not self.grad_clip >= 0:
             raise ValueError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        if self.compile and self.engine != Engine.TORCH:
+            raise ValueError(
+                f"train.compile=true needs train.engine=torch (got {self.engine.value}); "
+                "DeepSpeed wraps the model itself"
+            )
+        if self.compile_cache_dir and not self.compile:
+            raise ValueError(
+                f"train.compile_cache_dir={self.compile_cache_dir!r} is set but "
+                "train.compile=false; set train.compile=true or leave the cache dir empty"
+            )
         if self.zero_stage not in (1, 2):
             raise ValueError(f"train.zero_stage={self.zero_stage} is not one of: 1, 2")
-        if self.fail_at_step != -1 and not 1 <= self.fail_at_step <= self.steps:
-            raise ValueError(
-                f"train.fail_at_step={self.fail_at_step} must be -1 (off) or in [1, {self.steps}]"
-            )
 
 
 class Backend(str, Enum):

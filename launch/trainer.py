@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from launch.build import build_model
 from launch.checkpointing import CheckpointManager, config_dict
+from launch.compile import CompiledStep
 from launch.config import Engine as EngineKind
 from launch.config import ResumeMode, RunConfig
 from launch.engines import build_engine
@@ -38,11 +41,11 @@ from launch.optim import learning_rate
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.tracking import Tracker
 from moe.data import ByteDataset, build_dataset
+from moe.dynamic import bucket_key, dynamic_scalars, end_dynamic_step, set_sample_ids
 from moe.inference import generate
 from moe.params import count_parameters
 from moe.transformer import MoETransformer
 
-FAIL_MARKER = "injected_failure"
 EVENTS_FILE = "events.jsonl"
 # Called on every rank after each checkpoint: (step, checkpoint dir, metrics) (Ray reports).
 CheckpointHook = Callable[[int, Path, dict[str, float]], None]
@@ -69,19 +72,6 @@ def check_compatible(config: RunConfig, num_tasks: int) -> None:
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
     config.routing.validate_for_data(num_tasks)
-
-
-def _maybe_fail(config: RunConfig, step: int, runtime: Runtime) -> None:
-    """Test hook: the chosen rank dies abruptly the first time it reaches the step."""
-    victim = 1 if runtime.info.world_size > 1 else 0
-    if config.train.fail_at_step != step or runtime.info.rank != victim:
-        return
-    marker = Path(config.run_dir) / FAIL_MARKER
-    if marker.exists():
-        return
-    marker.write_text(f"rank {runtime.info.rank} failed at step {step}\n")
-    print(f"[rank {runtime.info.rank}] injected failure at step {step}", flush=True)
-    os._exit(17)
 
 
 def train(
@@ -162,6 +152,7 @@ def run_training(
         on_fresh_start()
     model.train()
     engine = build_engine(model, train_cfg, runtime)
+    compiled = _compiled_step(engine.module, model, train_cfg)
     sampler = dataset.sampler(
         train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size, config.data.balance_tasks
     )
@@ -176,6 +167,7 @@ def run_training(
     counts = count_parameters(model)
     tracker = Tracker(run_dir, config.wandb, run_record, enabled=info.is_main)
     name = objective.name
+    workers = _worker_processes(runtime)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _append_event(
@@ -186,6 +178,7 @@ def run_training(
                 "resumed_from": str(resumed.directory) if resumed is not None else None,
                 "world_size": info.world_size,
                 "ep_size": runtime.ep_size,
+                "workers": workers,
             },
         )
         print(
@@ -202,9 +195,10 @@ def run_training(
     progress = _progress(info.is_main and train_cfg.progress, start_step, train_cfg.steps, name)
     window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
     last_terms: dict[str, float] = {}
-    moe_time = _MoETimer(routed)
+    last_dynamic: dict[str, float] = {}  # DynaMoE rebuilds, cache hit rate (metrics.jsonl)
+    # Hooks inside a compiled model would break its graph: no MoE-layer timing there.
+    moe_time = _MoETimer(routed, enabled=compiled is None or routed is not model)
     for step in range(start_step, train_cfg.steps):
-        _maybe_fail(config, step, runtime)
         torch.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + info.rank)
         lr = learning_rate(step, train_cfg)
         engine.begin_step(lr)
@@ -212,15 +206,21 @@ def run_training(
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
+            set_sample_ids(model, batch.sample_ids_B)  # DynaMoE's assignment cache keys
             losses = objective(
-                engine.module, tokens_BT[:, :-1], tokens_BT[:, 1:], batch.task_ids_B.to(device)
-            )
+                compiled or engine.module,
+                tokens_BT[:, :-1], tokens_BT[:, 1:], batch.task_ids_B.to(device),
+            )  # fmt: skip
             engine.backward(losses.loss)
             parts = {"loss": losses.loss, "ce": losses.ce, **losses.terms}
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / train_cfg.grad_accum
             monitor.observe(routed)
         grad_norm = engine.finish_step()
+        if compiled is not None and step == start_step:
+            _report_compile(compiled, time.perf_counter() - window_start, info.is_main)
+        # DynaMoE: one all-reduce of the step's per-expert demand, then new capacities.
+        end_dynamic_step(model, runtime.groups.world if runtime.groups is not None else None)
         means = dict(zip(sums, all_reduce_mean(list(sums.values()), info.world_size, device)))
         loss, ce = means.pop("loss"), means.pop("ce")
         result.losses.append(loss)
@@ -232,6 +232,7 @@ def run_training(
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
             elapsed = time.perf_counter() - window_start
+            last_dynamic = dynamic_scalars(model)
             scalars = {
                 "train/loss": loss,
                 "train/ce": ce,
@@ -242,6 +243,8 @@ def run_training(
                 "train/moe_layer_time_s": moe_time.take() / window_steps,
                 "train/alltoall_time_s": _take_comm_time(routed) / window_steps,
                 **monitor.scalars(routed),
+                **(compiled.scalars() if compiled is not None else {}),
+                **last_dynamic,
             }
             tracker.log(done, scalars)
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
@@ -258,6 +261,8 @@ def run_training(
                 "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "lr": lr,
                 **last_terms,
+                **{k.replace("/", "_"): v for k, v in last_dynamic.items() if k.count("/") == 1},
+                **(compiled.scalars() if compiled is not None else {}),
             }
             result.evaluations.append(record)
             tracker.log_evaluation(record)
@@ -305,6 +310,18 @@ def run_training(
     return result
 
 
+def _worker_processes(runtime: Runtime) -> list[dict[str, Any]]:
+    """Every rank's host and pid, in rank order (a collective when distributed): the events
+    file names the processes of each start, so that a person (or a fault test) can find
+    the process of a rank without the launcher's help."""
+    mine = {"rank": runtime.info.rank, "host": socket.gethostname(), "pid": os.getpid()}
+    if runtime.groups is None:
+        return [mine]
+    gathered: list[Any] = [None] * runtime.info.world_size
+    dist.all_gather_object(gathered, mine, group=runtime.groups.world)
+    return gathered
+
+
 def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
     """One line of `run_dir/events.jsonl`: starts and resumptions of the run."""
     with open(run_dir / EVENTS_FILE, "a") as handle:
@@ -339,6 +356,27 @@ def _progress(enabled: bool, start: int, total: int, name: str) -> Any:
     return tqdm(total=total, initial=start, desc=name, file=sys.stderr, dynamic_ncols=True)
 
 
+def _compiled_step(module: Any, model: Any, train_cfg: Any) -> CompiledStep | None:
+    """The compiled forward + backward of `train.compile=true` (launch.compile), keyed by
+    the DynaMoE bucket vector (one key for other routing)."""
+    if not train_cfg.compile:
+        return None
+    return CompiledStep(
+        module, key_fn=lambda: bucket_key(model), cache_dir=train_cfg.compile_cache_dir or None
+    )
+
+
+def _report_compile(compiled: CompiledStep, first_step_s: float, is_main: bool) -> None:
+    compiled.first_step_s = first_step_s
+    if is_main:
+        print(
+            f"[compile] first step {first_step_s:.1f} s: {compiled.compilations} graphs "
+            f"compiled in {compiled.compile_time_s:.1f} s (inductor, forward), cache "
+            f"{compiled.cache_dir or 'torch default'}",
+            flush=True,
+        )
+
+
 def _take_comm_time(model: Any) -> float:
     """Seconds this rank spent in the MoE all-to-alls (counts and rows, forward and
     backward) since the last call, over all layers; 0 at EP=1."""
@@ -354,11 +392,11 @@ class _MoETimer:
     """Wall time spent inside the MoE layers (router, all-to-all, experts), from
     forward hooks; on CUDA it is the host time of the launches, a lower bound."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, enabled: bool = True) -> None:
         self.total = 0.0
         self._started: dict[int, float] = {}
         self._handles = []
-        for block, layer in model.moe_layers():
+        for block, layer in model.moe_layers() if enabled else []:
             self._handles.append(layer.register_forward_pre_hook(self._pre(block)))
             self._handles.append(layer.register_forward_hook(self._post(block)))
 

@@ -100,7 +100,9 @@ def padded_permutation(plan: RoutingPlan) -> Permutation:
     key_N = torch.where(keep_N, plan.expert_ids_TK.reshape(-1), num_experts)
     order_N = torch.sort(key_N, stable=True).indices
     key_sorted_N = key_N[order_N]
-    counts_X = torch.bincount(key_N, minlength=num_experts + 1)
+    # scatter-add, not bincount: an [E + 1] output whatever the data (no graph break)
+    counts_X = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts_X.scatter_add_(0, key_N, torch.ones_like(key_N))
     start_X = torch.cumsum(counts_X, 0) - counts_X
     rank_sorted_N = torch.arange(key_N.numel(), device=device) - start_X[key_sorted_N]
     offset_X = torch.cat([torch.cumsum(capacity_E, 0) - capacity_E, capacity_E.new_full((1,), 0)])

@@ -37,6 +37,7 @@ ROUTINGS = {
     "sigma": {"router": "sigma", "capacity": "dropless", "normalize_weights": False},
     "task": {"router": "task", "capacity": "dropless", "num_tasks": 3},
     "dropless": {"router": "topk", "capacity": "dropless"},
+    "dynamic": {"router": "topk", "capacity": "dynamic"},
 }
 
 

@@ -37,10 +37,23 @@ test: venv lint typecheck
 demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m launch.train experiment=demo
 
-# Benchmarks behind docs/BENCHMARKS.md (tens of minutes on 2 cores).
+# The benchmarks of docs/BENCHMARKS.md that need no trained checkpoint (tens of minutes on
+# 2 cores; run on a quiet machine). Each writes its raw output under docs/. Those on trained
+# checkpoints (bench_generate, bench_serve, plan_check, compare_routing,
+# distill_experiment) give their commands in docs/BENCHMARKS.md and docs/EXPERIMENTS.md.
 bench: venv
 	$(PY) scripts/bench_layer.py --json docs/bench_layer.json --plot docs/bench_layer.png
-	OMP_NUM_THREADS=1 $(PY) -m comm.bench --nproc 4 --ranks-per-node 2 --json runs/comm_bench.json
+	$(PY) scripts/layer_anatomy.py --json docs/results/layer_anatomy.json
+	$(PY) scripts/bench_grouped_mm.py --json docs/results/bench_grouped_mm.json
+	$(PY) scripts/bench_int8.py --json docs/results/bench_int8.json
+	$(PY) scripts/bench_train_step.py --rounds 7 --steps 3 --warmup 2 --json docs/results/train_step_ep1.json
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_dynamic.py --workload zipf --steps 60 --out docs/results/dynamic_zipf.json
+	for size in 1048576 4194304; do OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 \
+	  scripts/bench_alltoall_overhead.py --bytes $$size --json docs/results/alltoall_overhead_$$size.json; done
+	OMP_NUM_THREADS=1 $(PY) -m comm.bench --nproc 4 --ranks-per-node 2 --json docs/comm_bench_gloo_a.json
+	OMP_NUM_THREADS=1 $(PY) -m comm.bench --nproc 4 --ranks-per-node 2 --json docs/comm_bench_gloo_b.json
+	$(PY) -m comm.cost --calibrate docs/comm_bench_gloo_a.json --evaluate docs/comm_bench_gloo_b.json \
+	  > docs/results/comm_cost_calibrated.txt
 
 clean:
 	rm -rf $(VENV) outputs runs wandb

@@ -39,8 +39,10 @@ class RoutingConfig:
     """Settings of a router and its capacity policy.
 
     `normalize_weights` renormalises the kept top-k softmax weights to sum to 1 per token
-    (before capacity is applied; a dropped slot is not re-spread over the others).
-    Sigma-MoE weights are never renormalised.
+    (before capacity is applied; a dropped slot is not re-spread over the others) when
+    top_k > 1; a top-1 weight stays the expert's probability (Switch), since a weight
+    renormalised to 1 would cut the router off from the loss. Sigma-MoE weights are never
+    renormalised.
     """
 
     router: RouterKind = RouterKind.TOPK

@@ -161,7 +161,11 @@ def reassign(plan: RoutingPlan, expert_ids_TK: Tensor, config: RoutingConfig) ->
     ids_TK = expert_ids_TK.to(device=plan.expert_ids_TK.device, dtype=torch.int64)
     scores_TK = plan.probs_TE.gather(1, ids_TK)
     weights_TK = scores_TK
-    if RouterKind(config.router) != RouterKind.SIGMA and config.normalize_weights:
+    if (
+        RouterKind(config.router) != RouterKind.SIGMA
+        and config.normalize_weights
+        and ids_TK.shape[1] > 1
+    ):
         weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True)
     return RoutingPlan(
         expert_ids_TK=ids_TK,

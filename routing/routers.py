@@ -109,7 +109,9 @@ def softmax_topk_plan(logits_TE: Tensor, config: RoutingConfig) -> RoutingPlan:
     probs_TE = torch.softmax(logits_TE, dim=-1)
     scores_TK, expert_ids_TK = topk_lowest_id(probs_TE, config.top_k)
     weights_TK = scores_TK
-    if config.normalize_weights:
+    # Top-1 keeps its probability (Switch): renormalised it would be 1, and the router
+    # would get no gradient from the output.
+    if config.normalize_weights and config.top_k > 1:
         weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True)
     balance = load_balancing_loss(probs_TE, expert_ids_TK)
     z_loss = router_z_loss(logits_TE)

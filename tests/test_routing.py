@@ -123,6 +123,18 @@ def test_unnormalized_weights_are_probabilities() -> None:
     torch.testing.assert_close(plan.weights_TK, torch.softmax(logits, -1).topk(2, -1).values)
 
 
+def test_top1_weight_is_its_probability_and_trains_the_router() -> None:
+    # Switch: renormalising a single weight would make it 1 and cut the router off.
+    router = TopKRouter(8, 4, RoutingConfig(top_k=1, normalize_weights=True))
+    x = torch.randn(16, 8)
+    plan = router(x)
+    probs = torch.softmax(x @ router.gate.weight.T, -1)
+    torch.testing.assert_close(plan.weights_TK[:, 0], probs.max(-1).values)
+    assert bool((plan.weights_TK < 1).all())
+    plan.weights_TK.sum().backward()
+    assert router.gate.weight.grad is not None and bool(router.gate.weight.grad.abs().sum() > 0)
+
+
 def test_jitter_only_in_training() -> None:
     router = TopKRouter(8, 4, RoutingConfig(jitter_noise=0.5))
     x = torch.randn(16, 8)

@@ -78,7 +78,7 @@ def oracle_plan(
             probs = [value / total for value in exps]
         ranked = sorted(range(num_experts), key=lambda e: (-float(probs[e].detach()), e))[:top_k]
         chosen = [probs[e] for e in ranked]
-        if router_kind != "sigma" and config.normalize_weights:
+        if router_kind != "sigma" and config.normalize_weights and top_k > 1:
             chosen_sum = sum(chosen)
             chosen = [value / chosen_sum for value in chosen]
         choices.append(ranked)

@@ -112,7 +112,13 @@ class MoELayer(nn.Module):
         elif plan.capacity is not None:
             # Fixed capacity: each expert's rows padded to the capacity: static shapes
             # (no host sync, no graph break) and one bmm per grouped matmul (moe.ops).
-            slots_E = [plan.capacity] * self.num_experts
+            # A task subset (moe.inference.subset) holds some experts only; its
+            # restricted router never picks the others, which get no rows.
+            # (Under EP every expert gets its slots: rows go to each expert's owner.)
+            held = set(range(self.num_experts))
+            if isinstance(self.dispatcher, LocalDispatcher):
+                held = set(self.dispatcher.expert_ids)
+            slots_E = [plan.capacity if e in held else 0 for e in range(self.num_experts)]
             permutation = capacity_padded_permutation(plan, slots_E)
         else:
             permutation = plan_permutation(plan)

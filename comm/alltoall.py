@@ -176,7 +176,8 @@ class _Exchange(torch.autograd.Function):
 
 def _exchange(x_RD: torch.Tensor, plan: _RunsBothWays, reverse: bool) -> torch.Tensor:
     """Run `plan` through the autograd node only when a gradient can flow: the node
-    costs ~25 us of host time per call, a visible share of a small exchange."""
+    costs ~40 us of host time per call at 1 MiB on 2 CPU ranks, a visible share of a
+    small exchange (`scripts/bench_alltoall_overhead.py`, docs/results/)."""
     if torch.is_grad_enabled() and x_RD.requires_grad:
         return _Exchange.apply(x_RD, plan, reverse)  # type: ignore[no-any-return]
     return plan.run(x_RD, reverse)

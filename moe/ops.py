@@ -54,9 +54,9 @@ class _BlockRunner:
     Small per-expert matmuls with two OpenMP threads each pay a fork/join per block
     (E per grouped matmul) and run below the large-matmul rate; the same blocks split
     between N workers running single-threaded `torch.mm` (which releases the GIL) need
-    one hand-off per call. At E=64, 16384 rows, D=H=512, 2 threads: 162.6 -> 147.5 ms
-    for one grouped matmul, the dense floor 133.1 ms (`scripts/bench_grouped_mm.py`,
-    docs/BENCHMARKS.md). Blocks go to workers largest first, each to the least loaded worker.
+    one hand-off per call. At E=64, 16384 rows, D=H=512, 2 threads: 106.6 -> 100.8 ms
+    for one grouped matmul, the dense floor 100.2 ms (`scripts/bench_grouped_mm.py`,
+    docs/results/bench_grouped_mm.json). Blocks go to workers largest first, each to the least loaded worker.
     Every block is still computed by exactly one `torch.mm` into its own output rows.
     The pool is rebuilt when the intra-op thread count changes and in a forked child.
     """

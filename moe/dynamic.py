@@ -5,11 +5,12 @@ shapes, and the once-per-step controller update.
   (`routing.DynamicCapacityController`), the optional assignment cache
   (`moe.assignment_cache`), and this step's demand (slots per expert before capacity,
   training forwards only).
-- `padded_permutation`: like `moe.dispatch.plan_permutation`, but expert e's rows start
-  at sum(capacity[:e]) and every expert gets exactly capacity[e] rows (unused rows hold
-  token 0 and are never combined). The experts and the all-to-all therefore see shapes
-  fixed by the bucket vector, and, since every rank holds the same controller state, the
-  all-to-all split sizes are known on every rank: the split-size exchange is skipped.
+- The layer lays the plan out with `moe.dispatch.capacity_padded_permutation` and the
+  plan's per-expert capacities: expert e's rows start at sum(capacity[:e]) and every
+  expert gets exactly capacity[e] rows (unused rows hold token 0 and are never
+  combined). The experts and the all-to-all therefore see shapes fixed by the bucket
+  vector, and, since every rank holds the same controller state, the all-to-all split
+  sizes are known on every rank: the split-size exchange is skipped.
 - `end_dynamic_step(model, group)`: one all-reduce of every layer's demand (over `group`,
   all ranks of the run, so every rank keeps the same capacities), then each controller
   observes it. The trainer calls it after each optimizer step.
@@ -29,7 +30,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moe.assignment_cache import AssignmentCache
-from moe.dispatch import Permutation
 from routing import (
     DynamicCapacityController,
     RoutingConfig,
@@ -85,51 +85,6 @@ class DynamicRouting:
     def take_demand(self) -> Tensor:
         demand, self.demand_E = self.demand_E, torch.zeros_like(self.demand_E)
         return demand
-
-
-def padded_permutation(plan: RoutingPlan) -> Permutation:
-    """Kept slots sorted by expert, expert e's block padded to `plan.capacity_E[e]` rows
-    (see the module docstring); `counts_E` are the capacities. No host synchronisation."""
-    assert plan.capacity_E is not None, "padded_permutation needs a dynamic plan"
-    num_tokens, top_k = plan.expert_ids_TK.shape
-    device = plan.expert_ids_TK.device
-    num_experts = plan.num_experts
-    capacity_E = torch.tensor(plan.capacity_E, dtype=torch.int64, device=device)
-    total = sum(plan.capacity_E)
-    keep_N = plan.keep_TK.reshape(-1)
-    key_N = torch.where(keep_N, plan.expert_ids_TK.reshape(-1), num_experts)
-    order_N = torch.sort(key_N, stable=True).indices
-    key_sorted_N = key_N[order_N]
-    # scatter-add, not bincount: an [E + 1] output whatever the data (no graph break)
-    counts_X = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    counts_X.scatter_add_(0, key_N, torch.ones_like(key_N))
-    start_X = torch.cumsum(counts_X, 0) - counts_X
-    rank_sorted_N = torch.arange(key_N.numel(), device=device) - start_X[key_sorted_N]
-    offset_X = torch.cat([torch.cumsum(capacity_E, 0) - capacity_E, capacity_E.new_full((1,), 0)])
-    kept_sorted_N = key_sorted_N < num_experts
-    # Dropped slots write to a spare row `total`, cut off below.
-    row_sorted_N = torch.where(kept_sorted_N, offset_X[key_sorted_N] + rank_sorted_N, total)
-    token_index_P = torch.zeros(total + 1, dtype=torch.int64, device=device)
-    token_index_P.scatter_(0, row_sorted_N, order_N // top_k)
-    row_of_slot_N = torch.empty_like(key_N)
-    row_of_slot_N[order_N] = torch.where(kept_sorted_N, row_sorted_N, -1)
-    return Permutation(
-        token_index_R=token_index_P[:total],
-        row_of_slot_TK=row_of_slot_N.view(num_tokens, top_k),
-        counts_E=capacity_E,
-    )
-
-
-def padded_unpermute(y_PD: Tensor, permutation: Permutation, weights_TK: Tensor) -> Tensor:
-    """y_TD[t] = sum over t's kept slots of weight * y_PD[row]; padded rows (no slot) are
-    never read and get a zero gradient. Plain autograd ops with static shapes."""
-    row_of_slot_TK = permutation.row_of_slot_TK
-    kept_TK = row_of_slot_TK >= 0
-    spare = y_PD.shape[0]  # dropped slots read an appended zero row
-    y_ext = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[1])])
-    rows_N = torch.where(kept_TK, row_of_slot_TK, spare).reshape(-1)
-    y_TKD = y_ext.index_select(0, rows_N).view(*row_of_slot_TK.shape, y_PD.shape[1])
-    return torch.einsum("tkd,tk->td", y_TKD, weights_TK.to(y_PD.dtype))
 
 
 def _dynamic_layers(model: Any) -> list[tuple[int, DynamicRouting]]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from moe.dispatch import capacity_padded_permutation, permute, plan_permutation, unpermute
-from moe.dynamic import DynamicRouting, padded_permutation, padded_unpermute
+from moe.dynamic import DynamicRouting
 from moe.experts import Activation, DenseMLP, Experts, GroupedExperts
 from moe.parallel import Dispatcher, LocalDispatcher
 from routing import (
@@ -108,7 +108,8 @@ class MoELayer(nn.Module):
         plan = self.route(x_TD, task_ids_T, x.shape[0] if x.dim() > 2 else 1)
         padded = self.dynamic is not None
         if padded:
-            permutation = padded_permutation(plan)
+            assert plan.capacity_E is not None, "a dynamic plan carries its capacities"
+            permutation = capacity_padded_permutation(plan, plan.capacity_E)
         elif plan.capacity is not None:
             # Fixed capacity: each expert's rows padded to the capacity: static shapes
             # (no host sync, no graph break) and one bmm per grouped matmul (moe.ops).
@@ -131,7 +132,7 @@ class MoELayer(nn.Module):
         x_local, counts_local, context = dispatch(x_RD, permutation.counts_E, uniform_counts=padded)
         y_local = self.experts(x_local, counts_local)
         y_RD = combine(y_local, context)
-        y_TD = (padded_unpermute if padded else unpermute)(y_RD, permutation, plan.weights_TK)
+        y_TD = unpermute(y_RD, permutation, plan.weights_TK)
         if self.residual is not None and self.residual_gate is not None:
             coefficients_T2 = nn.functional.softmax(self.residual_gate(x_TD), dim=-1)
             y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]

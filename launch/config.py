@@ -103,6 +103,9 @@ class TrainConfig:
     # `compile_cache_dir`: inductor's on-disk cache ("" = torch's default directory).
     compile: bool = False
     compile_cache_dir: str = ""
+    # Keep freed host memory in the heap instead of unmapping it (launch.allocator):
+    # large per-step temporaries are reused rather than page-faulted in every step.
+    reuse_heap: bool = True
 
     def __post_init__(self) -> None:
         self.engine = parse_enum(Engine, self.engine, "train.engine")

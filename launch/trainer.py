@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launch.allocator import reuse_heap
 from launch.build import build_model
 from launch.checkpointing import CheckpointManager, config_dict
 from launch.compile import CompiledStep
@@ -144,6 +145,8 @@ def run_training(
     is built (the distillation student's initialisation); a resumed run loads its
     weights from the checkpoint instead. Nothing is written under `run_dir` before it."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
+    if train_cfg.reuse_heap:
+        reuse_heap()
     run_dir = Path(config.run_dir)
     run_record = config_dict(config) | objective.config_record()
     checkpoints = CheckpointManager(run_dir / "checkpoints", runtime, train_cfg.keep_last)

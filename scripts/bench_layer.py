@@ -13,6 +13,11 @@ starting one rotates). Peak memory is the peak resident set size above the resid
 after setup, one implementation per subprocess (see `scripts/_bench_utils.py`).
 
     python scripts/bench_layer.py [--quick] [--json PATH] [--plot PATH] [--repeats N]
+        [--allocator reuse|default]
+
+`--allocator reuse` (the default) sets glibc's malloc the way a training run does
+(`train.reuse_heap`, `launch.allocator`): freed blocks stay in the heap instead of
+going back to the kernel, for every implementation alike; `default` leaves glibc's.
 
 Shapes: T tokens, D model width, H expert hidden width, E experts, K experts per token.
 """
@@ -41,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _bench_utils import free_port, interleaved_times, median_ms, peak_rss_above_baseline_mb
 
+from launch.allocator import reuse_heap
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
 from routing import RoutingConfig
@@ -173,9 +179,11 @@ def peak_memory_here(implementation: str, cfg: BenchConfig) -> float:
     return peak_rss_above_baseline_mb(runner.step)
 
 
-def peak_memory_subprocess(implementation: str, cfg: BenchConfig, threads: int) -> float:
+def peak_memory_subprocess(
+    implementation: str, cfg: BenchConfig, threads: int, allocator: str
+) -> float:
     command = [
-        sys.executable, __file__, "--threads", str(threads),
+        sys.executable, __file__, "--threads", str(threads), "--allocator", allocator,
         "--peak-of", implementation, "--peak-config", json.dumps(asdict(cfg)),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -243,6 +251,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int, default=None, help="timed rounds (default 9; 5 quick)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--allocator", choices=("reuse", "default"), default="reuse",
+        help="glibc malloc: keep freed blocks (as train.reuse_heap does) or its default",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--peak-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--peak-config", help=argparse.SUPPRESS)
@@ -257,6 +269,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    heap_reused = args.allocator == "reuse" and reuse_heap()
     if args.peak_of is not None:  # child process of peak_memory_subprocess
         cfg = BenchConfig(**json.loads(args.peak_config))
         print(json.dumps({"peak_mb": peak_memory_here(args.peak_of, cfg)}))
@@ -276,12 +289,17 @@ def main(argv: list[str] | None = None) -> None:
         row = asdict(cfg) | {f"{name}_ms": medians[name] for name in IMPLEMENTATIONS}
         for name in ("moe", "dense", "deepspeed"):
             row[f"{name}_peak_mb"] = (
-                float("nan") if args.no_memory else peak_memory_subprocess(name, cfg, args.threads)
+                float("nan")
+                if args.no_memory
+                else peak_memory_subprocess(name, cfg, args.threads, args.allocator)
             )
         rows.append(row)
     if progress_bar is not None:
         progress_bar.close()
-    print(f"MoE layer, forward + backward, fp32, {args.threads} threads, median of {repeats}")
+    print(
+        f"MoE layer, forward + backward, fp32, {args.threads} threads, median of {repeats}, "
+        f"allocator: {'heap reuse' if heap_reused else 'glibc default'}"
+    )
     print(format_table(rows))
     if args.json:
         meta = {
@@ -289,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": repeats,
             "torch": torch.__version__,
             "capacity_factor": CAPACITY_FACTOR,
+            "allocator": "reuse_heap" if heap_reused else "glibc default",
+            "load_average": os.getloadavg(),
             "peak_memory": "peak RSS above the RSS after setup, one subprocess each",
         }
         Path(args.json).write_text(json.dumps({"meta": meta, "configs": rows}, indent=2) + "\n")

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from launch.allocator import reuse_heap  # noqa: E402
 from launch.compile import CompiledStep  # noqa: E402
 from launch.config import RunConfig, register_configs, to_run_config  # noqa: E402
 from launch.optim import (  # noqa: E402
@@ -116,15 +117,22 @@ def bench_steps(args: argparse.Namespace) -> dict:
         median = statistics.median(rounds[name])
         result[name] = {
             "step_ms": median * 1e3,
+            "fastest_round_ms": min(rounds[name]) * 1e3,
             "tokens_per_s": tokens / median,
             "round_step_ms": [t * 1e3 for t in rounds[name]],
             "warmup_s": warm_s,
             **(step_model.scalars() if step_model is not None else {}),
         }
     for mode in ("eager", "compiled"):
+        moe, dense = rounds[f"moe_{mode}"], rounds[f"dense_{mode}"]
         result[f"moe_over_dense_{mode}"] = (
             result[f"moe_{mode}"]["tokens_per_s"] / result[f"dense_{mode}"]["tokens_per_s"]
         )
+        # Per round (the two ran back to back), and fastest against fastest.
+        result[f"moe_over_dense_{mode}_round_median"] = statistics.median(
+            d / m for m, d in zip(moe, dense)
+        )
+        result[f"moe_over_dense_{mode}_fastest"] = min(dense) / min(moe)
     result["compiled_over_eager_moe"] = (
         result["moe_compiled"]["tokens_per_s"] / result["moe_eager"]["tokens_per_s"]
     )
@@ -200,10 +208,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="with --ep: train.compile=true")
     parser.add_argument("--train-steps", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--allocator", choices=("reuse", "default"), default="reuse",
+        help="step mode: glibc malloc as train.reuse_heap=true sets it (default) or glibc's own",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     args = parser.parse_args()
     if not args.ep:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    # As launch.trainer does with train.reuse_heap=true (EP mode runs launch.train itself).
+    heap_reused = not args.ep and args.allocator == "reuse" and reuse_heap()
     started = time.time()
     if args.profile:
         result = profile(args)
@@ -216,6 +230,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "threads": torch.get_num_threads(),
         "load_average_end": os.getloadavg(),
+        "allocator": "reuse_heap" if heap_reused else "glibc default",
         "torch": torch.__version__,
         **result,
     }

@@ -22,11 +22,13 @@ def _tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
 
 
-def _layer(router: str, capacity: str, **kwargs: object) -> MoELayer:
+def _layer(
+    router: str, capacity: str, capacity_factor: float = 0.75, **kwargs: object
+) -> MoELayer:
     routing = RoutingConfig(
         router=router,
         capacity=capacity,
-        capacity_factor=0.75,  # forces drops
+        capacity_factor=capacity_factor,  # 0.75 forces drops
         top_k=2,
         num_tasks=3,
         aux_loss_weight=0.01,
@@ -68,6 +70,22 @@ def test_layer_matches_reference(router: str, capacity: str, dtype: torch.dtype)
     x = torch.randn(23, 12, dtype=dtype, requires_grad=True)
     tasks = torch.randint(0, 3, (23,)) if router == "task" else None
     _compare(layer, x, tasks)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_fixed_capacity_above_one_uses_compact_rows(router: str) -> None:
+    """C > 1 runs eagerly on the compact layout (only kept rows; C <= 1 pads to the
+    capacity): the same reference, and the experts see exactly the kept slots."""
+    torch.manual_seed(zlib.crc32(f"compact-{router}".encode()))
+    layer = _layer(router, "fixed", capacity_factor=1.3).eval()
+    x = torch.randn(23, 12, requires_grad=True)
+    tasks = torch.randint(0, 3, (23,)) if router == "task" else None
+    seen: list[int] = []
+    hook = layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    _compare(layer, x, tasks)
+    hook.remove()
+    kept = int(layer.route(x.detach(), tasks).keep_TK.sum())
+    assert seen == [kept], (seen, kept)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])

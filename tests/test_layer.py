@@ -22,9 +22,7 @@ def _tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
 
 
-def _layer(
-    router: str, capacity: str, capacity_factor: float = 0.75, **kwargs: object
-) -> MoELayer:
+def _layer(router: str, capacity: str, capacity_factor: float = 0.75, **kwargs: object) -> MoELayer:
     routing = RoutingConfig(
         router=router,
         capacity=capacity,

@@ -63,13 +63,15 @@ class RoutingConfig:
     # capacity = headroom * (moving maximum over `dynamic_window` steps of the expert's
     # share of the slots) * K * T, clamped to [min_factor, max_factor] * K*T/E slots and
     # rounded up to a bucket: the next entry of `dynamic_buckets` (slot counts) when given,
-    # else the next power of two. After `dynamic_max_rebuilds` bucket changes the buckets
-    # freeze.
+    # else the next multiple of `dynamic_bucket_step` x K*T/E slots (a quarter of the
+    # balanced load by default), else (step 0) the next power of two. After
+    # `dynamic_max_rebuilds` bucket changes the buckets freeze.
     dynamic_window: int = 16
-    dynamic_headroom: float = 1.1
+    dynamic_headroom: float = 1.0
     dynamic_min_factor: float = 0.25
     dynamic_max_factor: float = 2.0
     dynamic_buckets: list[int] = field(default_factory=list)
+    dynamic_bucket_step: float = 0.25
     dynamic_max_rebuilds: int = 32
     # Assignment cache (capacity=dynamic, training only): a sample whose share of changed
     # token-slots since it was last seen is below `cache_threshold` is served its cached
@@ -119,6 +121,11 @@ class RoutingConfig:
                 "ascending slot counts >= 1 (or empty for powers of two)"
             )
         self.dynamic_buckets = buckets
+        if not 0.0 <= self.dynamic_bucket_step <= 1.0:
+            raise ValueError(
+                f"routing.dynamic_bucket_step={self.dynamic_bucket_step} must be in [0, 1] "
+                "(a fraction of the balanced load K*T/E; 0 = powers of two)"
+            )
         if self.dynamic_max_rebuilds < 0:
             raise ValueError(
                 f"routing.dynamic_max_rebuilds={self.dynamic_max_rebuilds} must be >= 0"

@@ -14,9 +14,13 @@ For T tokens (K slots each) expert e's capacity is
     floor    = ceil(min_factor * K * T / E),  ceiling = min(T, ceil(max_factor * K * T / E))
     capacity = min(ceiling, bucket(max(raw_e, floor)))
 
-where bucket() rounds up to the next power of two, or to the next entry of
-`dynamic_buckets` when that list is given (above its last entry: the ceiling). So busy
-experts get room for their peak recent load and idle ones shrink to the floor.
+where bucket() rounds up to the next entry of `dynamic_buckets` when that list is given
+(above its last entry: the ceiling), else to the next multiple of the granule
+g = max(1, ceil(dynamic_bucket_step * K * T / E)) (default step 0.25: a quarter of the
+balanced load, so at most (max_factor - min_factor) / step + 1 buckets per expert and at
+most g - 1 padding slots each), else (step 0) to the next power of two (up to 2x
+padding). So busy experts get room for their peak recent load and idle ones shrink to
+the floor.
 
 Rebuilds: the capacities of the training T (the *bucket vector*) change only when the
 bucketed candidate differs from the current vector; each change counts as one rebuild
@@ -42,12 +46,15 @@ from routing.plan import RoutingPlan, count_per_expert
 BucketListener = Callable[[tuple[int, ...]], None]
 
 
-def bucket_up(slots: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= `slots`: the next entry of `buckets` (ascending), or the next
-    power of two when `buckets` is empty. Above the last configured bucket: `slots`."""
+def bucket_up(slots: int, buckets: Sequence[int], granule: int = 0) -> int:
+    """The smallest bucket >= `slots`: the next entry of `buckets` (ascending) when given
+    (above the last one: `slots`), else the next multiple of `granule` when it is >= 1,
+    else the next power of two."""
     if slots <= 0:
         return 0
     if not buckets:
+        if granule >= 1:
+            return -(-slots // granule) * granule
         return 1 << (slots - 1).bit_length()
     for bucket in buckets:
         if bucket >= slots:
@@ -71,6 +78,7 @@ class DynamicCapacityController:
         self.min_factor = config.dynamic_min_factor
         self.max_factor = config.dynamic_max_factor
         self.buckets = tuple(int(b) for b in config.dynamic_buckets)
+        self.bucket_step = config.dynamic_bucket_step
         self.max_rebuilds = config.dynamic_max_rebuilds
         self._shares: deque[tuple[float, ...]] = deque(maxlen=self.window)
         # The statistic behind the current bucket vector (changes only at a rebuild).
@@ -96,10 +104,13 @@ class DynamicCapacityController:
         """Bucketed per-expert capacities for `num_tokens` tokens from the shares."""
         floor, ceiling = self.bounds(num_tokens)
         slots = self.top_k * num_tokens
+        granule = 0
+        if self.bucket_step > 0:
+            granule = max(1, math.ceil(self.bucket_step * slots / self.num_experts - 1e-9))
         out = []
         for share in share_E:
             raw = math.ceil(self.headroom * share * slots - 1e-9)
-            out.append(min(ceiling, bucket_up(max(raw, floor), self.buckets)))
+            out.append(min(ceiling, bucket_up(max(raw, floor), self.buckets, granule)))
         return tuple(out)
 
     def capacities(self, num_tokens: int) -> tuple[int, ...]:

@@ -7,8 +7,9 @@ Two workloads, every policy on the same data and seeds:
   prefers one expert, drawn with probability proportional to 1/(e+1)^s (Zipf), and is
   that expert's router key plus noise; batches are drawn from a fixed pool of samples
   (so samples recur, as in multi-epoch training, and the assignment cache can converge).
-- `kjv`: a short KJV training run (`experiment=demo comm=local`, fewer steps) through
-  `launch.trainer.train`, at EP=1.
+- `kjv`: a short KJV training run (`launch.train experiment=demo`, fewer steps) at EP=1
+  (one process, 2 threads) or `--ep 2` (torchrun, two processes of 1 thread), eager or
+  `--compile`d; figures from its metrics.jsonl, windows after the first.
 
 Figures per policy: *padded slots* = the rows the experts process per layer forward in a
 static-shape step (fixed C: E * round(C*K*T/E); dynamic: the sum of the bucketed
@@ -19,7 +20,7 @@ count and the cache hit rate. Slots and drops are deterministic.
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline \\
         .venv/bin/python scripts/bench_dynamic.py --workload zipf --steps 120
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline \\
-        .venv/bin/python scripts/bench_dynamic.py --workload kjv --steps 100
+        .venv/bin/python scripts/bench_dynamic.py --workload kjv --steps 100 [--ep 2] [--compile]
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ import datetime
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_utils import run_demo_training
 
 from moe.dynamic import dynamic_scalars, end_dynamic_step, set_sample_ids
 from moe.layer import MoELayer
@@ -46,16 +53,19 @@ POLICIES: dict[str, dict[str, Any]] = {
     "fixed_c1.25": dict(capacity="fixed", capacity_factor=1.25),
     "fixed_c2.0": dict(capacity="fixed", capacity_factor=2.0),
     "dropless": dict(capacity="dropless"),
-    "dynamic": dict(capacity="dynamic", dynamic_buckets=[], cache_max_entries=4096),
-    # A configured bucket set: multiples of 16 slots (finer than powers of two).
-    "dynamic_b16": dict(
-        capacity="dynamic", dynamic_buckets=list(range(16, 4097, 16)), cache_max_entries=4096
-    ),
+    # The routing=dynamic preset: buckets are multiples of a quarter of K*T/E.
+    "dynamic": dict(capacity="dynamic", dynamic_bucket_step=0.25, cache_max_entries=4096),
+    "dynamic_pow2": dict(capacity="dynamic", dynamic_bucket_step=0.0, cache_max_entries=4096),
 }
-DYNAMIC_DEFAULTS: dict[str, Any] = dict(
-    dynamic_window=16, dynamic_headroom=1.1, dynamic_min_factor=0.25, dynamic_max_factor=4.0,
-    dynamic_max_rebuilds=32, cache_threshold=0.05,
-)  # fmt: skip
+# The routing=dynamic preset's controller and cache settings (window, headroom, bounds,
+# rebuild cap, cache threshold), read from its file so the benchmark runs what users get.
+DYNAMIC_DEFAULTS: dict[str, Any] = {
+    key: value
+    for key, value in OmegaConf.to_container(
+        OmegaConf.load(ROOT / "conf" / "routing" / "dynamic.yaml")
+    ).items()  # type: ignore[union-attr]
+    if key.startswith(("dynamic_", "cache_threshold"))
+}
 
 
 class _Model:
@@ -93,7 +103,7 @@ def run_zipf(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     pool = keys_ED[preferred_PS] + 0.3 * torch.randn(args.pool, args.seq, d_model, generator=gen)
     policy = POLICIES[name]
     extra = DYNAMIC_DEFAULTS if policy["capacity"] == "dynamic" else {}
-    routing = RoutingConfig(top_k=top_k, **policy, **extra)
+    routing = RoutingConfig(top_k=top_k, **(extra | policy))
     torch.manual_seed(1)
     layer = MoELayer(d_model, d_hidden, experts, routing)
     with torch.no_grad():
@@ -151,50 +161,44 @@ def _summary(
 
 
 def run_kjv(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-
-    from launch.config import register_configs, to_run_config
-    from launch.trainer import train
-
+    """`launch.train experiment=demo` with the policy, at EP=`args.ep` (1: one process,
+    2 threads; 2: torchrun, two processes of 1 thread), eager or `--compile`d. Windows
+    of steps/4 steps; the figures average the windows after the first (warm-up)."""
     policy = POLICIES[name]
     extra = DYNAMIC_DEFAULTS if policy["capacity"] == "dynamic" else {}
+    window = max(steps // 4, 1)
     overrides = [
-        f"routing.{key}={value}".replace(" ", "") for key, value in {**policy, **extra}.items()
-    ]
+        f"routing.{key}={value}".replace(" ", "") for key, value in (extra | policy).items()
+    ] + [
+        f"train.steps={steps}", f"train.eval_every={window}", f"train.log_every={window}",
+        f"train.compile={str(args.compile).lower()}",
+    ]  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
-        register_configs()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-            cfg = compose("config", overrides=[
-                "experiment=demo", "comm=local", f"run_dir={run_dir}", "wandb.mode=disabled",
-                "train.progress=false", f"train.steps={steps}", f"train.eval_every={steps}",
-                f"train.log_every={steps}", "train.checkpoint_every=0", "train.sample_tokens=0",
-                f"train.warmup_steps={min(50, steps // 2)}", *overrides,
-            ])  # fmt: skip
-        config = to_run_config(cfg)
-        start = time.perf_counter()
-        result = train(config)
-        elapsed = time.perf_counter() - start
-        model = result.model
-        assert model is not None
-        layers = model.moe_layers()
-        num_tokens = (config.train.batch_size // 1) * config.data.seq_len
-        slots = [_padded_slots(layer, num_tokens, policy) for _, layer in layers]
-        drops = [float(layer.last_stats.dropped_fraction) for _, layer in layers]  # type: ignore[union-attr]
-        record = result.evaluations[-1]
-        summary = {
-            "padded_slots_per_layer_forward": statistics.mean(slots),
-            "padded_slots_over_routed": statistics.mean(slots)
-            / (num_tokens * config.routing.top_k),
-            "dropped_fraction_last_step": statistics.mean(drops),
-            "train_seconds": elapsed,
-            "tokens_per_s_last_window": record.get("tokens_per_s"),
-            "val_bpb": record.get("val_bpb"),
-            "rebuilds": sum(
-                layer.dynamic.controller.rebuilds for _, layer in layers if layer.dynamic
-            ),
-            "cache_hit_rate": record.get("dynamic_cache_hit_rate"),
-        }
-        return summary
+        records = run_demo_training(args.ep, overrides, Path(run_dir))
+    warm = records[1:] or records
+    # Tokens per forward on one rank: the demo's batch of 32 x 128 bytes split over EP.
+    num_tokens = 32 * 128 // args.ep
+    routed = num_tokens * 2
+    if policy["capacity"] == "dynamic":
+        slots = statistics.mean(r["dynamic_processed_rows_per_forward"] for r in warm)
+    elif policy["capacity"] == "fixed":
+        slots = 8 * max(1, math.floor(policy["capacity_factor"] * routed / 8 + 0.5))
+    else:
+        slots = routed * (1 - statistics.mean(r["routing_dropped_fraction"] for r in warm))
+    return {
+        "ep": args.ep,
+        "compile": args.compile,
+        "padded_slots_per_forward": slots,
+        "padded_slots_over_routed": slots / routed,
+        "dropped_fraction": statistics.mean(r["routing_dropped_fraction"] for r in warm),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
+        "step_time_ms_median": 1000 * 32 * 128 / statistics.median(r["tokens_per_s"] for r in warm),
+        "val_bpb": records[-1]["val_bpb"],
+        "rebuilds": records[-1].get("dynamic_rebuilds", 0.0),
+        "cache_hit_rate": statistics.mean(
+            r["dynamic_cache_hit_rate"] for r in warm if "dynamic_cache_hit_rate" in r
+        ) if any("dynamic_cache_hit_rate" in r for r in warm) else None,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -208,6 +212,8 @@ def main() -> None:
     parser.add_argument("--zipf-s", type=float, default=1.0)
     parser.add_argument("--bias-scale", type=float, default=4.0, help="router key scale")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ep", type=int, choices=[1, 2], default=1, help="kjv: EP size")
+    parser.add_argument("--compile", action="store_true", help="kjv: train.compile=true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -225,7 +231,8 @@ def main() -> None:
         results[name]["fewer_slots_than_fixed_c2.0"] = saving
         print(f"{name} vs fixed C=2.0: {100 * saving:.1f}% fewer padded slots", flush=True)
     date = datetime.date.today().isoformat()
-    out = args.out or ROOT / "docs" / "results" / f"dynamic_{args.workload}_{date}.json"
+    tag = "" if args.workload == "zipf" else f"_ep{args.ep}" + ("_compiled" if args.compile else "")
+    out = args.out or ROOT / "docs" / "results" / f"dynamic_{args.workload}{tag}_{date}.json"
     out.write_text(json.dumps({"workload": args.workload, "date": date, "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
     }, "results": results}, indent=2) + "\n")  # fmt: skip

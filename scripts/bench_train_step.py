@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from _bench_utils import run_demo_training  # noqa: E402
 
 from launch.allocator import reuse_heap  # noqa: E402
 from launch.compile import CompiledStep  # noqa: E402
@@ -157,25 +159,6 @@ def profile(args: argparse.Namespace) -> dict:
     return {"profile": tables}
 
 
-def _run_train(ep: int, overrides: list[str], run_dir: Path) -> list[float]:
-    env = dict(os.environ, WANDB_MODE="disabled")
-    common = [
-        "experiment=demo", f"run_dir={run_dir}", "train.progress=false", "wandb.mode=disabled",
-        "train.eval_batches=1", "train.checkpoint_every=0", "train.sample_tokens=0",
-        "train.warmup_steps=5", *overrides,
-    ]  # fmt: skip
-    if ep == 1:
-        cmd = [sys.executable, "-m", "launch.train", *common, "comm=local"]
-        env["OMP_NUM_THREADS"] = "2"
-    else:
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, "--nproc-per-node", str(ep), "-m", "launch.train", *common, "comm=ep2"]
-        env["OMP_NUM_THREADS"] = "1"
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["tokens_per_s"] for r in records[1:]]  # the first window holds the warm-up
-
-
 def bench_ep(args: argparse.Namespace) -> dict:
     window = max(args.train_steps // 4, 1)
     overrides = [f"train.steps={args.train_steps}", f"train.eval_every={window}"]
@@ -186,7 +169,10 @@ def bench_ep(args: argparse.Namespace) -> dict:
         for repeat in range(args.repeats):
             order = ("ep1", "ep2") if repeat % 2 == 0 else ("ep2", "ep1")
             for name in order:
-                got = _run_train(int(name[-1]), overrides, Path(tmp) / f"{name}-{repeat}")
+                records = run_demo_training(
+                    int(name[-1]), overrides, Path(tmp) / f"{name}-{repeat}"
+                )
+                got = [r["tokens_per_s"] for r in records[1:]]  # the first window: warm-up
                 windows[name] += got
                 print(f"# repeat {repeat} {name}: {[round(w) for w in got]} tokens/s", flush=True)
     medians = {name: statistics.median(values) for name, values in windows.items()}

@@ -54,6 +54,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _bench_utils import is_finished, read_metrics
 from _routing_report import literature, markdown, plot, summarise
 from _routing_sweep import (
     BY_NAME,
@@ -132,25 +133,6 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
         cached = {"key": key, "tokens_per_s": rates}
         cache.write_text(json.dumps(cached, indent=1) + "\n")
     return cached["tokens_per_s"]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Evaluation records by step (a resumed run may log a step twice: the later wins)."""
-    path = run_dir / "metrics.jsonl"
-    records: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[record["step"]] = record
-    return [records[step] for step in sorted(records)]
-
-
-def is_finished(run_dir: Path, steps: int) -> bool:
-    return (
-        any(r["step"] == steps for r in read_metrics(run_dir))
-        and (run_dir / "checkpoints" / "latest").is_file()
-    )
 
 
 def launch(jobs: list[tuple[str, int, Path]], train: dict[str, Any], args: argparse.Namespace,

@@ -51,6 +51,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_utils import is_finished, read_metrics
+
 from launch.distillation import Teacher, read_teacher
 from launch.evaluation import evaluate
 from moe.data import ByteDataset, DataConfig, build_dataset
@@ -128,28 +132,6 @@ def run_command(variant: str, seed: int, settings: dict[str, Any], run_dir: Path
     else:
         overrides += [f"teacher={hydra_value(settings['teacher'])}"]
     return [sys.executable, "-m", module, *overrides]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The evaluation records of `run_dir/metrics.jsonl` by step (a resumed run may have
-    logged a step twice: the later record wins)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[record["step"]] = record
-    return [records[step] for step in sorted(records)]
-
-
-def is_finished(run_dir: Path, steps: int) -> bool:
-    """Whether `run_dir` evaluated at step `steps` and holds a checkpoint."""
-    return (
-        any(r["step"] == steps for r in read_metrics(run_dir))
-        and (run_dir / "checkpoints" / "latest").is_file()
-    )
 
 
 def launch(

@@ -27,7 +27,8 @@ D, H = 6, 10
 def _config(**overrides: Any) -> RoutingConfig:
     settings: dict[str, Any] = dict(capacity="dynamic", top_k=1, dynamic_window=2,
                                     dynamic_headroom=1.0, dynamic_min_factor=0.5,
-                                    dynamic_max_factor=2.0, dynamic_max_rebuilds=5)  # fmt: skip
+                                    dynamic_max_factor=2.0, dynamic_max_rebuilds=5,
+                                    dynamic_bucket_step=0.0)  # powers of two  # fmt: skip
     settings.update(overrides)
     return RoutingConfig(**settings)
 
@@ -110,6 +111,18 @@ def test_controller_capacities_stay_within_bounds(buckets: list[int]) -> None:
             assert changes == controller.rebuilds
         previous = capacities
     assert controller.rebuilds == changes > 0
+
+
+def test_controller_bucket_step_rounds_to_multiples_of_the_granule() -> None:
+    # E=4, K=2, T=40: 80 slots, balanced 20; step 0.25 -> granule 5; floor ceil(.5*20)=10,
+    # ceiling min(40, 40) = 40.
+    controller = DynamicCapacityController(4, 2, _config(top_k=2, dynamic_bucket_step=0.25))
+    controller.observe((44, 20, 12, 4), 40)
+    # raw = ceil(share * 80) = 44, 20, 12, 4 -> max(floor 10) -> up to multiples of 5
+    assert controller.capacities(40) == (40, 20, 15, 10)  # 45 > ceiling 40
+    # T=41: 82 slots, granule ceil(5.125) = 6, floor ceil(10.25) = 11, ceiling 41;
+    # raw ceil(share * 82) = 46 (ceiling), 21 -> 24, 13 -> 18, 5 -> floor 11 -> 12.
+    assert controller.capacities(41) == (41, 24, 18, 12)
 
 
 def test_rebuild_counter_ignores_steps_that_keep_the_buckets() -> None:

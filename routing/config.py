@@ -72,6 +72,8 @@ class RoutingConfig:
     dynamic_max_factor: float = 2.0
     dynamic_buckets: list[int] = field(default_factory=list)
     dynamic_bucket_step: float = 0.25
+    # Buckets grow at once but shrink only when that saves this share of the padded slots.
+    dynamic_shrink_margin: float = 0.1
     dynamic_max_rebuilds: int = 32
     # Assignment cache (capacity=dynamic, training only): a sample whose share of changed
     # token-slots since it was last seen is below `cache_threshold` is served its cached
@@ -125,6 +127,10 @@ class RoutingConfig:
             raise ValueError(
                 f"routing.dynamic_bucket_step={self.dynamic_bucket_step} must be in [0, 1] "
                 "(a fraction of the balanced load K*T/E; 0 = powers of two)"
+            )
+        if not 0.0 <= self.dynamic_shrink_margin < 1.0:
+            raise ValueError(
+                f"routing.dynamic_shrink_margin={self.dynamic_shrink_margin} must be in [0, 1)"
             )
         if self.dynamic_max_rebuilds < 0:
             raise ValueError(

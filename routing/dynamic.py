@@ -23,7 +23,13 @@ padding). So busy experts get room for their peak recent load and idle ones shri
 the floor.
 
 Rebuilds: the capacities of the training T (the *bucket vector*) change only when the
-bucketed candidate differs from the current vector; each change counts as one rebuild
+bucketed candidate differs from the current vector, with hysteresis: a bucket grows as
+soon as its expert's candidate is larger (drops cost quality), but buckets shrink only
+when the candidate vector holds at most (1 - `dynamic_shrink_margin`) of the current
+padded slots; otherwise only the growing buckets change (the statistic behind each
+bucket is the larger of the accepted and the new share). Without it, a moving maximum
+that drifts across a bucket boundary rebuilds every few steps (KJV demo: all 32 allowed
+rebuilds of every layer within 100 steps); each change counts as one rebuild
 and is announced to the listeners (`on_buckets_changed(buckets)`, e.g. a compiled step
 keyed by the bucket vector). After `dynamic_max_rebuilds` changes the vector freezes.
 Before the first observation every expert's share is taken to be 1/E.
@@ -80,6 +86,7 @@ class DynamicCapacityController:
         self.buckets = tuple(int(b) for b in config.dynamic_buckets)
         self.bucket_step = config.dynamic_bucket_step
         self.max_rebuilds = config.dynamic_max_rebuilds
+        self.shrink_margin = config.dynamic_shrink_margin
         self._shares: deque[tuple[float, ...]] = deque(maxlen=self.window)
         # The statistic behind the current bucket vector (changes only at a rebuild).
         self.accepted_share_E: tuple[float, ...] = (1.0 / num_experts,) * num_experts
@@ -145,7 +152,13 @@ class DynamicCapacityController:
             self.bucket_vector = self.capacities_for(self.accepted_share_E, num_tokens)
         candidate_share = self.moving_max_share()
         candidate = self.capacities_for(candidate_share, num_tokens)
-        if candidate == self.bucket_vector:
+        current = self.bucket_vector
+        grows_only = all(c >= b for c, b in zip(candidate, current))
+        if not grows_only and sum(candidate) > (1.0 - self.shrink_margin) * sum(current):
+            # Shrinking would not save enough: keep every bucket, grow the ones that must.
+            candidate_share = tuple(map(max, candidate_share, self.accepted_share_E))
+            candidate = self.capacities_for(candidate_share, num_tokens)
+        if candidate == current:
             return False
         if self.rebuilds >= self.max_rebuilds:
             self.frozen = True

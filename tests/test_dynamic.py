@@ -28,7 +28,8 @@ def _config(**overrides: Any) -> RoutingConfig:
     settings: dict[str, Any] = dict(capacity="dynamic", top_k=1, dynamic_window=2,
                                     dynamic_headroom=1.0, dynamic_min_factor=0.5,
                                     dynamic_max_factor=2.0, dynamic_max_rebuilds=5,
-                                    dynamic_bucket_step=0.0)  # powers of two  # fmt: skip
+                                    dynamic_bucket_step=0.0,  # powers of two
+                                    dynamic_shrink_margin=0.0)  # fmt: skip
     settings.update(overrides)
     return RoutingConfig(**settings)
 
@@ -117,12 +118,38 @@ def test_controller_bucket_step_rounds_to_multiples_of_the_granule() -> None:
     # E=4, K=2, T=40: 80 slots, balanced 20; step 0.25 -> granule 5; floor ceil(.5*20)=10,
     # ceiling min(40, 40) = 40.
     controller = DynamicCapacityController(4, 2, _config(top_k=2, dynamic_bucket_step=0.25))
-    controller.observe((44, 20, 12, 4), 40)
+    shares = (0.55, 0.25, 0.15, 0.05)
     # raw = ceil(share * 80) = 44, 20, 12, 4 -> max(floor 10) -> up to multiples of 5
-    assert controller.capacities(40) == (40, 20, 15, 10)  # 45 > ceiling 40
+    assert controller.capacities_for(shares, 40) == (40, 20, 15, 10)  # 45 > ceiling 40
     # T=41: 82 slots, granule ceil(5.125) = 6, floor ceil(10.25) = 11, ceiling 41;
     # raw ceil(share * 82) = 46 (ceiling), 21 -> 24, 13 -> 18, 5 -> floor 11 -> 12.
-    assert controller.capacities(41) == (41, 24, 18, 12)
+    assert controller.capacities_for(shares, 41) == (41, 24, 18, 12)
+
+
+def test_controller_grows_at_once_and_shrinks_only_past_the_margin() -> None:
+    # E=4, K=1, T=16: floor 2, ceiling 8, powers of two, window 1, shrink margin 0.25.
+    controller = DynamicCapacityController(
+        4, 1, _config(dynamic_window=1, dynamic_shrink_margin=0.25, dynamic_max_rebuilds=50)
+    )
+    assert controller.capacities(16) == (4, 4, 4, 4)  # 16 slots before any step
+    steps = [
+        # demand -> capacities, whether the vector changed
+        # 8 4 2 2 saves nothing on 16: grow expert 0 only (shares max(old, new)).
+        ((8, 4, 2, 2), (8, 4, 4, 4), True),
+        # 8 8 2 2 is 20 > 0.75 * 20: grow expert 1 only.
+        ((6, 6, 2, 2), (8, 8, 4, 4), True),
+        # 4 4 4 4 is 16 <= 0.75 * 24 = 18: shrink.
+        ((4, 4, 4, 4), (4, 4, 4, 4), True),
+        ((6, 6, 2, 2), (8, 8, 4, 4), True),  # grows only where needed again
+        ((8, 4, 2, 2), (8, 4, 2, 2), True),  # 16 <= 18: the whole candidate
+        ((8, 4, 3, 1), (8, 4, 4, 2), True),  # only growth (3 -> 4): taken at once
+        # 8 4 2 2 is 16 > 0.75 * 18 = 13.5: no shrink, nothing grows: no rebuild.
+        ((8, 4, 2, 2), (8, 4, 4, 2), False),
+    ]
+    for demand, expected, rebuilt in steps:
+        assert controller.observe(demand, 16) is rebuilt, demand
+        assert controller.capacities(16) == expected, demand
+    assert controller.rebuilds == 6
 
 
 def test_rebuild_counter_ignores_steps_that_keep_the_buckets() -> None:

@@ -74,6 +74,8 @@ class RoutingConfig:
     dynamic_bucket_step: float = 0.25
     # Buckets grow at once but shrink only when that saves this share of the padded slots.
     dynamic_shrink_margin: float = 0.1
+    # At most one bucket change every this many steps (1: any step).
+    dynamic_rebuild_interval: int = 10
     dynamic_max_rebuilds: int = 32
     # Assignment cache (capacity=dynamic, training only): a sample whose share of changed
     # token-slots since it was last seen is below `cache_threshold` is served its cached
@@ -131,6 +133,10 @@ class RoutingConfig:
         if not 0.0 <= self.dynamic_shrink_margin < 1.0:
             raise ValueError(
                 f"routing.dynamic_shrink_margin={self.dynamic_shrink_margin} must be in [0, 1)"
+            )
+        if self.dynamic_rebuild_interval < 1:
+            raise ValueError(
+                f"routing.dynamic_rebuild_interval={self.dynamic_rebuild_interval} must be >= 1"
             )
         if self.dynamic_max_rebuilds < 0:
             raise ValueError(

@@ -195,6 +195,14 @@ def run_kjv(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
         "step_time_ms_median": 1000 * 32 * 128 / statistics.median(r["tokens_per_s"] for r in warm),
         "val_bpb": records[-1]["val_bpb"],
         "rebuilds": records[-1].get("dynamic_rebuilds", 0.0),
+        "rebuilds_by_window": [r.get("dynamic_rebuilds", 0.0) for r in records],
+        "slots_over_routed_by_window": [
+            r["dynamic_processed_rows_per_forward"] / routed
+            for r in records
+            if "dynamic_processed_rows_per_forward" in r
+        ],
+        "dropped_fraction_by_window": [r["routing_dropped_fraction"] for r in records],
+        "tokens_per_s_by_window": [r["tokens_per_s"] for r in records],
         "cache_hit_rate": statistics.mean(
             r["dynamic_cache_hit_rate"] for r in warm if "dynamic_cache_hit_rate" in r
         ) if any("dynamic_cache_hit_rate" in r for r in warm) else None,

@@ -29,7 +29,8 @@ def _config(**overrides: Any) -> RoutingConfig:
                                     dynamic_headroom=1.0, dynamic_min_factor=0.5,
                                     dynamic_max_factor=2.0, dynamic_max_rebuilds=5,
                                     dynamic_bucket_step=0.0,  # powers of two
-                                    dynamic_shrink_margin=0.0)  # fmt: skip
+                                    dynamic_shrink_margin=0.0,
+                                    dynamic_rebuild_interval=1)  # fmt: skip
     settings.update(overrides)
     return RoutingConfig(**settings)
 
@@ -150,6 +151,17 @@ def test_controller_grows_at_once_and_shrinks_only_past_the_margin() -> None:
         assert controller.observe(demand, 16) is rebuilt, demand
         assert controller.capacities(16) == expected, demand
     assert controller.rebuilds == 6
+
+
+def test_controller_rebuilds_at_most_once_per_interval() -> None:
+    # E=4, K=1, T=16, window 1, powers of two, floor 2, ceiling 8; interval 3 steps.
+    controller = DynamicCapacityController(4, 1, _config(dynamic_window=1,
+                                                         dynamic_rebuild_interval=3))  # fmt: skip
+    grow_a, grow_b = (8, 4, 2, 2), (4, 8, 2, 2)  # alternating peaks: a change every step
+    changed = [controller.observe(grow_a if i % 2 else grow_b, 16) for i in range(9)]
+    # Steps 1, 4, 7 (counting from 1) may rebuild; the ones between wait.
+    assert changed == [True, False, False, True, False, False, True, False, False]
+    assert controller.rebuilds == 3
 
 
 def test_rebuild_counter_ignores_steps_that_keep_the_buckets() -> None:

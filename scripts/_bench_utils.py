@@ -140,3 +140,29 @@ def run_demo_training(ep: int, overrides: Sequence[str], run_dir: Path) -> list[
         raise ValueError(f"ep={ep}: accepted 1 or 2 (this machine has 2 cores)")
     subprocess.run(cmd, cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
     return read_metrics(run_dir)
+
+
+def timed_runs(run: Callable[[], object], repeats: int) -> list[float]:
+    """Wall seconds of `repeats` runs of `run`, after one untimed run (warm-up)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def engine_step_seconds(engine: Any, prompts: Sequence[bytes], params: Any) -> list[float]:
+    """Submit every prompt to a fresh `moe.inference.InferenceEngine` with `params` and
+    step it until it has no work; wall seconds of each step (the first holds the packed
+    prefill, the rest are decode steps). The engine is restored afterwards."""
+    for prompt in prompts:
+        engine.submit(prompt, params)
+    steps = []
+    while engine.has_work():
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+    engine.restore()
+    return steps

@@ -66,7 +66,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench_utils import MIB, interleaved_times
+from _bench_utils import MIB, interleaved_times, timed_runs
 
 from moe.data import DataConfig, build_corpus
 from moe.experts import Activation, expert_parameter_ids
@@ -254,13 +254,7 @@ def count_traffic(variant: Variant, prompts: list[bytes], new_tokens: int) -> Tr
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_runs(run, repeats))
 
 
 def read_bandwidth_gbs(nbytes: int, repeats: int = 9) -> float:

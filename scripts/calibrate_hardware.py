@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +39,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_utils import engine_step_seconds, timed_runs
 
 from moe.config import ModelConfig
 from moe.inference import InferenceEngine, SamplingParams
@@ -58,13 +60,7 @@ DECODE_STEPS = 8
 def fastest_s(run: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` timed runs after one untimed: on a machine shared with
     other jobs the minimum is the estimate least disturbed by them."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed_runs(run, repeats))
 
 
 def matmul_peaks(size: int, repeats: int) -> dict[str, float]:
@@ -170,14 +166,7 @@ def engine_rows(hw: Hardware, repeats: int) -> list[dict[str, object]]:
                 for _ in range(repeats):
                     engine = InferenceEngine(model, max_batch=batch, max_step_tokens=4096)
                     params = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0)
-                    for prompt in prompts:
-                        engine.submit(prompt, params)
-                    steps = []
-                    while engine.has_work():
-                        start = time.perf_counter()
-                        engine.step()
-                        steps.append(time.perf_counter() - start)
-                    engine.restore()
+                    steps = engine_step_seconds(engine, prompts, params)
                     prefill.append(steps[0])
                     decode.append(statistics.median(steps[1:]))
                 # fastest repeat (the median of its decode steps): see fastest_s

@@ -32,6 +32,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_utils import engine_step_seconds
 
 from moe.checkpoint import read_meta
 from moe.config import ModelConfig
@@ -74,7 +77,6 @@ def measure_now(
     the calibration's conditions (the caller's threads; the fastest of `repeats`, as
     `scripts/calibrate_hardware.py` takes them), in the shape of the benchmark JSON."""
     import statistics
-    import time
 
     import torch
 
@@ -91,14 +93,8 @@ def measure_now(
             for _ in range(repeats):
                 engine = InferenceEngine(loaded.model, max_batch=batch, max_step_tokens=4096,
                                          task_ids=loaded.task_ids)  # fmt: skip
-                for prompt in prompts:
-                    engine.submit(prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0))
-                steps = []
-                while engine.has_work():
-                    start = time.perf_counter()
-                    engine.step()
-                    steps.append(time.perf_counter() - start)
-                engine.restore()
+                params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+                steps = engine_step_seconds(engine, prompts, params)
                 prefill.append(steps[0])
                 decode.append(statistics.mean(steps[1:]))
             rows.append({"variant": variant, "batch": batch, "prefill_ms": 1e3 * min(prefill),

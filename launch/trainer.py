@@ -370,6 +370,13 @@ def _compiled_step(module: Any, model: Any, train_cfg: Any) -> CompiledStep | No
     the DynaMoE bucket vector (one key for other routing)."""
     if not train_cfg.compile:
         return None
+    if any(getattr(layer.dynamic, "cache", None) is not None for _, layer in model.moe_layers()):
+        print(
+            "[compile] the DynaMoE assignment cache is host-side and runs eagerly only: "
+            "this compiled run routes every sample through the router "
+            "(routing.cache_max_entries has no effect)",
+            flush=True,
+        )
     return CompiledStep(
         module, key_fn=lambda: bucket_key(model), cache_dir=train_cfg.compile_cache_dir or None
     )

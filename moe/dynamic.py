@@ -63,11 +63,14 @@ class DynamicRouting:
         recorded (training), per-expert capacities applied."""
         num_tokens = plan.num_tokens
         samples = self.sample_ids if training else None
-        if self.cache is not None and samples is not None and len(samples) == num_samples:
+        # The cache is host-side (per-sample dicts, data-dependent hits): eager only. A
+        # compiled step routes every sample through the router (launch.trainer says so).
+        cache = None if torch.compiler.is_compiling() else self.cache
+        if cache is not None and samples is not None and len(samples) == num_samples:
             shape_SK = (num_tokens // num_samples, plan.top_k)
             router_ids_BSK = plan.expert_ids_TK.view(num_samples, *shape_SK)
-            cached_BSK, hit_B = self.cache.lookup(samples, shape_SK)
-            self.cache.update(samples, router_ids_BSK)
+            cached_BSK, hit_B = cache.lookup(samples, shape_SK)
+            cache.update(samples, router_ids_BSK)
             if bool(hit_B.any()):
                 device = plan.expert_ids_TK.device
                 ids_BSK = torch.where(

@@ -29,9 +29,11 @@ when the candidate vector holds at most (1 - `dynamic_shrink_margin`) of the cur
 padded slots; otherwise only the growing buckets change (the statistic behind each
 bucket is the larger of the accepted and the new share). Without it, a moving maximum
 that drifts across a bucket boundary rebuilds every few steps (KJV demo: all 32 allowed
-rebuilds of every layer within 100 steps). And at most one rebuild every
-`dynamic_rebuild_interval` steps: while the router is still moving, a grow waits for
-the next allowed step (drops meanwhile) instead of spending the budget; each change counts as one rebuild
+rebuilds of every layer within 100 steps). And only every `dynamic_rebuild_interval`-th
+observed step may rebuild (steps k * interval, the same in every layer, so a model's
+layers change together and a compiled step is rebuilt once for them): while the router
+is still moving, a grow waits for the next allowed step (drops meanwhile) instead of
+spending the budget; each change counts as one rebuild
 and is announced to the listeners (`on_buckets_changed(buckets)`, e.g. a compiled step
 keyed by the bucket vector). After `dynamic_max_rebuilds` changes the vector freezes.
 Before the first observation every expert's share is taken to be 1/E.
@@ -91,7 +93,6 @@ class DynamicCapacityController:
         self.shrink_margin = config.dynamic_shrink_margin
         self.rebuild_interval = config.dynamic_rebuild_interval
         self._steps = 0
-        self._last_rebuild_step = -config.dynamic_rebuild_interval
         self._shares: deque[tuple[float, ...]] = deque(maxlen=self.window)
         # The statistic behind the current bucket vector (changes only at a rebuild).
         self.accepted_share_E: tuple[float, ...] = (1.0 / num_experts,) * num_experts
@@ -166,15 +167,17 @@ class DynamicCapacityController:
             candidate = self.capacities_for(candidate_share, num_tokens)
         if candidate == current:
             return False
-        if self._steps - self._last_rebuild_step < self.rebuild_interval:
-            return False  # too soon after the last rebuild: the statistic keeps moving
+        if self._steps % self.rebuild_interval:
+            # Only every interval-th step may rebuild, the same steps in every layer (one
+            # step sees the layers' changes together: one new compiled step, not one
+            # per layer); in between, a grow waits and the statistic keeps moving.
+            return False
         if self.rebuilds >= self.max_rebuilds:
             self.frozen = True
             return False
         self.accepted_share_E = candidate_share
         self.bucket_vector = candidate
         self.rebuilds += 1
-        self._last_rebuild_step = self._steps
         for listener in self._listeners:
             listener(candidate)
         return True

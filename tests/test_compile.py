@@ -38,6 +38,8 @@ ROUTINGS = {
     "task": {"router": "task", "capacity": "dropless", "num_tasks": 3},
     "dropless": {"router": "topk", "capacity": "dropless"},
     "dynamic": {"router": "topk", "capacity": "dynamic"},
+    # The assignment cache is host-side and eager only: compiled, it must not break the graph.
+    "dynamic_cached": {"router": "topk", "capacity": "dynamic", "cache_max_entries": 16},
 }
 
 
@@ -52,6 +54,9 @@ def test_moe_layer_compiles_without_graph_breaks(kind: str) -> None:
     layer = _layer(kind)
     x = torch.randn(2, 10, 16)
     tasks = torch.randint(0, 3, (2, 10)) if kind == "task" else None
+    if kind == "dynamic_cached":
+        assert layer.dynamic is not None and layer.dynamic.cache is not None
+        layer.dynamic.sample_ids = [0, 1]  # the two sequences of x
     torch._dynamo.reset()
     # Without fullgraph (as the trainer compiles), a data-dependent op is a graph break;
     # fullgraph=True would capture it with unbacked sizes instead, so count the breaks.

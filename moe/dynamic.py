@@ -54,8 +54,24 @@ class DynamicRouting:
         self.demand_E = torch.zeros(num_experts, dtype=torch.int64)
         self.tokens = 0  # T of the last training forward
         self.sample_ids: list[int] | None = None
-        self.processed_rows = 0  # padded rows given to the experts since the last take
-        self.forwards = 0
+        # Padded rows given to the experts and forwards since the last take. A tensor,
+        # not Python ints: dynamo guards on int attributes, so counting in ints would
+        # recompile a compiled step on every call.
+        self.row_count_2 = torch.zeros(2, dtype=torch.int64)
+
+    @property
+    def processed_rows(self) -> int:
+        return int(self.row_count_2[0])
+
+    @property
+    def forwards(self) -> int:
+        return int(self.row_count_2[1])
+
+    def take_row_counts(self) -> tuple[int, int]:
+        """(padded rows, forwards) since the last call."""
+        rows, forwards = self.row_count_2.tolist()
+        self.row_count_2.zero_()
+        return int(rows), int(forwards)
 
     def route(self, plan: RoutingPlan, num_samples: int, training: bool) -> RoutingPlan:
         """The router's plan (every slot kept) -> the capacity-applied plan: cached
@@ -81,8 +97,7 @@ class DynamicRouting:
             self.demand_E += plan.counts_E.detach().to("cpu", torch.int64)
             self.tokens = num_tokens
         capacity_E = self.controller.capacities(num_tokens)
-        self.processed_rows += sum(capacity_E)
-        self.forwards += 1
+        self.row_count_2 += torch.tensor([sum(capacity_E), 1], dtype=torch.int64)
         return apply_expert_capacities(plan, capacity_E)
 
     def take_demand(self) -> Tensor:
@@ -147,8 +162,8 @@ def dynamic_scalars(model: Any) -> dict[str, float]:
         if dynamic.cache is not None:
             layer_hits, layer_lookups = dynamic.cache.take_counts()
             hits, lookups = hits + layer_hits, lookups + layer_lookups
-        rows, forwards = rows + dynamic.processed_rows, forwards + dynamic.forwards
-        dynamic.processed_rows = dynamic.forwards = 0
+        layer_rows, layer_forwards = dynamic.take_row_counts()
+        rows, forwards = rows + layer_rows, forwards + layer_forwards
     out["dynamic/rebuilds"] = float(sum(d.controller.rebuilds for _, d in layers))
     out["dynamic/frozen"] = float(any(d.controller.frozen for _, d in layers))
     out["dynamic/processed_rows_per_forward"] = rows / max(forwards, 1)

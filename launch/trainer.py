@@ -199,7 +199,6 @@ def run_training(
     window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
     last_terms: dict[str, float] = {}
     last_dynamic: dict[str, float] = {}  # DynaMoE rebuilds, cache hit rate (metrics.jsonl)
-    last_routing: dict[str, float] = {}  # dropped fraction, router entropy (metrics.jsonl)
     # Hooks inside a compiled model would break its graph: no MoE-layer timing there.
     moe_time = _MoETimer(routed, enabled=compiled is None or routed is not model)
     for step in range(start_step, train_cfg.steps):
@@ -237,7 +236,6 @@ def run_training(
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
             elapsed = time.perf_counter() - window_start
             last_dynamic = dynamic_scalars(model)
-            last_routing = monitor.scalars(routed)
             scalars = {
                 "train/loss": loss,
                 "train/ce": ce,
@@ -247,7 +245,7 @@ def run_training(
                 "train/tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "train/moe_layer_time_s": moe_time.take() / window_steps,
                 "train/alltoall_time_s": _take_comm_time(routed) / window_steps,
-                **last_routing,
+                **monitor.scalars(routed),
                 **(compiled.scalars() if compiled is not None else {}),
                 **last_dynamic,
             }
@@ -268,7 +266,9 @@ def run_training(
                 **last_terms,
                 **{
                     k.replace("/", "_"): v
-                    for k, v in (last_routing | last_dynamic).items()
+                    # The routing scalars of this step (not of the last log: a resumed
+                    # run may not have logged yet, and the record must not depend on it).
+                    for k, v in (monitor.scalars(routed) | last_dynamic).items()
                     if k.count("/") == 1
                 },
                 **(compiled.scalars() if compiled is not None else {}),

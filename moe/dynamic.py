@@ -63,10 +63,6 @@ class DynamicRouting:
     def processed_rows(self) -> int:
         return int(self.row_count_2[0])
 
-    @property
-    def forwards(self) -> int:
-        return int(self.row_count_2[1])
-
     def take_row_counts(self) -> tuple[int, int]:
         """(padded rows, forwards) since the last call."""
         rows, forwards = self.row_count_2.tolist()

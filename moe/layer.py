@@ -98,7 +98,8 @@ class MoELayer(nn.Module):
         are at most the routed slots (C <= 1, the demo's BPR): then the one `bmm` does no
         more FLOPs than the slots need and beats E small matmuls; above it (C=1.25 pads
         25% more rows than there are slots) the compact layout computes only the kept
-        rows (bench_layer E=64: padded C=1.25 1.71x the dense floor, compact 1.21x)."""
+        rows (bench_layer E=64, 2026-11-25: padded C=1.25 1.71x the dense floor, compact
+        1.34x; docs/BENCHMARKS.md)."""
         assert plan.capacity is not None
         if torch.compiler.is_compiling():
             return True

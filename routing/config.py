@@ -74,7 +74,7 @@ class RoutingConfig:
     dynamic_bucket_step: float = 0.25
     # Buckets grow at once but shrink only when that saves this share of the padded slots.
     dynamic_shrink_margin: float = 0.1
-    # At most one bucket change every this many steps (1: any step).
+    # Buckets may change only on every this-many-th step, the same in every layer (1: any).
     dynamic_rebuild_interval: int = 10
     dynamic_max_rebuilds: int = 32
     # Assignment cache (capacity=dynamic, training only): a sample whose share of changed

@@ -7,10 +7,10 @@ CUDA). The optimizer step stays eager.
 - counts compilations (every graph that dynamo hands to inductor) and their wall time
   (`compile/compilations`, `compile/time_s`; the backward graph is compiled at the first
   backward, which the trainer reports as `compile/first_step_s`);
-- keys the compiled step: `key_fn()` (for example DynaMoE's bucket vector,
+- keys the compiled step: `key_fn()` (for example DynaMoE's padded rows per layer,
   `moe.dynamic.bucket_key(model)`) is read before every call; a key not seen before is a
-  rebuild (`compile/rebuilds`). Shapes are compiled static (`dynamic=False`), so a new
-  bucket vector gives new graphs through dynamo's guards, and a key seen before reuses
+  rebuild (`compile/rebuilds`). Shapes are compiled static (`dynamic=False`), so new
+  padded rows give new graphs through dynamo's guards, and a key seen before reuses
   its graphs: rebuilds happen only when the key changes to a new value. The recompile
   limit is raised to `max_keys` graphs per frame while the step runs (torch's default,
   8, would silently fall back to eager);

@@ -42,7 +42,13 @@ from launch.optim import learning_rate
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.tracking import Tracker
 from moe.data import ByteDataset, build_dataset
-from moe.dynamic import bucket_key, dynamic_scalars, end_dynamic_step, set_sample_ids
+from moe.dynamic import (
+    bucket_key,
+    dynamic_scalars,
+    end_dynamic_step,
+    set_sample_ids,
+    start_dynamic,
+)
 from moe.inference import generate
 from moe.params import count_parameters
 from moe.transformer import MoETransformer
@@ -209,7 +215,9 @@ def run_training(
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
-            set_sample_ids(model, batch.sample_ids_B)  # DynaMoE's assignment cache keys
+            # DynaMoE: the assignment cache's keys; the training T (a no-op once known).
+            set_sample_ids(model, batch.sample_ids_B)
+            start_dynamic(model, tokens_BT[:, :-1].numel())
             losses = objective(
                 compiled or engine.module,
                 tokens_BT[:, :-1], tokens_BT[:, 1:], batch.task_ids_B.to(device),

@@ -63,19 +63,28 @@ def plan_permutation(plan: RoutingPlan) -> Permutation:
     )
 
 
-def capacity_padded_permutation(plan: RoutingPlan, slots_E: Sequence[int]) -> Permutation:
+def capacity_padded_permutation(
+    plan: RoutingPlan, slots_E: Sequence[int] | Tensor, total: int | None = None
+) -> Permutation:
     """Capacity-padded layout: expert e owns rows [offset_e, offset_e + slots_E[e]),
     its kept slots first (token order), then padding rows (token 0's row: their outputs
     are never combined, so they get zero gradient). R = sum(slots_E) and
     `counts_E = slots_E` are fixed by the capacities, not by the data: no host sync,
     static shapes under `torch.compile`, and with equal capacities the grouped matmuls
-    run as one `bmm` (`moe.ops`). Every expert must keep at most slots_E[e] slots."""
+    run as one `bmm` (`moe.ops`). Every expert must keep at most slots_E[e] slots.
+    `slots_E` as an int64 tensor (DynaMoE's capacities) needs `total`, its sum: then only
+    R is a shape, and the capacities within it are data."""
     num_tokens, top_k = plan.expert_ids_TK.shape
     num_experts = plan.num_experts
     device = plan.expert_ids_TK.device
     assert len(slots_E) == num_experts, "one capacity per expert"
-    total = int(sum(slots_E))
-    slots_X = torch.tensor([*slots_E, 0], dtype=torch.int64, device=device)
+    if isinstance(slots_E, Tensor):
+        assert total is not None, "a capacity tensor needs its sum"
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        slots_X = torch.cat([slots_E.to(device=device, dtype=torch.int64), zero])
+    else:
+        total = int(sum(slots_E))
+        slots_X = torch.tensor([*slots_E, 0], dtype=torch.int64, device=device)
     keep_N = plan.keep_TK.reshape(-1)
     key_N = torch.where(keep_N, plan.expert_ids_TK.reshape(-1), num_experts)
     order_N = torch.sort(key_N, stable=True).indices

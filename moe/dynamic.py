@@ -8,14 +8,20 @@ shapes, and the once-per-step controller update.
 - The layer lays the plan out with `moe.dispatch.capacity_padded_permutation` and the
   plan's per-expert capacities: expert e's rows start at sum(capacity[:e]) and every
   expert gets exactly capacity[e] rows (unused rows hold token 0 and are never
-  combined). The experts and the all-to-all therefore see shapes fixed by the bucket
-  vector, and, since every rank holds the same controller state, the all-to-all split
-  sizes are known on every rank: the split-size exchange is skipped.
+  combined). The experts and the all-to-all therefore see P = sum(capacity) rows, and,
+  since every rank holds the same controller state, the all-to-all split sizes are
+  known on every rank: the split-size exchange is skipped. The capacities reach the
+  layer as a tensor (the controller's `capacity_E`, updated in place) and P as an int:
+  under `torch.compile` only P is baked into the graph, so a reshuffle (new capacities,
+  same P) reuses the compiled step and only a rebuild (new P) compiles a new one.
 - `end_dynamic_step(model, group)`: one all-reduce of every layer's demand (over `group`,
   all ranks of the run, so every rank keeps the same capacities), then each controller
   observes it. The trainer calls it after each optimizer step.
 - `set_sample_ids(model, sample_ids_B)`: the samples of the next training forward (the
   cache's keys).
+- `start_dynamic(model, num_tokens)`: fix the training T before the first forward (the
+  trainer does; otherwise the first `end_dynamic_step` does, and a compiled step
+  compiles its first graph twice).
 
 Shapes: T tokens, K experts per token, E experts, B samples, S tokens per sample, N = T*K
 slots, P padded rows (sum of the capacities).
@@ -92,9 +98,17 @@ class DynamicRouting:
         if training:
             self.demand_E += plan.counts_E.detach().to("cpu", torch.int64)
             self.tokens = num_tokens
-        capacity_E = self.controller.capacities(num_tokens)
-        self.row_count_2 += torch.tensor([sum(capacity_E), 1], dtype=torch.int64)
-        return apply_expert_capacities(plan, capacity_E)
+        controller = self.controller
+        if num_tokens == controller.reference_tokens:
+            # Read only `capacity_E` (data) and the int P: a compiled step guards on P.
+            rows = controller.padded_rows
+            plan = apply_expert_capacities(plan, controller.capacity_E, rows)
+        else:  # another T (an evaluation batch): the accepted statistic, eagerly
+            plan = apply_expert_capacities(plan, controller.capacities(num_tokens))
+            assert plan.padded_rows is not None
+            rows = plan.padded_rows
+        self.row_count_2 += torch.tensor([rows, 1], dtype=torch.int64)
+        return plan
 
     def take_demand(self) -> Tensor:
         demand, self.demand_E = self.demand_E, torch.zeros_like(self.demand_E)
@@ -136,9 +150,17 @@ def end_dynamic_step(model: Any, group: dist.ProcessGroup | None = None) -> int:
     return rebuilds
 
 
-def bucket_key(model: Any) -> tuple[tuple[int, ...] | None, ...]:
-    """Every dynamic layer's bucket vector: the key a compiled step is cached under."""
-    return tuple(dynamic.controller.bucket_vector for _, dynamic in _dynamic_layers(model))
+def start_dynamic(model: Any, num_tokens: int) -> None:
+    """Every dynamic layer takes `num_tokens` (T of one training forward on one rank) as
+    its reference, before the first forward (see the module docstring)."""
+    for _, dynamic in _dynamic_layers(model):
+        dynamic.controller.start(num_tokens)
+
+
+def bucket_key(model: Any) -> tuple[int, ...]:
+    """Every dynamic layer's padded rows P: the key a compiled step is cached under (the
+    only shapes the capacities set; 0 before the reference T is known)."""
+    return tuple(dynamic.controller.padded_rows for _, dynamic in _dynamic_layers(model))
 
 
 def dynamic_scalars(model: Any) -> dict[str, float]:
@@ -153,6 +175,7 @@ def dynamic_scalars(model: Any) -> dict[str, float]:
     for block, dynamic in layers:
         controller = dynamic.controller
         out[f"dynamic/layer{block}/rebuilds"] = float(controller.rebuilds)
+        out[f"dynamic/layer{block}/reshuffles"] = float(controller.reshuffles)
         if controller.bucket_vector is not None:
             out[f"dynamic/layer{block}/capacity_sum"] = float(sum(controller.bucket_vector))
         if dynamic.cache is not None:
@@ -161,6 +184,7 @@ def dynamic_scalars(model: Any) -> dict[str, float]:
         layer_rows, layer_forwards = dynamic.take_row_counts()
         rows, forwards = rows + layer_rows, forwards + layer_forwards
     out["dynamic/rebuilds"] = float(sum(d.controller.rebuilds for _, d in layers))
+    out["dynamic/reshuffles"] = float(sum(d.controller.reshuffles for _, d in layers))
     out["dynamic/frozen"] = float(any(d.controller.frozen for _, d in layers))
     out["dynamic/processed_rows_per_forward"] = rows / max(forwards, 1)
     if lookups:

@@ -124,7 +124,7 @@ class MoELayer(nn.Module):
         padded = self.dynamic is not None
         if padded:
             assert plan.capacity_E is not None, "a dynamic plan carries its capacities"
-            permutation = capacity_padded_permutation(plan, plan.capacity_E)
+            permutation = capacity_padded_permutation(plan, plan.capacity_E, plan.padded_rows)
         elif plan.capacity is not None and self._pad_to_capacity(plan):
             # Fixed capacity: each expert's rows padded to the capacity: static shapes
             # (no host sync, no graph break) and one bmm per grouped matmul (moe.ops).

@@ -102,25 +102,37 @@ def apply_capacity(
     )
 
 
-def apply_expert_capacities(plan: RoutingPlan, capacity_E: Sequence[int] | None) -> RoutingPlan:
+def apply_expert_capacities(
+    plan: RoutingPlan, capacity_E: Sequence[int] | Tensor | None, padded_rows: int | None = None
+) -> RoutingPlan:
     """Keep at most `capacity_E[e]` slots of expert e, choice-major in token order (as
-    fixed capacity); the plan records the capacities in `capacity_E`."""
+    fixed capacity); the plan records the capacities (`capacity_E`, int64 [E]) and their
+    sum (`padded_rows`). A tensor `capacity_E` needs `padded_rows`, its sum, from the
+    caller (no host sync: under `torch.compile` the capacities stay data and only the
+    sum is a shape)."""
     if capacity_E is None or len(capacity_E) != plan.num_experts:
         raise ValueError(
             f"routing.capacity=dynamic needs one capacity per expert ({plan.num_experts}); "
             f"got {None if capacity_E is None else list(capacity_E)}"
         )
-    capacities = tuple(int(c) for c in capacity_E)
-    if min(capacities) < 0:
-        raise ValueError(f"per-expert capacities {list(capacities)} must be >= 0")
     device = plan.expert_ids_TK.device
-    limit_E = torch.tensor(capacities, dtype=torch.int64, device=device)
+    if isinstance(capacity_E, Tensor):
+        if padded_rows is None:
+            raise ValueError("a capacity tensor needs padded_rows (its sum)")
+        limit_E = capacity_E.to(device=device, dtype=torch.int64)
+    else:
+        capacities = [int(c) for c in capacity_E]
+        if min(capacities) < 0:
+            raise ValueError(f"per-expert capacities {capacities} must be >= 0")
+        limit_E = torch.tensor(capacities, dtype=torch.int64, device=device)
+        padded_rows = sum(capacities)
     order_T = torch.arange(plan.num_tokens, device=device)
     keep_TK = keep_within_capacity(plan.expert_ids_TK, order_T, limit_E) & plan.keep_TK
     return dataclasses.replace(
         plan,
         keep_TK=keep_TK,
         counts_E=count_per_expert(plan.expert_ids_TK, keep_TK, plan.num_experts),
-        capacity=max(capacities),
-        capacity_E=capacities,
+        capacity=padded_rows,
+        capacity_E=limit_E,
+        padded_rows=padded_rows,
     )

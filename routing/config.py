@@ -64,17 +64,19 @@ class RoutingConfig:
     # share of the slots) * K * T, clamped to [min_factor, max_factor] * K*T/E slots and
     # rounded up to a bucket: the next entry of `dynamic_buckets` (slot counts) when given,
     # else the next multiple of `dynamic_bucket_step` x K*T/E slots (a quarter of the
-    # balanced load by default), else (step 0) the next power of two. After
-    # `dynamic_max_rebuilds` bucket changes the buckets freeze.
+    # balanced load by default), else (step 0) the next power of two. A *rebuild* changes
+    # the padded rows P (their sum: the shape a compiled step is keyed by); a *reshuffle*
+    # moves slots between experts within P (data only, free, any step). After
+    # `dynamic_max_rebuilds` rebuilds P freezes.
     dynamic_window: int = 16
     dynamic_headroom: float = 1.0
     dynamic_min_factor: float = 0.25
     dynamic_max_factor: float = 2.0
     dynamic_buckets: list[int] = field(default_factory=list)
     dynamic_bucket_step: float = 0.25
-    # Buckets grow at once but shrink only when that saves this share of the padded slots.
+    # P grows at once but shrinks only when that saves this share of the padded slots.
     dynamic_shrink_margin: float = 0.1
-    # Buckets may change only on every this-many-th step, the same in every layer (1: any).
+    # P may change only on every this-many-th step, the same in every layer (1: any).
     dynamic_rebuild_interval: int = 10
     dynamic_max_rebuilds: int = 32
     # Assignment cache (capacity=dynamic, training only): a sample whose share of changed

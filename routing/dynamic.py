@@ -22,20 +22,28 @@ most g - 1 padding slots each), else (step 0) to the next power of two (up to 2x
 padding). So busy experts get room for their peak recent load and idle ones shrink to
 the floor.
 
-Rebuilds: the capacities of the training T (the *bucket vector*) change only when the
-bucketed candidate differs from the current vector, with hysteresis: a bucket grows as
-soon as its expert's candidate is larger (drops cost quality), but buckets shrink only
-when the candidate vector holds at most (1 - `dynamic_shrink_margin`) of the current
-padded slots; otherwise only the growing buckets change (the statistic behind each
-bucket is the larger of the accepted and the new share). Without it, a moving maximum
-that drifts across a bucket boundary rebuilds every few steps (KJV demo: all 32 allowed
-rebuilds of every layer within 100 steps). And only every `dynamic_rebuild_interval`-th
-observed step may rebuild (steps k * interval, the same in every layer, so a model's
-layers change together and a compiled step is rebuilt once for them): while the router
-is still moving, a grow waits for the next allowed step (drops meanwhile) instead of
-spending the budget; each change counts as one rebuild
-and is announced to the listeners (`on_buckets_changed(buckets)`, e.g. a compiled step
-keyed by the bucket vector). After `dynamic_max_rebuilds` changes the vector freezes.
+Two kinds of change, because only one of them costs anything. The *padded rows*
+P = sum(capacity_e) is a shape (the rows the experts and the all-to-all see; a compiled
+step is keyed by it); the per-expert capacities within P are data (a tensor the layer
+reads), so moving slots between experts changes no shape.
+
+- A *rebuild* changes P. With need_e the bucketed capacities of the moving maximum:
+  P grows as soon as sum(need) > P (drops cost quality), and shrinks only when
+  sum(need) <= (1 - `dynamic_shrink_margin`) * P; the new vector is `need`. Only every
+  `dynamic_rebuild_interval`-th observed step may rebuild (steps k * interval, the same
+  in every layer, so a model's layers change together and a compiled step is rebuilt
+  once for them); in between, a needed rebuild waits. Each rebuild is announced to the
+  listeners (`on_buckets_changed(buckets)`); after `dynamic_max_rebuilds` of them P
+  freezes (`frozen`). Without the margin a moving maximum that drifts across a bucket
+  boundary changes P every few steps; without the interval the budget is spent while the
+  router still moves (KJV demo: all 128 rebuilds of a layer within 100 steps).
+- A *reshuffle* keeps P and moves slots: when sum(need) fits in P but some expert needs
+  more than it has, the vector becomes `need` plus the slack P - sum(need) handed out
+  one slot at a time, round-robin over the experts below the ceiling, busiest (largest
+  moving maximum) first (`spread`). Reshuffles are free (no shape changes, no
+  recompile), so they may happen on any step and after the freeze; `reshuffles` counts
+  them.
+
 Before the first observation every expert's share is taken to be 1/E.
 
 Shapes: T tokens, K experts per token, E experts, B samples, S tokens per sample.
@@ -72,6 +80,25 @@ def bucket_up(slots: int, buckets: Sequence[int], granule: int = 0) -> int:
     return slots
 
 
+def spread(
+    need_E: Sequence[int], total: int, share_E: Sequence[float], ceiling: int
+) -> tuple[int, ...]:
+    """`need_E` plus `total - sum(need_E)` slack slots, one at a time round-robin over the
+    experts below `ceiling`, largest share first (ties: lower index). Needs
+    sum(need_E) <= total <= len(need_E) * ceiling."""
+    out = list(need_E)
+    slack = total - sum(out)
+    if slack < 0 or total > len(out) * ceiling:
+        raise ValueError(f"cannot spread {list(need_E)} over {total} rows (ceiling {ceiling})")
+    order = sorted(range(len(out)), key=lambda e: (-share_E[e], e))
+    while slack > 0:
+        for e in order:
+            if slack and out[e] < ceiling:
+                out[e] += 1
+                slack -= 1
+    return tuple(out)
+
+
 class DynamicCapacityController:
     """Per-expert capacities from the moving maximum of each expert's load share (see the
     module docstring for the formula). Pure Python state; no collectives."""
@@ -94,11 +121,16 @@ class DynamicCapacityController:
         self.rebuild_interval = config.dynamic_rebuild_interval
         self._steps = 0
         self._shares: deque[tuple[float, ...]] = deque(maxlen=self.window)
-        # The statistic behind the current bucket vector (changes only at a rebuild).
+        # The statistic behind the current vector (changes at rebuilds and reshuffles).
         self.accepted_share_E: tuple[float, ...] = (1.0 / num_experts,) * num_experts
         self.reference_tokens: int | None = None
         self.bucket_vector: tuple[int, ...] | None = None
+        # The vector as data (int64 [E], updated in place: what the layer reads) and its
+        # sum P as a plain int (the shape a compiled step is keyed by).
+        self.capacity_E = torch.zeros(num_experts, dtype=torch.int64)
+        self.padded_rows = 0
         self.rebuilds = 0
+        self.reshuffles = 0
         self.frozen = False
         self._listeners: list[BucketListener] = []
 
@@ -139,10 +171,26 @@ class DynamicCapacityController:
             return (1.0 / self.num_experts,) * self.num_experts
         return tuple(max(column) for column in zip(*self._shares))
 
+    def start(self, num_tokens: int) -> None:
+        """Take `num_tokens` (T of one training forward) as the reference: the vector
+        from the accepted statistic (1/E each before any step). A no-op when it already
+        is; `observe` does it when T changes."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens={num_tokens} must be >= 1")
+        if num_tokens == self.reference_tokens and self.bucket_vector is not None:
+            return
+        self.reference_tokens = num_tokens
+        self._set_vector(self.capacities_for(self.accepted_share_E, num_tokens))
+
+    def _set_vector(self, vector: tuple[int, ...]) -> None:
+        self.bucket_vector = vector
+        self.padded_rows = sum(vector)
+        self.capacity_E.copy_(torch.tensor(vector, dtype=torch.int64))
+
     def observe(self, demand_E: Sequence[int] | Tensor, num_tokens: int) -> bool:
         """Record one step's demand (slots per expert before capacity, summed over ranks
         and micro-batches) and `num_tokens` (T of one forward on one rank). Returns True
-        when the bucket vector changed (a rebuild)."""
+        on a rebuild (the padded rows changed); a reshuffle returns False."""
         values = demand_E.tolist() if isinstance(demand_E, Tensor) else list(demand_E)
         if len(values) != self.num_experts or min(values) < 0:
             raise ValueError(
@@ -155,18 +203,24 @@ class DynamicCapacityController:
         if total > 0:
             self._shares.append(tuple(float(v) / total for v in values))
         if self.reference_tokens != num_tokens or self.bucket_vector is None:
-            self.reference_tokens = num_tokens
-            self.bucket_vector = self.capacities_for(self.accepted_share_E, num_tokens)
-        candidate_share = self.moving_max_share()
-        candidate = self.capacities_for(candidate_share, num_tokens)
-        current = self.bucket_vector
-        grows_only = all(c >= b for c, b in zip(candidate, current))
-        if not grows_only and sum(candidate) > (1.0 - self.shrink_margin) * sum(current):
-            # Shrinking would not save enough: keep every bucket, grow the ones that must.
-            candidate_share = tuple(map(max, candidate_share, self.accepted_share_E))
-            candidate = self.capacities_for(candidate_share, num_tokens)
-        if candidate == current:
-            return False
+            self.start(num_tokens)
+        assert self.bucket_vector is not None
+        share = self.moving_max_share()
+        need = self.capacities_for(share, num_tokens)
+        rows = self.padded_rows
+        grow = sum(need) > rows
+        shrink = sum(need) < rows and sum(need) <= (1.0 - self.shrink_margin) * rows
+        if (grow or shrink) and self._rebuild(need, share):
+            return True
+        if sum(need) <= rows and any(n > c for n, c in zip(need, self.bucket_vector)):
+            ceiling = self.bounds(num_tokens)[1]
+            self._set_vector(spread(need, rows, share, ceiling))
+            self.accepted_share_E = share
+            self.reshuffles += 1
+        return False
+
+    def _rebuild(self, need: tuple[int, ...], share: tuple[float, ...]) -> bool:
+        """Change the padded rows to sum(need), if this step may; True if it did."""
         if self._steps % self.rebuild_interval:
             # Only every interval-th step may rebuild, the same steps in every layer (one
             # step sees the layers' changes together: one new compiled step, not one
@@ -175,11 +229,11 @@ class DynamicCapacityController:
         if self.rebuilds >= self.max_rebuilds:
             self.frozen = True
             return False
-        self.accepted_share_E = candidate_share
-        self.bucket_vector = candidate
+        self.accepted_share_E = share
+        self._set_vector(need)
         self.rebuilds += 1
         for listener in self._listeners:
-            listener(candidate)
+            listener(need)
         return True
 
 

@@ -40,8 +40,10 @@ class RoutingPlan:
     counts_E: int64 kept slots per expert.
     aux_loss: weighted sum of the router's auxiliary losses (scalar).
     losses: the unweighted losses by name (for logging).
-    capacity: slots per expert, or None when dropless (dynamic: the largest).
-    capacity_E: slots of each expert under `capacity=dynamic`, else None.
+    capacity: slots per expert, or None when dropless (dynamic: `padded_rows`, a bound
+        on every expert's slots).
+    capacity_E: int64 [E] slots of each expert under `capacity=dynamic`, else None.
+    padded_rows: sum of `capacity_E` (the rows of the padded layout), else None.
     probs_TE: the router's full score matrix (softmax probabilities or sigmoid gates,
         differentiable) when the router exposes it; an assignment fixed elsewhere (the
         DynaMoE cache, `routing.dynamic.reassign`) reads its weights from it.
@@ -56,7 +58,8 @@ class RoutingPlan:
     router_entropy: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     capacity: int | None = None
-    capacity_E: tuple[int, ...] | None = None
+    capacity_E: Tensor | None = None
+    padded_rows: int | None = None
     probs_TE: Tensor | None = None
 
     @property

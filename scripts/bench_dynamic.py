@@ -150,6 +150,7 @@ def _summary(
         "dropped_fraction": statistics.mean(drops),
         "step_time_ms_median": 1000 * statistics.median(warm),
         "rebuilds": layer.dynamic.controller.rebuilds if layer.dynamic is not None else 0,
+        "reshuffles": layer.dynamic.controller.reshuffles if layer.dynamic is not None else 0,
         "frozen": bool(layer.dynamic.controller.frozen) if layer.dynamic is not None else False,
         "cache_hit_rate": scalars.get("dynamic/cache_hit_rate"),
         "final_capacities": (
@@ -196,6 +197,9 @@ def run_kjv(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
         "val_bpb": records[-1]["val_bpb"],
         "rebuilds": records[-1].get("dynamic_rebuilds", 0.0),
         "rebuilds_by_window": [r.get("dynamic_rebuilds", 0.0) for r in records],
+        "reshuffles": records[-1].get("dynamic_reshuffles", 0.0),
+        "compile_rebuilds": records[-1].get("compile/rebuilds", 0.0),
+        "compile_time_s": records[-1].get("compile/time_s", 0.0),
         "slots_over_routed_by_window": [
             r["dynamic_processed_rows_per_forward"] / routed
             for r in records

@@ -93,6 +93,41 @@ def test_moe_layer_compiles_without_graph_breaks(kind: str) -> None:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_dynamic_reshuffle_reuses_the_graph_and_a_rebuild_recompiles() -> None:
+    # E=4, K=2, T=20: 40 slots, fair 10; granule ceil(.25 * 10) = 3, floor ceil(.5 * 10)
+    # = 5, ceiling 20; window 1, no rate limit, shrink margin 0.5.
+    routing = RoutingConfig(top_k=2, capacity="dynamic", dynamic_window=1,
+                            dynamic_min_factor=0.5, dynamic_shrink_margin=0.5,
+                            dynamic_rebuild_interval=1)  # fmt: skip
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 4, routing)
+    assert layer.dynamic is not None
+    controller = layer.dynamic.controller
+    controller.start(20)
+    assert controller.bucket_vector == (12, 12, 12, 12)
+    x = torch.randn(2, 10, 16)
+    torch._dynamo.reset()
+    counter = torch._dynamo.utils.counters
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=False)
+    steps = [
+        # demand -> vector, new graphs: needs 18 9 9 9 = 45 <= P = 48 (and > 24): a
+        # reshuffle (the 3 spare rows to experts 0, 1, 2), no new graph; then needs
+        # 21 -> the ceiling 20: 20 20 6 6 = 52 > 48: a rebuild, one new graph.
+        (None, (12, 12, 12, 12), 1),
+        ((16, 8, 8, 8), (19, 10, 10, 9), 0),
+        ((19, 19, 1, 1), (20, 20, 6, 6), 1),
+    ]
+    for demand, vector, new_graphs in steps:
+        if demand is not None:
+            controller.observe(demand, 20)
+        assert controller.bucket_vector == vector
+        before = counter["stats"]["unique_graphs"]
+        got = compiled(x)
+        assert counter["stats"]["unique_graphs"] - before == new_graphs, demand
+        torch.testing.assert_close(got.y, layer(x).y, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_moe_transformer_is_one_graph() -> None:
     from test_train import tiny_config
 

@@ -50,31 +50,34 @@ class _Model:
 
 def test_controller_follows_a_hand_computed_sequence() -> None:
     # E=4, K=1, T=16: fair share 4 slots; floor 0.5*4 = 2, ceiling 2*4 = 8; powers of two;
-    # window of 2 steps; headroom 1; at most 5 rebuilds.
-    controller = DynamicCapacityController(4, 1, _config())
+    # window of 2 steps; headroom 1; no shrink margin; at most 4 rebuilds (changes of the
+    # padded rows P = sum of the vector); a vector change at the same P is a reshuffle.
+    controller = DynamicCapacityController(4, 1, _config(dynamic_max_rebuilds=4))
     seen: list[tuple[int, ...]] = []
     controller.add_listener(seen.append)
     assert controller.capacities(16) == (4, 4, 4, 4)  # shares 1/4 before any step
     steps = [
-        ((8, 4, 2, 2), (8, 4, 2, 2)),  # shares .5 .25 .125 .125 -> 8 4 2 2
-        ((4, 4, 4, 4), (8, 4, 4, 4)),  # moving max keeps .5 for expert 0
-        ((4, 4, 4, 4), (4, 4, 4, 4)),  # the .5 left the window
-        ((12, 2, 1, 1), (8, 4, 4, 4)),  # 12 -> 16, cut to the ceiling 8
-        ((12, 2, 1, 1), (8, 2, 2, 2)),  # 2, 1, 1 -> the floor 2
-        ((12, 2, 1, 1), (8, 2, 2, 2)),  # unchanged: no rebuild
-        ((4, 4, 4, 4), (8, 2, 2, 2)),  # would be 8 4 4 4, but 5 rebuilds: frozen
+        # demand -> vector (P), rebuilds and reshuffles so far
+        ((8, 4, 2, 2), (8, 4, 2, 2), 0, 1),  # shares .5 .25 .125 .125: 16 = P, reshuffle
+        ((4, 4, 4, 4), (8, 4, 4, 4), 1, 1),  # moving max keeps .5: 20 > 16, grow
+        ((4, 4, 4, 4), (4, 4, 4, 4), 2, 1),  # the .5 left the window: 16 < 20, shrink
+        ((12, 2, 1, 1), (8, 4, 4, 4), 3, 1),  # 12 -> 16, cut to the ceiling 8: grow
+        ((12, 2, 1, 1), (8, 2, 2, 2), 4, 1),  # 2, 1, 1 -> the floor 2: shrink to 14
+        ((12, 2, 1, 1), (8, 2, 2, 2), 4, 1),  # unchanged
+        ((4, 4, 4, 4), (8, 2, 2, 2), 4, 1),  # needs 8 4 4 4 (20 > 14), but 4 rebuilds: frozen
+        ((2, 12, 1, 1), (8, 2, 2, 2), 4, 1),  # max(.25 .25 .25 .25, .125 .75 ...): 20 > 14
+        ((2, 12, 1, 1), (2, 8, 2, 2), 4, 2),  # needs 2 8 2 2 = 14: a reshuffle, frozen or not
     ]
-    rebuilds = []
-    for demand, expected in steps:
+    for demand, expected, rebuilds, reshuffles in steps:
         controller.observe(demand, 16)
-        assert controller.capacities(16) == expected
-        rebuilds.append(controller.rebuilds)
-    assert rebuilds == [1, 2, 3, 4, 5, 5, 5]
-    assert seen == [expected for _, expected in steps[:5]]
+        assert controller.capacities(16) == expected, demand
+        assert (controller.rebuilds, controller.reshuffles) == (rebuilds, reshuffles), demand
+        assert controller.padded_rows == sum(expected)
+    assert seen == [(8, 4, 4, 4), (4, 4, 4, 4), (8, 4, 4, 4), (8, 2, 2, 2)]
     assert controller.frozen
-    # Another T uses the accepted statistic: shares (.75, .125, .0625, .0625) at T=64:
-    # raw 48 8 4 4, floor 8, ceiling 32 -> 32 8 8 8.
-    assert controller.capacities(64) == (32, 8, 8, 8)
+    # Another T uses the accepted statistic: shares (.125, .75, .0625, .0625) at T=64:
+    # raw 8 48 4 4, floor 8, ceiling 32 -> 8 32 8 8.
+    assert controller.capacities(64) == (8, 32, 8, 8)
 
 
 def test_controller_configured_buckets_and_bounds() -> None:
@@ -101,18 +104,21 @@ def test_controller_capacities_stay_within_bounds(buckets: list[int]) -> None:
     floor, ceiling = math.ceil(0.5 * 48 / 8), min(tokens, math.ceil(2.0 * 48 / 8))
     allowed = set(buckets) if buckets else {1 << i for i in range(8)}
     changes = 0
-    previous = None
     for _ in range(40):
         weights = torch.rand(8, generator=gen) ** 3
         demand = torch.multinomial(weights, 48, replacement=True, generator=gen)
-        changes += int(controller.observe(torch.bincount(demand, minlength=8), tokens))
+        rows = controller.padded_rows
+        rebuilt = controller.observe(torch.bincount(demand, minlength=8), tokens)
+        changes += int(rebuilt)
         capacities = controller.capacities(tokens)
         assert all(floor <= c <= ceiling for c in capacities), capacities
-        assert all(c in allowed or c == ceiling for c in capacities), capacities
-        if previous is not None and capacities != previous:
-            assert changes == controller.rebuilds
-        previous = capacities
+        assert sum(capacities) == controller.padded_rows
+        # The padded rows change exactly at a rebuild, to a sum of buckets.
+        assert (controller.padded_rows != rows) == rebuilt or rows == 0
+        if rebuilt:
+            assert all(c in allowed or c == ceiling for c in capacities), capacities
     assert controller.rebuilds == changes > 0
+    assert controller.reshuffles > 0
 
 
 def test_controller_bucket_step_rounds_to_multiples_of_the_granule() -> None:
@@ -127,42 +133,45 @@ def test_controller_bucket_step_rounds_to_multiples_of_the_granule() -> None:
     assert controller.capacities_for(shares, 41) == (41, 24, 18, 12)
 
 
-def test_controller_grows_at_once_and_shrinks_only_past_the_margin() -> None:
-    # E=4, K=1, T=16: floor 2, ceiling 8, powers of two, window 1, shrink margin 0.25.
+def test_controller_rebuilds_past_the_margin_and_reshuffles_within_the_rows() -> None:
+    # E=4, K=1, T=32: fair share 8; floor 4, ceiling 16; powers of two; window 1; shrink
+    # margin 0.2 (P shrinks only to <= 0.8 P).
     controller = DynamicCapacityController(
-        4, 1, _config(dynamic_window=1, dynamic_shrink_margin=0.25, dynamic_max_rebuilds=50)
+        4, 1, _config(dynamic_window=1, dynamic_shrink_margin=0.2, dynamic_max_rebuilds=50)
     )
-    assert controller.capacities(16) == (4, 4, 4, 4)  # 16 slots before any step
+    controller.start(32)
+    assert controller.capacities(32) == (8, 8, 8, 8)  # P = 32 before any step
     steps = [
-        # demand -> capacities, whether the vector changed
-        # 8 4 2 2 saves nothing on 16: grow expert 0 only (shares max(old, new)).
-        ((8, 4, 2, 2), (8, 4, 4, 4), True),
-        # 8 8 2 2 is 20 > 0.75 * 20: grow expert 1 only.
-        ((6, 6, 2, 2), (8, 8, 4, 4), True),
-        # 4 4 4 4 is 16 <= 0.75 * 24 = 18: shrink.
-        ((4, 4, 4, 4), (4, 4, 4, 4), True),
-        ((6, 6, 2, 2), (8, 8, 4, 4), True),  # grows only where needed again
-        ((8, 4, 2, 2), (8, 4, 2, 2), True),  # 16 <= 18: the whole candidate
-        ((8, 4, 3, 1), (8, 4, 4, 2), True),  # only growth (3 -> 4): taken at once
-        # 8 4 2 2 is 16 > 0.75 * 18 = 13.5: no shrink, nothing grows: no rebuild.
-        ((8, 4, 2, 2), (8, 4, 4, 2), False),
+        # demand -> vector, whether P changed (a rebuild)
+        ((16, 8, 4, 4), (16, 8, 4, 4), False),  # needs 16 8 4 4 = 32 = P: reshuffle
+        ((12, 12, 4, 4), (16, 16, 4, 4), True),  # needs 40 > 32: grow at once
+        ((10, 6, 8, 8), (16, 8, 8, 8), False),  # needs 16 8 8 8 = 40 = P: reshuffle
+        ((16, 8, 6, 2), (16, 8, 8, 8), False),  # needs 16 8 8 4 = 36 > 0.8 * 40: keep all
+        # needs 8 8 16 4 = 36: the 4 spare rows go round-robin, busiest first: expert 2
+        # (share .375) is at the ceiling, then experts 0 and 1 (.25, lower index first),
+        # then 3 (.125), then 0 again.
+        ((8, 8, 12, 4), (10, 9, 16, 5), False),
+        ((16, 4, 4, 8), (16, 4, 4, 8), True),  # needs 32 <= 0.8 * 40: shrink
+        ((8, 8, 8, 8), (8, 8, 8, 8), False),  # needs 32 = P: reshuffle
     ]
     for demand, expected, rebuilt in steps:
-        assert controller.observe(demand, 16) is rebuilt, demand
-        assert controller.capacities(16) == expected, demand
-    assert controller.rebuilds == 6
+        assert controller.observe(demand, 32) is rebuilt, demand
+        assert controller.capacities(32) == expected, demand
+    assert (controller.rebuilds, controller.reshuffles) == (2, 4)
 
 
 def test_controller_rebuilds_only_every_interval_steps() -> None:
     # E=4, K=1, T=16, window 1, powers of two, floor 2, ceiling 8; interval 3 steps.
     controller = DynamicCapacityController(4, 1, _config(dynamic_window=1,
                                                          dynamic_rebuild_interval=3))  # fmt: skip
-    grow_a, grow_b = (8, 4, 2, 2), (4, 8, 2, 2)  # alternating peaks: a change every step
+    # b needs 8 8 2 2 (P 20), a needs 8 4 2 2 (P 16): P would change on every step.
+    grow_a, grow_b = (8, 4, 2, 2), (6, 6, 2, 2)
     changed = [controller.observe(grow_a if i % 2 else grow_b, 16) for i in range(9)]
-    # Steps 3, 6, 9 (counting from 1) may rebuild; the ones between wait. The vector
-    # after step 3 is b's (steps 3 and 9 see b, step 6 sees a).
+    # Steps 3, 6, 9 (counting from 1) may rebuild; the ones between wait (step 2 fits a
+    # in P = 16: a reshuffle). Steps 3 and 9 see b (grow to 20), step 6 sees a (shrink).
     assert changed == [False, False, True, False, False, True, False, False, True]
-    assert controller.rebuilds == 3
+    assert (controller.rebuilds, controller.reshuffles) == (3, 1)
+    assert controller.capacities(16) == (8, 8, 2, 2)
 
 
 def test_rebuild_counter_ignores_steps_that_keep_the_buckets() -> None:
@@ -327,13 +336,14 @@ def test_layer_uses_the_cached_assignment_once_converged() -> None:
 
 # -------------------------------------------------------------------- EP=2 == EP=1
 
-E_EP, T_EP, STEPS = 8, 12, 4
+E_EP, T_EP, STEPS = 8, 12, 6
 
 
 def _ep_config() -> RoutingConfig:
     return RoutingConfig(top_k=2, capacity="dynamic", dynamic_window=2, dynamic_headroom=1.0,
                          dynamic_min_factor=0.25, aux_loss_weight=0.05,
                          cache_max_entries=16, cache_threshold=0.5,
+                         dynamic_shrink_margin=0.5, dynamic_bucket_step=0.0,
                          dynamic_rebuild_interval=1)  # fmt: skip
 
 
@@ -345,9 +355,13 @@ def _ep_worker(rank: int, world_size: int) -> list[Any]:
     gen = torch.Generator().manual_seed(99)
     skew = torch.randn(D, dtype=torch.float64, generator=gen) * 2
     base = torch.randn(world_size, 2, T_EP // 2, D, dtype=torch.float64, generator=gen) + skew
-    # Nearly the same batch every step: the assignments converge and the cache serves them.
-    xs = [base + 0.01 * torch.randn(base.shape, dtype=torch.float64, generator=gen)
-          for _ in range(STEPS)]  # fmt: skip
+    # Nearly the same batch every step: the assignments converge and the cache serves
+    # them; the last steps move part of the load to other experts (a reshuffle).
+    moved = base.clone()
+    moved[:, 1] = torch.randn(moved[:, 1].shape, dtype=torch.float64, generator=gen) - skew
+    xs = [(base if step < STEPS - 2 else moved)
+          + 0.01 * torch.randn(base.shape, dtype=torch.float64, generator=gen)
+          for step in range(STEPS)]  # fmt: skip
     sample_ids = [torch.tensor([[10 * r + 1, 10 * r + 2] for r in range(world_size)])
                   for _ in range(STEPS)]  # fmt: skip
     torch.manual_seed(1234)
@@ -384,15 +398,18 @@ def _ep_worker(rank: int, world_size: int) -> list[Any]:
             param.grad = None
         ref.zero_grad()
         assert bucket_key(_Model(ep)) == bucket_key(_Model(ref))
+        assert ep.dynamic is not None and ref.dynamic is not None
+        assert ep.dynamic.controller.bucket_vector == ref.dynamic.controller.bucket_vector
     assert ep.dynamic is not None and ep.dynamic.cache is not None
-    return [ep.dynamic.controller.rebuilds, ep.dynamic.cache.hits, calls_per_step]
+    controller = ep.dynamic.controller
+    return [(controller.rebuilds, controller.reshuffles), ep.dynamic.cache.hits, calls_per_step]
 
 
 @pytest.mark.distributed
 def test_dynamic_ep2_equals_ep1() -> None:
     values = values_or_raise(run_distributed(_ep_worker, 2, timeout_s=150))
-    rebuilds, hits, calls = values[0]
-    assert rebuilds >= 1 and hits > 0
+    (rebuilds, reshuffles), hits, calls = values[0]
+    assert rebuilds >= 1 and reshuffles >= 1 and hits > 0
     # Rows out, rows back, and the backward of the way back (the input needs no gradient):
     # 3 all-to-alls a step, and no split-size exchange (a fixed-capacity layer makes 4).
     assert calls == [3] * STEPS

@@ -1,7 +1,9 @@
 """A run's checkpoints: `moe.checkpoint` directories under `run_dir/checkpoints`.
 
 A training checkpoint holds the model (dense file + one file per expert), every rank's
-optimizer state, the sampler state (`extra["sampler"]`) and the run's config. Resuming
+optimizer state, the sampler state (`extra["sampler"]`), the DynaMoE controllers and,
+in a one-process run, the assignment caches (`extra["dynamic"]`, `moe.dynamic`; a
+multi-rank run's caches are per rank and restart empty) and the run's config. Resuming
 loads the weights at any EP size but the optimizer state only with the layout it was
 saved with (same world size, same experts per rank): a resharded resume would change
 Adam's moments, so it is refused with the reason rather than done approximately.
@@ -28,6 +30,7 @@ class Resumed:
     sampler_state: dict[str, Any]
     directory: Path
     optimizer_state: dict[str, Any]
+    dynamic_state: dict[str, Any] | None = None  # DynaMoE (moe.dynamic.dynamic_state)
 
 
 def plain(value: Any) -> Any:
@@ -83,8 +86,13 @@ class CheckpointManager:
         optimizer_state: dict[str, Any],
         sampler_state: dict[str, Any],
         record: dict[str, Any],
+        dynamic_state: dict[str, Any] | None = None,
     ) -> Path:
-        """Save step `step`; `record` is the run's config as plain data (meta.json)."""
+        """Save step `step`; `record` is the run's config as plain data (meta.json);
+        `dynamic_state`: the DynaMoE controllers (rank 0's, the same on every rank)."""
+        extra: dict[str, Any] = {"sampler": sampler_state}
+        if dynamic_state:
+            extra["dynamic"] = dynamic_state
         groups = self.runtime.groups
         return save_checkpoint(
             self.directory,
@@ -92,7 +100,7 @@ class CheckpointManager:
             optimizer_state,
             step,
             record,
-            extra={"sampler": sampler_state},
+            extra=extra,
             group=groups.world if groups is not None else None,
             keep_last=self.keep_last,
         )
@@ -129,4 +137,5 @@ class CheckpointManager:
             sampler_state=sampler_state,
             directory=path,
             optimizer_state=loaded.optimizer_state,
+            dynamic_state=loaded.extra.get("dynamic"),
         )

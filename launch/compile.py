@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch._dynamo import lookup_backend
 
+from moe.dynamic import bucket_key
+
 # Environment variable through which inductor finds its cache directory (torch reads it
 # on each use; this module is the launcher side, where the environment may be set).
 CACHE_DIR_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
@@ -121,6 +123,17 @@ class CompiledStep:
         self.rebuilds += 1
         self._compiled = self._build()
 
+    def report_first_step(self, first_step_s: float, is_main: bool) -> None:
+        """Record the first step's wall time (compiles included) and print it (main)."""
+        self.first_step_s = first_step_s
+        if is_main:
+            print(
+                f"[compile] first step {first_step_s:.1f} s: {self.compilations} graphs "
+                f"compiled in {self.compile_time_s:.1f} s (inductor, forward), cache "
+                f"{self.cache_dir or 'torch default'}",
+                flush=True,
+            )
+
     def scalars(self) -> dict[str, float]:
         """What the trainer logs (wandb and metrics.jsonl)."""
         return {
@@ -137,3 +150,21 @@ class CompiledStep:
 
     def parameters(self) -> Any:
         return self.module.parameters()
+
+
+def training_step(module: nn.Module, model: Any, train_cfg: Any) -> CompiledStep | None:
+    """The compiled forward + backward of `train.compile=true` (None when off), keyed by
+    every DynaMoE layer's padded rows (`moe.dynamic.bucket_key`; one key for other
+    routing). `module`: what the trainer calls (the engine's); `model`: the MoE model."""
+    if not train_cfg.compile:
+        return None
+    if any(getattr(layer.dynamic, "cache", None) is not None for _, layer in model.moe_layers()):
+        print(
+            "[compile] the DynaMoE assignment cache is host-side and runs eagerly only: "
+            "this compiled run routes every sample through the router "
+            "(routing.cache_max_entries has no effect)",
+            flush=True,
+        )
+    return CompiledStep(
+        module, key_fn=lambda: bucket_key(model), cache_dir=train_cfg.compile_cache_dir or None
+    )

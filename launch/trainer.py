@@ -32,7 +32,7 @@ import torch.distributed as dist
 from launch.allocator import reuse_heap
 from launch.build import build_model
 from launch.checkpointing import CheckpointManager, config_dict
-from launch.compile import CompiledStep
+from launch.compile import training_step
 from launch.config import Engine as EngineKind
 from launch.config import ResumeMode, RunConfig
 from launch.engines import build_engine
@@ -43,9 +43,10 @@ from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.tracking import Tracker
 from moe.data import ByteDataset, build_dataset
 from moe.dynamic import (
-    bucket_key,
     dynamic_scalars,
+    dynamic_state,
     end_dynamic_step,
+    load_dynamic_state,
     set_sample_ids,
     start_dynamic,
 )
@@ -161,7 +162,7 @@ def run_training(
         on_fresh_start()
     model.train()
     engine = build_engine(model, train_cfg, runtime)
-    compiled = _compiled_step(engine.module, model, train_cfg)
+    compiled = training_step(engine.module, model, train_cfg)
     sampler = dataset.sampler(
         train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size, config.data.balance_tasks
     )
@@ -172,6 +173,8 @@ def run_training(
         resumed = checkpoints.load(resume_path, model, run_record, compared)
         start_step = resumed.step
         sampler.load_state_dict(resumed.sampler_state)
+        if resumed.dynamic_state is not None:
+            load_dynamic_state(model, resumed.dynamic_state)
         engine.load_optimizer_state(resumed.optimizer_state)
     counts = count_parameters(model)
     tracker = Tracker(run_dir, config.wandb, run_record, enabled=info.is_main)
@@ -229,7 +232,7 @@ def run_training(
             monitor.observe(routed)
         grad_norm = engine.finish_step()
         if compiled is not None and step == start_step:
-            _report_compile(compiled, time.perf_counter() - window_start, info.is_main)
+            compiled.report_first_step(time.perf_counter() - window_start, info.is_main)
         # DynaMoE: one all-reduce of the step's per-expert demand, then new capacities.
         end_dynamic_step(model, runtime.groups.world if runtime.groups is not None else None)
         means = dict(zip(sums, all_reduce_mean(list(sums.values()), info.world_size, device)))
@@ -291,8 +294,10 @@ def run_training(
             window_start, window_steps = time.perf_counter(), 0
         checkpoint_due = train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0
         if checkpoint_due or done == train_cfg.steps:
+            # DynaMoE's assignment caches are per rank: kept only in a one-process run.
+            dynamic = dynamic_state(model, with_cache=info.world_size == 1)
             path = checkpoints.save(
-                done, model, engine.optimizer_state(), sampler.state_dict(), run_record
+                done, model, engine.optimizer_state(), sampler.state_dict(), run_record, dynamic
             )
             if on_checkpoint is not None:
                 on_checkpoint(done, path, result.evaluations[-1] if result.evaluations else {})
@@ -371,34 +376,6 @@ def _progress(enabled: bool, start: int, total: int, name: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc=name, file=sys.stderr, dynamic_ncols=True)
-
-
-def _compiled_step(module: Any, model: Any, train_cfg: Any) -> CompiledStep | None:
-    """The compiled forward + backward of `train.compile=true` (launch.compile), keyed by
-    the DynaMoE bucket vector (one key for other routing)."""
-    if not train_cfg.compile:
-        return None
-    if any(getattr(layer.dynamic, "cache", None) is not None for _, layer in model.moe_layers()):
-        print(
-            "[compile] the DynaMoE assignment cache is host-side and runs eagerly only: "
-            "this compiled run routes every sample through the router "
-            "(routing.cache_max_entries has no effect)",
-            flush=True,
-        )
-    return CompiledStep(
-        module, key_fn=lambda: bucket_key(model), cache_dir=train_cfg.compile_cache_dir or None
-    )
-
-
-def _report_compile(compiled: CompiledStep, first_step_s: float, is_main: bool) -> None:
-    compiled.first_step_s = first_step_s
-    if is_main:
-        print(
-            f"[compile] first step {first_step_s:.1f} s: {compiled.compilations} graphs "
-            f"compiled in {compiled.compile_time_s:.1f} s (inductor, forward), cache "
-            f"{compiled.cache_dir or 'torch default'}",
-            flush=True,
-        )
 
 
 def _take_comm_time(model: Any) -> float:

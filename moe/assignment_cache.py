@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,6 +82,37 @@ class AssignmentCache:
             self._entries.move_to_end(sample)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The entries, least recently used first, as tensors (a checkpoint's): sample
+        ids, convergence flags, [S, K] shapes and the assignments flattened."""
+        entries = list(self._entries.items())
+        return {
+            "samples": torch.tensor([sample for sample, _ in entries], dtype=torch.int64),
+            "converged": torch.tensor([e.converged for _, e in entries], dtype=torch.bool),
+            "shapes": torch.tensor(
+                [list(e.expert_ids_SK.shape) for _, e in entries], dtype=torch.int64
+            ).view(-1, 2),
+            "ids": torch.cat([e.expert_ids_SK.reshape(-1) for _, e in entries])
+            if entries
+            else torch.zeros(0, dtype=torch.int16),
+            "invalidations": self.invalidations,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output (the newest `max_entries` entries)."""
+        sizes = state["shapes"].prod(dim=1)
+        if int(sizes.sum()) != state["ids"].numel():
+            raise ValueError("assignment cache state: the shapes do not match the stored ids")
+        self._entries.clear()
+        chunks = torch.split(state["ids"].to(torch.int16), sizes.tolist())
+        for sample, converged, shape, ids in zip(
+            state["samples"].tolist(), state["converged"].tolist(), state["shapes"].tolist(), chunks
+        ):
+            self._entries[int(sample)] = _Entry(ids.reshape(shape).clone(), bool(converged))
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        self.invalidations = int(state["invalidations"])
 
     def is_converged(self, sample: int) -> bool:
         entry = self._entries.get(sample)

@@ -150,6 +150,34 @@ def end_dynamic_step(model: Any, group: dist.ProcessGroup | None = None) -> int:
     return rebuilds
 
 
+def dynamic_state(model: Any, with_cache: bool = True) -> dict[str, Any]:
+    """Every dynamic layer's controller state and (`with_cache`) its assignment cache, by
+    block ({} without dynamic layers): what a checkpoint keeps so that a resumed run
+    continues the same capacities. The controllers are the same on every rank; the
+    caches are per rank (the trainer keeps them only in a single-process run)."""
+    state: dict[str, Any] = {}
+    for block, dynamic in _dynamic_layers(model):
+        cache = dynamic.cache.state_dict() if with_cache and dynamic.cache is not None else None
+        state[str(block)] = {"controller": dynamic.controller.state_dict(), "cache": cache}
+    return state
+
+
+def load_dynamic_state(model: Any, state: dict[str, Any]) -> None:
+    """Restore `dynamic_state`'s output into the model's dynamic layers (ValueError when
+    the blocks differ; a missing cache state leaves that cache empty)."""
+    layers = dict(_dynamic_layers(model))
+    if sorted(state) != sorted(str(block) for block in layers):
+        raise ValueError(
+            f"DynaMoE state for blocks {sorted(state)}; this model's dynamic blocks are "
+            f"{sorted(str(block) for block in layers)}"
+        )
+    for block, dynamic in layers.items():
+        layer_state = state[str(block)]
+        dynamic.controller.load_state_dict(layer_state["controller"])
+        if dynamic.cache is not None and layer_state.get("cache") is not None:
+            dynamic.cache.load_state_dict(layer_state["cache"])
+
+
 def start_dynamic(model: Any, num_tokens: int) -> None:
     """Every dynamic layer takes `num_tokens` (T of one training forward on one rank) as
     its reference, before the first forward (see the module docstring)."""

@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -186,6 +187,42 @@ class DynamicCapacityController:
         self.bucket_vector = vector
         self.padded_rows = sum(vector)
         self.capacity_E.copy_(torch.tensor(vector, dtype=torch.int64))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state as plain data (a checkpoint's; floats round-trip JSON
+        exactly, so a resumed run continues the same sequence)."""
+        return {
+            "steps": self._steps,
+            "shares": [list(share) for share in self._shares],
+            "accepted_share": list(self.accepted_share_E),
+            "reference_tokens": self.reference_tokens,
+            "vector": None if self.bucket_vector is None else list(self.bucket_vector),
+            "rebuilds": self.rebuilds,
+            "reshuffles": self.reshuffles,
+            "frozen": self.frozen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output (ValueError if it is for another E)."""
+        shares = [tuple(float(v) for v in share) for share in state["shares"]]
+        vector = state["vector"]
+        lengths = {len(share) for share in [*shares, state["accepted_share"]]}
+        if vector is not None:
+            lengths.add(len(vector))
+        if lengths != {self.num_experts}:
+            raise ValueError(
+                f"DynaMoE state holds vectors of lengths {sorted(lengths)}; this layer has "
+                f"{self.num_experts} experts"
+            )
+        self._steps = int(state["steps"])
+        self._shares = deque(shares, maxlen=self.window)
+        self.accepted_share_E = tuple(float(v) for v in state["accepted_share"])
+        self.reference_tokens = state["reference_tokens"]
+        if vector is not None:
+            self._set_vector(tuple(int(c) for c in vector))
+        self.rebuilds = int(state["rebuilds"])
+        self.reshuffles = int(state["reshuffles"])
+        self.frozen = bool(state["frozen"])
 
     def observe(self, demand_E: Sequence[int] | Tensor, num_tokens: int) -> bool:
         """Record one step's demand (slots per expert before capacity, summed over ranks

@@ -8,6 +8,7 @@ from the layer's parameters alone.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -184,6 +185,42 @@ def test_rebuild_counter_ignores_steps_that_keep_the_buckets() -> None:
         vectors.append(controller.capacities(16))
     assert controller.rebuilds == 1  # only the first step's 5/16 -> bucket 8 for expert 0
     assert len(set(vectors)) == 2
+
+
+def test_controller_and_cache_state_round_trip() -> None:
+    gen = torch.Generator().manual_seed(3)
+    config = _config(top_k=2, dynamic_window=3, dynamic_max_rebuilds=1000)
+    demands = [
+        torch.bincount(torch.multinomial(torch.rand(8, generator=gen) ** 3, 48, True,
+                                         generator=gen), minlength=8)
+        for _ in range(20)
+    ]  # fmt: skip
+    first = DynamicCapacityController(8, 2, config)
+    for demand in demands[:10]:
+        first.observe(demand, 24)
+    second = DynamicCapacityController(8, 2, config)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as a checkpoint
+    for demand in demands[10:]:
+        assert first.observe(demand, 24) == second.observe(demand, 24)
+        assert first.capacities(24) == second.capacities(24)
+    assert torch.equal(first.capacity_E, second.capacity_E)
+    assert (first.rebuilds, first.reshuffles) == (second.rebuilds, second.reshuffles)
+    assert first.rebuilds + first.reshuffles > 0
+    with pytest.raises(ValueError, match="4 experts"):
+        DynamicCapacityController(4, 1, _config()).load_state_dict(first.state_dict())
+
+    cache = AssignmentCache(max_entries=3, threshold=0.5)
+    cache.update([1], torch.full((1, 2, 1), 0))
+    cache.update([1], torch.full((1, 2, 1), 0))  # unchanged: converged
+    cache.update([2], torch.full((1, 2, 1), 1))
+    cache.update([3], torch.full((1, 3, 1), 2))  # another shape
+    restored = AssignmentCache(max_entries=3, threshold=0.5)
+    restored.load_state_dict(cache.state_dict())
+    assert [restored.is_converged(s) for s in (1, 2, 3)] == [True, False, False]
+    cached_BSK, hit_B = restored.lookup([1, 2], (2, 1))
+    assert hit_B.tolist() == [True, False] and cached_BSK[0].eq(0).all()
+    restored.update([4], torch.full((1, 2, 1), 3))  # least recently used (1) goes first
+    assert not restored.is_converged(1) and len(restored) == 3
 
 
 # ------------------------------------------------------------ per-expert capacity oracle

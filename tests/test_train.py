@@ -69,8 +69,18 @@ def test_tiny_model_trains_and_writes_its_run_dir(tmp_path: Path) -> None:
     assert len(result.sample) == 8
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
-    overrides = ("train.steps=16", "train.checkpoint_every=8", "train.eval_every=8")
+@pytest.mark.parametrize(
+    "routing",
+    [
+        (),
+        # DynaMoE: the controllers (and the assignment cache) are part of the checkpoint;
+        # rebuilds every 2 steps, so the capacities at step 8 are not the initial ones.
+        ("routing=dynamic", "routing.dynamic_rebuild_interval=2", "routing.dynamic_window=4"),
+    ],
+    ids=["topk", "dynamic"],
+)
+def test_resume_continues_exactly(tmp_path: Path, routing: tuple[str, ...]) -> None:
+    overrides = ("train.steps=16", "train.checkpoint_every=8", "train.eval_every=8", *routing)
     full = train(tiny_config(tmp_path / "full", *overrides))
     # An interrupted run: only the step-8 checkpoint made it to disk.
     resumed_dir = tmp_path / "resumed" / "checkpoints"

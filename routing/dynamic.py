@@ -37,12 +37,13 @@ reads), so moving slots between experts changes no shape.
   freezes (`frozen`). Without the margin a moving maximum that drifts across a bucket
   boundary changes P every few steps; without the interval the budget is spent while the
   router still moves (KJV demo: all 128 rebuilds of a layer within 100 steps).
-- A *reshuffle* keeps P and moves slots: when sum(need) fits in P but some expert needs
-  more than it has, the vector becomes `need` plus the slack P - sum(need) handed out
-  one slot at a time, round-robin over the experts below the ceiling, busiest (largest
-  moving maximum) first (`spread`). Reshuffles are free (no shape changes, no
-  recompile), so they may happen on any step and after the freeze; `reshuffles` counts
-  them.
+- A *reshuffle* keeps P and moves slots: when some expert needs more than it has, the
+  vector becomes `need` plus the slack P - sum(need) handed out one slot at a time,
+  round-robin over the experts below the ceiling, busiest (largest moving maximum)
+  first (`spread`); if sum(need) > P (a grow waiting for its step, or P frozen), the
+  needs are first scaled down to P (`fit`), so the slots follow the load's shape while
+  P cannot. Reshuffles are free (no shape changes, no recompile), so they may happen on
+  any step and after the freeze; `reshuffles` counts them.
 
 Before the first observation every expert's share is taken to be 1/E.
 
@@ -98,6 +99,24 @@ def spread(
                 out[e] += 1
                 slack -= 1
     return tuple(out)
+
+
+def fit(
+    need_E: Sequence[int], total: int, share_E: Sequence[float], floor: int, ceiling: int
+) -> tuple[int, ...]:
+    """A vector of sum `total` for the needs `need_E`: `spread` when they fit; else each
+    need scaled by total / sum(need_E) (rounded down, at least `floor`; while the floors
+    overshoot, the largest entry above the floor gives one slot, lowest index first),
+    then `spread`. Needs len(need_E) * floor <= total."""
+    if sum(need_E) <= total:
+        return spread(need_E, total, share_E, ceiling)
+    out = [max(floor, need * total // sum(need_E)) for need in need_E]
+    while sum(out) > total:
+        largest = max(range(len(out)), key=lambda e: (out[e], -e))
+        if out[largest] <= floor:
+            raise ValueError(f"cannot fit {list(need_E)} in {total} rows (floor {floor})")
+        out[largest] -= 1
+    return spread(out, total, share_E, ceiling)
 
 
 class DynamicCapacityController:
@@ -249,11 +268,15 @@ class DynamicCapacityController:
         shrink = sum(need) < rows and sum(need) <= (1.0 - self.shrink_margin) * rows
         if (grow or shrink) and self._rebuild(need, share):
             return True
-        if sum(need) <= rows and any(n > c for n, c in zip(need, self.bucket_vector)):
-            ceiling = self.bounds(num_tokens)[1]
-            self._set_vector(spread(need, rows, share, ceiling))
-            self.accepted_share_E = share
-            self.reshuffles += 1
+        if any(n > c for n, c in zip(need, self.bucket_vector)):
+            # Within P: the needs plus the spare rows, or, while a grow waits (or P is
+            # frozen), the needs scaled down to P: the load's shape, at no cost.
+            floor, ceiling = self.bounds(num_tokens)
+            vector = fit(need, rows, share, floor, ceiling)
+            if vector != self.bucket_vector:
+                self._set_vector(vector)
+                self.accepted_share_E = share
+                self.reshuffles += 1
         return False
 
     def _rebuild(self, need: tuple[int, ...], share: tuple[float, ...]) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import statistics
@@ -161,13 +162,26 @@ def _summary(
     }
 
 
+def _warm_tokens_per_s(records: list[dict[str, Any]]) -> float | None:
+    """Median tokens/s over the windows after the first in which no graph was compiled
+    (all of them when eager); None when every window compiled."""
+    warm = [
+        record["tokens_per_s"]
+        for previous, record in itertools.pairwise(records)
+        if record.get("compile/compilations") == previous.get("compile/compilations")
+    ]
+    return statistics.median(warm) if warm else None
+
+
 def run_kjv(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     """`launch.train experiment=demo` with the policy, at EP=`args.ep` (1: one process,
     2 threads; 2: torchrun, two processes of 1 thread), eager or `--compile`d. Windows
-    of steps/4 steps; the figures average the windows after the first (warm-up)."""
+    of `--window-steps` steps (steps/4); the figures average the windows after the first
+    (warm-up); `warm_tokens_per_s` is the median over the later windows in which nothing
+    was compiled. `--set` overrides the dynamic policies' settings."""
     policy = POLICIES[name]
-    extra = DYNAMIC_DEFAULTS if policy["capacity"] == "dynamic" else {}
-    window = max(steps // 4, 1)
+    extra = DYNAMIC_DEFAULTS | args.set if policy["capacity"] == "dynamic" else {}
+    window = args.window_steps or max(steps // 4, 1)
     overrides = [
         f"routing.{key}={value}".replace(" ", "") for key, value in (extra | policy).items()
     ] + [
@@ -207,6 +221,8 @@ def run_kjv(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
         ],
         "dropped_fraction_by_window": [r["routing_dropped_fraction"] for r in records],
         "tokens_per_s_by_window": [r["tokens_per_s"] for r in records],
+        "warm_tokens_per_s": _warm_tokens_per_s(records),
+        "settings": extra | policy,
         "cache_hit_rate": statistics.mean(
             r["dynamic_cache_hit_rate"] for r in warm if "dynamic_cache_hit_rate" in r
         ) if any("dynamic_cache_hit_rate" in r for r in warm) else None,
@@ -226,8 +242,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ep", type=int, choices=[1, 2], default=1, help="kjv: EP size")
     parser.add_argument("--compile", action="store_true", help="kjv: train.compile=true")
+    parser.add_argument("--window-steps", type=int, default=0, help="kjv: steps per window")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="kjv: routing settings of the dynamic policies, e.g. dynamic_rebuild_interval=50",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.set = dict(item.split("=", 1) for item in args.set)
     torch.set_num_threads(1)
     runner = run_zipf if args.workload == "zipf" else run_kjv
     results = {}

@@ -65,9 +65,12 @@ def test_controller_follows_a_hand_computed_sequence() -> None:
         ((12, 2, 1, 1), (8, 4, 4, 4), 3, 1),  # 12 -> 16, cut to the ceiling 8: grow
         ((12, 2, 1, 1), (8, 2, 2, 2), 4, 1),  # 2, 1, 1 -> the floor 2: shrink to 14
         ((12, 2, 1, 1), (8, 2, 2, 2), 4, 1),  # unchanged
-        ((4, 4, 4, 4), (8, 2, 2, 2), 4, 1),  # needs 8 4 4 4 (20 > 14), but 4 rebuilds: frozen
-        ((2, 12, 1, 1), (8, 2, 2, 2), 4, 1),  # max(.25 .25 .25 .25, .125 .75 ...): 20 > 14
-        ((2, 12, 1, 1), (2, 8, 2, 2), 4, 2),  # needs 2 8 2 2 = 14: a reshuffle, frozen or not
+        # Needs 8 4 4 4 (20 > 14), but 4 rebuilds: frozen. Scaled to 14: 8*14//20 = 5,
+        # 2, 2, 2 (11), the 3 spare rows to experts 0, 1, 2 (shares .75 .25 .25 .25).
+        ((4, 4, 4, 4), (6, 3, 3, 2), 4, 2),
+        # Shares (.25 .75 .25 .25): needs 4 8 4 4, scaled 2 5 2 2, spare to 1, 0, 2.
+        ((2, 12, 1, 1), (3, 6, 3, 2), 4, 3),
+        ((2, 12, 1, 1), (2, 8, 2, 2), 4, 4),  # needs 2 8 2 2 = 14 = P: fits exactly
     ]
     for demand, expected, rebuilds, reshuffles in steps:
         controller.observe(demand, 16)
@@ -168,10 +171,12 @@ def test_controller_rebuilds_only_every_interval_steps() -> None:
     # b needs 8 8 2 2 (P 20), a needs 8 4 2 2 (P 16): P would change on every step.
     grow_a, grow_b = (8, 4, 2, 2), (6, 6, 2, 2)
     changed = [controller.observe(grow_a if i % 2 else grow_b, 16) for i in range(9)]
-    # Steps 3, 6, 9 (counting from 1) may rebuild; the ones between wait (step 2 fits a
-    # in P = 16: a reshuffle). Steps 3 and 9 see b (grow to 20), step 6 sees a (shrink).
+    # Steps 3, 6, 9 (counting from 1) may rebuild; the ones between wait. Steps 3 and 9
+    # see b (grow to 20), step 6 sees a (shrink to 16). While b's grow waits (steps 1
+    # and 7) its needs are scaled into P = 16 (6 6 2 2), and a fits P (8 4 2 2) on the
+    # steps after: four reshuffles.
     assert changed == [False, False, True, False, False, True, False, False, True]
-    assert (controller.rebuilds, controller.reshuffles) == (3, 1)
+    assert (controller.rebuilds, controller.reshuffles) == (3, 4)
     assert controller.capacities(16) == (8, 8, 2, 2)
 
 

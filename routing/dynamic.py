@@ -29,9 +29,10 @@ reads), so moving slots between experts changes no shape.
 
 - A *rebuild* changes P. With need_e the bucketed capacities of the moving maximum:
   P grows as soon as sum(need) > P (drops cost quality), and shrinks only when
-  sum(need) <= (1 - `dynamic_shrink_margin`) * P; the new vector is `need`. Only every
-  `dynamic_rebuild_interval`-th observed step may rebuild (steps k * interval, the same
-  in every layer, so a model's layers change together and a compiled step is rebuilt
+  sum(need) <= (1 - `dynamic_shrink_margin`) * P; the new vector is `need`. Only the
+  first observed step (the initial 1/E vector is a guess) and every
+  `dynamic_rebuild_interval`-th one may rebuild (steps 1 and k * interval, the same in
+  every layer, so a model's layers change together and a compiled step is rebuilt
   once for them); in between, a needed rebuild waits. Each rebuild is announced to the
   listeners (`on_buckets_changed(buckets)`); after `dynamic_max_rebuilds` of them P
   freezes (`frozen`). Without the margin a moving maximum that drifts across a bucket
@@ -281,8 +282,9 @@ class DynamicCapacityController:
 
     def _rebuild(self, need: tuple[int, ...], share: tuple[float, ...]) -> bool:
         """Change the padded rows to sum(need), if this step may; True if it did."""
-        if self._steps % self.rebuild_interval:
-            # Only every interval-th step may rebuild, the same steps in every layer (one
+        if self._steps > 1 and self._steps % self.rebuild_interval:
+            # Only the first step (the initial vector is a guess, not a measurement) and
+            # every interval-th step may rebuild, the same steps in every layer (one
             # step sees the layers' changes together: one new compiled step, not one
             # per layer); in between, a grow waits and the statistic keeps moving.
             return False

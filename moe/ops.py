@@ -48,6 +48,11 @@ def _row_blocks(counts_E: Tensor) -> list[Block]:
     return blocks
 
 
+# Below this many row blocks a grouped matmul runs its blocks one after another (see
+# `_BlockRunner`).
+POOL_MIN_BLOCKS = 16
+
+
 class _BlockRunner:
     """Runs per-block matmuls on CPU, in parallel over blocks.
 
@@ -59,6 +64,14 @@ class _BlockRunner:
     docs/results/bench_grouped_mm.json). Blocks go to workers largest first, each to the least loaded worker.
     Every block is still computed by exactly one `torch.mm` into its own output rows.
     The pool is rebuilt when the intra-op thread count changes and in a forked child.
+
+    Few blocks (fewer than `POOL_MIN_BLOCKS`) run one after another, each `torch.mm` on
+    all intra-op threads: then the fork/joins are few, and the pool's workers would
+    compete for the cores with OpenMP threads still spinning after the step's previous
+    parallel op. Demo shapes (E=8 blocks of 600-2200 rows, D=H=128, 2 threads, after an
+    OpenMP matmul): pool 7.4-8.3 ms, one after another 3.8-4.4 ms; E=64 blocks of 256
+    rows, D=H=512: pool 72 ms, one after another 89 ms (2026-11-26; the OpenMP spin
+    is also why the demo's dynamic step was slower than its fixed one, docs/BENCHMARKS.md).
     """
 
     def __init__(self) -> None:
@@ -85,7 +98,8 @@ class _BlockRunner:
     def run(self, blocks: list[Block], work: Callable[[Block], None], device: torch.device) -> None:
         workers = min(torch.get_num_threads(), len(blocks))
         # Only CPU tensors: on an accelerator the workers would not use the caller's stream.
-        if workers <= 1 or device.type != "cpu" or torch.compiler.is_compiling():
+        few = len(blocks) < POOL_MIN_BLOCKS
+        if workers <= 1 or few or device.type != "cpu" or torch.compiler.is_compiling():
             for block in blocks:
                 work(block)
             return

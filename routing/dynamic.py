@@ -30,10 +30,10 @@ reads), so moving slots between experts changes no shape.
 - A *rebuild* changes P. With need_e the bucketed capacities of the moving maximum:
   P grows as soon as sum(need) > P (drops cost quality), and shrinks only when
   sum(need) <= (1 - `dynamic_shrink_margin`) * P; the new vector is `need`. Only the
-  first observed step (the initial 1/E vector is a guess) and every
-  `dynamic_rebuild_interval`-th one may rebuild (steps 1 and k * interval, the same in
-  every layer, so a model's layers change together and a compiled step is rebuilt
-  once for them); in between, a needed rebuild waits. Each rebuild is announced to the
+  observed steps 1, 2, 4, 8, ... below `dynamic_rebuild_interval` (the initial 1/E
+  vector is a guess, and the router moves fastest early) and then every interval-th
+  step may rebuild (the same steps in every layer, so a model's layers change together
+  and a compiled step is rebuilt once for them); in between, a needed rebuild waits. Each rebuild is announced to the
   listeners (`on_buckets_changed(buckets)`); after `dynamic_max_rebuilds` of them P
   freezes (`frozen`). Without the margin a moving maximum that drifts across a bucket
   boundary changes P every few steps; without the interval the budget is spent while the
@@ -282,11 +282,13 @@ class DynamicCapacityController:
 
     def _rebuild(self, need: tuple[int, ...], share: tuple[float, ...]) -> bool:
         """Change the padded rows to sum(need), if this step may; True if it did."""
-        if self._steps > 1 and self._steps % self.rebuild_interval:
-            # Only the first step (the initial vector is a guess, not a measurement) and
-            # every interval-th step may rebuild, the same steps in every layer (one
-            # step sees the layers' changes together: one new compiled step, not one
-            # per layer); in between, a grow waits and the statistic keeps moving.
+        step, interval = self._steps, self.rebuild_interval
+        if step % interval and not (step < interval and step & (step - 1) == 0):
+            # Only steps 1, 2, 4, 8, ... below the interval (the initial vector is a
+            # guess and the router moves fastest early) and then every interval-th step
+            # may rebuild, the same steps in every layer (one step sees the layers'
+            # changes together: one new compiled step, not one per layer); in between, a
+            # grow waits (the slots are fitted into P) and the statistic keeps moving.
             return False
         if self.rebuilds >= self.max_rebuilds:
             self.frozen = True

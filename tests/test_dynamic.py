@@ -171,12 +171,13 @@ def test_controller_rebuilds_only_every_interval_steps() -> None:
     # b needs 8 8 2 2 (P 20), a needs 8 4 2 2 (P 16): P would change on every step.
     grow_a, grow_b = (8, 4, 2, 2), (6, 6, 2, 2)
     changed = [controller.observe(grow_a if i % 2 else grow_b, 16) for i in range(9)]
-    # Steps 1 (the first), 3, 6 and 9 (counting from 1) may rebuild; the ones between
-    # wait. Step 1 sees b (grow to 20); a's shrink waits until step 6 (b and a fit 20
-    # meanwhile); step 9 sees b again. While b's grow waits (step 7) its needs are
-    # scaled into P = 16 (6 6 2 2), and a fits (8 4 2 2) on step 8: two reshuffles.
-    assert changed == [True, False, False, False, False, True, False, False, True]
-    assert (controller.rebuilds, controller.reshuffles) == (3, 2)
+    # Steps 1 and 2 (powers of two below the interval), then 3, 6 and 9 (counting from
+    # 1) may rebuild; the ones between wait. Steps 1 and 3 see b (grow to 20), step 2
+    # a (shrink to 16); a's next shrink waits until step 6 (b and a fit 20 meanwhile);
+    # step 9 sees b. While b's grow waits (step 7) its needs are scaled into P = 16
+    # (6 6 2 2), and a fits (8 4 2 2) on step 8: two reshuffles.
+    assert changed == [True, True, True, False, False, True, False, False, True]
+    assert (controller.rebuilds, controller.reshuffles) == (5, 2)
     assert controller.capacities(16) == (8, 8, 2, 2)
 
 

@@ -165,6 +165,18 @@ def training_step(module: nn.Module, model: Any, train_cfg: Any) -> CompiledStep
             "(routing.cache_max_entries has no effect)",
             flush=True,
         )
+    intervals = [
+        layer.dynamic.controller.rebuild_interval
+        for _, layer in model.moe_layers()
+        if getattr(layer, "dynamic", None) is not None
+    ]
+    if intervals and min(intervals) < 50:
+        print(
+            f"[compile] routing.dynamic_rebuild_interval={min(intervals)}: every change of "
+            "the padded rows recompiles the step (about 20 s on the demo); compiled runs "
+            "warm up with 50 or more (docs/BENCHMARKS.md)",
+            flush=True,
+        )
     return CompiledStep(
         module, key_fn=lambda: bucket_key(model), cache_dir=train_cfg.compile_cache_dir or None
     )

@@ -145,9 +145,12 @@ def test_compile_traces_grouped_mm() -> None:
 
 
 def _fork_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Enough non-empty blocks for the worker pool (ops.POOL_MIN_BLOCKS), one idle expert.
+    counts = torch.tensor([10, 0, 25, 5] + [2] * ops.POOL_MIN_BLOCKS)
     generator = torch.Generator().manual_seed(5)
-    x, w = torch.randn(40, 6, generator=generator), torch.randn(4, 6, 5, generator=generator)
-    return x, w, torch.tensor([10, 0, 25, 5])
+    x = torch.randn(int(counts.sum()), 6, generator=generator)
+    w = torch.randn(counts.numel(), 6, 5, generator=generator)
+    return x, w, counts
 
 
 def _fork_child(queue: Any) -> None:
@@ -162,9 +165,10 @@ def test_cpu_block_workers_equal_one_thread_and_survive_fork() -> None:
     import multiprocessing
 
     generator = torch.Generator().manual_seed(11)
-    counts = torch.tensor([0, 70, 3, 0, 41, 1, 0, 9])
+    # At least ops.POOL_MIN_BLOCKS non-empty blocks (fewer run one after another).
+    counts = torch.tensor([0, 70, 3, 0, 41, 1, 0, 9] + [4, 1] * (ops.POOL_MIN_BLOCKS // 2))
     x = torch.randn(int(counts.sum()), 16, generator=generator)
-    w = torch.randn(8, 16, 12, generator=generator)
+    w = torch.randn(counts.numel(), 16, 12, generator=generator)
     dy = torch.randn(int(counts.sum()), 12, generator=generator)
     threads = torch.get_num_threads()
     try:

@@ -70,8 +70,8 @@ class _BlockRunner:
     compete for the cores with OpenMP threads still spinning after the step's previous
     parallel op. Demo shapes (E=8 blocks of 600-2200 rows, D=H=128, 2 threads, after an
     OpenMP matmul): pool 7.4-8.3 ms, one after another 3.8-4.4 ms; E=64 blocks of 256
-    rows, D=H=512: pool 72 ms, one after another 89 ms (2026-11-26; the OpenMP spin
-    is also why the demo's dynamic step was slower than its fixed one, docs/BENCHMARKS.md).
+    rows, D=H=512: pool 72 ms, one after another 89 ms (2026-11-26; in a compiled
+    DynaMoE step a grouped matmul call went from 19.3 to 11.6 ms, docs/BENCHMARKS.md).
     """
 
     def __init__(self) -> None:

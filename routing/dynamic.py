@@ -33,11 +33,12 @@ reads), so moving slots between experts changes no shape.
   observed steps 1, 2, 4, 8, ... below `dynamic_rebuild_interval` (the initial 1/E
   vector is a guess, and the router moves fastest early) and then every interval-th
   step may rebuild (the same steps in every layer, so a model's layers change together
-  and a compiled step is rebuilt once for them); in between, a needed rebuild waits. Each rebuild is announced to the
-  listeners (`on_buckets_changed(buckets)`); after `dynamic_max_rebuilds` of them P
-  freezes (`frozen`). Without the margin a moving maximum that drifts across a bucket
-  boundary changes P every few steps; without the interval the budget is spent while the
-  router still moves (KJV demo: all 128 rebuilds of a layer within 100 steps).
+  and a compiled step is rebuilt once for them); in between, a needed rebuild waits.
+  Each rebuild is announced to the listeners (`on_buckets_changed(buckets)`); after
+  `dynamic_max_rebuilds` of them P freezes (`frozen`). Without the margin a moving
+  maximum that drifts across a bucket boundary changes P every few steps; without the
+  interval the budget is spent while the router still moves (KJV demo: all 32 allowed
+  rebuilds of every layer within 100 steps).
 - A *reshuffle* keeps P and moves slots: when some expert needs more than it has, the
   vector becomes `need` plus the slack P - sum(need) handed out one slot at a time,
   round-robin over the experts below the ceiling, busiest (largest moving maximum)

@@ -17,19 +17,42 @@ from torch import Tensor
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def grouped_mm(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+def padding_rows(counts_E: Tensor, filled_E: Tensor, num_rows: int) -> Tensor:
+    """[R] bool: the rows past filled_E[e] in block e (on the device, no host sync)."""
+    device = filled_E.device
+    counts_E = counts_E.to(device)
+    expert_R = torch.repeat_interleave(
+        torch.arange(counts_E.shape[0], device=device), counts_E, output_size=num_rows
+    )
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_R = torch.arange(num_rows, device=device) - start_E[expert_R]
+    return rank_R >= filled_E[expert_R]
+
+
+def grouped_mm(
+    x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None
+) -> Tensor:
+    """The kernel multiplies padding rows too (a GPU gains little from skipping them);
+    their outputs are then zeroed, as the op promises."""
     from moe import kernels, ops
 
     if x_RD.dtype not in TRITON_DTYPES:
-        return ops.grouped_mm_torch(x_RD, w_EDH, counts_E)
-    return kernels.grouped_mm(x_RD, w_EDH, counts_E.to(x_RD.device).cumsum(0))
+        return ops.grouped_mm_torch(x_RD, w_EDH, counts_E, filled_E)
+    y_RH = kernels.grouped_mm(x_RD, w_EDH, counts_E.to(x_RD.device).cumsum(0))
+    if filled_E is not None:
+        y_RH.masked_fill_(padding_rows(counts_E, filled_E, x_RD.shape[0]).unsqueeze(1), 0)
+    return y_RH
 
 
-def grouped_mm_wgrad(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mm_wgrad(
+    x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None
+) -> Tensor:
     from moe import kernels, ops
 
     if x_RD.dtype not in TRITON_DTYPES:
-        return ops.grouped_mm_wgrad_torch(x_RD, dy_RH, counts_E)
+        return ops.grouped_mm_wgrad_torch(x_RD, dy_RH, counts_E, filled_E)
+    if filled_E is not None:  # padding rows add nothing
+        dy_RH = dy_RH.masked_fill(padding_rows(counts_E, filled_E, x_RD.shape[0]).unsqueeze(1), 0)
     offsets_E = counts_E.to(x_RD.device).cumsum(0)
     return kernels.grouped_mm_wgrad(x_RD, dy_RH, offsets_E, counts_E.shape[0])
 

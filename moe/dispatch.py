@@ -27,11 +27,15 @@ class Permutation:
     token_index_R: the token of each routed row (rows sorted by expert).
     row_of_slot_TK: the routed row of each slot, -1 where the slot was dropped.
     counts_E: rows per expert (int64), summing to R.
+    filled_E: a capacity-padded layout's kept slots per expert (int64): the first
+        filled_E[e] of expert e's counts_E[e] rows; the rest are padding. None: every
+        row holds a slot.
     """
 
     token_index_R: Tensor
     row_of_slot_TK: Tensor
     counts_E: Tensor
+    filled_E: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -71,7 +75,8 @@ def capacity_padded_permutation(
     are never combined, so they get zero gradient). R = sum(slots_E) and
     `counts_E = slots_E` are fixed by the capacities, not by the data: no host sync,
     static shapes under `torch.compile`, and with equal capacities the grouped matmuls
-    run as one `bmm` (`moe.ops`). Every expert must keep at most slots_E[e] slots.
+    run as one `bmm` (`moe.ops`) when every row is filled; otherwise they multiply only
+    the `filled_E` rows. Every expert must keep at most slots_E[e] slots.
     `slots_E` as an int64 tensor (DynaMoE's capacities) needs `total`, its sum: then only
     R is a shape, and the capacities within it are data."""
     num_tokens, top_k = plan.expert_ids_TK.shape
@@ -107,6 +112,7 @@ def capacity_padded_permutation(
         token_index_R=token_index_P[:total],
         row_of_slot_TK=row_of_slot_N.view(num_tokens, top_k),
         counts_E=slots_X[:num_experts],
+        filled_E=counts_X[:num_experts],
     )
 
 

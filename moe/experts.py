@@ -84,8 +84,11 @@ class Experts(nn.Module, metaclass=abc.ABCMeta):
     replicated: bool = False
 
     @abc.abstractmethod
-    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
-        """x_RD: rows sorted by local expert; counts_E: int64 rows per local expert."""
+    def forward(self, x_RD: Tensor, counts_E: Tensor, filled_E: Tensor | None = None) -> Tensor:
+        """x_RD: rows sorted by local expert; counts_E: int64 rows per local expert;
+        filled_E (a capacity-padded layout): the first filled_E[e] rows of expert e hold
+        slots, the rest are padding that the caller never reads (an implementation may
+        skip them)."""
 
     @abc.abstractmethod
     def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
@@ -150,12 +153,14 @@ class GroupedExperts(Experts):
             nn.init.normal_(self.w3_EDH, std=self.d_model**-0.5)
         nn.init.normal_(self.w2_EHD, std=self.down_std)
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
-        """x_RD: rows sorted by local expert; counts_E: int64 rows per local expert."""
-        h_RH = grouped_mm(x_RD, self.w1_EDH, counts_E)
-        gate_RH = None if self.w3_EDH is None else grouped_mm(x_RD, self.w3_EDH, counts_E)
+    def forward(self, x_RD: Tensor, counts_E: Tensor, filled_E: Tensor | None = None) -> Tensor:
+        """See `Experts.forward`; padding rows are skipped, and their outputs are zero."""
+        h_RH = grouped_mm(x_RD, self.w1_EDH, counts_E, filled_E)
+        gate_RH = None
+        if self.w3_EDH is not None:
+            gate_RH = grouped_mm(x_RD, self.w3_EDH, counts_E, filled_E)
         h_RH = apply_activation(h_RH, gate_RH, self.activation)
-        return grouped_mm(h_RH, self.w2_EHD, counts_E)
+        return grouped_mm(h_RH, self.w2_EHD, counts_E, filled_E)
 
     def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
         """One local expert on any rows (plain torch; the reference and small-batch path)."""

@@ -145,7 +145,12 @@ class MoELayer(nn.Module):
             # host-side split sizes and gloo collectives have no place in the graph.
             dispatch, combine = torch.compiler.disable(dispatch), torch.compiler.disable(combine)
         x_local, counts_local, context = dispatch(x_RD, permutation.counts_E, uniform_counts=padded)
-        y_local = self.experts(x_local, counts_local)
+        filled_local = None
+        if permutation.filled_E is not None and isinstance(self.dispatcher, LocalDispatcher):
+            # Padded rows: the experts multiply only the filled ones. (An EP rank would
+            # need every sender's fill counts, one more exchange: it multiplies them all.)
+            filled_local = self.dispatcher.select(permutation.filled_E)
+        y_local = self.experts(x_local, counts_local, filled_local)
         y_RD = combine(y_local, context)
         y_TD = unpermute(y_RD, permutation, plan.weights_TK)
         if self.residual is not None and self.residual_gate is not None:

@@ -1,10 +1,15 @@
 """The MoE layer's fast ops, registered with `torch.library` so that autograd and
 `torch.compile` see one opaque op each:
 
-- `moe::grouped_mm(x_RD, w_EDH, counts_E) -> y_RH`: row block e of x times w[e].
-- `moe::grouped_mm_wgrad(x_RD, dy_RH, counts_E) -> dw_EDH`: per-expert x_e^T dy_e,
-  written into one full-size gradient (slicing a stacked parameter per expert inside
-  autograd would build a full-size gradient per slice: E times the memory traffic).
+- `moe::grouped_mm(x_RD, w_EDH, counts_E, filled_E=None) -> y_RH`: row block e of x
+  times w[e].
+- `moe::grouped_mm_wgrad(x_RD, dy_RH, counts_E, filled_E=None) -> dw_EDH`: per-expert
+  x_e^T dy_e, written into one full-size gradient (slicing a stacked parameter per expert
+  inside autograd would build a full-size gradient per slice: E times the memory traffic).
+  `filled_E` (a capacity-padded layout, `moe.dispatch.capacity_padded_permutation`): only
+  the first filled_E[e] rows of block e hold slots, the rest are padding: grouped_mm
+  returns zero rows for them and grouped_mm_wgrad leaves them out, so the CPU path
+  multiplies only the filled rows (the shapes stay static; the FLOPs follow the load).
 - `moe::gather_rows(x_TD, index_R) -> x_RD`: the permute; backward is a scatter-add.
 - `moe::combine(y_RD, row_of_slot_TK, weights_TK) -> y_TD`: the weighted unpermute,
   y[t] = sum_k w[t,k] * y[row[t,k]] over slots with row >= 0 (gather-based, no atomics;
@@ -37,15 +42,28 @@ from torch import Tensor, nn
 Block = tuple[int, int, int]  # (expert, start row, stop row)
 
 
-def _row_blocks(counts_E: Tensor) -> list[Block]:
-    """(expert, start, stop) of each non-empty row block."""
+def _row_blocks(counts_E: Tensor, filled_E: Tensor | None = None) -> list[Block]:
+    """(expert, start, stop) of each non-empty row block; with `filled_E` only the first
+    filled_E[e] rows of block e."""
+    filled = counts_E.tolist() if filled_E is None else filled_E.tolist()
     blocks = []
     start = 0
-    for expert, count in enumerate(counts_E.tolist()):
-        if count:
-            blocks.append((expert, start, start + count))
+    for expert, (count, used) in enumerate(zip(counts_E.tolist(), filled, strict=True)):
+        if not 0 <= used <= count:
+            raise ValueError(f"filled_E[{expert}]={used}: expected 0 <= filled <= {count}")
+        if used:
+            blocks.append((expert, start, start + used))
         start += count
     return blocks
+
+
+def _zero_padding(y_RH: Tensor, counts_E: Tensor, filled_E: Tensor) -> None:
+    """Zero rows [start + filled, start + count) of every block."""
+    start = 0
+    for count, used in zip(counts_E.tolist(), filled_E.tolist(), strict=True):
+        if used < count:
+            y_RH[start + used : start + count].zero_()
+        start += count
 
 
 # Below this many row blocks a grouped matmul runs its blocks one after another (see
@@ -124,9 +142,9 @@ class _BlockRunner:
 _block_runner = _BlockRunner()
 
 
-def _uniform_rows(counts_E: Tensor, num_rows: int) -> int | None:
+def _uniform_rows(counts_E: Tensor, num_rows: int, filled_E: Tensor | None = None) -> int | None:
     """The common row count when every expert has the same number of rows (a
-    capacity-padded layout or a balanced load) and E > 1, else None.
+    capacity-padded layout or a balanced load), all of them filled, and E > 1, else None.
 
     Then the grouped matmul is one `torch.bmm` over [E, rows, D]: one parallel region
     and one call instead of E (at the demo's E=8, 1024 rows, D=H=128 the per-block
@@ -135,17 +153,30 @@ def _uniform_rows(counts_E: Tensor, num_rows: int) -> int | None:
     if num_experts < 2 or num_rows % num_experts or num_rows == 0:
         return None
     rows = num_rows // num_experts
-    return rows if bool((counts_E == rows).all()) else None
+    uniform = counts_E == rows
+    if filled_E is not None:
+        uniform &= filled_E == rows
+    return rows if bool(uniform.all()) else None
 
 
-def grouped_mm_torch(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
-    """y_RH[rows of e] = x_RD[rows of e] @ w_EDH[e]; rows sorted by expert."""
-    rows = _uniform_rows(counts_E, x_RD.shape[0])
-    if rows is not None:  # balanced or capacity-padded: one batched matmul
+def _check_counts(counts_E: Tensor, num_rows: int) -> None:
+    total = int(counts_E.sum())
+    assert total == num_rows, f"counts_E sums to {total}, not to the {num_rows} rows"
+
+
+def grouped_mm_torch(
+    x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None
+) -> Tensor:
+    """y_RH[rows of e] = x_RD[rows of e] @ w_EDH[e]; rows sorted by expert; padding rows
+    (past filled_E[e] in block e) are zero."""
+    rows = _uniform_rows(counts_E, x_RD.shape[0], filled_E)
+    if rows is not None:  # balanced or capacity-padded and full: one batched matmul
         return torch.bmm(x_RD.view(counts_E.shape[0], rows, -1), w_EDH).view(x_RD.shape[0], -1)
+    _check_counts(counts_E, x_RD.shape[0])
     y_RH = x_RD.new_empty(x_RD.shape[0], w_EDH.shape[2])
-    blocks = _row_blocks(counts_E)
-    assert not blocks or blocks[-1][2] == x_RD.shape[0], "counts_E must sum to the row count"
+    blocks = _row_blocks(counts_E, filled_E)
+    if filled_E is not None:
+        _zero_padding(y_RH, counts_E, filled_E)
 
     def work(block: Block) -> None:
         expert, start, stop = block
@@ -159,21 +190,25 @@ grouped_mm = torch.library.custom_op("moe::grouped_mm", grouped_mm_torch, mutate
 
 
 @grouped_mm.register_fake
-def _(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+def _(x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None) -> Tensor:
     return x_RD.new_empty(x_RD.shape[0], w_EDH.shape[2])
 
 
-def grouped_mm_wgrad_torch(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor) -> Tensor:
-    """dw_EDH[e] = x_RD[rows of e]^T @ dy_RH[rows of e]; zero for experts without rows."""
-    rows = _uniform_rows(counts_E, x_RD.shape[0])
+def grouped_mm_wgrad_torch(
+    x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None
+) -> Tensor:
+    """dw_EDH[e] = x_RD[rows of e]^T @ dy_RH[rows of e] over the filled rows; zero for
+    experts without any."""
+    rows = _uniform_rows(counts_E, x_RD.shape[0], filled_E)
     if rows is not None:
         num_experts = counts_E.shape[0]
         x_EDC = x_RD.view(num_experts, rows, -1).transpose(1, 2)
         return torch.bmm(x_EDC, dy_RH.view(num_experts, rows, -1))
     # Every expert with rows is written whole by its mm: zero only the idle ones (a zero
     # fill of the full [E, D, H] gradient costs as much memory traffic as a weight read).
+    _check_counts(counts_E, x_RD.shape[0])
     dw_EDH = x_RD.new_empty(counts_E.shape[0], x_RD.shape[1], dy_RH.shape[1])
-    blocks = _row_blocks(counts_E)
+    blocks = _row_blocks(counts_E, filled_E)
     written = {expert for expert, _, _ in blocks}
     for expert in range(counts_E.shape[0]):
         if expert not in written:
@@ -193,25 +228,25 @@ grouped_mm_wgrad = torch.library.custom_op(
 
 
 @grouped_mm_wgrad.register_fake
-def _(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor) -> Tensor:
+def _(x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None) -> Tensor:
     return x_RD.new_empty(counts_E.shape[0], x_RD.shape[1], dy_RH.shape[1])
 
 
 def _grouped_mm_setup(
     ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor
 ) -> None:
-    x_RD, w_EDH, counts_E = inputs
-    ctx.save_for_backward(x_RD, w_EDH, counts_E)
+    x_RD, w_EDH, counts_E, filled_E = inputs
+    ctx.save_for_backward(x_RD, w_EDH, counts_E, filled_E)
 
 
 def _grouped_mm_backward(
     ctx: torch.autograd.function.FunctionCtx, dy_RH: Tensor
-) -> tuple[Tensor | None, Tensor | None, None]:
-    x_RD, w_EDH, counts_E = ctx.saved_tensors  # type: ignore[attr-defined]
+) -> tuple[Tensor | None, Tensor | None, None, None]:
+    x_RD, w_EDH, counts_E, filled_E = ctx.saved_tensors  # type: ignore[attr-defined]
     needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-    dx_RD = grouped_mm(dy_RH, w_EDH.transpose(1, 2), counts_E) if needs[0] else None
-    dw_EDH = grouped_mm_wgrad(x_RD, dy_RH, counts_E) if needs[1] else None
-    return dx_RD, dw_EDH, None
+    dx_RD = grouped_mm(dy_RH, w_EDH.transpose(1, 2), counts_E, filled_E) if needs[0] else None
+    dw_EDH = grouped_mm_wgrad(x_RD, dy_RH, counts_E, filled_E) if needs[1] else None
+    return dx_RD, dw_EDH, None, None
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)

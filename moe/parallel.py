@@ -76,12 +76,18 @@ class LocalDispatcher:
             None if self.num_local_experts == num_experts else torch.tensor(self.expert_ids)
         )
 
+    def select(self, values_E: Tensor) -> Tensor:
+        """The entries of the held experts, in local order."""
+        if self._subset is None:
+            return values_E
+        return values_E[self._subset.to(values_E.device)]
+
     def dispatch(
         self, x_RD: Tensor, counts_E: Tensor, uniform_counts: bool = False
     ) -> tuple[Tensor, Tensor, None]:
         if self._subset is None:
             return x_RD, counts_E, None
-        counts_L = counts_E[self._subset.to(counts_E.device)]
+        counts_L = self.select(counts_E)
         if int(counts_L.sum()) != x_RD.shape[0]:
             raise ValueError(
                 f"{x_RD.shape[0] - int(counts_L.sum())} rows were routed to experts outside "

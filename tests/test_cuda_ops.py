@@ -42,6 +42,15 @@ SCRIPT = textwrap.dedent(
     for g, w in zip(got, want):
         if w is not None:
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # A padded layout with random (nonzero) padding rows: the adapters zero their
+    # outputs and leave them out of the weight gradient, as the plain-torch op does.
+    counts, filled = torch.tensor([5, 0, 6, 4]), torch.tensor([2, 0, 6, 1])
+    xp, wp, dyp = torch.randn(15, 16), torch.randn(4, 16, 8), torch.randn(15, 8)
+    torch.testing.assert_close(cuda_ops.grouped_mm(xp, wp, counts, filled),
+                               ops.grouped_mm_torch(xp, wp, counts, filled), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cuda_ops.grouped_mm_wgrad(xp, dyp, counts, filled),
+                               ops.grouped_mm_wgrad_torch(xp, dyp, counts, filled),
+                               atol=1e-4, rtol=1e-4)
     print("ok")
     """
 )

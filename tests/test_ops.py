@@ -45,6 +45,44 @@ def test_grouped_mm_matches_loop(dtype: torch.dtype, counts: list[int]) -> None:
     torch.testing.assert_close(w.grad, w_ref.grad, **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("counts", "filled"),
+    [([4, 3, 5, 2], [2, 3, 0, 1]), ([3, 3, 3, 3], [3, 1, 3, 3]), ([3, 3, 3, 3], [3, 3, 3, 3])],
+    ids=["uneven", "padded_uniform", "full_uniform"],
+)
+def test_grouped_mm_filled_rows_match_loop(
+    dtype: torch.dtype, counts: list[int], filled: list[int]
+) -> None:
+    """A padded layout: only the first filled[e] rows of block e are multiplied; padding
+    rows give zero output and add nothing to the weight gradient (their inputs are
+    random here, not zero, so a path that multiplied them would show)."""
+    rows = sum(counts)
+    x = torch.randn(rows, 6, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 6, 5, dtype=dtype, requires_grad=True)
+    y = ops.grouped_mm(x, w, torch.tensor(counts), torch.tensor(filled))
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    outputs, start = [], 0
+    for expert, (count, used) in enumerate(zip(counts, filled)):
+        block = x_ref[start : start + used] @ w_ref[expert]
+        outputs += [block, x_ref.new_zeros(count - used, 5)]
+        start += count
+    y_ref = torch.cat(outputs)
+    torch.testing.assert_close(y, y_ref, **_tolerance(dtype))
+    dy = torch.randn_like(y)  # nonzero on the padding rows too
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, **_tolerance(dtype))
+    torch.testing.assert_close(w.grad, w_ref.grad, **_tolerance(dtype))
+
+
+def test_grouped_mm_rejects_bad_fill() -> None:
+    x, w = torch.randn(5, 3), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"filled_E\[1\]=4"):
+        ops.grouped_mm(x, w, torch.tensor([2, 3]), torch.tensor([1, 4]))
+
+
 def test_grouped_mm_gradcheck() -> None:
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -112,9 +150,12 @@ def test_opcheck_registrations() -> None:
     w = torch.randn(2, 4, 3, requires_grad=True)
     counts = torch.tensor([4, 2])
     torch.library.opcheck(torch.ops.moe.grouped_mm.default, (x, w, counts))
+    filled = torch.tensor([3, 1])
+    torch.library.opcheck(torch.ops.moe.grouped_mm.default, (x, w, counts, filled))
     # The backward ops have no autograd formula of their own (no double backward).
     wgrad_args = (x.detach(), torch.randn(6, 3), counts)
     torch.library.opcheck(torch.ops.moe.grouped_mm_wgrad.default, wgrad_args)
+    torch.library.opcheck(torch.ops.moe.grouped_mm_wgrad.default, (*wgrad_args, filled))
     scatter_args = (torch.randn(3, 4), torch.tensor([0, 2, 2]), 5)
     torch.library.opcheck(torch.ops.moe.scatter_add_rows.default, scatter_args)
     torch.library.opcheck(torch.ops.moe.gather_rows.default, (x, torch.tensor([0, 2, 2])))

@@ -306,9 +306,10 @@ class Int8Experts(Experts):
                 scale_EN.copy_(scale)
         return module
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_RD: Tensor, counts_E: Tensor, filled_E: Tensor | None = None) -> Tensor:
         """x_RD: [R, D] float rows sorted by local expert; counts_E: [E] int64 rows per
-        local expert. Returns y_RD in x's dtype."""
+        local expert. Returns y_RD in x's dtype. Padding rows (`filled_E`, see
+        `Experts.forward`) are multiplied like the others."""
         if x_RD.dim() != 2 or x_RD.shape[1] != self.d_model or not x_RD.is_floating_point():
             raise ValueError(
                 f"Int8Experts input has shape {tuple(x_RD.shape)} and dtype {x_RD.dtype}; "

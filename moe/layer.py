@@ -99,10 +99,14 @@ class MoELayer(nn.Module):
         more FLOPs than the slots need and beats E small matmuls; above it (C=1.25 pads
         25% more rows than there are slots) the compact layout computes only the kept
         rows (bench_layer E=64, 2026-11-25: padded C=1.25 1.71x the dense floor, compact
-        1.34x; docs/BENCHMARKS.md)."""
+        1.34x; docs/BENCHMARKS.md). Never eagerly under EP: the dispatcher exchanges the
+        counts anyway, and the compact layout sends and multiplies only the kept rows
+        (an EP rank does not skip padding rows, see `forward`)."""
         assert plan.capacity is not None
         if torch.compiler.is_compiling():
             return True
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            return False
         num_slots = plan.expert_ids_TK.numel()
         return plan.capacity * self.num_experts <= num_slots
 

@@ -94,12 +94,13 @@ class MoELayer(nn.Module):
     def _pad_to_capacity(self, plan: RoutingPlan) -> bool:
         """Whether a fixed-capacity plan runs its experts on the capacity-padded layout.
 
-        Always under `torch.compile` (static shapes). Eagerly only when the padded rows
-        are at most the routed slots (C <= 1, the demo's BPR): then the one `bmm` does no
-        more FLOPs than the slots need and beats E small matmuls; above it (C=1.25 pads
-        25% more rows than there are slots) the compact layout computes only the kept
-        rows (bench_layer E=64, 2026-11-25: padded C=1.25 1.71x the dense floor, compact
-        1.34x; docs/BENCHMARKS.md). Never eagerly under EP: the dispatcher exchanges the
+        Always under `torch.compile` (static shapes). Eagerly only at EP=1 when the
+        padded rows are at most the routed slots (C <= 1): the layout needs no host sync,
+        the experts multiply only its filled rows (one `bmm` when none was dropped), and
+        gathering the padding costs little. Above it (C=1.25 pads 25% more rows than
+        there are slots) the compact layout moves only the kept rows (bench_layer E=64,
+        2026-11-25, before the experts skipped padding: padded C=1.25 1.71x the dense
+        floor, compact 1.34x; docs/BENCHMARKS.md). Never eagerly under EP: the dispatcher exchanges the
         counts anyway, and the compact layout sends and multiplies only the kept rows
         (an EP rank does not skip padding rows, see `forward`)."""
         assert plan.capacity is not None

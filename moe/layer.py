@@ -100,9 +100,9 @@ class MoELayer(nn.Module):
         gathering the padding costs little. Above it (C=1.25 pads 25% more rows than
         there are slots) the compact layout moves only the kept rows (bench_layer E=64,
         2026-11-25, before the experts skipped padding: padded C=1.25 1.71x the dense
-        floor, compact 1.34x; docs/BENCHMARKS.md). Never eagerly under EP: the dispatcher exchanges the
-        counts anyway, and the compact layout sends and multiplies only the kept rows
-        (an EP rank does not skip padding rows, see `forward`)."""
+        floor, compact 1.34x; docs/BENCHMARKS.md). Never eagerly under EP: the
+        dispatcher exchanges the counts anyway, and the compact layout sends only the
+        kept rows over the network."""
         assert plan.capacity is not None
         if torch.compiler.is_compiling():
             return True
@@ -149,12 +149,11 @@ class MoELayer(nn.Module):
             # The EP all-to-all runs eagerly between compiled graphs (launch.compile):
             # host-side split sizes and gloo collectives have no place in the graph.
             dispatch, combine = torch.compiler.disable(dispatch), torch.compiler.disable(combine)
-        x_local, counts_local, context = dispatch(x_RD, permutation.counts_E, uniform_counts=padded)
-        filled_local = None
-        if permutation.filled_E is not None and isinstance(self.dispatcher, LocalDispatcher):
-            # Padded rows: the experts multiply only the filled ones. (An EP rank would
-            # need every sender's fill counts, one more exchange: it multiplies them all.)
-            filled_local = self.dispatcher.select(permutation.filled_E)
+        # A padded layout: the experts multiply only the filled rows where the dispatcher
+        # can tell them apart (always at EP=1; under EP when the counts are exchanged).
+        x_local, counts_local, filled_local, context = dispatch(
+            x_RD, permutation.counts_E, uniform_counts=padded, filled_E=permutation.filled_E
+        )
         y_local = self.experts(x_local, counts_local, filled_local)
         y_RD = combine(y_local, context)
         y_TD = unpermute(y_RD, permutation, plan.weights_TK)

@@ -42,11 +42,19 @@ class Dispatcher(Protocol):
     expert_ids: tuple[int, ...]
 
     def dispatch(
-        self, x_RD: Tensor, counts_E: Tensor, uniform_counts: bool = False
-    ) -> tuple[Tensor, Tensor, Any]:
-        """-> (rows for the local experts sorted by local expert, counts_L, context).
-        `uniform_counts`: every rank passes the same counts_E (DynaMoE's static padded
-        capacities), so the split sizes are known without exchanging them."""
+        self,
+        x_RD: Tensor,
+        counts_E: Tensor,
+        uniform_counts: bool = False,
+        filled_E: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Any]:
+        """-> (rows for the local experts sorted by local expert, counts_L, filled_L,
+        context). `uniform_counts`: every rank passes the same counts_E (DynaMoE's
+        static padded capacities), so the split sizes are known without exchanging
+        them. `filled_E` (a capacity-padded layout, `moe.dispatch.Permutation`): the
+        first filled_E[e] rows of expert e hold slots; where the dispatcher can say the
+        same of its output, filled_L does (each local expert's filled rows first), else
+        it is None and every row counts."""
         ...
 
     def combine(self, y_RD: Tensor, context: Any) -> Tensor:
@@ -83,10 +91,15 @@ class LocalDispatcher:
         return values_E[self._subset.to(values_E.device)]
 
     def dispatch(
-        self, x_RD: Tensor, counts_E: Tensor, uniform_counts: bool = False
-    ) -> tuple[Tensor, Tensor, None]:
+        self,
+        x_RD: Tensor,
+        counts_E: Tensor,
+        uniform_counts: bool = False,
+        filled_E: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, None]:
+        filled_L = None if filled_E is None else self.select(filled_E)
         if self._subset is None:
-            return x_RD, counts_E, None
+            return x_RD, counts_E, filled_L, None
         counts_L = self.select(counts_E)
         if int(counts_L.sum()) != x_RD.shape[0]:
             raise ValueError(
@@ -94,7 +107,7 @@ class LocalDispatcher:
                 f"this subset {list(self.expert_ids)}; restrict the router to the subset "
                 "(router.restrict)"
             )
-        return x_RD, counts_L, None
+        return x_RD, counts_L, filled_L, None
 
     def combine(self, y_RD: Tensor, context: Any) -> Tensor:
         return y_RD
@@ -102,10 +115,11 @@ class LocalDispatcher:
 
 @dataclass(frozen=True)
 class _EPContext:
-    """What combine needs: the exchange plan and the received counts [source, expert]."""
+    """What combine needs: the exchange plan and the received chunks' rows, [source,
+    expert] (or [source, expert x (filled, padding)])."""
 
     plan: ExchangePlan
-    recv_PL: Tensor
+    recv_chunks_PX: Tensor
 
 
 _DTYPE_CODES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -190,12 +204,21 @@ class ExpertParallelDispatcher:
         return self._hierarchical if algorithm == Algorithm.HIERARCHICAL else self._flat
 
     def dispatch(
-        self, x_RD: Tensor, counts_E: Tensor, uniform_counts: bool = False
-    ) -> tuple[Tensor, Tensor, _EPContext]:
+        self,
+        x_RD: Tensor,
+        counts_E: Tensor,
+        uniform_counts: bool = False,
+        filled_E: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, _EPContext]:
         """x_RD: rows sorted by global expert; counts_E: int64 [E] rows per expert.
-        -> (rows sorted by local expert, counts_L int64, context for combine).
+        -> (rows sorted by local expert, counts_L int64, filled_L, context for combine).
         `uniform_counts`: every rank sends these same counts (DynaMoE's padded capacities),
-        so what arrives from each rank is counts_E of the local experts: no exchange."""
+        so what arrives from each rank is counts_E of the local experts: no exchange.
+        `filled_E`: when the counts are exchanged anyway, the fill counts travel with
+        them, and each local expert's rows are regrouped filled rows first (from every
+        source), then padding, so that the experts can skip the padding (filled_L). With
+        `uniform_counts` they are not exchanged (that would undo the saved exchange):
+        filled_L is None."""
         if counts_E.shape != (self.num_experts,):
             raise ValueError(
                 f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)"
@@ -203,22 +226,37 @@ class ExpertParallelDispatcher:
         all_to_all = self._check_and_choose(x_RD)
         ep_size = self.groups.topology.ep_size
         send_PL = counts_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1)
+        recv_fill_PL_host = None
         if uniform_counts:
             local_L = send_PL[self.groups.ep_rank]
             recv_PL_host = local_L.cpu().expand(ep_size, -1).contiguous()
         else:
+            send_PX = send_PL
+            if filled_E is not None:
+                fill_PL = filled_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1)
+                send_PX = torch.cat([send_PL, fill_PL], dim=1)
             with self.comm_timer.measure(x_RD.device):
-                recv_PL = exchange_counts(send_PL.contiguous(), self.groups.ep)
-            recv_PL_host = recv_PL.cpu()
+                recv_PX = exchange_counts(send_PX.contiguous(), self.groups.ep)
+            recv_PX_host = recv_PX.cpu()
+            recv_PL_host = recv_PX_host[:, : self.num_local_experts]
+            if filled_E is not None:
+                recv_fill_PL_host = recv_PX_host[:, self.num_local_experts :]
         plan = all_to_all.plan(send_PL.sum(1).cpu(), recv_PL_host.sum(1), x_RD.device)
         x_from_sources = plan.forward(x_RD)
-        x_local = transpose_chunks(x_from_sources, recv_PL_host)
         counts_L = recv_PL_host.sum(0).to(counts_E.device)
-        return x_local, counts_L, _EPContext(plan, recv_PL_host)
+        filled_L = None
+        chunks_PX = recv_PL_host
+        if recv_fill_PL_host is not None:
+            # Chunks [source][expert][filled, padding] -> [expert][filled, padding][source].
+            padding_PL = recv_PL_host - recv_fill_PL_host
+            chunks_PX = torch.stack([recv_fill_PL_host, padding_PL], dim=2).flatten(1)
+            filled_L = recv_fill_PL_host.sum(0).to(counts_E.device)
+        x_local = transpose_chunks(x_from_sources, chunks_PX)
+        return x_local, counts_L, filled_L, _EPContext(plan, chunks_PX)
 
     def combine(self, y_RD: Tensor, context: _EPContext) -> Tensor:
         """Local expert outputs (sorted by local expert) -> rows in dispatch's input order."""
-        y_from_sources = transpose_chunks(y_RD, context.recv_PL.t())
+        y_from_sources = transpose_chunks(y_RD, context.recv_chunks_PX.t())
         return context.plan.reverse(y_from_sources)
 
 

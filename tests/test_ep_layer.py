@@ -12,7 +12,9 @@ objective divides by world_size). float64, so the tolerance is tight.
 
 Layouts: 2 ranks (EP=2), 4 ranks as 2 nodes x 2 with EP=4 (flat, hierarchical, auto),
 and 4 ranks with EP=2 (two replicas of every expert, so expert gradients are reduced
-across replicas). Capacity: top-k with fixed capacity (drops), BPR, dropless.
+across replicas). Capacity: top-k with fixed capacity (drops), BPR, dropless, and
+fixed capacity on the capacity-padded layout (what a compiled EP step runs): the fill
+counts travel with the split sizes and the experts skip the padding rows.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CAPACITIES = {
     "fixed": dict(capacity="fixed", capacity_factor=0.75),
     "priority": dict(capacity="priority", capacity_factor=0.5),
     "dropless": dict(capacity="dropless"),
+    "fixed_padded": dict(capacity="fixed", capacity_factor=0.75),
 }
 
 
@@ -95,8 +98,27 @@ def _check_case(
     ep_layer = MoELayer(D, H, E, ref.routing, residual_mlp=residual,
                         dispatcher=dispatcher).double()  # fmt: skip
     _copy_weights(ep_layer, ref)
+    filled_seen: list[torch.Tensor | None] = []
+    if capacity == "fixed_padded":
+        ep_layer._pad_to_capacity = lambda plan: True  # type: ignore[method-assign]
+        experts_forward = ep_layer.experts.forward
+
+        def recording_forward(x_RD, counts_E, filled_E=None):  # type: ignore[no-untyped-def]
+            filled_seen.append(filled_E)
+            return experts_forward(x_RD, counts_E, filled_E)
+
+        ep_layer.experts.forward = recording_forward  # type: ignore[method-assign]
     x = x_global[shard].clone().requires_grad_(True)
     out = ep_layer(x)
+    if capacity == "fixed_padded":
+        (filled_L,) = filled_seen
+        assert filled_L is not None, "the padded EP layout reached the experts without fills"
+        kept = int(ep_layer.route(x.detach()).keep_TK.sum())
+        total_kept = torch.tensor([kept])
+        torch.distributed.all_reduce(total_kept, group=groups.ep)
+        filled_total = torch.tensor([int(filled_L.sum())])
+        torch.distributed.all_reduce(filled_total, group=groups.ep)
+        assert int(filled_total) == int(total_kept), (int(filled_total), int(total_kept))
     loss = (out.y * probe_global[shard]).sum() / T + out.aux_loss
     loss.backward()
     reduce_gradients(ep_layer, groups)
@@ -129,7 +151,7 @@ def test_ep2_equals_ep1_on_two_ranks() -> None:
         (1, 2, "hierarchical", "priority", False)
     ]
     values = values_or_raise(run_distributed(_cases, 2, cases, timeout_s=180))
-    assert values[0] == ["flat", "flat", "flat", "hierarchical"]
+    assert values[0] == ["flat", "flat", "flat", "flat", "hierarchical"]
 
 
 @pytest.mark.slow

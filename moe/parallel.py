@@ -115,11 +115,25 @@ class LocalDispatcher:
 
 @dataclass(frozen=True)
 class _EPContext:
-    """What combine needs: the exchange plan and the received chunks' rows, [source,
-    expert] (or [source, expert x (filled, padding)])."""
+    """What combine needs: the exchange plan and the received chunks' rows [source,
+    expert]. A padded layout with fill counts also keeps where the filled rows sit in
+    the sender's rows (`send_index`, of `send_rows`) and in the local ones
+    (`local_index`)."""
 
     plan: ExchangePlan
-    recv_chunks_PX: Tensor
+    recv_chunks_PL: Tensor
+    send_index: Tensor | None = None
+    local_index: Tensor | None = None
+    send_rows: int = 0
+
+
+def _filled_rows(counts_X: Tensor, filled_X: Tensor) -> Tensor:
+    """Indices of the first filled_X[x] rows of each block of counts_X[x] rows."""
+    start_X = torch.cumsum(counts_X, 0) - counts_X
+    first_X = torch.cumsum(filled_X, 0) - filled_X
+    total = int(filled_X.sum())
+    block_F = torch.repeat_interleave(torch.arange(counts_X.shape[0]), filled_X, output_size=total)
+    return start_X[block_F] + torch.arange(total) - first_X[block_F]
 
 
 _DTYPE_CODES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -215,10 +229,12 @@ class ExpertParallelDispatcher:
         `uniform_counts`: every rank sends these same counts (DynaMoE's padded capacities),
         so what arrives from each rank is counts_E of the local experts: no exchange.
         `filled_E`: when the counts are exchanged anyway, the fill counts travel with
-        them, and each local expert's rows are regrouped filled rows first (from every
-        source), then padding, so that the experts can skip the padding (filled_L). With
-        `uniform_counts` they are not exchanged (that would undo the saved exchange):
-        filled_L is None."""
+        them: only the filled rows cross the network, and each local expert's rows are
+        its filled rows (from every source) followed by zero rows up to counts_L, so the
+        shapes the experts see are the padded ones while the experts and the network
+        handle only the kept rows (filled_L). With `uniform_counts` they are not
+        exchanged (that would undo the saved exchange): the padding is sent and
+        multiplied, and filled_L is None."""
         if counts_E.shape != (self.num_experts,):
             raise ValueError(
                 f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)"
@@ -241,23 +257,38 @@ class ExpertParallelDispatcher:
             recv_PL_host = recv_PX_host[:, : self.num_local_experts]
             if filled_E is not None:
                 recv_fill_PL_host = recv_PX_host[:, self.num_local_experts :]
-        plan = all_to_all.plan(send_PL.sum(1).cpu(), recv_PL_host.sum(1), x_RD.device)
-        x_from_sources = plan.forward(x_RD)
-        counts_L = recv_PL_host.sum(0).to(counts_E.device)
-        filled_L = None
-        chunks_PX = recv_PL_host
-        if recv_fill_PL_host is not None:
-            # Chunks [source][expert][filled, padding] -> [expert][filled, padding][source].
-            padding_PL = recv_PL_host - recv_fill_PL_host
-            chunks_PX = torch.stack([recv_fill_PL_host, padding_PL], dim=2).flatten(1)
-            filled_L = recv_fill_PL_host.sum(0).to(counts_E.device)
-        x_local = transpose_chunks(x_from_sources, chunks_PX)
-        return x_local, counts_L, filled_L, _EPContext(plan, chunks_PX)
+        counts_L = recv_PL_host.sum(0)
+        if recv_fill_PL_host is None:
+            plan = all_to_all.plan(send_PL.sum(1).cpu(), recv_PL_host.sum(1), x_RD.device)
+            x_local = transpose_chunks(plan.forward(x_RD), recv_PL_host)
+            return x_local, counts_L.to(counts_E.device), None, _EPContext(plan, recv_PL_host)
+        # Send the filled rows only; place what arrives first in each local expert's rows.
+        assert filled_E is not None
+        fill_PL = filled_E.cpu().to(torch.int64).view(ep_size, -1)
+        send_index = _filled_rows(send_PL.cpu().reshape(-1), fill_PL.reshape(-1))
+        plan = all_to_all.plan(fill_PL.sum(1), recv_fill_PL_host.sum(1), x_RD.device)
+        x_filled = plan.forward(x_RD.index_select(0, send_index.to(x_RD.device)))
+        x_filled = transpose_chunks(x_filled, recv_fill_PL_host)
+        filled_L = recv_fill_PL_host.sum(0)
+        local_index = _filled_rows(counts_L, filled_L).to(x_RD.device)
+        x_local = x_filled.new_zeros(int(counts_L.sum()), *x_filled.shape[1:])
+        x_local = x_local.index_copy(0, local_index, x_filled)
+        context = _EPContext(
+            plan, recv_fill_PL_host, send_index.to(x_RD.device), local_index, x_RD.shape[0]
+        )
+        return x_local, counts_L.to(counts_E.device), filled_L.to(counts_E.device), context
 
     def combine(self, y_RD: Tensor, context: _EPContext) -> Tensor:
-        """Local expert outputs (sorted by local expert) -> rows in dispatch's input order."""
-        y_from_sources = transpose_chunks(y_RD, context.recv_chunks_PX.t())
-        return context.plan.reverse(y_from_sources)
+        """Local expert outputs (sorted by local expert) -> rows in dispatch's input order
+        (zero rows for the padding of a padded layout with fill counts)."""
+        if context.local_index is not None:
+            y_RD = y_RD.index_select(0, context.local_index)
+        y_from_sources = transpose_chunks(y_RD, context.recv_chunks_PL.t())
+        y_back = context.plan.reverse(y_from_sources)
+        if context.send_index is None:
+            return y_back
+        y_padded = y_back.new_zeros(context.send_rows, *y_back.shape[1:])
+        return y_padded.index_copy(0, context.send_index, y_back)
 
 
 def _all_reduce_mean(grads: list[Tensor], group: dist.ProcessGroup, divisor: int) -> None:

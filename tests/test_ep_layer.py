@@ -14,7 +14,8 @@ Layouts: 2 ranks (EP=2), 4 ranks as 2 nodes x 2 with EP=4 (flat, hierarchical, a
 and 4 ranks with EP=2 (two replicas of every expert, so expert gradients are reduced
 across replicas). Capacity: top-k with fixed capacity (drops), BPR, dropless, and
 fixed capacity on the capacity-padded layout (what a compiled EP step runs): the fill
-counts travel with the split sizes and the experts skip the padding rows.
+counts travel with the split sizes, only the filled rows cross the network, and the
+experts skip the padding rows.
 """
 
 from __future__ import annotations

@@ -249,8 +249,8 @@ class ExpertParallelDispatcher:
         else:
             send_PX = send_PL
             if filled_E is not None:
-                fill_PL = filled_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1)
-                send_PX = torch.cat([send_PL, fill_PL], dim=1)
+                fill_send_PL = filled_E.to(device=x_RD.device, dtype=torch.int64)
+                send_PX = torch.cat([send_PL, fill_send_PL.view(ep_size, -1)], dim=1)
             with self.comm_timer.measure(x_RD.device):
                 recv_PX = exchange_counts(send_PX.contiguous(), self.groups.ep)
             recv_PX_host = recv_PX.cpu()

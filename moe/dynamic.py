@@ -101,8 +101,10 @@ class DynamicRouting:
         controller = self.controller
         if num_tokens == controller.reference_tokens:
             # Read only `capacity_E` (data) and the int P: a compiled step guards on P.
+            # A copy: the controller updates its tensor in place after the step, and a
+            # plan kept past it must still hold the capacities it was routed with.
             rows = controller.padded_rows
-            plan = apply_expert_capacities(plan, controller.capacity_E, rows)
+            plan = apply_expert_capacities(plan, controller.capacity_E.clone(), rows)
         else:  # another T (an evaluation batch): the accepted statistic, eagerly
             plan = apply_expert_capacities(plan, controller.capacities(num_tokens))
             assert plan.padded_rows is not None

@@ -17,7 +17,13 @@ import torch
 from distributed_utils import run_distributed, values_or_raise
 
 from moe.assignment_cache import AssignmentCache
-from moe.dynamic import bucket_key, dynamic_scalars, end_dynamic_step, set_sample_ids
+from moe.dynamic import (
+    bucket_key,
+    dynamic_scalars,
+    end_dynamic_step,
+    set_sample_ids,
+    start_dynamic,
+)
 from moe.layer import MoELayer
 from routing import DynamicCapacityController, RoutingConfig, apply_capacity
 from routing.routers import TopKRouter
@@ -298,6 +304,25 @@ def test_dynamic_layer_output_matches_the_oracle() -> None:
     out = layer(x).y
     torch.testing.assert_close(out, _oracle_output(layer, x, capacity), atol=1e-10, rtol=1e-9)
     assert float(layer.last_stats.dropped_fraction) > 0  # type: ignore[union-attr]
+
+
+def test_a_plan_keeps_its_capacities_after_the_controller_moves() -> None:
+    """The controller updates its capacity tensor in place after a step; a plan routed
+    before must still hold the capacities it was routed with."""
+    torch.manual_seed(3)
+    layer = MoELayer(D, H, 4, _config(top_k=1)).double().train()
+    start_dynamic(_Model(layer), 16)
+    with torch.no_grad():  # every token prefers expert 0: the next step moves slots to it
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0].fill_(1.0)
+    x = torch.rand(16, D, dtype=torch.float64) + 0.5
+    plan = layer.route(x)
+    assert plan.capacity_E is not None
+    routed_with = plan.capacity_E.tolist()
+    end_dynamic_step(_Model(layer))
+    controller = layer.dynamic.controller  # type: ignore[union-attr]
+    assert controller.capacity_E.tolist() != routed_with, "the load change moved no slots"
+    assert plan.capacity_E.tolist() == routed_with
 
 
 def test_padding_changes_nothing_when_nothing_is_dropped() -> None:

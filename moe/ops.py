@@ -16,10 +16,10 @@
   on CPU one fused `embedding_bag`). Rows of no slot (capacity padding) are never read
   and get zero gradient.
 
-When every expert has the same row count (a capacity-padded layout,
-`moe.dispatch.capacity_padded_permutation`, or a balanced load) the grouped matmul and
-its weight gradient are one `torch.bmm` over [E, rows, D] on CPU. Otherwise, CPU (and
-any device without a kernel): plain torch, `torch.mm` over the row blocks.
+When every expert has the same row count, all of them filled (a capacity-padded layout
+with no padding left, or a balanced load), the grouped matmul and its weight gradient
+are one `torch.bmm` over [E, rows, D] on CPU. Otherwise, CPU (and any device without a
+kernel): plain torch, `torch.mm` over the (filled) row blocks.
 With N > 1 intra-op threads the blocks are shared out to N worker threads that each run
 single-threaded `torch.mm`s (one parallel region per call instead of one per block: at
 E=64 that removes 64 OpenMP fork/joins per matmul; see `_BlockRunner`). CUDA: the

@@ -94,12 +94,39 @@ class Router(nn.Module):
         return None
 
 
+# Up to this k, `topk_lowest_id` takes k argmax passes instead of a full sort.
+ARGMAX_MAX_K = 4
+
+
 def topk_lowest_id(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k highest scores along the last dim, highest first; among
-    equal scores the lowest expert id comes first (a stable descending sort), so that the
-    choice is the same on every device and torch version. Differentiable in the values."""
-    values_TE, ids_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-    return values_TE[..., :k], ids_TE[..., :k]
+    equal scores the lowest expert id comes first (the order of a stable descending sort,
+    NaN highest), so that the choice is the same on every device and torch version.
+    Differentiable in the values.
+
+    For k <= `ARGMAX_MAX_K`: k passes of `argmax` (which returns the first maximal index),
+    each masking its pick to -inf, instead of sorting all E scores per token (at E=64,
+    8192 tokens, K=2 on 2 CPU threads: 11.5 -> about 4 ms). Where the remaining maximum
+    is -inf (every unpicked score is -inf: a restricted or dropped-out expert set), the
+    pick is the lowest unpicked id, as the sort would give."""
+    num_experts = scores_TE.shape[-1]
+    if not 0 <= k <= num_experts:
+        raise ValueError(f"top_k={k}: expected 0 <= top_k <= {num_experts} experts")
+    if not 0 < k <= ARGMAX_MAX_K or scores_TE.numel() == 0:
+        values_TE, ids_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+        return values_TE[..., :k], ids_TE[..., :k]
+    key_TE = scores_TE.detach().clone()
+    unpicked_TE = torch.ones_like(key_TE, dtype=torch.uint8)
+    picks = []
+    for _ in range(k):
+        best_T1 = key_TE.argmax(dim=-1, keepdim=True)
+        exhausted_T1 = key_TE.gather(-1, best_T1) == float("-inf")
+        best_T1 = torch.where(exhausted_T1, unpicked_TE.argmax(dim=-1, keepdim=True), best_T1)
+        key_TE.scatter_(-1, best_T1, float("-inf"))
+        unpicked_TE.scatter_(-1, best_T1, 0)
+        picks.append(best_T1)
+    ids_TK = torch.cat(picks, dim=-1)
+    return scores_TE.gather(-1, ids_TK), ids_TK
 
 
 def softmax_topk_plan(logits_TE: Tensor, config: RoutingConfig) -> RoutingPlan:

@@ -20,7 +20,7 @@ from routing import (
     priority_order,
 )
 from routing.config import PriorityKind
-from routing.routers import softmax_topk_plan
+from routing.routers import softmax_topk_plan, topk_lowest_id
 
 # Four tokens, two experts, two choices each; capacity 2 (C=0.5: 0.5*2*4/2 = 2).
 IDS_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
@@ -242,3 +242,44 @@ def test_ties_choose_lowest_expert_ids(top_k: int) -> None:
     logits = torch.log(torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.3, 0.1, 0.3, 0.3]]))
     plan = softmax_topk_plan(logits, RoutingConfig(top_k=2))
     assert plan.expert_ids_TK.tolist() == [[1, 2], [0, 2]]
+
+
+def _topk_by_loops(scores: list[float], k: int) -> list[int]:
+    """The k best ids by hand: NaN above everything, then higher score, then lower id."""
+
+    def rank(expert: int) -> tuple[int, float, int]:
+        value = scores[expert]
+        return (0, 0.0, expert) if math.isnan(value) else (1, -value, expert)
+
+    return sorted(range(len(scores)), key=rank)[:k]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_lowest_id_matches_loops_with_ties_inf_and_nan(seed: int) -> None:
+    """Both paths (argmax passes for small k, the sort above `ARGMAX_MAX_K`) on scores
+    full of ties, -inf (whole rows of it: a restricted expert set) and NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(60):
+        num_tokens = int(torch.randint(1, 5, (1,), generator=gen))
+        num_experts = int(torch.randint(1, 9, (1,), generator=gen))
+        k = int(torch.randint(0, num_experts + 1, (1,), generator=gen))
+        scores = torch.randint(-2, 3, (num_tokens, num_experts), generator=gen).double()
+        draw = torch.rand(num_tokens, num_experts, generator=gen)
+        scores[draw < 0.3] = float("-inf")
+        scores[draw > 0.93] = float("nan")
+        scores.requires_grad_()
+        values, ids = topk_lowest_id(scores, k)
+        expected = [_topk_by_loops(row, k) for row in scores.tolist()]
+        assert ids.tolist() == expected, (scores, k)
+        picked = [[scores[t, e].item() for e in row] for t, row in enumerate(expected)]
+        assert torch.allclose(
+            values.detach(), torch.tensor(picked).double().view(values.shape), equal_nan=True
+        )
+    # The values carry the gradient to the picked scores only.
+    scores = torch.tensor([[0.1, 0.7, 0.2, 0.7]], requires_grad=True)
+    values, ids = topk_lowest_id(scores, 2)
+    assert ids.tolist() == [[1, 3]]
+    values.sum().backward()
+    assert scores.grad is not None and scores.grad.tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    with pytest.raises(ValueError, match="top_k=5"):
+        topk_lowest_id(scores, 5)

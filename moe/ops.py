@@ -35,6 +35,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,25 +43,46 @@ from torch import Tensor, nn
 Block = tuple[int, int, int]  # (expert, start row, stop row)
 
 
-def _row_blocks(counts_E: Tensor, filled_E: Tensor | None = None) -> list[Block]:
-    """(expert, start, stop) of each non-empty row block; with `filled_E` only the first
-    filled_E[e] rows of block e."""
-    filled = counts_E.tolist() if filled_E is None else filled_E.tolist()
+class _Layout(NamedTuple):
+    """The host-side view of a grouped matmul's rows, from one read of the counts."""
+
+    counts: list[int]  # rows of each expert's block
+    filled: list[int] | None  # filled rows of each block (None: all of them)
+    blocks: list[Block]  # (expert, start, stop) of the filled rows of each non-empty block
+    uniform: int | None  # rows per block when every block is full and equal (E > 1)
+
+
+def _layout(counts_E: Tensor, num_rows: int, filled_E: Tensor | None = None) -> _Layout:
+    """Checks the counts (they sum to the rows; 0 <= filled <= count) and builds the row
+    blocks in one pass over host lists: a grouped matmul runs per layer and step, and
+    each tensor op here would be one more dispatch."""
+    counts = counts_E.tolist()
+    filled = None if filled_E is None else filled_E.tolist()
     blocks = []
     start = 0
-    for expert, (count, used) in enumerate(zip(counts_E.tolist(), filled, strict=True)):
+    for expert, (count, used) in enumerate(zip(counts, filled or counts, strict=True)):
         if not 0 <= used <= count:
             raise ValueError(f"filled_E[{expert}]={used}: expected 0 <= filled <= {count}")
         if used:
             blocks.append((expert, start, start + used))
         start += count
-    return blocks
+    assert start == num_rows, f"counts_E sums to {start}, not to the {num_rows} rows"
+    if filled == counts:
+        filled = None  # no padding left
+    # One bmm over [E, rows, D] when every block is full and of one size (a
+    # capacity-padded layout with no padding left, or a balanced load): one parallel
+    # region and one call instead of E (at the demo's E=8, 1024 rows, D=H=128 the
+    # per-block calls cost more than their FLOPs).
+    uniform = None
+    if len(counts) > 1 and num_rows and filled is None and counts.count(counts[0]) == len(counts):
+        uniform = counts[0]
+    return _Layout(counts, filled, blocks, uniform)
 
 
-def _zero_padding(y_RH: Tensor, counts_E: Tensor, filled_E: Tensor) -> None:
-    """Zero rows [start + filled, start + count) of every block."""
+def _zero_padding(y_RH: Tensor, counts: list[int], filled: list[int]) -> None:
+    """Zero the rows past each block's fill."""
     start = 0
-    for count, used in zip(counts_E.tolist(), filled_E.tolist(), strict=True):
+    for count, used in zip(counts, filled, strict=True):
         if used < count:
             y_RH[start + used : start + count].zero_()
         start += count
@@ -142,47 +164,24 @@ class _BlockRunner:
 _block_runner = _BlockRunner()
 
 
-def _uniform_rows(counts_E: Tensor, num_rows: int, filled_E: Tensor | None = None) -> int | None:
-    """The common row count when every expert has the same number of rows (a
-    capacity-padded layout or a balanced load), all of them filled, and E > 1, else None.
-
-    Then the grouped matmul is one `torch.bmm` over [E, rows, D]: one parallel region
-    and one call instead of E (at the demo's E=8, 1024 rows, D=H=128 the per-block
-    calls cost more than their FLOPs)."""
-    num_experts = counts_E.shape[0]
-    if num_experts < 2 or num_rows % num_experts or num_rows == 0:
-        return None
-    rows = num_rows // num_experts
-    uniform = counts_E == rows
-    if filled_E is not None:
-        uniform &= filled_E == rows
-    return rows if bool(uniform.all()) else None
-
-
-def _check_counts(counts_E: Tensor, num_rows: int) -> None:
-    total = int(counts_E.sum())
-    assert total == num_rows, f"counts_E sums to {total}, not to the {num_rows} rows"
-
-
 def grouped_mm_torch(
     x_RD: Tensor, w_EDH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None
 ) -> Tensor:
     """y_RH[rows of e] = x_RD[rows of e] @ w_EDH[e]; rows sorted by expert; padding rows
     (past filled_E[e] in block e) are zero."""
-    rows = _uniform_rows(counts_E, x_RD.shape[0], filled_E)
-    if rows is not None:  # balanced or capacity-padded and full: one batched matmul
-        return torch.bmm(x_RD.view(counts_E.shape[0], rows, -1), w_EDH).view(x_RD.shape[0], -1)
-    _check_counts(counts_E, x_RD.shape[0])
+    layout = _layout(counts_E, x_RD.shape[0], filled_E)
+    if layout.uniform is not None:  # balanced or capacity-padded and full: one bmm
+        x_ECD = x_RD.view(counts_E.shape[0], layout.uniform, -1)
+        return torch.bmm(x_ECD, w_EDH).view(x_RD.shape[0], -1)
     y_RH = x_RD.new_empty(x_RD.shape[0], w_EDH.shape[2])
-    blocks = _row_blocks(counts_E, filled_E)
-    if filled_E is not None:
-        _zero_padding(y_RH, counts_E, filled_E)
+    if layout.filled is not None:
+        _zero_padding(y_RH, layout.counts, layout.filled)
 
     def work(block: Block) -> None:
         expert, start, stop = block
         torch.mm(x_RD[start:stop], w_EDH[expert], out=y_RH[start:stop])
 
-    _block_runner.run(blocks, work, x_RD.device)
+    _block_runner.run(layout.blocks, work, x_RD.device)
     return y_RH
 
 
@@ -199,17 +198,15 @@ def grouped_mm_wgrad_torch(
 ) -> Tensor:
     """dw_EDH[e] = x_RD[rows of e]^T @ dy_RH[rows of e] over the filled rows; zero for
     experts without any."""
-    rows = _uniform_rows(counts_E, x_RD.shape[0], filled_E)
-    if rows is not None:
-        num_experts = counts_E.shape[0]
+    layout = _layout(counts_E, x_RD.shape[0], filled_E)
+    if layout.uniform is not None:
+        num_experts, rows = counts_E.shape[0], layout.uniform
         x_EDC = x_RD.view(num_experts, rows, -1).transpose(1, 2)
         return torch.bmm(x_EDC, dy_RH.view(num_experts, rows, -1))
     # Every expert with rows is written whole by its mm: zero only the idle ones (a zero
     # fill of the full [E, D, H] gradient costs as much memory traffic as a weight read).
-    _check_counts(counts_E, x_RD.shape[0])
     dw_EDH = x_RD.new_empty(counts_E.shape[0], x_RD.shape[1], dy_RH.shape[1])
-    blocks = _row_blocks(counts_E, filled_E)
-    written = {expert for expert, _, _ in blocks}
+    written = {expert for expert, _, _ in layout.blocks}
     for expert in range(counts_E.shape[0]):
         if expert not in written:
             dw_EDH[expert].zero_()
@@ -218,7 +215,7 @@ def grouped_mm_wgrad_torch(
         expert, start, stop = block
         torch.mm(x_RD[start:stop].t(), dy_RH[start:stop], out=dw_EDH[expert])
 
-    _block_runner.run(blocks, work, x_RD.device)
+    _block_runner.run(layout.blocks, work, x_RD.device)
     return dw_EDH
 
 

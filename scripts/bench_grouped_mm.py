@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moe.ops import _row_blocks, grouped_mm_torch
+from moe.ops import _layout, grouped_mm_torch
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
 
     def loop() -> torch.Tensor:
         y = x.new_empty(R, H)
-        for expert, start, stop in _row_blocks(counts):
+        for expert, start, stop in _layout(counts, R).blocks:
             torch.mm(x[start:stop], w[expert], out=y[start:stop])
         return y
 

@@ -4,16 +4,23 @@ one process, interleaved; and (`--ep`) whole training runs at EP=1 against EP=2.
 Step mode (default): `experiment=demo comm=local`, `model=small` (MoE) and `model=dense`
 (its dense twin at equal active parameters), each eager and compiled
 (`launch.compile.CompiledStep`, inductor). One step = forward, loss, backward, gradient
-clipping, AdamW, on one fixed KJV batch of the demo's size (32 x 128 bytes). Each
-variant is compiled and warmed up first; then `--rounds` rounds each run every variant
+clipping, AdamW, on the next KJV training batch of the demo's size (32 x 128 bytes; the
+sampling is not timed). Each variant is compiled and warmed up first, then trained for
+`--pretrain-steps` steps, so that its routing is that of a model in training: a fresh
+MoE's router sends most slots to a few experts, and at the demo's fixed capacity C=1.25
+the eager step then drops about 45% of them and does that much less expert work (the
+figures before 2026-11-26 were measured so, on one repeated batch). Then `--rounds` rounds each run every variant
 for `--steps` steps (the first variant rotates from round to round) and record the
 median step time of the round; the figure is the median over rounds. Tokens/s =
 batch tokens / step time.
 
-EP mode (`--ep`): `launch.train experiment=demo` runs of `--train-steps` steps, EP=1
-(`comm=local`, one process with 2 threads) and EP=2 (`comm=ep2`, `torchrun
---nproc-per-node 2`, 1 thread each), alternated `--repeats` times, eager or compiled
-(`--compile`); tokens/s is read from each run's metrics.jsonl (windows after the first).
+Run modes: `launch.train experiment=demo` runs of `--train-steps` steps, alternated
+`--repeats` times, eager or compiled (`--compile`); tokens/s is read from each run's
+metrics.jsonl (windows after the first). `--ep`: EP=1 (`comm=local`, one process with 2
+threads) against EP=2 (`comm=ep2`, `torchrun --nproc-per-node 2`, 1 thread each).
+`--dense`: the MoE (`model=small`) against its dense twin (`model=dense`) at EP=1, the
+issue's "training tokens/s" comparison; unlike step mode, the routing is the one
+training reaches, not that of a fresh model repeating one batch.
 
 `--profile`: torch.profiler table (by op, self CPU time) of a few eager MoE and dense
 steps. Results go to `--json` (docs/results/train_step_*.json).
@@ -32,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,24 +80,22 @@ def make_step(
     optimizer = build_optimizer(model, config.train)
     split = split_parameters(model)
     dataset = build_dataset(config.data)
-    batch = dataset.sampler(
-        config.train.batch_size, 0, 0, 1, config.data.balance_tasks
-    ).next_batch()
-    inputs, targets = batch.tokens_BT[:, :-1], batch.tokens_BT[:, 1:]
-    tasks = batch.task_ids_B
+    sampler = dataset.sampler(config.train.batch_size, 0, 0, 1, config.data.balance_tasks)
     step_model = CompiledStep(model) if compiled else None
     call = step_model or model
 
     def step() -> float:
+        batch = sampler.next_batch()  # outside the timing; every variant sees the same
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = lm_loss(call(inputs, tasks), targets).loss
+        loss = lm_loss(call(batch.tokens_BT[:, :-1], batch.task_ids_B), batch.tokens_BT[:, 1:]).loss
         loss.backward()
         clip_gradients(split, config.train.grad_clip, global_grad_norm(split, None, 1))
         optimizer.step()
         return time.perf_counter() - started
 
-    return step, int(inputs.numel()), step_model
+    tokens = config.train.batch_size * config.data.seq_len
+    return step, tokens, step_model
 
 
 def bench_steps(args: argparse.Namespace) -> dict:
@@ -102,6 +108,8 @@ def bench_steps(args: argparse.Namespace) -> dict:
             for _ in range(args.warmup):
                 step()
             warm_s = time.perf_counter() - started
+            for _ in tqdm(range(args.pretrain_steps), desc=f"pre-train {name}", leave=False):
+                step()
             variants[name] = (step, tokens, step_model, warm_s)
             print(f"# {name}: warm-up {args.warmup} steps {warm_s:.1f} s", flush=True)
     names = list(variants)
@@ -159,28 +167,40 @@ def profile(args: argparse.Namespace) -> dict:
     return {"profile": tables}
 
 
-def bench_ep(args: argparse.Namespace) -> dict:
+def bench_runs(args: argparse.Namespace) -> dict:
+    """Whole training runs, alternated: EP=1 against EP=2 (`--ep`) or the MoE against
+    its dense twin at EP=1 (`--dense`); tokens/s from every metrics window after the
+    first (compilation and warm-up)."""
     window = max(args.train_steps // 4, 1)
     overrides = [f"train.steps={args.train_steps}", f"train.eval_every={window}"]
     if args.compile:
         overrides.append("train.compile=true")
-    windows: dict[str, list[float]] = {"ep1": [], "ep2": []}
+    # name -> (EP, extra overrides)
+    if args.ep:
+        runs = {"ep1": (1, []), "ep2": (2, [])}
+    else:
+        runs = {"moe": (1, ["model=small"]), "dense": (1, ["model=dense"])}
+    windows: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            order = ("ep1", "ep2") if repeat % 2 == 0 else ("ep2", "ep1")
+            order = list(runs) if repeat % 2 == 0 else list(runs)[::-1]
             for name in order:
+                ep, extra = runs[name]
                 records = run_demo_training(
-                    int(name[-1]), overrides, Path(tmp) / f"{name}-{repeat}"
+                    ep, [*overrides, *extra], Path(tmp) / f"{name}-{repeat}"
                 )
                 got = [r["tokens_per_s"] for r in records[1:]]  # the first window: warm-up
                 windows[name] += got
                 print(f"# repeat {repeat} {name}: {[round(w) for w in got]} tokens/s", flush=True)
     medians = {name: statistics.median(values) for name, values in windows.items()}
+    first, second = list(runs)
+    ratio = f"{second}_over_{first}" if args.ep else f"{first}_over_{second}"
     return {
         "compile": args.compile,
+        "train_steps": args.train_steps,
         "windows_tokens_per_s": windows,
         "median_tokens_per_s": medians,
-        "ep2_over_ep1": medians["ep2"] / medians["ep1"],
+        ratio: medians["ep2"] / medians["ep1"] if args.ep else medians["moe"] / medians["dense"],
     }
 
 
@@ -189,9 +209,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=100,
+        help="step mode: training steps before timing (routing as in training)",
+    )  # fmt: skip
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--ep", action="store_true", help="EP=2 against EP=1 training runs")
-    parser.add_argument("--compile", action="store_true", help="with --ep: train.compile=true")
+    parser.add_argument(
+        "--dense", action="store_true", help="MoE against dense twin training runs at EP=1"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="with --ep/--dense: train.compile=true"
+    )
     parser.add_argument("--train-steps", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -200,15 +229,18 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     args = parser.parse_args()
-    if not args.ep:
+    if args.ep and args.dense:
+        parser.error("--ep and --dense are two different comparisons: pick one")
+    runs_mode = args.ep or args.dense
+    if not runs_mode:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    # As launch.trainer does with train.reuse_heap=true (EP mode runs launch.train itself).
-    heap_reused = not args.ep and args.allocator == "reuse" and reuse_heap()
+    # As launch.trainer does with train.reuse_heap=true (the run modes run launch.train).
+    heap_reused = not runs_mode and args.allocator == "reuse" and reuse_heap()
     started = time.time()
     if args.profile:
         result = profile(args)
-    elif args.ep:
-        result = bench_ep(args)
+    elif runs_mode:
+        result = bench_runs(args)
     else:
         result = bench_steps(args)
     record = {

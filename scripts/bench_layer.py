@@ -29,6 +29,7 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench_utils import free_port, interleaved_times, median_ms, peak_rss_above_baseline_mb
+from _bench_utils import free_port, interleaved_times, peak_rss_above_baseline_mb
 
 from launch.allocator import reuse_heap
 from moe.experts import DenseMLP
@@ -157,8 +158,8 @@ def build_runner(implementation: str, cfg: BenchConfig) -> Runner:
 
 def time_config(
     cfg: BenchConfig, implementations: list[str], repeats: int, progress: Callable[[], None] | None
-) -> dict[str, float]:
-    """Median ms of forward + backward for each implementation, interleaved."""
+) -> dict[str, list[float]]:
+    """ms of forward + backward of each implementation in every round, interleaved."""
     runners = {name: build_runner(name, cfg) for name in implementations}
     times = interleaved_times(
         {name: runner.step for name, runner in runners.items()},
@@ -167,7 +168,13 @@ def time_config(
         before_each={name: runner.zero_grad for name, runner in runners.items()},
         on_round=progress,
     )
-    return {name: median_ms(seconds) for name, seconds in times.items()}
+    return {name: [s * 1e3 for s in seconds] for name, seconds in times.items()}
+
+
+def round_ratio_median(numerator_ms: list[float], denominator_ms: list[float]) -> float:
+    """The median over rounds of the ratio within each round: the two ran back to back,
+    so a slow spell of a shared machine hits both (steadier than a ratio of medians)."""
+    return statistics.median(n / d for n, d in zip(numerator_ms, denominator_ms, strict=True))
 
 
 def peak_memory_here(implementation: str, cfg: BenchConfig) -> float:
@@ -283,10 +290,14 @@ def main(argv: list[str] | None = None) -> None:
         progress_bar = tqdm(total=len(configs) * repeats, desc="timing rounds", file=sys.stderr)
     rows = []
     for cfg in configs:
-        medians = time_config(
+        rounds = time_config(
             cfg, list(IMPLEMENTATIONS), repeats, progress_bar.update if progress_bar else None
         )
-        row = asdict(cfg) | {f"{name}_ms": medians[name] for name in IMPLEMENTATIONS}
+        row = asdict(cfg) | {
+            f"{name}_ms": statistics.median(rounds[name]) for name in IMPLEMENTATIONS
+        }
+        row["moe_over_dense_round_median"] = round_ratio_median(rounds["moe"], rounds["dense"])
+        row["round_ms"] = rounds
         for name in ("moe", "dense", "deepspeed"):
             row[f"{name}_peak_mb"] = (
                 float("nan")
@@ -301,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         f"allocator: {'heap reuse' if heap_reused else 'glibc default'}"
     )
     print(format_table(rows))
+    for row in rows:
+        print(
+            f"{row['name']}: moe/dense per round, median {row['moe_over_dense_round_median']:.2f}"
+        )
     if args.json:
         meta = {
             "threads": args.threads,

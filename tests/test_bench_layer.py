@@ -28,6 +28,8 @@ CONFIG_KEYS = {
     "moe_peak_mb": float,
     "dense_peak_mb": float,
     "deepspeed_peak_mb": float,
+    "moe_over_dense_round_median": float,
+    "round_ms": dict,
 }
 
 
@@ -57,6 +59,8 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
             assert math.isfinite(config[key]) and config[key] > 0, (key, config[key])
         for key in ("moe_peak_mb", "dense_peak_mb", "deepspeed_peak_mb"):
             assert math.isfinite(config[key]) and config[key] >= 0, (key, config[key])
+        assert set(config["round_ms"]) == {"moe", "moe_capacity", "dense", "deepspeed"}
+        assert all(len(times) == 2 for times in config["round_ms"].values())
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

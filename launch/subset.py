@@ -25,13 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from launch.cli import exits_on_bad_input
 from launch.generate import Quantization
 from launch.schema import build, hydra_schema
-from moe.inference.subset import (
-    DEFAULT_MAX_WINDOWS,
-    DEFAULT_SEED,
-    SubsetResult,
-    weight_bytes,
-    write_subset,
-)
+from moe.inference.subset import SubsetResult, weight_bytes, write_subset
+from moe.inference.task_usage import DEFAULT_MAX_WINDOWS, DEFAULT_SEED
 from routing.config import parse_enum
 
 CONFIG_PATH = "../conf"

@@ -60,7 +60,7 @@ from launch.evaluation import evaluate
 from moe.data import ByteDataset, DataConfig, build_dataset
 from moe.distill import student_config
 from moe.inference import load_model
-from moe.inference.subset import dropless_routing
+from moe.inference.task_usage import dropless_routing
 from moe.transformer import MoETransformer, bits_per_byte
 
 ROOT = Path(__file__).resolve().parents[1]

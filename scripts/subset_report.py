@@ -44,7 +44,8 @@ from torch import nn
 
 from moe.data import ByteDataset, DataConfig, build_corpus
 from moe.inference import load_model, resolve_checkpoint
-from moe.inference.subset import dropless_routing, weight_bytes, write_subset
+from moe.inference.subset import weight_bytes, write_subset
+from moe.inference.task_usage import dropless_routing
 from moe.transformer import MoETransformer, bits_per_byte
 
 

@@ -21,13 +21,13 @@ from moe.checkpoint import read_meta, save_checkpoint
 from moe.config import ModelConfig
 from moe.data import DataConfig, build_corpus
 from moe.inference import load_model
-from moe.inference.subset import (
+from moe.inference.subset import write_subset
+from moe.inference.task_usage import (
     dropless_routing,
     experts_for_coverage,
     measure_task_usage,
     task_experts_task_routing,
     task_training_windows,
-    write_subset,
 )
 from moe.transformer import MoETransformer
 from routing import RoutingConfig

@@ -9,8 +9,8 @@ sampling is not timed). Each variant is compiled and warmed up first, then train
 `--pretrain-steps` steps, so that its routing is that of a model in training: a fresh
 MoE's router sends most slots to a few experts, and at the demo's fixed capacity C=1.25
 the eager step then drops about 45% of them and does that much less expert work (the
-figures before 2026-11-26 were measured so, on one repeated batch). Then `--rounds` rounds each run every variant
-for `--steps` steps (the first variant rotates from round to round) and record the
+figures in docs/BENCHMARKS.md up to 2026-11-26 06:20 UTC were measured so, on one
+repeated batch). Then `--rounds` rounds each run every variant for `--steps` steps (the first variant rotates from round to round) and record the
 median step time of the round; the figure is the median over rounds. Tokens/s =
 batch tokens / step time.
 

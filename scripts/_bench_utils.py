@@ -64,6 +64,12 @@ def median_ms(seconds: Sequence[float]) -> float:
     return 1000.0 * statistics.median(seconds)
 
 
+def round_ratio_median(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """The median over rounds of the ratio within each round: the two ran back to back,
+    so a slow spell of a shared machine hits both (steadier than a ratio of medians)."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)

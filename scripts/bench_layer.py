@@ -45,7 +45,12 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench_utils import free_port, interleaved_times, peak_rss_above_baseline_mb
+from _bench_utils import (
+    free_port,
+    interleaved_times,
+    peak_rss_above_baseline_mb,
+    round_ratio_median,
+)
 
 from launch.allocator import reuse_heap
 from moe.experts import DenseMLP
@@ -169,12 +174,6 @@ def time_config(
         on_round=progress,
     )
     return {name: [s * 1e3 for s in seconds] for name, seconds in times.items()}
-
-
-def round_ratio_median(numerator_ms: list[float], denominator_ms: list[float]) -> float:
-    """The median over rounds of the ratio within each round: the two ran back to back,
-    so a slow spell of a shared machine hits both (steadier than a ratio of medians)."""
-    return statistics.median(n / d for n, d in zip(numerator_ms, denominator_ms, strict=True))
 
 
 def peak_memory_here(implementation: str, cfg: BenchConfig) -> float:

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from _bench_utils import run_demo_training  # noqa: E402
+from _bench_utils import round_ratio_median, run_demo_training  # noqa: E402
 
 from launch.allocator import reuse_heap  # noqa: E402
 from launch.compile import CompiledStep  # noqa: E402
@@ -139,9 +139,7 @@ def bench_steps(args: argparse.Namespace) -> dict:
             result[f"moe_{mode}"]["tokens_per_s"] / result[f"dense_{mode}"]["tokens_per_s"]
         )
         # Per round (the two ran back to back), and fastest against fastest.
-        result[f"moe_over_dense_{mode}_round_median"] = statistics.median(
-            d / m for m, d in zip(moe, dense)
-        )
+        result[f"moe_over_dense_{mode}_round_median"] = round_ratio_median(dense, moe)
         result[f"moe_over_dense_{mode}_fastest"] = min(dense) / min(moe)
     result["compiled_over_eager_moe"] = (
         result["moe_compiled"]["tokens_per_s"] / result["moe_eager"]["tokens_per_s"]
@@ -175,11 +173,13 @@ def bench_runs(args: argparse.Namespace) -> dict:
     overrides = [f"train.steps={args.train_steps}", f"train.eval_every={window}"]
     if args.compile:
         overrides.append("train.compile=true")
-    # name -> (EP, extra overrides)
+    # name -> (EP, extra overrides); the figure is numerator / denominator tokens/s.
     if args.ep:
         runs = {"ep1": (1, []), "ep2": (2, [])}
+        numerator, denominator = "ep2", "ep1"
     else:
         runs = {"moe": (1, ["model=small"]), "dense": (1, ["model=dense"])}
+        numerator, denominator = "moe", "dense"
     windows: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
@@ -193,14 +193,12 @@ def bench_runs(args: argparse.Namespace) -> dict:
                 windows[name] += got
                 print(f"# repeat {repeat} {name}: {[round(w) for w in got]} tokens/s", flush=True)
     medians = {name: statistics.median(values) for name, values in windows.items()}
-    first, second = list(runs)
-    ratio = f"{second}_over_{first}" if args.ep else f"{first}_over_{second}"
     return {
         "compile": args.compile,
         "train_steps": args.train_steps,
         "windows_tokens_per_s": windows,
         "median_tokens_per_s": medians,
-        ratio: medians["ep2"] / medians["ep1"] if args.ep else medians["moe"] / medians["dense"],
+        f"{numerator}_over_{denominator}": medians[numerator] / medians[denominator],
     }
 
 

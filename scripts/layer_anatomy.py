@@ -11,6 +11,9 @@ Parts (each can be run alone with `--only`):
 - profile:   torch.profiler of the bench_layer E=64 step (our dropless layer) and of its
              dense floor: self CPU time by op, and the matmul rate of the expert matmuls
              against the dense FFN's.
+- demo_profile: the same for one MoE layer of the demo model (T=4096, D=H=128, E=8,
+             K=2, fixed capacity C=1.25 as the demo trains) and its dense FFN, with the
+             number of ops per step.
 - allocator: the same two steps in subprocesses with and without
              GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295
              (heap reuse instead of a fresh page-faulted mmap per large buffer).
@@ -39,13 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _bench_utils import interleaved_times, median_ms
-from bench_layer import FULL_CONFIGS, build_runner
+from bench_layer import FULL_CONFIGS, BenchConfig, build_runner
 
-from moe.ops import grouped_mm
+from moe.ops import POOL_MIN_BLOCKS, grouped_mm
 
-PARTS = ("host", "slicing", "profile", "allocator", "load")
+PARTS = ("host", "slicing", "profile", "demo_profile", "allocator", "load")
 HEAP_REUSE = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 E64 = next(cfg for cfg in FULL_CONFIGS if cfg.name == "E64")
+# One MoE layer of the demo model (`model=small`, a batch of 32 x 128 tokens).
+DEMO = BenchConfig("demo", D=128, H=128, E=8, K=2, T=4096)
 
 
 def _load() -> float:
@@ -114,15 +119,16 @@ def _category(name: str) -> str:
     return "other"
 
 
-def profile(steps: int) -> dict:
-    """Self CPU time per op (ms per step) for the E=64 dropless step and the dense floor."""
+def profile(steps: int, cfg: BenchConfig = E64, moe: str = "moe") -> dict:
+    """Self CPU time per op (ms per step) and ops per step for our layer (`moe`: dropless,
+    or `moe_capacity`: C=1.25) and the dense floor, on config `cfg` (default E=64)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    flops_per_step = 3 * 2 * E64.T * E64.K * E64.D * E64.H * 2  # fwd + 2 bwd, two matmuls
-    out: dict = {"load_average": _load(), "config": vars(E64) | {}}
-    for implementation in ("moe", "dense"):
-        runner = build_runner(implementation, E64)
+    flops_per_step = 3 * 2 * cfg.T * cfg.K * cfg.D * cfg.H * 2  # fwd + 2 bwd, two matmuls
+    out: dict = {"load_average": _load(), "config": vars(cfg) | {}, "moe": moe}
+    for implementation in (moe, "dense"):
+        runner = build_runner(implementation, cfg)
         runner.step()
         runner.zero_grad()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -130,14 +136,21 @@ def profile(steps: int) -> dict:
                 runner.step()
                 runner.zero_grad()
         by_op: dict[str, float] = defaultdict(float)
+        ops_per_step = 0.0
         for event in prof.key_averages():
             by_op[event.key] += event.self_cpu_time_total / 1e3 / steps
+            ops_per_step += event.count / steps
         categories: dict[str, float] = defaultdict(float)
         for name, ms in by_op.items():
             categories[_category(name)] += ms
-        matmul_ms = categories["expert matmuls" if implementation == "moe" else "other matmuls"]
+        matmul_ms = categories["other matmuls"]
+        if implementation == moe and cfg.E >= POOL_MIN_BLOCKS:
+            matmul_ms = categories["expert matmuls"]
+        # else: fewer blocks than POOL_MIN_BLOCKS run their `mm`s on the calling thread,
+        # recorded as aten::mm (with the router's, which are counted in here too).
         out[implementation] = {
             "total_ms": sum(by_op.values()),
+            "ops_per_step": ops_per_step,
             "by_category_ms": dict(categories),
             "top_ops_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:15]),
             "matmul_gflops": flops_per_step / (matmul_ms / 1e3) / 1e9 if matmul_ms else None,
@@ -236,6 +249,7 @@ def main() -> None:
         "host": lambda: host_rate(args.rounds),
         "slicing": lambda: slicing(args.rounds),
         "profile": lambda: profile(max(2, args.rounds // 2)),
+        "demo_profile": lambda: profile(10, DEMO, "moe_capacity"),
         "allocator": lambda: allocator(args.rounds),
         "load": lambda: load_effect(args.rounds),
     }

@@ -17,6 +17,7 @@ from comm.alltoall import (
     check_consistent,
     exchange_counts,
     make_all_to_all,
+    require_agreement,
 )
 from comm.chunks import transpose_chunks
 from comm.timing import CommTimer
@@ -39,6 +40,7 @@ __all__ = [
     "check_consistent",
     "exchange_counts",
     "make_all_to_all",
+    "require_agreement",
     "transpose_chunks",
 ]
 

@@ -109,15 +109,25 @@ def check_consistent(
     parts = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(parts, mine, group=group)
     gathered_PS = torch.stack(parts)
-    rows = gathered_PS.tolist()
-    positions = range(len(signature)) if agree is None else agree
+    require_agreement(gathered_PS.tolist(), what=what, agree=agree)
+    return gathered_PS
+
+
+def require_agreement(
+    rows: Sequence[Sequence[int]], *, what: str, agree: Sequence[int] | None = None
+) -> None:
+    """Raise ValueError if the per-rank signatures `rows` differ in a position of `agree`
+    (default: all). Every rank holding the same rows raises the same error: a check
+    after a collective that told every rank every signature (`check_consistent`, or
+    signatures riding in another exchange) fails on all ranks, never on one alone."""
+    positions = range(len(rows[0])) if agree is None else agree
     bad = [i for i in positions if len({row[i] for row in rows}) > 1]
     if bad:
         raise ValueError(
-            f"ranks entered the collective with different {what}: per rank {rows} "
-            f"(fields {list(bad)} differ); every rank must use the same shapes"
+            f"ranks entered the collective with different {what}: per rank "
+            f"{[list(row) for row in rows]} (fields {list(bad)} differ); every rank must "
+            "use the same shapes"
         )
-    return gathered_PS
 
 
 class ExchangePlan(Protocol):

@@ -25,6 +25,7 @@ from comm.alltoall import (
     check_consistent,
     exchange_counts,
     make_all_to_all,
+    require_agreement,
 )
 from comm.chunks import transpose_chunks
 from comm.cost import CostModel
@@ -137,6 +138,8 @@ def _filled_rows(counts_X: Tensor, filled_X: Tensor) -> Tensor:
 
 
 _DTYPE_CODES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SIGNATURE_WHAT = "MoE dispatch inputs (num_experts, ndim, row width, dtype code)"
+_AGREE = (0, 1, 2, 3)  # the signature's fields every rank must share (not the rows)
 
 
 class ExpertParallelDispatcher:
@@ -149,11 +152,12 @@ class ExpertParallelDispatcher:
     rows sorted by local expert. combine undoes both steps (autograd flows through).
 
     `algorithm`: `flat`, `hierarchical`, or `auto` (per call, from `cost_model` and the
-    mean bytes per rank, which every rank learns from the same all-gather, so every rank
-    picks the same algorithm). `validate`: before each dispatch, all-gather (E, row
-    width, dtype, rows) so that ranks entering with different shapes or expert counts get
-    a ValueError on every rank instead of a hang or silently wrong rows; `auto` always
-    does it.
+    mean bytes per rank, which every rank learns from the same exchange, so every rank
+    picks the same algorithm). `validate`: every dispatch checks that the ranks agree on
+    (E, ndim, row width, dtype), so that ranks entering with different shapes or expert
+    counts get a ValueError on every rank instead of a hang or silently wrong rows. The
+    signatures ride in the counts exchange; an all-gather of its own happens only on the
+    first call and where no counts are exchanged (see `dispatch`).
     """
 
     def __init__(
@@ -193,27 +197,27 @@ class ExpertParallelDispatcher:
             Algorithm.HIERARCHICAL, groups.ep, groups.ep_intra, groups.ep_inter, self.comm_timer
         )
         self.last_algorithm: str = ""
+        self._agreed = False  # a first call's all-gather found every rank's E the same
 
-    def _check_and_choose(self, x_RD: Tensor) -> AllToAll:
+    def _signature(self, x_RD: Tensor) -> list[int]:
+        """This rank's dispatch inputs: (E, ndim, row width, dtype code, rows); every rank
+        must agree on the first four (`_AGREE`)."""
+        dtype_code = _DTYPE_CODES.index(x_RD.dtype) if x_RD.dtype in _DTYPE_CODES else 99
+        row_width = math.prod(x_RD.shape[1:])
+        return [self.num_experts, x_RD.dim(), row_width, dtype_code, x_RD.shape[0]]
+
+    def _choose(self, signatures_PS: list[list[int]] | None, x_RD: Tensor) -> AllToAll:
+        """The all-to-all of this call; `auto` decides from the mean bytes per rank in
+        `signatures_PS`, which every rank holds alike, so every rank picks the same."""
         algorithm = self.algorithm
-        if self.validate or algorithm == Algorithm.AUTO:
-            dtype_code = _DTYPE_CODES.index(x_RD.dtype) if x_RD.dtype in _DTYPE_CODES else 99
-            row_width = math.prod(x_RD.shape[1:])
-            signature = [self.num_experts, x_RD.dim(), row_width, dtype_code, x_RD.shape[0]]
-            gathered = check_consistent(
-                signature,
-                self.groups.ep,
-                what="MoE dispatch inputs (num_experts, ndim, row width, dtype code)",
-                device=x_RD.device,
-                agree=[0, 1, 2, 3],
+        if algorithm == Algorithm.AUTO:
+            assert signatures_PS is not None
+            mean_rows = sum(row[4] for row in signatures_PS) / len(signatures_PS)
+            nbytes = mean_rows * math.prod(x_RD.shape[1:]) * x_RD.element_size()
+            topology = self.groups.topology
+            algorithm = Algorithm(
+                self.cost_model.choose(topology.ep_num_nodes, topology.ep_local_size, nbytes)
             )
-            if algorithm == Algorithm.AUTO:
-                mean_rows = float(gathered[:, 4].double().mean())
-                nbytes = mean_rows * row_width * x_RD.element_size()
-                topology = self.groups.topology
-                algorithm = Algorithm(
-                    self.cost_model.choose(topology.ep_num_nodes, topology.ep_local_size, nbytes)
-                )
         self.last_algorithm = algorithm.value
         return self._hierarchical if algorithm == Algorithm.HIERARCHICAL else self._flat
 
@@ -234,29 +238,48 @@ class ExpertParallelDispatcher:
         shapes the experts see are the padded ones while the experts and the network
         handle only the kept rows (filled_L). With `uniform_counts` they are not
         exchanged (that would undo the saved exchange): the padding is sent and
-        multiplied, and filled_L is None."""
+        multiplied, and filled_L is None.
+
+        Validation costs no collective of its own where counts are exchanged: each rank's
+        signature (`_signature`) rides in the counts exchange, so every rank learns every
+        signature and checks them alike. Only the first such call (which establishes that
+        the ranks agree on E, and so on the width of the counts message) and calls
+        without an exchange all-gather the signatures first."""
         if counts_E.shape != (self.num_experts,):
             raise ValueError(
                 f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)"
             )
-        all_to_all = self._check_and_choose(x_RD)
+        signature = self._signature(x_RD)
+        auto = self.algorithm == Algorithm.AUTO
+        signatures_PS = None
+        if (uniform_counts and (self.validate or auto)) or (self.validate and not self._agreed):
+            signatures_PS = check_consistent(
+                signature, self.groups.ep, what=_SIGNATURE_WHAT, device=x_RD.device, agree=_AGREE
+            ).tolist()
+            self._agreed = True
         ep_size = self.groups.topology.ep_size
+        local = self.num_local_experts
         send_PL = counts_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1)
         recv_fill_PL_host = None
         if uniform_counts:
             local_L = send_PL[self.groups.ep_rank]
             recv_PL_host = local_L.cpu().expand(ep_size, -1).contiguous()
         else:
-            send_PX = send_PL
+            # Per destination: [counts of its experts, (their fills), this signature].
+            parts = [send_PL]
             if filled_E is not None:
-                fill_send_PL = filled_E.to(device=x_RD.device, dtype=torch.int64)
-                send_PX = torch.cat([send_PL, fill_send_PL.view(ep_size, -1)], dim=1)
+                parts.append(filled_E.to(device=x_RD.device, dtype=torch.int64).view(ep_size, -1))
+            parts.append(torch.tensor(signature, device=x_RD.device).expand(ep_size, -1))
             with self.comm_timer.measure(x_RD.device):
-                recv_PX = exchange_counts(send_PX.contiguous(), self.groups.ep)
+                recv_PX = exchange_counts(torch.cat(parts, dim=1), self.groups.ep)
             recv_PX_host = recv_PX.cpu()
-            recv_PL_host = recv_PX_host[:, : self.num_local_experts]
+            recv_PL_host = recv_PX_host[:, :local]
             if filled_E is not None:
-                recv_fill_PL_host = recv_PX_host[:, self.num_local_experts :]
+                recv_fill_PL_host = recv_PX_host[:, local : 2 * local]
+            signatures_PS = recv_PX_host[:, -len(signature) :].tolist()
+            if self.validate:
+                require_agreement(signatures_PS, what=_SIGNATURE_WHAT, agree=_AGREE)
+        all_to_all = self._choose(signatures_PS, x_RD)
         counts_L = recv_PL_host.sum(0)
         if recv_fill_PL_host is None:
             plan = all_to_all.plan(send_PL.sum(1).cpu(), recv_PL_host.sum(1), x_RD.device)

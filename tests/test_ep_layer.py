@@ -204,3 +204,42 @@ def test_bad_ep_input_raises_on_every_rank() -> None:
         assert "different MoE dispatch inputs" in errors[1]
         assert "different MoE dispatch inputs" in errors[2]
         assert "accepted: flat, hierarchical, auto" in errors[3]
+
+
+def _later_mismatch(rank: int, world_size: int) -> dict:
+    """Three dispatches of one dispatcher: the first two agree, the third enters with a
+    different row width on rank 1. Counts the all-gathers on the way."""
+    import torch.distributed as dist
+
+    groups = build_process_groups(Topology(world_size, 1, world_size))
+    gathers = 0
+    all_gather = dist.all_gather
+
+    def counting_all_gather(*args: object, **kwargs: object) -> object:
+        nonlocal gathers
+        gathers += 1
+        return all_gather(*args, **kwargs)  # type: ignore[arg-type]
+
+    dist.all_gather = counting_all_gather  # type: ignore[assignment]
+    dispatcher = ExpertParallelDispatcher(4, groups)
+    counts = torch.tensor([1, 0, 2, 1])
+    rows = []
+    for width in (5, 5, 6 if rank == 1 else 5):
+        try:
+            x_local, counts_L, _, _ = dispatcher.dispatch(torch.ones(4, width), counts)
+            rows.append(int(counts_L.sum()))
+        except ValueError as exc:
+            rows.append(str(exc))
+    return {"gathers": gathers, "rows": rows, "expected": 2 * (1 if rank == 0 else 3)}
+
+
+def test_signatures_ride_in_the_counts_exchange() -> None:
+    """After the first dispatch no all-gather runs, yet a rank entering a later dispatch
+    with a different row width still raises on every rank."""
+    values = values_or_raise(
+        run_distributed(_later_mismatch, 2, timeout_s=90, collective_timeout_s=20)
+    )
+    for value in values:
+        assert value["gathers"] == 1, value
+        assert value["rows"][:2] == [value["expected"]] * 2, value
+        assert "different MoE dispatch inputs" in value["rows"][2], value

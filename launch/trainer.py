@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,10 +35,11 @@ from launch.compile import training_step
 from launch.config import Engine as EngineKind
 from launch.config import ResumeMode, RunConfig
 from launch.engines import build_engine
-from launch.evaluation import RoutingMonitor, all_reduce_mean, evaluate
+from launch.evaluation import RoutingMonitor, evaluate
 from launch.objectives import LanguageModelling, Objective
 from launch.optim import learning_rate
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
+from launch.step_log import MoETimer, StepLosses, progress_bar, take_comm_time
 from launch.tracking import Tracker
 from moe.data import ByteDataset, build_dataset
 from moe.dynamic import (
@@ -204,17 +204,19 @@ def run_training(
     routed = objective.routed_model(model)
     result = TrainResult(start_step=start_step, final_step=start_step, run_dir=str(run_dir))
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * config.data.seq_len
-    progress = _progress(info.is_main and train_cfg.progress, start_step, train_cfg.steps, name)
-    window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
+    progress = progress_bar(info.is_main and train_cfg.progress, start_step, train_cfg.steps, name)
+    window_start, window_steps = time.perf_counter(), 0
+    loss = ce = last_loss = float("nan")
+    means: dict[str, float] = {}
     last_terms: dict[str, float] = {}
+    step_losses = StepLosses(info.world_size)
     last_dynamic: dict[str, float] = {}  # DynaMoE rebuilds, cache hit rate (metrics.jsonl)
     # Hooks inside a compiled model would break its graph: no MoE-layer timing there.
-    moe_time = _MoETimer(routed, enabled=compiled is None or routed is not model)
+    moe_time = MoETimer(routed, enabled=compiled is None or routed is not model)
     for step in range(start_step, train_cfg.steps):
         torch.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + info.rank)
         lr = learning_rate(step, train_cfg)
         engine.begin_step(lr)
-        sums: dict[str, float] = {}
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
@@ -227,24 +229,30 @@ def run_training(
             )  # fmt: skip
             engine.backward(losses.loss)
             parts = {"loss": losses.loss, "ce": losses.ce, **losses.terms}
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / train_cfg.grad_accum
+            step_losses.add(parts, 1 / train_cfg.grad_accum)
             monitor.observe(routed)
+        step_losses.end_step()
         grad_norm = engine.finish_step()
         if compiled is not None and step == start_step:
             compiled.report_first_step(time.perf_counter() - window_start, info.is_main)
         # DynaMoE: one all-reduce of the step's per-expert demand, then new capacities.
         end_dynamic_step(model, runtime.groups.world if runtime.groups is not None else None)
-        means = dict(zip(sums, all_reduce_mean(list(sums.values()), info.world_size, device)))
-        loss, ce = means.pop("loss"), means.pop("ce")
-        result.losses.append(loss)
-        result.final_step = step + 1
-        last_loss, last_terms, window_steps = ce, means, window_steps + 1
-        done = step + 1
+        result.final_step = done = step + 1
+        window_steps += 1
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+        log_due = done % train_cfg.log_every == 0 or done == train_cfg.steps
+        eval_due = done % train_cfg.eval_every == 0 or done == train_cfg.steps
+        checkpoint_due = train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0
+        if log_due or eval_due or checkpoint_due:
+            # The global mean losses of every step since the last flush: one all-reduce.
+            for means in step_losses.flush():
+                loss, ce = means.pop("loss"), means.pop("ce")
+                result.losses.append(loss)
+            last_loss, last_terms = ce, means
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if log_due:
             elapsed = time.perf_counter() - window_start
             last_dynamic = dynamic_scalars(model)
             scalars = {
@@ -255,13 +263,13 @@ def run_training(
                 **{f"train/{key}": value for key, value in means.items()},
                 "train/tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "train/moe_layer_time_s": moe_time.take() / window_steps,
-                "train/alltoall_time_s": _take_comm_time(routed) / window_steps,
+                "train/alltoall_time_s": take_comm_time(routed) / window_steps,
                 **monitor.scalars(routed),
                 **(compiled.scalars() if compiled is not None else {}),
                 **last_dynamic,
             }
             tracker.log(done, scalars)
-        if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
+        if eval_due:
             elapsed = time.perf_counter() - window_start
             evaluation = evaluate(
                 model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
@@ -292,7 +300,6 @@ def run_training(
                     f"val bpb {evaluation.val_bpb:.4f}  {record['tokens_per_s']:.0f} tok/s"
                 )
             window_start, window_steps = time.perf_counter(), 0
-        checkpoint_due = train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0
         if checkpoint_due or done == train_cfg.steps:
             # DynaMoE's assignment caches are per rank: kept only in a one-process run.
             dynamic = dynamic_state(model, with_cache=info.world_size == 1)
@@ -368,55 +375,3 @@ def _print_summary(
         print(f"[{name}] expert-load heatmap: {heatmap}", flush=True)
     if tracker.wandb_dir is not None:
         print(f"[{name}] wandb run: {tracker.wandb_dir}", flush=True)
-
-
-def _progress(enabled: bool, start: int, total: int, name: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc=name, file=sys.stderr, dynamic_ncols=True)
-
-
-def _take_comm_time(model: Any) -> float:
-    """Seconds this rank spent in the MoE all-to-alls (counts and rows, forward and
-    backward) since the last call, over all layers; 0 at EP=1."""
-    total = 0.0
-    for _, layer in model.moe_layers():
-        timer = getattr(layer.dispatcher, "comm_timer", None)
-        if timer is not None:
-            total += timer.take()
-    return total
-
-
-class _MoETimer:
-    """Wall time spent inside the MoE layers (router, all-to-all, experts), from
-    forward hooks; on CUDA it is the host time of the launches, a lower bound."""
-
-    def __init__(self, model: Any, enabled: bool = True) -> None:
-        self.total = 0.0
-        self._started: dict[int, float] = {}
-        self._handles = []
-        for block, layer in model.moe_layers() if enabled else []:
-            self._handles.append(layer.register_forward_pre_hook(self._pre(block)))
-            self._handles.append(layer.register_forward_hook(self._post(block)))
-
-    def _pre(self, block: int) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            self._started[block] = time.perf_counter()
-
-        return hook
-
-    def _post(self, block: int) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            self.total += time.perf_counter() - self._started.pop(block, time.perf_counter())
-
-        return hook
-
-    def take(self) -> float:
-        total, self.total = self.total, 0.0
-        return total
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()

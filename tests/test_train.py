@@ -193,3 +193,25 @@ def test_process_info_reads_torchrun_variables() -> None:
         process_info_from_env({"WORLD_SIZE": "two"})
     with pytest.raises(ValueError, match="rank=4 is outside"):
         process_info_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_step_losses_average_micro_batches_and_keep_every_step() -> None:
+    """Each flushed step is the mean of its micro-batches, every step since the last
+    flush comes back in order, and the loss terms may not change within a run."""
+    import torch
+
+    from launch.step_log import StepLosses
+
+    ledger = StepLosses(world_size=1)
+    assert ledger.flush() == []
+    for step in range(3):
+        for micro in range(2):
+            value = torch.tensor(float(10 * step + micro))
+            ledger.add({"loss": value, "ce": 2 * value}, 0.5)
+        ledger.end_step()
+    assert ledger.flush() == [
+        {"loss": 10 * s + 0.5, "ce": 20 * s + 1.0} for s in range(3)
+    ]  # fmt: skip
+    assert ledger.flush() == []
+    with pytest.raises(ValueError, match="loss terms changed"):
+        ledger.add({"loss": torch.tensor(1.0)}, 1.0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from moe.data import ByteDataset
 from moe.transformer import MoETransformer, bits_per_byte, lm_loss
@@ -63,48 +64,47 @@ def evaluate(
 
 @dataclass
 class RoutingMonitor:
-    """Accumulates, over training steps, each MoE layer's kept slots per expert and the
-    last dropped fraction and router entropy (this rank's tokens)."""
+    """Accumulates, over training steps, each MoE layer's kept slots per expert (this
+    rank's tokens), on the device: observing a step costs no host sync."""
 
-    load_per_layer: dict[int, np.ndarray] = field(default_factory=dict)
-    dropped_fraction: dict[int, float] = field(default_factory=dict)
-    router_entropy: dict[int, float] = field(default_factory=dict)
+    load_per_layer: dict[int, Tensor] = field(default_factory=dict)
 
     def observe(self, model: MoETransformer) -> None:
         for block, stats in model.routing_stats().items():
-            load_E = stats.tokens_per_expert_E.detach().cpu().double().numpy()
+            load_E = stats.tokens_per_expert_E.detach().to(torch.float64, copy=True)
             previous = self.load_per_layer.get(block)
             self.load_per_layer[block] = load_E if previous is None else previous + load_E
-            self.dropped_fraction[block] = float(stats.dropped_fraction)
-            self.router_entropy[block] = float(stats.router_entropy)
 
     def scalars(self, model: MoETransformer) -> dict[str, float]:
         """Per-layer scalars of the last step (this rank): dropped fraction, router
-        entropy, and the load imbalance max/mean of the last step's kept slots."""
+        entropy, and the load imbalance max/mean of the last step's kept slots; and the
+        first two averaged over the layers."""
         out: dict[str, float] = {}
+        dropped, entropy = [], []
         for block, stats in model.routing_stats().items():
             load_E = stats.tokens_per_expert_E.detach().float()
-            out[f"routing/layer{block}/dropped_fraction"] = float(stats.dropped_fraction)
-            out[f"routing/layer{block}/router_entropy"] = float(stats.router_entropy)
+            dropped.append(float(stats.dropped_fraction))
+            entropy.append(float(stats.router_entropy))
+            out[f"routing/layer{block}/dropped_fraction"] = dropped[-1]
+            out[f"routing/layer{block}/router_entropy"] = entropy[-1]
             mean = float(load_E.mean())
             out[f"routing/layer{block}/load_max_over_mean"] = (
                 float(load_E.max()) / mean if mean > 0 else 0.0
             )
-        if self.dropped_fraction:
-            out["routing/dropped_fraction"] = float(np.mean(list(self.dropped_fraction.values())))
-            out["routing/router_entropy"] = float(np.mean(list(self.router_entropy.values())))
+        if dropped:
+            out["routing/dropped_fraction"] = float(np.mean(dropped))
+            out["routing/router_entropy"] = float(np.mean(entropy))
         return out
 
     def global_load(self, world_size: int, device: torch.device) -> list[np.ndarray]:
         """Every layer's accumulated load summed over all ranks (collective)."""
         blocks = sorted(self.load_per_layer)
-        loads = [self.load_per_layer[b] for b in blocks]
-        if world_size == 1 or not loads:
-            return loads
-        flat = torch.tensor(np.concatenate(loads), dtype=torch.float64, device=device)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        sizes = np.cumsum([len(load) for load in loads])[:-1]
-        return np.split(flat.cpu().numpy(), sizes)
+        loads = [self.load_per_layer[b].to(device) for b in blocks]
+        if world_size > 1 and loads:
+            flat = torch.cat(loads)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            loads = list(flat.split([len(load) for load in loads]))
+        return [load.cpu().numpy() for load in loads]
 
     def layer_names(self) -> list[str]:
         return [f"block {b}" for b in sorted(self.load_per_layer)]

@@ -139,6 +139,9 @@ def _filled_rows(counts_X: Tensor, filled_X: Tensor) -> Tensor:
 
 _DTYPE_CODES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SIGNATURE_WHAT = "MoE dispatch inputs (num_experts, ndim, row width, dtype code)"
+_UNIFORM_WHAT = (
+    "MoE dispatch inputs (num_experts, ndim, row width, dtype code; the uniform counts_E)"
+)
 _AGREE = (0, 1, 2, 3)  # the signature's fields every rank must share (not the rows)
 
 
@@ -244,7 +247,8 @@ class ExpertParallelDispatcher:
         signature (`_signature`) rides in the counts exchange, so every rank learns every
         signature and checks them alike. Only the first such call (which establishes that
         the ranks agree on E, and so on the width of the counts message) and calls
-        without an exchange all-gather the signatures first."""
+        without an exchange all-gather the signatures first; with `uniform_counts` the
+        all-gather also checks that every rank passed the same counts_E."""
         if counts_E.shape != (self.num_experts,):
             raise ValueError(
                 f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)"
@@ -253,8 +257,15 @@ class ExpertParallelDispatcher:
         auto = self.algorithm == Algorithm.AUTO
         signatures_PS = None
         if (uniform_counts and (self.validate or auto)) or (self.validate and not self._agreed):
+            what, agree, gathered = _SIGNATURE_WHAT, _AGREE, signature
+            if uniform_counts and self.validate:
+                # The promise of uniform counts: every rank passes the same counts_E (a
+                # rank that did not would desynchronise the all-to-all's split sizes).
+                what = _UNIFORM_WHAT
+                agree = (*_AGREE, *range(len(signature), len(signature) + self.num_experts))
+                gathered = signature + counts_E.tolist()
             signatures_PS = check_consistent(
-                signature, self.groups.ep, what=_SIGNATURE_WHAT, device=x_RD.device, agree=_AGREE
+                gathered, self.groups.ep, what=what, device=x_RD.device, agree=agree
             ).tolist()
             self._agreed = True
         ep_size = self.groups.topology.ep_size

@@ -185,6 +185,9 @@ def _bad_ep_input(rank: int, world_size: int) -> list[str]:
             torch.zeros(4, 5), torch.ones(4 if rank == 0 else 6, dtype=torch.int64)
         ),  # ranks disagree on the number of experts
         lambda: ExpertParallelDispatcher(4, groups, "ring"),
+        lambda: ExpertParallelDispatcher(4, groups).dispatch(
+            torch.zeros(4, 5), torch.tensor([1, 1, 1, 1] if rank == 0 else [2, 0, 1, 1]), True
+        ),  # "uniform" counts that differ between ranks
     ]
     for attempt in attempts:
         try:
@@ -204,6 +207,7 @@ def test_bad_ep_input_raises_on_every_rank() -> None:
         assert "different MoE dispatch inputs" in errors[1]
         assert "different MoE dispatch inputs" in errors[2]
         assert "accepted: flat, hierarchical, auto" in errors[3]
+        assert "the uniform counts_E" in errors[4] and "fields [5, 6]" in errors[4]
 
 
 def _later_mismatch(rank: int, world_size: int) -> dict:

@@ -33,15 +33,8 @@ from moe.checkpoint import read_meta
 from moe.config import ModelConfig
 from moe.inference.hardware import Hardware, Precision, parse_precision
 from moe.inference.loading import configs_of, resolve_checkpoint
-from moe.inference.planner import (
-    OBJECTIVES,
-    Estimate,
-    Layout,
-    ModelShape,
-    Workload,
-    plan,
-    shape_from_config,
-)
+from moe.inference.model_costs import ModelShape, Workload, shape_from_config
+from moe.inference.planner import OBJECTIVES, Estimate, Layout, plan
 
 CONFIG_PATH = "../conf"
 ACTIVATIONS = ("auto", "fp32", "bf16", "int8")

@@ -46,7 +46,8 @@ from _bench_utils import engine_step_seconds, timed_runs
 from moe.config import ModelConfig
 from moe.inference import InferenceEngine, SamplingParams
 from moe.inference.hardware import HOST_FIELDS, Hardware
-from moe.inference.planner import Costs, Workload, estimate, shape_from_config
+from moe.inference.model_costs import Costs, Workload, shape_from_config
+from moe.inference.planner import estimate
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
 

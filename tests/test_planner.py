@@ -18,14 +18,8 @@ from pathlib import Path
 import pytest
 
 from moe.inference.hardware import Hardware, load_hardware
-from moe.inference.planner import (
-    Layout,
-    ModelShape,
-    Workload,
-    estimate,
-    experts_touched,
-    plan,
-)
+from moe.inference.model_costs import ModelShape, Workload, experts_touched
+from moe.inference.planner import Layout, estimate, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

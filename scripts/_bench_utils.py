@@ -124,12 +124,16 @@ def is_finished(run_dir: Path, steps: int) -> bool:
     )
 
 
-def run_demo_training(ep: int, overrides: Sequence[str], run_dir: Path) -> list[dict[str, Any]]:
+def run_demo_training(
+    ep: int, overrides: Sequence[str], run_dir: Path, root: Path | None = None
+) -> list[dict[str, Any]]:
     """One `launch.train experiment=demo` run without checkpoints, samples or wandb:
     EP=1 is one process with 2 threads (`comm=local`); EP=2 is `torchrun` with two
-    processes of 1 thread (`comm=ep2`). Returns its metrics.jsonl records."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, WANDB_MODE="disabled")
+    processes of 1 thread (`comm=ep2`). `root`: the source tree to run (default this
+    one; `scripts/bench_revisions.py` passes a checkout of another revision). Returns
+    its metrics.jsonl records."""
+    root = root or Path(__file__).resolve().parents[1]
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(root))
     common = [
         "experiment=demo", f"run_dir={run_dir}", "train.progress=false", "wandb.mode=disabled",
         "train.eval_batches=1", "train.checkpoint_every=0", "train.sample_tokens=0",

@@ -172,8 +172,8 @@ class DeepSpeedEngine:
         group_name = register_expert_groups(runtime)
         groups = deepspeed_param_groups(model, config.weight_decay, group_name)
         optimizer = torch.optim.AdamW(
-            groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False
-        )
+            groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True
+        )  # the torch engine's update (launch.optim.build_optimizer), element for element
         module: nn.Module = model
         if expert_parameter_ids(model):
             marker = _marker_module(_num_experts(model), runtime.ep_size, group_name)

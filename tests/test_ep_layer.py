@@ -230,7 +230,7 @@ def _later_mismatch(rank: int, world_size: int) -> dict:
     rows = []
     for width in (5, 5, 6 if rank == 1 else 5):
         try:
-            x_local, counts_L, _, _ = dispatcher.dispatch(torch.ones(4, width), counts)
+            _, counts_L, _, _ = dispatcher.dispatch(torch.ones(4, width), counts)
             rows.append(int(counts_L.sum()))
         except ValueError as exc:
             rows.append(str(exc))

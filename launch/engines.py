@@ -35,8 +35,10 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def finish_step(self) -> float:
-        """Update the weights; returns the global gradient norm before clipping."""
+    def finish_step(self) -> float | torch.Tensor:
+        """Update the weights; returns the global gradient norm before clipping (a
+        0-dim tensor where reading it would stall the step: the loop reads it when it
+        logs)."""
         ...
 
     def optimizer_state(self) -> dict[str, Any]: ...
@@ -62,7 +64,7 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.config.grad_accum).backward()
 
-    def finish_step(self) -> float:
+    def finish_step(self) -> torch.Tensor:
         groups = self.runtime.groups
         if groups is not None:
             reduce_gradients(self.module, groups)

@@ -89,26 +89,34 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def global_grad_norm(split: ParamSplit, ep_group: dist.ProcessGroup | None, ep_size: int) -> float:
-    """L2 norm of all gradients of the model, experts of every EP rank included."""
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def global_grad_norm(
+    split: ParamSplit, ep_group: dist.ProcessGroup | None, ep_size: int
+) -> torch.Tensor:
+    """L2 norm of all gradients of the model, experts of every EP rank included: a 0-dim
+    fp32 tensor on the parameters' device (no host sync; read it when logging)."""
     device = next(iter(split.dense + split.dense_no_decay + split.expert)).device
-    dense_sq = torch.zeros((), device=device)
-    for p in split.dense + split.dense_no_decay:
-        if p.grad is not None:
-            dense_sq += p.grad.detach().float().pow(2).sum()
-    expert_sq = torch.zeros((), device=device)
-    for p in split.expert:
-        if p.grad is not None:
-            expert_sq += p.grad.detach().float().pow(2).sum()
+
+    def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.nn.utils.get_total_norm(grads).float().square()
+
+    dense_sq = sum_of_squares(_grads(split.dense + split.dense_no_decay))
+    expert_sq = sum_of_squares(_grads(split.expert))
     if ep_size > 1:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=ep_group)
-    return float(torch.sqrt(dense_sq + expert_sq))
+    return torch.sqrt(dense_sq + expert_sq)
 
 
-def clip_gradients(split: ParamSplit, max_norm: float, total_norm: float) -> None:
-    """Scale every gradient by min(1, max_norm / total_norm) (no-op when max_norm == 0)."""
-    if max_norm <= 0 or total_norm <= max_norm:
+def clip_gradients(split: ParamSplit, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale every gradient by min(1, max_norm / (total_norm + 1e-6)) on the device, no
+    host sync (`torch.nn.utils.clip_grads_with_norm_`; below the threshold the factor is
+    exactly 1); a no-op when max_norm == 0."""
+    if max_norm <= 0:
         return
-    scale = max_norm / (total_norm + 1e-6)
-    grads = [p.grad for p in split.dense + split.dense_no_decay + split.expert]
-    torch._foreach_mul_([g for g in grads if g is not None], scale)
+    params = split.dense + split.dense_no_decay + split.expert  # it scales their .grad
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)

@@ -259,7 +259,7 @@ def run_training(
                 "train/loss": loss,
                 "train/ce": ce,
                 "train/lr": lr,
-                "train/grad_norm": grad_norm,
+                "train/grad_norm": float(grad_norm),
                 **{f"train/{key}": value for key, value in means.items()},
                 "train/tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "train/moe_layer_time_s": moe_time.take() / window_steps,

@@ -1,4 +1,4 @@
-"""One CPU grouped matmul (forward only) four ways, interleaved, median of rounds.
+"""One CPU grouped matmul (forward only) five ways, interleaved, median of rounds.
 
     OMP_NUM_THREADS=2 python scripts/bench_grouped_mm.py [--experts 64] [--rows 16384]
 
@@ -6,6 +6,7 @@
 - loop:   a `torch.mm` per row block on the calling thread (each mm uses every
           intra-op thread: the CPU path before the block workers)
 - padded: the blocks padded to the largest into [E, C, D] and one `torch.bmm`
+- torch:  `torch._grouped_mm` (torch's own grouped matmul; a C++ loop on CPU)
 - dense:  one matmul of the same FLOPs (rows x D @ D x H): the floor
 Routing: each row's expert uniform at random (seed 0). Results are checked against
 `loop` before timing.
@@ -43,6 +44,7 @@ def main() -> None:
     expert_of_row = torch.repeat_interleave(torch.arange(E), counts)
     position = torch.arange(R) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     capacity = int(counts.max())
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
 
     def loop() -> torch.Tensor:
         y = x.new_empty(R, H)
@@ -59,10 +61,11 @@ def main() -> None:
         "ops": lambda: grouped_mm_torch(x, w, counts),
         "loop": loop,
         "padded": padded,
+        "torch": lambda: torch._grouped_mm(x, w, offs=offsets),
         "dense": lambda: x @ w[0],
     }
     reference = loop()
-    for name in ("ops", "padded"):
+    for name in ("ops", "padded", "torch"):
         torch.testing.assert_close(variants[name](), reference, rtol=1e-4, atol=1e-3)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):

@@ -130,7 +130,7 @@ def require_agreement(
         )
 
 
-class ExchangePlan(Protocol):
+class PreparedExchange(Protocol):
     """Counts fixed for one exchange and its reverse (e.g. a dispatch and its combine)."""
 
     @property
@@ -159,7 +159,7 @@ class AllToAll(Protocol):
 
     def plan(
         self, send_counts: Counts, recv_counts: Counts, device: torch.device
-    ) -> ExchangePlan: ...
+    ) -> PreparedExchange: ...
 
     def exchange(
         self, x_RD: torch.Tensor, send_counts: Counts, recv_counts: Counts

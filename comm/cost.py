@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FEATURES = ("call_s", "alpha_intra_s", "alpha_inter_s", "beta_intra_s_per_B",
             "beta_inter_s_per_B", "beta_copy_s_per_B", "copy_call_s")  # fmt: skip
@@ -109,6 +111,8 @@ def features_of(algo: str, num_nodes: int, ranks_per_node: int, nbytes: float) -
 
 def _nnls(a: torch.Tensor, b: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
     """Non-negative least squares, min |a x - b| with x >= 0 (Lawson-Hanson active set)."""
+    import torch  # calibration only: the model itself is plain arithmetic
+
     n = a.shape[1]
     x = torch.zeros(n, dtype=a.dtype)
     passive = torch.zeros(n, dtype=torch.bool)
@@ -150,6 +154,8 @@ def _layout(bench: dict[str, object]) -> tuple[int, int]:
 
 def calibrate(bench: dict[str, object], separate_links: bool = False) -> CostModel:
     """Fit a CostModel to the alltoall (raw/flat/hierarchical) and memcpy rows."""
+    import torch  # calibration only: the model itself is plain arithmetic
+
     m, g = _layout(bench)
     rows = _rows_of(bench)
     feats = torch.tensor(

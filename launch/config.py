@@ -27,13 +27,13 @@ __all__ = [
     "Backend",
     "CommConfig",
     "DataConfig",
-    "Engine",
     "ModelConfig",
     "RayConfig",
     "ResumeMode",
     "RoutingConfig",
     "RunConfig",
     "TrainConfig",
+    "TrainingEngineKind",
     "WandbConfig",
     "WandbMode",
     "register_configs",
@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 
-class Engine(str, Enum):
-    """Who runs the optimizer step."""
+class TrainingEngineKind(str, Enum):
+    """Who runs the optimizer step (`train.engine`; not the inference engine)."""
 
     TORCH = "torch"  # plain torch: AdamW, our gradient reduction and clipping
     DEEPSPEED = "deepspeed"  # DeepSpeed engine with ZeRO stage 1 or 2
@@ -93,22 +93,22 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 2
     seed: int = 0
-    engine: Engine = Engine.TORCH
+    engine: TrainingEngineKind = TrainingEngineKind.TORCH
     zero_stage: int = 1
     resume: ResumeMode = ResumeMode.AUTO
     sample_tokens: int = 0
     sample_prompt: str = "In the beginning"
     progress: bool = True
-    # torch.compile the model's forward and backward (launch.compile.CompiledStep);
+    # torch.compile the model's forward and backward (launch.training.compile.CompiledStep);
     # `compile_cache_dir`: inductor's on-disk cache ("" = torch's default directory).
     compile: bool = False
     compile_cache_dir: str = ""
-    # Keep freed host memory in the heap instead of unmapping it (launch.allocator):
+    # Keep freed host memory in the heap instead of unmapping it (launch.training.allocator):
     # large per-step temporaries are reused rather than page-faulted in every step.
     reuse_heap: bool = True
 
     def __post_init__(self) -> None:
-        self.engine = parse_enum(Engine, self.engine, "train.engine")
+        self.engine = parse_enum(TrainingEngineKind, self.engine, "train.engine")
         self.resume = parse_enum(ResumeMode, self.resume, "train.resume")
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
             _at_least(getattr(self, key), 1, f"train.{key}")
@@ -129,7 +129,7 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be in [0, 1)")
         if not self.grad_clip >= 0:
             raise ValueError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
-        if self.compile and self.engine != Engine.TORCH:
+        if self.compile and self.engine != TrainingEngineKind.TORCH:
             raise ValueError(
                 f"train.compile=true needs train.engine=torch (got {self.engine.value}); "
                 "DeepSpeed wraps the model itself"

@@ -8,7 +8,7 @@ student with Hydra config, alone or under torchrun.
         run_dir=runs/demo_student          # the teacher's experts split over 2 ranks
 
 torchrun's variables are read here (and only here); every rank composes the same
-config (`conf/distill.yaml`) and `launch.distillation.distill` does the rest. Bad input
+config (`conf/distill.yaml`) and `launch.training.distillation.distill` does the rest. Bad input
 (a teacher that is not a checkpoint, a bad key or value) exits with the reason and
 writes nothing under `run_dir`.
 """
@@ -19,8 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
-from launch.distillation import distill, register_distill_configs, to_distill_config
 from launch.runtime import process_info_from_env
+from launch.training.distillation import distill, register_distill_configs, to_distill_config
 
 CONFIG_PATH = "../conf"
 

@@ -37,6 +37,7 @@ from launch.runtime import (
 )
 from launch.schema import build, hydra_schema
 from moe.inference import Completion, InferenceEngine, SamplingParams, load_model
+from routing import CapacityOverride
 from routing.config import parse_enum
 
 CONFIG_PATH = "../conf"
@@ -45,11 +46,6 @@ CONFIG_PATH = "../conf"
 class Quantization(str, Enum):
     NONE = "none"
     INT8 = "int8"  # per-output-channel int8 expert weights (moe.inference.quant)
-
-
-class InferenceRouting(str, Enum):
-    DROPLESS = "dropless"  # no request depends on its batch neighbours
-    TRAINED = "trained"  # the capacity policy the model was trained with
 
 
 @dataclass
@@ -70,13 +66,13 @@ class GenerateConfig:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     quantize: Quantization = Quantization.NONE
-    routing: InferenceRouting = InferenceRouting.DROPLESS
+    routing: CapacityOverride = CapacityOverride.DROPLESS
     max_batch: int = 32
     comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self) -> None:
         self.quantize = parse_enum(Quantization, self.quantize, "quantize")
-        self.routing = parse_enum(InferenceRouting, self.routing, "routing")
+        self.routing = parse_enum(CapacityOverride, self.routing, "routing")
         if not self.checkpoint:
             raise ValueError("checkpoint is required: checkpoint=RUN_DIR or checkpoint=STEP_DIR")
         if bool(self.prompt) == bool(self.prompts) or any(not p for p in self.prompts):
@@ -126,7 +122,7 @@ def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
         )
         engine = InferenceEngine(
             loaded.model, max_batch=config.max_batch, task_ids=loaded.task_ids,
-            routing=config.routing.value,
+            routing=config.routing,
         )  # fmt: skip
         prompts = config.all_prompts()
         mine = list(range(info.rank, len(prompts), info.world_size))

@@ -8,7 +8,7 @@
 The model shape is a `model=` preset (with `plan.top_k`), or the shape a checkpoint was
 saved with (`plan.checkpoint`, whose routing gives K). The hardware is a
 `conf/hardware/` preset (`local` is measured by `scripts/calibrate_hardware.py`). The
-planner (`moe.inference.planner`, Pope et al. 2022) estimates prefill and decode per
+planner (`moe.planning.planner`, Pope et al. 2022) estimates prefill and decode per
 layout and chip count; the table ranks them (fits first, then the latency target, then
 chip-seconds per token or latency). `plan.json=PATH` writes the same rows as JSON;
 `plan.plot=PATH` plots decode latency per token against batch size, for each layout
@@ -31,10 +31,10 @@ from launch.config import register_configs
 from launch.schema import build, hydra_schema
 from moe.checkpoint import read_meta
 from moe.config import ModelConfig
-from moe.inference.hardware import Hardware, Precision, parse_precision
 from moe.inference.loading import configs_of, resolve_checkpoint
-from moe.inference.model_costs import ModelShape, Workload, shape_from_config
-from moe.inference.planner import OBJECTIVES, Estimate, Layout, plan
+from moe.planning.hardware import Hardware, Precision, parse_precision
+from moe.planning.model_costs import ModelShape, Workload, shape_from_config
+from moe.planning.planner import OBJECTIVES, Estimate, Layout, plan
 
 CONFIG_PATH = "../conf"
 ACTIVATIONS = ("auto", "fp32", "bf16", "int8")

@@ -4,7 +4,7 @@ Ray Train workers (`conf/distill.yaml`, as `launch.distill`).
     python -m launch.ray_distill teacher=runs/demo comm=ep2 run_dir=runs/demo_student
     RAY_ADDRESS=ray://head:10001 python -m launch.ray_distill teacher=/shared/t ...
 
-Each worker runs `launch.distillation.distill` as its rank (the teacher's experts of its
+Each worker runs `launch.training.distillation.distill` as its rank (the teacher's experts of its
 EP rank, the whole student), with the reports and recovery of `launch.ray_train`.
 """
 
@@ -14,8 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
-from launch.distillation import register_distill_configs, to_distill_config
 from launch.ray_train import run_ray
+from launch.training.distillation import register_distill_configs, to_distill_config
 
 
 @hydra.main(config_path="../conf", config_name="distill", version_base=None)

@@ -5,14 +5,14 @@
 
 A `TorchTrainer` starts `ray.num_workers` workers (default `comm.ep_size`); Ray
 initialises torch.distributed among them (gloo on CPU, NCCL with GPUs) and each worker
-runs `launch.trainer.train` as its rank, so each hosts the experts of its EP rank. Every
+runs `launch.training.loop.train` as its rank, so each hosts the experts of its EP rank. Every
 checkpoint the run writes is reported with `ray.train.report`; when a worker dies, Ray
 replaces the worker group (at most `ray.max_failures` times) and the new workers resume
 from the last reported checkpoint. `run_dir` must be on storage every worker can read
 (on one machine, any local path); Ray's own records go to `run_dir/ray`.
 
 `run_ray` also runs distillation (`launch.ray_distill`): given a
-`launch.distillation.DistillRunConfig`, each worker runs `launch.distillation.distill`
+`launch.training.distillation.DistillRunConfig`, each worker runs `launch.training.distillation.distill`
 instead, with the same reports and the same recovery.
 """
 
@@ -27,12 +27,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from launch.checkpointing import plain
 from launch.cli import exits_on_bad_input
 from launch.config import Backend, RunConfig, register_configs, to_run_config
-from launch.distillation import DistillRunConfig, distill, to_distill_config
 from launch.runtime import ProcessInfo
-from launch.trainer import train
+from launch.training.checkpointing import plain
+from launch.training.distillation import DistillRunConfig, distill, to_distill_config
+from launch.training.loop import train
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:

@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from comm.topology import ProcessGroups, Topology, build_process_groups
 from launch.config import Backend, CommConfig
-from moe.parallel import Dispatcher, ExpertParallelDispatcher
+from moe.dispatchers import Dispatcher, ExpertParallelDispatcher
 from moe.transformer import DispatcherFactory
+from routing import AllReduce
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,21 @@ class Runtime:
     @property
     def ep_rank(self) -> int:
         return self.topology.ep_rank(self.info.rank)
+
+    def sum_over_ranks(self) -> AllReduce | None:
+        """A function that sums a tensor over every rank of the run (the `world` group,
+        named, never the default group), moving it to the backend's device and back;
+        None in a one-process run. Every rank must call it in the same order."""
+        if self.groups is None or self.info.world_size == 1:
+            return None
+        group, device = self.groups.world, self.device
+
+        def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+            buffer = tensor.to(device)
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+            return buffer.to(tensor.device)
+
+        return all_reduce
 
 
 def _free_local_port() -> int:

@@ -6,7 +6,7 @@
         --rdzv-endpoint HOST:29500 -m launch.train comm.ep_size=16 run_dir=/shared/run
 
 torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE are read here (and only
-here); every rank composes the same config, and `launch.trainer.train` does the rest.
+here); every rank composes the same config, and `launch.training.loop.train` does the rest.
 Hydra writes nothing of its own outside `run_dir` (conf/config.yaml sets its run dir to
 `run_dir` and turns off its `.hydra` subdirectory and log file).
 """
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from launch.cli import exits_on_bad_input
 from launch.config import register_configs, to_run_config
 from launch.runtime import process_info_from_env
-from launch.trainer import train
+from launch.training.loop import train
 
 CONFIG_PATH = "../conf"
 

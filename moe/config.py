@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 # One enum for experts and dense MLPs: gelu, relu (sigma-MoE's experts), swiglu.
-from moe.experts import Activation
 
 
 class FFNKind(str, Enum):
@@ -42,6 +41,14 @@ class FFNKind(str, Enum):
 def _require(condition: bool, key: str, value: object, accepted: str) -> None:
     if not condition:
         raise ValueError(f"ModelConfig.{key}={value!r} is invalid; accepted: {accepted}")
+
+
+class Activation(str, Enum):
+    """The hidden activation of every MLP (experts and dense FFNs)."""
+
+    GELU = "gelu"
+    RELU = "relu"
+    SWIGLU = "swiglu"
 
 
 @dataclass

@@ -23,19 +23,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
 from torch import Tensor, nn
 
+from moe.config import Activation
 from moe.ops import grouped_mm
 from routing.config import parse_enum
-
-
-class Activation(str, Enum):
-    GELU = "gelu"
-    RELU = "relu"
-    SWIGLU = "swiglu"
 
 
 def parse_activation(value: object) -> Activation:

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moe.dispatch import capacity_padded_permutation, permute, plan_permutation, unpermute
-from moe.dynamic import DynamicRouting
+from moe.dispatchers import Dispatcher, LocalDispatcher
 from moe.experts import Activation, DenseMLP, Experts, GroupedExperts
-from moe.parallel import Dispatcher, LocalDispatcher
+from moe.permute import capacity_padded_permutation, permute, sort_by_expert, unpermute
 from routing import (
-    CapacityKind,
+    CapacityOverride,
+    CapacityState,
     RoutingConfig,
     RoutingPlan,
     RoutingStats,
     apply_capacity,
+    build_capacity_state,
     build_router,
 )
 
@@ -37,7 +38,7 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    """A mixture-of-experts FFN. With a dispatcher from `moe.parallel` the experts are
+    """A mixture-of-experts FFN. With a dispatcher from `moe.dispatchers` the experts are
     sharded over an expert-parallel group; without one all experts are local. `experts`
     is any `moe.experts.Experts` (inference swaps in int8 ones)."""
 
@@ -77,19 +78,24 @@ class MoELayer(nn.Module):
             self.residual = DenseMLP(d_model, d_hidden, activation)
             self.residual_gate = nn.Linear(d_model, 2)
         self.last_stats: RoutingStats | None = None
-        # DynaMoE (routing.capacity=dynamic): per-expert bucketed capacities, padded rows.
-        self.dynamic: DynamicRouting | None = None
-        if routing.capacity == CapacityKind.DYNAMIC:
-            self.dynamic = DynamicRouting(num_experts, routing)
+        # A stateful capacity policy's per-layer state (DynaMoE), None for the others.
+        self.capacity_state: CapacityState | None = build_capacity_state(num_experts, routing)
+        # `MoETransformer.override_capacity` sets it: DROPLESS bypasses the policy.
+        self.capacity_override = CapacityOverride.TRAINED
 
     def route(
         self, x_TD: Tensor, task_ids_T: Tensor | None = None, num_samples: int = 1
     ) -> RoutingPlan:
         """The capacity-applied routing plan of x_TD (no expert computation);
-        `num_samples`: the sequences x_TD is made of (the DynaMoE cache's rows)."""
-        if self.dynamic is not None:
-            return self.dynamic.route(self.router(x_TD, task_ids_T), num_samples, self.training)
-        return apply_capacity(self.router(x_TD, task_ids_T), self.routing)
+        `num_samples`: the sequences x_TD is made of (a stateful policy's rows). Under
+        `CapacityOverride.DROPLESS` every choice is kept, whatever the trained policy
+        (its state, if any, is neither read nor updated)."""
+        plan = self.router(x_TD, task_ids_T)
+        if self.capacity_override == CapacityOverride.DROPLESS:
+            return plan
+        if self.capacity_state is not None:
+            return self.capacity_state.route(plan, num_samples, self.training)
+        return apply_capacity(plan, self.routing)
 
     def _pad_to_capacity(self, plan: RoutingPlan) -> bool:
         """Whether a fixed-capacity plan runs its experts on the capacity-padded layout.
@@ -106,7 +112,7 @@ class MoELayer(nn.Module):
         assert plan.capacity is not None
         if torch.compiler.is_compiling():
             return True
-        if not isinstance(self.dispatcher, LocalDispatcher):
+        if self.dispatcher.exchanges_rows:
             return False
         num_slots = plan.expert_ids_TK.numel()
         return plan.capacity * self.num_experts <= num_slots
@@ -126,9 +132,10 @@ class MoELayer(nn.Module):
                 )
             task_ids_T = task_ids.reshape(-1)
         plan = self.route(x_TD, task_ids_T, x.shape[0] if x.dim() > 2 else 1)
-        padded = self.dynamic is not None
+        # Per-expert capacities (a stateful policy's): rows padded to them.
+        padded = plan.capacity_E is not None
         if padded:
-            assert plan.capacity_E is not None, "a dynamic plan carries its capacities"
+            assert plan.capacity_E is not None and plan.padded_rows is not None
             permutation = capacity_padded_permutation(plan, plan.capacity_E, plan.padded_rows)
         elif plan.capacity is not None and self._pad_to_capacity(plan):
             # Fixed capacity: each expert's rows padded to the capacity: static shapes
@@ -137,16 +144,16 @@ class MoELayer(nn.Module):
             # restricted router never picks the others, which get no rows.
             # (Under EP every expert gets its slots: rows go to each expert's owner.)
             held = set(range(self.num_experts))
-            if isinstance(self.dispatcher, LocalDispatcher):
+            if not self.dispatcher.exchanges_rows:
                 held = set(self.dispatcher.expert_ids)
             slots_E = [plan.capacity if e in held else 0 for e in range(self.num_experts)]
             permutation = capacity_padded_permutation(plan, slots_E)
         else:
-            permutation = plan_permutation(plan)
+            permutation = sort_by_expert(plan)
         x_RD = permute(x_TD, permutation)
         dispatch, combine = self.dispatcher.dispatch, self.dispatcher.combine
-        if not isinstance(self.dispatcher, LocalDispatcher):
-            # The EP all-to-all runs eagerly between compiled graphs (launch.compile):
+        if self.dispatcher.exchanges_rows:
+            # The EP all-to-all runs eagerly between compiled graphs (launch.training.compile):
             # host-side split sizes and gloo collectives have no place in the graph.
             dispatch, combine = torch.compiler.disable(dispatch), torch.compiler.disable(combine)
         # A padded layout: the experts multiply only the filled rows where the dispatcher

@@ -21,9 +21,10 @@ advances the caller's global RNG.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,17 @@ from torch import nn
 
 from moe.attention import AttentionCache, CausalSelfAttention, KVCache
 from moe.config import FFNKind, ModelConfig
+from moe.dispatchers import Dispatcher
 from moe.experts import DenseMLP, ExpertFFN
 from moe.layer import MoELayer
-from moe.parallel import Dispatcher
-from routing import RoutingConfig, RoutingStats
+from routing import (
+    CapacityOverride,
+    PolicyState,
+    RoutingConfig,
+    RoutingStats,
+    model_policy_state,
+)
+from routing.config import parse_enum
 
 # (block index, the layer's expert count) -> the MoE layer's dispatcher.
 DispatcherFactory = Callable[[int, int], Dispatcher]
@@ -174,6 +182,34 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         """(block index, MoELayer) of every MoE block, in order."""
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    def override_capacity(self, override: CapacityOverride | str) -> None:
+        """Route every MoE layer with `override` from now on: `dropless` keeps every
+        choice whatever the trained policy (DynaMoE included; its state is left alone),
+        `trained` goes back to the policy the model was built with. The one switch for
+        inference, distillation teachers and usage measurement."""
+        chosen = parse_enum(CapacityOverride, override, "capacity override")
+        for _, layer in self.moe_layers():
+            layer.capacity_override = chosen
+
+    @contextlib.contextmanager
+    def capacity_override(self, override: CapacityOverride | str) -> Iterator[MoETransformer]:
+        """`override_capacity(override)` inside the block; each layer's previous
+        setting comes back afterwards."""
+        previous = [(layer, layer.capacity_override) for _, layer in self.moe_layers()]
+        self.override_capacity(override)
+        try:
+            yield self
+        finally:
+            for layer, setting in previous:
+                layer.capacity_override = setting
+
+    def policy_state(self) -> PolicyState:
+        """The state of the model's stateful routing policies, as the training loop
+        drives it (`routing.PolicyState`; a no-op object when there is none)."""
+        return model_policy_state(
+            [(block, layer.capacity_state) for block, layer in self.moe_layers()]
+        )
 
     def routing_stats(self) -> dict[int, RoutingStats]:
         """The last forward's RoutingStats of every MoE layer, by block index."""

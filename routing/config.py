@@ -27,6 +27,15 @@ class CapacityKind(str, Enum):
     DYNAMIC = "dynamic"  # per-expert capacity from recent load, bucketed (DynaMoE)
 
 
+class CapacityOverride(str, Enum):
+    """Whose capacity policy a model routes with outside training (inference, a
+    distillation teacher, usage measurement): set on the model with
+    `MoETransformer.override_capacity` (or the `capacity_override` context)."""
+
+    DROPLESS = "dropless"  # every choice kept: a token's output does not depend on its batch
+    TRAINED = "trained"  # the policy the model was trained with (DynaMoE: its capacities)
+
+
 class PriorityKind(str, Enum):
     """Batch Priority Routing score of a token."""
 

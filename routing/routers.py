@@ -93,6 +93,20 @@ class Router(nn.Module):
         (None: the experts' own default)."""
         return None
 
+    @property
+    def routes_by_task(self) -> bool:
+        """Whether the task id alone picks the experts (then `experts_for_task` says
+        which, without looking at any token)."""
+        return False
+
+    def experts_for_task(self, task_id: int) -> list[int]:
+        """The K experts every token of `task_id` is sent to (sorted); only a router
+        that `routes_by_task` knows them without data."""
+        raise ValueError(
+            f"routing.router={self.config.router.value} routes each token by its content: "
+            "the experts of a task must be measured on its data, not read off the router"
+        )
+
 
 # Up to this k, `topk_lowest_id` takes k argmax passes instead of a full sort.
 ARGMAX_MAX_K = 4
@@ -284,6 +298,10 @@ class TaskRouter(Router):
         dtype = _router_dtype(x_TD)
         logits_TE = self.task_logits(task_ids_T).to(dtype)
         return softmax_topk_plan(self.mask(logits_TE), self.config)
+
+    @property
+    def routes_by_task(self) -> bool:
+        return True
 
     def experts_for_task(self, task_id: int) -> list[int]:
         """The K experts every token of `task_id` is sent to (sorted)."""

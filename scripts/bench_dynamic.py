@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench_utils import run_demo_training
 
-from moe.dynamic import dynamic_scalars, end_dynamic_step, set_sample_ids
 from moe.layer import MoELayer
 from routing import RoutingConfig
+from routing.dynamic.state import dynamic_scalars, end_dynamic_step, set_sample_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES: dict[str, dict[str, Any]] = {

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from moe.ops import _layout, grouped_mm_torch
+from moe.ops.cpu import _layout, grouped_mm_torch
 
 
 def main() -> None:

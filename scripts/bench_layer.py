@@ -16,7 +16,7 @@ after setup, one implementation per subprocess (see `scripts/_bench_utils.py`).
         [--allocator reuse|default]
 
 `--allocator reuse` (the default) sets glibc's malloc the way a training run does
-(`train.reuse_heap`, `launch.allocator`): freed blocks stay in the heap instead of
+(`train.reuse_heap`, `launch.training.allocator`): freed blocks stay in the heap instead of
 going back to the kernel, for every implementation alike; `default` leaves glibc's.
 
 Shapes: T tokens, D model width, H expert hidden width, E experts, K experts per token.
@@ -52,7 +52,7 @@ from _bench_utils import (
     round_ratio_median,
 )
 
-from launch.allocator import reuse_heap
+from launch.training.allocator import reuse_heap
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
 from routing import RoutingConfig

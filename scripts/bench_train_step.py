@@ -3,7 +3,7 @@ one process, interleaved; and (`--ep`) whole training runs at EP=1 against EP=2.
 
 Step mode (default): `experiment=demo comm=local`, `model=small` (MoE) and `model=dense`
 (its dense twin at equal active parameters), each eager and compiled
-(`launch.compile.CompiledStep`, inductor). One step = forward, loss, backward, gradient
+(`launch.training.compile.CompiledStep`, inductor). One step = forward, loss, backward, gradient
 clipping, AdamW, on the next KJV training batch of the demo's size (32 x 128 bytes; the
 sampling is not timed). Each variant is compiled and warmed up first, then trained for
 `--pretrain-steps` steps, so that its routing is that of a model in training: a fresh
@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from _bench_utils import round_ratio_median, run_demo_training  # noqa: E402
 
-from launch.allocator import reuse_heap  # noqa: E402
-from launch.compile import CompiledStep  # noqa: E402
 from launch.config import RunConfig, register_configs, to_run_config  # noqa: E402
-from launch.optim import (  # noqa: E402
+from launch.training.allocator import reuse_heap  # noqa: E402
+from launch.training.compile import CompiledStep  # noqa: E402
+from launch.training.optim import (  # noqa: E402
     build_optimizer,
     clip_gradients,
     global_grad_norm,
@@ -232,7 +232,7 @@ def main() -> None:
     runs_mode = args.ep or args.dense
     if not runs_mode:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    # As launch.trainer does with train.reuse_heap=true (the run modes run launch.train).
+    # As launch.training.loop does with train.reuse_heap=true (the run modes run launch.train).
     heap_reused = not runs_mode and args.allocator == "reuse" and reuse_heap()
     started = time.time()
     if args.profile:

@@ -15,7 +15,7 @@ machine is shared, and the minimum is the figure least disturbed by other jobs):
   prefill and decode step's time minus the planner's roofline (max(compute, memory) with
   the figures above) is fitted by non-negative least squares on relative error to
   host_step + host_layer * layers + host_expert(_int8) * experts run + host_sequence *
-  sequences + host_token * tokens (`moe.inference.hardware`).
+  sequences + host_token * tokens (`moe.planning.hardware`).
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/calibrate_hardware.py \\
         [--out conf/hardware/local.yaml] [--json docs/results/planner_calibration_local.json]
@@ -45,9 +45,9 @@ from _bench_utils import engine_step_seconds, timed_runs
 
 from moe.config import ModelConfig
 from moe.inference import InferenceEngine, SamplingParams
-from moe.inference.hardware import HOST_FIELDS, Hardware
-from moe.inference.model_costs import Costs, Workload, shape_from_config
-from moe.inference.planner import estimate
+from moe.planning.hardware import HOST_FIELDS, Hardware
+from moe.planning.model_costs import Costs, Workload, shape_from_config
+from moe.planning.planner import estimate
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
 

@@ -5,7 +5,7 @@
         --json runs/distill_exp/result.json --plot runs/distill_exp/bpb.png --markdown
 
 Variants, one subprocess run each per seed, in `out_dir/<variant>_s<seed>`:
-- `scratch`: `python -m launch.train` with the student's model (`moe.distill.student_config`
+- `scratch`: `python -m launch.train` with the student's model (`moe.distill.student.student_config`
   of the teacher: every FFN one `ExpertFFN` of width top_k * expert_hidden) on the language
   modelling loss alone. It starts from the weights `kd_random` starts from (the same
   model config and seed), so the two differ only in the loss;
@@ -55,13 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench_utils import is_finished, read_metrics
 
-from launch.distillation import Teacher, read_teacher
-from launch.evaluation import evaluate
+from launch.training.distillation import Teacher, read_teacher
+from launch.training.evaluation import evaluate
 from moe.data import ByteDataset, DataConfig, build_dataset
-from moe.distill import student_config
+from moe.distill.student import student_config
 from moe.inference import load_model
-from moe.inference.task_usage import dropless_routing
 from moe.transformer import MoETransformer, bits_per_byte
+from routing import CapacityOverride
 
 ROOT = Path(__file__).resolve().parents[1]
 # variant -> (entry module, its own overrides)
@@ -203,7 +203,7 @@ def task_bpb(model: MoETransformer, dataset: ByteDataset, windows: int) -> dict[
     model.eval()
     offsets = torch.arange(dataset.seq_len + 1)
     per_task, tokens, start = {}, 0, time.perf_counter()
-    with dropless_routing(model):
+    with model.capacity_override(CapacityOverride.DROPLESS):
         for task, name in enumerate(dataset.corpus.task_names):
             starts = dataset.val_starts[dataset.val_task_ids == task][:windows]
             total, count = 0.0, 0
@@ -235,7 +235,7 @@ def evaluate_teacher(
     model = load_model(teacher.checkpoint).model
     batch_size, batches = settings["train"]["batch_size"], settings["train"]["eval_batches"]
     trained = evaluate(model, dataset, batch_size, batches, 0, 1, torch.device("cpu"))
-    with dropless_routing(model):
+    with model.capacity_override(CapacityOverride.DROPLESS):
         dropless = evaluate(model, dataset, batch_size, batches, 0, 1, torch.device("cpu"))
     own = read_metrics(teacher.checkpoint.parent.parent)
     return {

@@ -13,7 +13,6 @@ the fp32 layer inputs fed to both (so errors do not compound across layers).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,18 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.evaluation import evaluate
+from launch.training.evaluation import evaluate
 from moe.data import DataConfig, build_dataset
 from moe.experts import expert_modules
 from moe.inference import load_model
 from moe.transformer import MoETransformer
-from routing import CapacityKind
-
-
-def _dropless(model: MoETransformer) -> MoETransformer:
-    for _, layer in model.moe_layers():
-        layer.routing = dataclasses.replace(layer.routing, capacity=CapacityKind.DROPLESS)
-    return model
+from routing import CapacityOverride
 
 
 def expert_bytes(model: MoETransformer) -> int:
@@ -83,7 +76,8 @@ def main() -> None:
     cpu = torch.device("cpu")
     results: dict = {"checkpoint": str(fp32.checkpoint), "batches": args.batches}
     for name, loaded in (("fp32", fp32), ("int8", int8)):
-        model = _dropless(loaded.model)
+        model = loaded.model
+        model.override_capacity(CapacityOverride.DROPLESS)
         evaluation = evaluate(model, dataset, batch_size, args.batches, 0, 1, cpu)
         results[name] = {"val_bpb": evaluation.val_bpb, "expert_bytes": expert_bytes(model)}
     batch = next(iter(dataset.validation_batches(batch_size, 0, 1, 1)))

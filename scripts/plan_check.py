@@ -38,10 +38,10 @@ from _bench_utils import engine_step_seconds
 
 from moe.checkpoint import read_meta
 from moe.config import ModelConfig
-from moe.inference.hardware import HOST_FIELDS, Hardware, load_hardware
 from moe.inference.loading import configs_of, resolve_checkpoint
-from moe.inference.model_costs import ModelShape, Workload, shape_from_config
-from moe.inference.planner import estimate, plan
+from moe.planning.hardware import HOST_FIELDS, Hardware, load_hardware
+from moe.planning.model_costs import ModelShape, Workload, shape_from_config
+from moe.planning.planner import estimate, plan
 
 # Pope et al. 2022, Sec. 4: TPU v4, 275 TFLOP/s bf16 (int8 weights are computed in bf16),
 # 32 GiB HBM at 1200 GB/s per chip, 3D-torus ICI. The per-chip network bandwidth used in

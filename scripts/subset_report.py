@@ -45,8 +45,8 @@ from torch import nn
 from moe.data import ByteDataset, DataConfig, build_corpus
 from moe.inference import load_model, resolve_checkpoint
 from moe.inference.subset import weight_bytes, write_subset
-from moe.inference.task_usage import dropless_routing
 from moe.transformer import MoETransformer, bits_per_byte
+from routing import CapacityOverride
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -115,7 +115,7 @@ def task_val_bpb(
     offsets = torch.arange(dataset.seq_len + 1)
     model.eval()
     total, count = 0.0, 0
-    with dropless_routing(model):
+    with model.capacity_override(CapacityOverride.DROPLESS):
         for begin in range(0, len(starts), batch_size):
             chunk = starts[begin : begin + batch_size]
             tokens_BT = dataset.val_bytes_N[chunk[:, None] + offsets].to(torch.int64)

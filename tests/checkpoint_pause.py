@@ -3,7 +3,7 @@
     python tests/checkpoint_pause.py
 
 reads one JSON job per line on stdin: `{"spec", "signal", "run_dir", "resume_from",
-"overrides", "log"}`. For each it forks a child that runs `launch.trainer.train` on
+"overrides", "log"}`. For each it forks a child that runs `launch.training.loop.train` on
 `tests/test_train.tiny_config(run_dir, *overrides)` (one process, output to `log`) with
 hooks around the checkpoint code's file writes (`write_bytes`, which every checkpoint
 file, `meta.json` and `latest` go through) and directory renames (`os.replace` of a
@@ -109,7 +109,7 @@ def _child(job: dict[str, Any]) -> None:
     os.dup2(log, 2)
     from test_train import tiny_config
 
-    from launch.trainer import train
+    from launch.training.loop import train
 
     run_dir = Path(job["run_dir"])
     config = tiny_config(run_dir, *job["overrides"])
@@ -120,7 +120,7 @@ def _child(job: dict[str, Any]) -> None:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import launch.trainer  # noqa: F401  (imported once, before the forks)
+    import launch.training.loop  # noqa: F401  (imported once, before the forks)
 
     for line in sys.stdin:
         job = json.loads(line)

@@ -1,4 +1,4 @@
-"""launch.allocator.reuse_heap: after it, a freed large block stays in the process (the
+"""launch.training.allocator.reuse_heap: after it, a freed large block stays in the process (the
 next allocation of that size reuses it) instead of going back to the kernel."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, sys
 import torch
-from launch.allocator import reuse_heap
+from launch.training.allocator import reuse_heap
 
 def rss_mb():
     with open("/proc/self/statm") as f:

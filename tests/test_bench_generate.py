@@ -35,8 +35,8 @@ MACHINE_KEYS = ("threads", "read_gbs", "copy_gbs", "matmul_flops", "torch", "cpu
 
 def save_tiny_checkpoint(directory: Path) -> Path:
     """A random 2-block MoE (4 experts, top-2) on synthetic data, saved as a run."""
-    from launch.checkpointing import config_dict
     from launch.config import RunConfig
+    from launch.training.checkpointing import config_dict
 
     config = ModelConfig(
         d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, ffn_hidden=48,

@@ -388,7 +388,7 @@ def _reshard_on_four_ranks(
     at EP=2 (x 2 data-parallel replicas). Models are built with other weights (seed 7)
     before loading. Returns the logits at EP=4 and at EP=2."""
     from comm.topology import Topology, build_process_groups
-    from moe.parallel import ExpertParallelDispatcher
+    from moe.dispatchers import ExpertParallelDispatcher
 
     config, routing, tokens_BT = _lm_setup()
     logits = []

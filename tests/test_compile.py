@@ -1,4 +1,4 @@
-"""The compiled step (`train.compile=true`, launch.compile) and the fast paths it relies on.
+"""The compiled step (`train.compile=true`, launch.training.compile) and the fast paths it relies on.
 
 - The MoE layer compiles with `fullgraph=True` (no graph break) at EP=1 for every router
   kind, and the compiled layer gives the eager outputs and gradients.
@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from launch.compile import CompiledStep
 from launch.config import TrainConfig
-from moe.dispatch import Permutation, capacity_padded_permutation, permute, unpermute
+from launch.training.compile import CompiledStep
 from moe.layer import MoELayer
 from moe.ops import grouped_mm, grouped_mm_torch
+from moe.permute import Permutation, capacity_padded_permutation, permute, unpermute
 from routing import RoutingConfig, apply_capacity, build_router
 
 # One cache directory for every run of this test on the machine: the first run compiles
@@ -55,8 +55,8 @@ def test_moe_layer_compiles_without_graph_breaks(kind: str) -> None:
     x = torch.randn(2, 10, 16)
     tasks = torch.randint(0, 3, (2, 10)) if kind == "task" else None
     if kind == "dynamic_cached":
-        assert layer.dynamic is not None and layer.dynamic.cache is not None
-        layer.dynamic.sample_ids = [0, 1]  # the two sequences of x
+        assert layer.capacity_state is not None and layer.capacity_state.cache is not None
+        layer.capacity_state.sample_ids = [0, 1]  # the two sequences of x
     torch._dynamo.reset()
     # Without fullgraph (as the trainer compiles), a data-dependent op is a graph break;
     # fullgraph=True would capture it with unbacked sizes instead, so count the breaks.
@@ -101,8 +101,8 @@ def test_dynamic_reshuffle_reuses_the_graph_and_a_rebuild_recompiles() -> None:
                             dynamic_rebuild_interval=1)  # fmt: skip
     torch.manual_seed(0)
     layer = MoELayer(16, 24, 4, routing)
-    assert layer.dynamic is not None
-    controller = layer.dynamic.controller
+    assert layer.capacity_state is not None
+    controller = layer.capacity_state.controller
     controller.start(20)
     assert controller.bucket_vector == (12, 12, 12, 12)
     x = torch.randn(2, 10, 16)
@@ -147,7 +147,7 @@ def test_moe_transformer_is_one_graph() -> None:
 def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     from test_train import tiny_config
 
-    from launch.trainer import train
+    from launch.training.loop import train
 
     common = (
         "train.steps=20", "train.eval_every=20", "train.eval_batches=1",

@@ -14,8 +14,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from launch.config import (
-    Engine,
     RunConfig,
+    TrainingEngineKind,
     register_configs,
     to_run_config,
 )
@@ -165,7 +165,7 @@ def test_overrides_reach_the_dataclasses() -> None:
         )
     )
     assert run.routing.capacity_factor == 1.0
-    assert run.train.engine == Engine.DEEPSPEED and run.train.zero_stage == 2
+    assert run.train.engine == TrainingEngineKind.DEEPSPEED and run.train.zero_stage == 2
     assert run.run_dir == "/tmp/somewhere"
 
 

@@ -1,4 +1,4 @@
-"""The CUDA wiring of the `moe::` ops (moe/cuda_ops.py), run end to end on CPU.
+"""The CUDA wiring of the `moe::` ops (moe/ops/cuda.py), run end to end on CPU.
 
 A subprocess sets `TRITON_INTERPRET=1`, registers the CUDA adapters for the CPU
 dispatch key, and runs a whole MoELayer forward and backward through the Triton kernels;
@@ -19,7 +19,7 @@ import torch
 SCRIPT = textwrap.dedent(
     """
     import torch
-    from moe import cuda_ops, ops
+    from moe.ops import cpu as ops, cuda as cuda_ops
     for name in ("grouped_mm", "grouped_mm_wgrad", "gather_rows", "scatter_add_rows",
                  "combine", "combine_backward"):
         getattr(ops, name).register_kernel("cpu")(getattr(cuda_ops, name))

@@ -21,10 +21,10 @@ from distributed_utils import run_distributed, values_or_raise
 from test_train import tiny_config
 
 from launch.build import build_model
-from launch.engines import build_engine
-from launch.objectives import LanguageModelling
 from launch.runtime import ProcessInfo, setup_runtime, teardown_runtime
-from launch.trainer import train
+from launch.training.engines import build_engine
+from launch.training.loop import train
+from launch.training.objectives import LanguageModelling
 from moe.checkpoint import decode_state
 from moe.experts import expert_parameter_ids
 from moe.params import count_parameters

@@ -21,9 +21,11 @@ from distributed_utils import run_distributed, values_or_raise
 from hydra import compose, initialize_config_dir
 from test_train import tiny_config
 
-from launch.checkpointing import config_dict
 from launch.config import CommConfig, RunConfig, TrainConfig
-from launch.distillation import (
+from launch.generate import GenerateConfig, run_generate
+from launch.runtime import ProcessInfo, setup_runtime, teardown_runtime
+from launch.training.checkpointing import config_dict
+from launch.training.distillation import (
     DistillRunConfig,
     distill,
     load_teacher,
@@ -32,15 +34,14 @@ from launch.distillation import (
     student_run_config,
     to_distill_config,
 )
-from launch.engines import TorchEngine
-from launch.generate import GenerateConfig, run_generate
-from launch.objectives import Distillation
-from launch.optim import split_parameters
-from launch.runtime import ProcessInfo, setup_runtime, teardown_runtime
-from launch.trainer import train
+from launch.training.engines import TorchEngine
+from launch.training.gradients import reduce_gradients
+from launch.training.loop import train
+from launch.training.objectives import Distillation
+from launch.training.optim import split_parameters
 from moe.checkpoint import LATEST_FILE, read_meta, save_checkpoint
 from moe.config import FFNKind, ModelConfig
-from moe.distill import (
+from moe.distill.student import (
     CheckpointExperts,
     StudentInit,
     combine_experts,
@@ -51,7 +52,6 @@ from moe.distill import (
 )
 from moe.experts import ExpertFFN, GroupedExperts, expert_parameter_ids
 from moe.inference import load_model
-from moe.parallel import reduce_gradients
 from moe.params import count_parameters
 from moe.transformer import MoETransformer
 from routing import RoutingConfig

@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 from test_train import tiny_config
 
-from launch.trainer import train
+from launch.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "distill_experiment.py"

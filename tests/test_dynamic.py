@@ -16,16 +16,10 @@ import pytest
 import torch
 from distributed_utils import run_distributed, values_or_raise
 
-from moe.assignment_cache import AssignmentCache
-from moe.dynamic import (
-    bucket_key,
-    dynamic_scalars,
-    end_dynamic_step,
-    set_sample_ids,
-    start_dynamic,
-)
 from moe.layer import MoELayer
 from routing import DynamicCapacityController, RoutingConfig, apply_capacity
+from routing.dynamic.cache import AssignmentCache
+from routing.state import PolicyState, model_policy_state
 from routing.routers import TopKRouter
 
 D, H = 6, 10
@@ -42,14 +36,9 @@ def _config(**overrides: Any) -> RoutingConfig:
     return RoutingConfig(**settings)
 
 
-class _Model:
-    """What moe.dynamic's helpers need of a model: `moe_layers()`."""
-
-    def __init__(self, *layers: MoELayer) -> None:
-        self.layers = layers
-
-    def moe_layers(self) -> list[tuple[int, MoELayer]]:
-        return list(enumerate(self.layers))
+def _state(*layers: MoELayer) -> PolicyState:
+    """The policy state the training loop would drive for a model of these layers."""
+    return model_policy_state([(i, layer.capacity_state) for i, layer in enumerate(layers)])
 
 
 # ----------------------------------------------------------------------- controller
@@ -296,7 +285,7 @@ def test_per_expert_capacity_matches_a_loop_oracle() -> None:
 def test_dynamic_layer_output_matches_the_oracle() -> None:
     torch.manual_seed(11)
     layer = MoELayer(D, H, 4, _config(top_k=2, dynamic_min_factor=0.25)).double()
-    controller = layer.dynamic.controller  # type: ignore[union-attr]
+    controller = layer.capacity_state.controller  # type: ignore[union-attr]
     controller.observe((20, 2, 1, 1), 12)  # skewed: expert 0 gets room, the others shrink
     capacity = list(controller.capacities(12))
     assert capacity == [12, 2, 2, 2]
@@ -311,7 +300,7 @@ def test_a_plan_keeps_its_capacities_after_the_controller_moves() -> None:
     before must still hold the capacities it was routed with."""
     torch.manual_seed(3)
     layer = MoELayer(D, H, 4, _config(top_k=1)).double().train()
-    start_dynamic(_Model(layer), 16)
+    _state(layer).before_forward(None, 16)
     with torch.no_grad():  # every token prefers expert 0: the next step moves slots to it
         layer.router.gate.weight.zero_()
         layer.router.gate.weight[0].fill_(1.0)
@@ -319,8 +308,8 @@ def test_a_plan_keeps_its_capacities_after_the_controller_moves() -> None:
     plan = layer.route(x)
     assert plan.capacity_E is not None
     routed_with = plan.capacity_E.tolist()
-    end_dynamic_step(_Model(layer))
-    controller = layer.dynamic.controller  # type: ignore[union-attr]
+    _state(layer).end_step(None)
+    controller = layer.capacity_state.controller  # type: ignore[union-attr]
     assert controller.capacity_E.tolist() != routed_with, "the load change moved no slots"
     assert plan.capacity_E.tolist() == routed_with
 
@@ -342,7 +331,7 @@ def test_padding_changes_nothing_when_nothing_is_dropped() -> None:
     torch.testing.assert_close(outputs[0], outputs[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
-    assert dynamic.dynamic is not None and dynamic.dynamic.processed_rows == 4 * 10
+    assert dynamic.capacity_state is not None and dynamic.capacity_state.processed_rows == 4 * 10
 
 
 # --------------------------------------------------------------------------- the cache
@@ -377,9 +366,9 @@ def test_layer_uses_the_cached_assignment_once_converged() -> None:
     torch.manual_seed(2)
     config = _config(top_k=2, dynamic_min_factor=2.0, cache_max_entries=8, cache_threshold=0.3)
     layer = MoELayer(D, H, 4, config).double()
-    model = _Model(layer)
+    state = _state(layer)
     x = torch.randn(2, 6, D, dtype=torch.float64)
-    set_sample_ids(model, torch.tensor([5, 6]))
+    state.before_forward(torch.tensor([5, 6]), 12)
     first = layer.route(x.reshape(-1, D), None, 2).expert_ids_TK.clone()
     layer.route(x.reshape(-1, D), None, 2)  # same routing again: converged
     with torch.no_grad():  # move the router so every token picks other experts
@@ -391,20 +380,27 @@ def test_layer_uses_the_cached_assignment_once_converged() -> None:
     probs_TE = torch.softmax(x.reshape(-1, D) @ layer.router.gate.weight.t(), dim=-1)
     want = probs_TE.gather(1, first)
     torch.testing.assert_close(plan.weights_TK, want / want.sum(-1, keepdim=True))
-    assert dynamic_scalars(model)["dynamic/cache_hit_rate"] == pytest.approx(2 / 6)
+    assert state.scalars()["dynamic/cache_hit_rate"] == pytest.approx(2 / 6)
     # The shift was past the threshold: both samples were invalidated.
     assert layer.route(x.reshape(-1, D), None, 2).expert_ids_TK.tolist() == shifted.tolist()
-    assert layer.dynamic is not None and layer.dynamic.cache is not None
-    assert layer.dynamic.cache.invalidations == 2
+    assert layer.capacity_state is not None and layer.capacity_state.cache is not None
+    assert layer.capacity_state.cache.invalidations == 2
     layer.eval()  # no cache and no demand outside training
-    demand = layer.dynamic.demand_E.clone()
+    demand = layer.capacity_state.demand_E.clone()
     layer.route(x.reshape(-1, D), None, 2)
-    assert torch.equal(layer.dynamic.demand_E, demand)
+    assert torch.equal(layer.capacity_state.demand_E, demand)
 
 
 # -------------------------------------------------------------------- EP=2 == EP=1
 
 E_EP, T_EP, STEPS = 8, 12, 6
+
+
+def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, group=group)
+    return tensor
 
 
 def _ep_config() -> RoutingConfig:
@@ -417,7 +413,8 @@ def _ep_config() -> RoutingConfig:
 
 def _ep_worker(rank: int, world_size: int) -> list[Any]:
     from comm.topology import Topology, build_process_groups
-    from moe.parallel import ExpertParallelDispatcher, reduce_gradients
+    from launch.training.gradients import reduce_gradients
+    from moe.dispatchers import ExpertParallelDispatcher
 
     groups = build_process_groups(Topology(world_size, world_size, world_size))
     gen = torch.Generator().manual_seed(99)
@@ -445,17 +442,17 @@ def _ep_worker(rank: int, world_size: int) -> list[Any]:
     for step in range(STEPS):
         ref_out = []
         for r in range(world_size):  # the EP=1 reference routes every shard on its own
-            set_sample_ids(_Model(ref), sample_ids[step][r])
+            _state(ref).before_forward(sample_ids[step][r], T_EP)
             ref_out.append(ref(xs[step][r]))
         sum(o.y.square().sum() + o.aux_loss for o in ref_out).backward()  # type: ignore[union-attr]
-        end_dynamic_step(_Model(ref))
-        set_sample_ids(_Model(ep), sample_ids[step][rank])
+        _state(ref).end_step(None)
+        _state(ep).before_forward(sample_ids[step][rank], T_EP)
         dispatcher.comm_timer.take()
         out = ep(xs[step][rank])
         (out.y.square().sum() + out.aux_loss).backward()
         calls_per_step.append(dispatcher.comm_timer.calls)
         reduce_gradients(ep, groups)
-        end_dynamic_step(_Model(ep), groups.world)
+        _state(ep).end_step(lambda t: _all_reduce(t, groups.world))
         torch.testing.assert_close(out.y, ref_out[rank].y, atol=1e-11, rtol=1e-9)
         for name, param in ep.named_parameters():
             want = ref.get_parameter(name).grad
@@ -465,12 +462,12 @@ def _ep_worker(rank: int, world_size: int) -> list[Any]:
             torch.testing.assert_close(param.grad * world_size, want, atol=1e-10, rtol=1e-8)
             param.grad = None
         ref.zero_grad()
-        assert bucket_key(_Model(ep)) == bucket_key(_Model(ref))
-        assert ep.dynamic is not None and ref.dynamic is not None
-        assert ep.dynamic.controller.bucket_vector == ref.dynamic.controller.bucket_vector
-    assert ep.dynamic is not None and ep.dynamic.cache is not None
-    controller = ep.dynamic.controller
-    return [(controller.rebuilds, controller.reshuffles), ep.dynamic.cache.hits, calls_per_step]
+        assert _state(ep).compile_key() == _state(ref).compile_key()
+        assert ep.capacity_state is not None and ref.capacity_state is not None
+        assert ep.capacity_state.controller.bucket_vector == ref.capacity_state.controller.bucket_vector
+    assert ep.capacity_state is not None and ep.capacity_state.cache is not None
+    controller = ep.capacity_state.controller
+    return [(controller.rebuilds, controller.reshuffles), ep.capacity_state.cache.hits, calls_per_step]
 
 
 @pytest.mark.distributed

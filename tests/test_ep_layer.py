@@ -28,8 +28,9 @@ from distributed_utils import run_distributed, values_or_raise
 
 from comm.cost import CostModel
 from comm.topology import Topology, build_process_groups
+from launch.training.gradients import reduce_gradients
+from moe.dispatchers import ExpertParallelDispatcher
 from moe.layer import MoELayer
-from moe.parallel import ExpertParallelDispatcher, reduce_gradients
 from routing import RoutingConfig
 
 pytestmark = pytest.mark.distributed

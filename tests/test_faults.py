@@ -33,7 +33,7 @@ import pytest
 import torch
 from test_train import tiny_config
 
-from launch.trainer import EVENTS_FILE, train
+from launch.training.loop import EVENTS_FILE, train
 from moe.checkpoint import load_checkpoint, resolve_latest, verify_checkpoint
 from moe.checkpoint.files import STEP_DIR
 from moe.transformer import MoETransformer

@@ -291,8 +291,8 @@ def test_bad_requests() -> None:
 
 
 def _save(model: MoETransformer, directory: Path, routing: RoutingConfig) -> Path:
-    from launch.checkpointing import config_dict
     from launch.config import RunConfig
+    from launch.training.checkpointing import config_dict
 
     run = RunConfig(model=model.config, routing=routing)
     return save_checkpoint(directory / "checkpoints", model, None, 3, config_dict(run))

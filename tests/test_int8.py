@@ -358,8 +358,8 @@ def _interpreter_dtypes(device: str) -> tuple[torch.dtype, ...]:
 def check_int8_kernel(device: str) -> None:
     """The Triton kernel (and `Int8Experts` through it) against the CPU path."""
     from moe.inference import quant
-    from moe.kernels.grouped_gemm import GemmBlocks
-    from moe.kernels.int8_grouped_gemm import int8_grouped_mm
+    from moe.ops.kernels.grouped_gemm import GemmBlocks
+    from moe.ops.kernels.int8_grouped_gemm import int8_grouped_mm
 
     small = GemmBlocks(16, 16, 16)
     for case, counts in enumerate(KERNEL_COUNTS):
@@ -412,7 +412,7 @@ def compile_int8_kernel_for_gpu(arch: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe.kernels import int8_grouped_gemm
+    from moe.ops.kernels import int8_grouped_gemm
 
     kernel = int8_grouped_gemm._int8_grouped_mm_kernel
     params = list(inspect.signature(kernel.fn).parameters)

@@ -1,4 +1,4 @@
-"""The inference planner (moe.inference.planner, moe.inference.hardware, launch.plan).
+"""The inference planner (moe.planning.planner, moe.planning.hardware, launch.plan).
 
 Every term is checked against numbers worked out by hand in this file for a small model
 (no planner code is reused to compute the expectation):
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from moe.inference.hardware import Hardware, load_hardware
-from moe.inference.model_costs import ModelShape, Workload, experts_touched
-from moe.inference.planner import Layout, estimate, plan
+from moe.planning.hardware import Hardware, load_hardware
+from moe.planning.model_costs import ModelShape, Workload, experts_touched
+from moe.planning.planner import Layout, estimate, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,10 +25,10 @@ import pytest
 import torch
 from test_subset import tiny_run_config
 
-from launch.checkpointing import config_dict
 from launch.generate import GenerateConfig, run_generate
 from launch.runtime import ProcessInfo
 from launch.serve import ServeConfig, ServeOptions, start, stop
+from launch.training.checkpointing import config_dict
 from moe.checkpoint import save_checkpoint
 from moe.transformer import MoETransformer
 

@@ -250,9 +250,9 @@ def test_the_memory_probe_keeps_one_moe_layer_of_one_expert(tmp_path: object) ->
 
     from test_subset import tiny_run_config
 
-    from launch.checkpointing import config_dict
     from launch.serving.deployments import probe_model
     from launch.serving.model_info import describe_model
+    from launch.training.checkpointing import config_dict
     from moe.checkpoint import save_checkpoint
     from moe.transformer import MoETransformer
 

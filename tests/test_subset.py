@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.checkpointing import config_dict
 from launch.config import RunConfig, TrainConfig
+from launch.training.checkpointing import config_dict
 from moe.checkpoint import read_meta, save_checkpoint
 from moe.config import ModelConfig
 from moe.data import DataConfig, build_corpus

@@ -13,9 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launch.config import RunConfig, register_configs, to_run_config
-from launch.optim import learning_rate
 from launch.runtime import ProcessInfo, process_info_from_env
-from launch.trainer import train
+from launch.training.loop import train
+from launch.training.optim import learning_rate
 from moe.checkpoint import LATEST_FILE
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -200,9 +200,9 @@ def test_step_losses_average_micro_batches_and_keep_every_step() -> None:
     flush comes back in order, and the loss terms may not change within a run."""
     import torch
 
-    from launch.step_log import StepLosses
+    from launch.training.step_log import StepLosses
 
-    ledger = StepLosses(world_size=1)
+    ledger = StepLosses(world_size=1, all_reduce=None)
     assert ledger.flush() == []
     for step in range(3):
         for micro in range(2):

@@ -12,7 +12,7 @@ from distributed_utils import run_distributed, values_or_raise
 from test_train import tiny_config
 
 from launch.runtime import ProcessInfo
-from launch.trainer import train
+from launch.training.loop import train
 from moe.checkpoint import load_checkpoint, resolve_latest
 from moe.transformer import MoETransformer
 

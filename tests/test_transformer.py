@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from moe.attention import CausalSelfAttention
 from moe.config import ModelConfig, dense_equivalent, pyramid_schedule
+from moe.dispatchers import LocalDispatcher
 from moe.experts import Activation
-from moe.parallel import LocalDispatcher
 from moe.transformer import MoETransformer, bits_per_byte, lm_loss
 from routing import CapacityKind, RouterKind, RoutingConfig
 

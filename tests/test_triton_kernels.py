@@ -1,4 +1,4 @@
-"""The Triton kernels of `moe.kernels` against plain torch references.
+"""The Triton kernels of `moe.ops.kernels` against plain torch references.
 
 On CPU the kernels run under the Triton interpreter. `TRITON_INTERPRET=1` must be set
 before Triton is imported, so each check runs in a fresh subprocess (this file run as a
@@ -78,7 +78,7 @@ COUNT_CASES = ([5, 0, 37, 20], [0, 17, 0], [33])
 
 
 def check_grouped_mm(device: str) -> None:
-    from moe.kernels import GemmBlocks, grouped_mm
+    from moe.ops.kernels import GemmBlocks, grouped_mm
 
     small = GemmBlocks(16, 16, 16)
     for case, counts_E in enumerate(COUNT_CASES):
@@ -101,7 +101,7 @@ def check_grouped_mm(device: str) -> None:
 
 
 def check_grouped_mm_wgrad(device: str) -> None:
-    from moe.kernels import GemmBlocks, grouped_mm_wgrad
+    from moe.ops.kernels import GemmBlocks, grouped_mm_wgrad
 
     small = GemmBlocks(16, 16, 16)
     for case, counts_E in enumerate(COUNT_CASES):
@@ -136,7 +136,7 @@ def _random_slots(num_tokens: int, top_k: int, extra_rows: int) -> tuple[torch.T
 
 
 def check_gather(device: str) -> None:
-    from moe.kernels import combine, gather_rows, gather_rows_backward
+    from moe.ops.kernels import combine, gather_rows, gather_rows_backward
 
     for num_tokens, width, top_k in ((23, 24, 2), (9, 1100, 3)):
         row_of_slot_TK, num_rows = _random_slots(num_tokens, top_k, extra_rows=0)
@@ -162,7 +162,7 @@ def check_gather(device: str) -> None:
 
 
 def check_combine(device: str) -> None:
-    from moe.kernels import combine, combine_backward
+    from moe.ops.kernels import combine, combine_backward
 
     for num_tokens, width, top_k in ((23, 24, 2), (9, 1100, 3), (40, 16, 1)):
         row_of_slot_TK, num_rows = _random_slots(num_tokens, top_k, extra_rows=3)
@@ -214,7 +214,7 @@ def compile_for_gpu(arch: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe.kernels import gather, grouped_gemm
+    from moe.ops.kernels import gather, grouped_gemm
 
     def build(
         kernel: Any,
@@ -344,7 +344,7 @@ def test_kernel_on_cuda(check: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_gemm_at_layer_sizes_on_cuda(dtype: torch.dtype) -> None:
     """Default tiles (the ones training uses) at benchmark sizes, with an empty expert."""
-    from moe.kernels import grouped_mm, grouped_mm_wgrad
+    from moe.ops.kernels import grouped_mm, grouped_mm_wgrad
 
     num_experts, d_in, d_out = 8, 512, 1024
     counts_E = torch.multinomial(torch.ones(num_experts), 4096, replacement=True).bincount(
@@ -365,7 +365,7 @@ def test_grouped_gemm_at_layer_sizes_on_cuda(dtype: torch.dtype) -> None:
 
 
 def test_import_does_not_need_triton() -> None:
-    code = "import sys, moe.kernels; assert 'triton' not in sys.modules; print('clean')"
+    code = "import sys, moe.ops.kernels; assert 'triton' not in sys.modules; print('clean')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "clean", result.stderr
 

@@ -14,9 +14,10 @@ waits for the longest request of a batch. Each sequence samples with its own gen
 
 Routing at inference is dropless by default: capacity-limited routing makes the slots
 a token keeps depend on the other tokens of the batch, so one request's output would
-change with its neighbours. The engine sets every MoE layer's capacity policy to
-dropless while it lives (`restore()` puts the trained one back); `routing="trained"`
-keeps the trained policy for those who want it.
+change with its neighbours. The engine overrides the model's capacity policy with
+`CapacityOverride.DROPLESS` while it lives (`MoETransformer.capacity_override`; DynaMoE
+included; `restore()` puts the trained one back); `routing="trained"` keeps the trained
+policy for those who want it.
 
 Context longer than `max_len` (the model's `max_seq_len`): a prompt keeps its last
 `max_len` bytes; a sequence whose slot fills up is re-prefilled with the last half
@@ -31,7 +32,7 @@ is done.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -43,7 +44,8 @@ import torch.distributed as dist
 from moe.inference.cache import Segment, SlotKVCache
 from moe.inference.sampling import SamplingParams, sample_tokens
 from moe.transformer import MoETransformer
-from routing import CapacityKind, RoutingConfig
+from routing import CapacityOverride
+from routing.config import parse_enum
 
 
 @dataclass(frozen=True)
@@ -108,13 +110,12 @@ class InferenceEngine:
         max_batch: int = 32,
         max_step_tokens: int = 4096,
         task_ids: Sequence[int] | None = None,
-        routing: str = "dropless",
+        routing: CapacityOverride | str = CapacityOverride.DROPLESS,
         warmup: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} is invalid; accepted: >= 1")
-        if routing not in ("dropless", "trained"):
-            raise ValueError(f"routing={routing!r} is invalid; accepted: dropless, trained")
+        override = parse_enum(CapacityOverride, routing, "routing")
         self.model = model
         self.max_len = model.config.max_seq_len
         if max_step_tokens < self.max_len:
@@ -137,12 +138,9 @@ class InferenceEngine:
             len(model.blocks), max_batch, model.config.n_kv_heads, self.max_len,
             model.config.head_dim, param.device, param.dtype,
         )  # fmt: skip
-        self._trained_routing: list[RoutingConfig] = [
-            layer.routing for _, layer in model.moe_layers()
-        ]
-        if routing == "dropless":
-            for _, layer in model.moe_layers():
-                layer.routing = dataclasses.replace(layer.routing, capacity=CapacityKind.DROPLESS)
+        # Held for the engine's life; `restore()` leaves it.
+        self._override = contextlib.ExitStack()
+        self._override.enter_context(model.capacity_override(override))
         self._was_training = model.training
         model.eval()
         self._waiting: deque[_Sequence] = deque()
@@ -341,9 +339,8 @@ class InferenceEngine:
                     yield event.completion
 
     def restore(self) -> None:
-        """Give the model back as it came: trained capacity policies, training mode."""
-        for (_, layer), routing in zip(self.model.moe_layers(), self._trained_routing):
-            layer.routing = routing
+        """Give the model back as it came: its capacity policy, training mode."""
+        self._override.close()
         self.model.train(self._was_training)
 
 

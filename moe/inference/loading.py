@@ -19,7 +19,7 @@ import torch
 
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest
 from moe.config import ModelConfig
-from moe.parallel import Dispatcher, LocalDispatcher
+from moe.dispatchers import Dispatcher, LocalDispatcher
 from moe.transformer import DispatcherFactory, MoETransformer
 from routing import RoutingConfig
 

@@ -12,7 +12,7 @@ so that checkpoints save one file per expert. It is for inference: no gradients.
 
 One custom op, `moe::int8_grouped_mm(x_RD, q_ENK, scale_EN, counts_E, method)`, does
 y_RN[rows of e] = (x_RD[rows of e] @ q_ENK[e]^T) * scale_EN[e]. On CUDA (with Triton) it is
-the Triton grouped GEMM of `moe.kernels.int8_grouped_gemm`, which dequantizes in the
+the Triton grouped GEMM of `moe.ops.kernels.int8_grouped_gemm`, which dequantizes in the
 kernel. Elsewhere it loops over the experts that have rows, one of two ways per expert:
 
 - `int8mm`: torch's `_weight_int8pack_mm` (an int8-weight kernel) with bf16/fp16
@@ -211,7 +211,7 @@ def int8_grouped_mm_triton(
 ) -> Tensor:
     """The CUDA adapter of `moe::int8_grouped_mm` (a plain function, so tests can run it
     on CPU tensors under TRITON_INTERPRET=1). `method` is for the CPU path only."""
-    from moe.kernels.int8_grouped_gemm import int8_grouped_mm as launch
+    from moe.ops.kernels.int8_grouped_gemm import int8_grouped_mm as launch
 
     if x_RK.dtype not in TRITON_DTYPES:
         return int8_grouped_mm_torch(x_RK, q_ENK, scale_EN, counts_E, method)

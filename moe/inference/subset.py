@@ -34,6 +34,7 @@ from torch import Tensor
 
 from moe.checkpoint import read_meta, resolve_latest, save_checkpoint
 from moe.data import DataConfig, TaskCorpus, build_corpus
+from moe.dispatchers import Dispatcher, LocalDispatcher
 from moe.experts import expert_modules
 from moe.inference.loading import QUANTIZATIONS, load_model, resolve_checkpoint, subset_ids
 from moe.inference.task_usage import (
@@ -44,7 +45,6 @@ from moe.inference.task_usage import (
     task_experts_task_routing,
     task_training_windows,
 )
-from moe.parallel import Dispatcher, LocalDispatcher
 from moe.transformer import MoETransformer
 from routing import RouterKind
 

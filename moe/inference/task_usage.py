@@ -5,7 +5,7 @@
   the K experts of the task in every MoE layer (`TaskRouter.experts_for_task`).
 - `measure_task_usage`: with token-level routing, the routed token-slots per expert of
   every MoE layer on a sample of the task's windows (`task_training_windows`: bounded,
-  seeded), counted under dropless routing (`dropless_routing`).
+  seeded), counted under dropless routing (`MoETransformer.capacity_override`).
 - `experts_for_coverage`: the smallest set of experts that carries a share `coverage` of
   those slots.
 
@@ -14,9 +14,6 @@ Shapes: B windows, T positions, E experts of a layer (global), K experts per tok
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,27 +22,11 @@ from torch import Tensor
 
 from moe.data import TaskCorpus
 from moe.transformer import MoETransformer
-from routing import CapacityKind
-from routing.routers import TaskRouter
+from routing import CapacityOverride
 
 # A bounded measurement: this many training windows of the task, drawn with this seed.
 DEFAULT_MAX_WINDOWS = 256
 DEFAULT_SEED = 0
-
-
-@contextlib.contextmanager
-def dropless_routing(model: MoETransformer) -> Iterator[MoETransformer]:
-    """Every MoE layer routes dropless inside the block (the inference default); the
-    trained capacity policies come back afterwards."""
-    layers = [layer for _, layer in model.moe_layers()]
-    trained = [layer.routing for layer in layers]
-    try:
-        for layer in layers:
-            layer.routing = dataclasses.replace(layer.routing, capacity=CapacityKind.DROPLESS)
-        yield model
-    finally:
-        for layer, routing in zip(layers, trained):
-            layer.routing = routing
 
 
 def task_experts_task_routing(model: MoETransformer, task: int) -> dict[int, list[int]]:
@@ -56,9 +37,9 @@ def task_experts_task_routing(model: MoETransformer, task: int) -> dict[int, lis
         raise ValueError("the model has no MoE layer; a task subset needs one")
     experts: dict[int, list[int]] = {}
     for block, layer in layers:
-        if not isinstance(layer.router, TaskRouter):
+        if not layer.router.routes_by_task:
             raise ValueError(
-                f"block {block} routes with {type(layer.router).__name__}; "
+                f"block {block} routes with routing.router={layer.routing.router.value}; "
                 "task_experts_task_routing needs routing.router=task"
             )
         num_tasks = layer.router.config.num_tasks
@@ -105,7 +86,7 @@ def measure_task_usage(
     device = model.embed.weight.device
     try:
         model.eval()
-        with dropless_routing(model):
+        with model.capacity_override(CapacityOverride.DROPLESS):
             for start in range(0, tokens_BT.shape[0], batch_size):
                 batch_BT = tokens_BT[start : start + batch_size].to(device, torch.int64)
                 task_ids_B = torch.full((batch_BT.shape[0],), task, dtype=torch.int64)

@@ -2,7 +2,7 @@
 Inference", arXiv 2211.05102) for our MoE transformers: per layout, time and memory.
 
 For a model shape, a workload (batch B, prompt and generation lengths, precisions) and a
-`moe.inference.hardware.Hardware`, `estimate` gives per layout over n chips:
+`moe.planning.hardware.Hardware`, `estimate` gives per layout over n chips:
 
 - prefill time = max(compute, memory) + communication + host, and its MFU (matmul FLOPs
   of the parameters, 2 * N_active per token, over n * peak * time; Pope Sec. 2);
@@ -46,8 +46,8 @@ import math
 from dataclasses import asdict, dataclass
 from enum import Enum
 
-from moe.inference.hardware import Hardware, Precision
-from moe.inference.model_costs import Costs, ModelShape, Workload, check_positive_int
+from moe.planning.hardware import Hardware, Precision
+from moe.planning.model_costs import Costs, ModelShape, Workload, check_positive_int
 
 
 class Layout(str, Enum):

@@ -4,9 +4,9 @@
 optimizer engine, resumes from the latest checkpoint when there is one, and trains with
 warmup + cosine LR, gradient accumulation, gradient clipping over the global norm,
 periodic evaluation (validation loss and bits per byte) and checkpoints. What it
-minimises is the `launch.objectives.Objective` it is given: `train(config, info)` (one
+minimises is the `launch.training.objectives.Objective` it is given: `train(config, info)` (one
 rank of a language-modelling run: runtime, data, model with its expert-parallel
-dispatchers) passes `LanguageModelling`; `launch.distillation.distill` passes
+dispatchers) passes `LanguageModelling`; `launch.training.distillation.distill` passes
 `Distillation` with a frozen teacher.
 
 Exact resumption: the batch of a step is a pure function of (seed, step), and the
@@ -28,28 +28,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.allocator import reuse_heap
 from launch.build import build_model
-from launch.checkpointing import CheckpointManager, config_dict
-from launch.compile import training_step
-from launch.config import Engine as EngineKind
-from launch.config import ResumeMode, RunConfig
-from launch.engines import build_engine
-from launch.evaluation import RoutingMonitor, evaluate
-from launch.objectives import LanguageModelling, Objective
-from launch.optim import learning_rate
+from launch.config import ResumeMode, RunConfig, TrainingEngineKind
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
-from launch.step_log import MoETimer, StepLosses, progress_bar, take_comm_time
-from launch.tracking import Tracker
+from launch.training.allocator import reuse_heap
+from launch.training.checkpointing import CheckpointManager, config_dict
+from launch.training.compile import training_step
+from launch.training.engines import build_engine
+from launch.training.evaluation import RoutingMonitor, evaluate
+from launch.training.objectives import LanguageModelling, Objective
+from launch.training.optim import learning_rate
+from launch.training.step_log import MoETimer, StepLosses, progress_bar, take_comm_time
+from launch.training.tracking import Tracker
 from moe.data import ByteDataset, build_dataset
-from moe.dynamic import (
-    dynamic_scalars,
-    dynamic_state,
-    end_dynamic_step,
-    load_dynamic_state,
-    set_sample_ids,
-    start_dynamic,
-)
 from moe.inference import generate
 from moe.params import count_parameters
 from moe.transformer import MoETransformer
@@ -95,7 +86,7 @@ def train(
     latest (the Ray launcher passes the one Ray restored)."""
     info = info or ProcessInfo()
     runtime = setup_runtime(
-        config.comm, info, need_process_group=config.train.engine == EngineKind.DEEPSPEED
+        config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
     try:
         dataset = build_dataset(config.data)
@@ -161,8 +152,11 @@ def run_training(
     if resume_path is None and on_fresh_start is not None:
         on_fresh_start()
     model.train()
+    # The state of stateful routing policies (DynaMoE); the loop knows only the protocol.
+    policy_state = model.policy_state()
+    sum_over_ranks = runtime.sum_over_ranks()
     engine = build_engine(model, train_cfg, runtime)
-    compiled = training_step(engine.module, model, train_cfg)
+    compiled = training_step(engine.module, policy_state, train_cfg)
     sampler = dataset.sampler(
         train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size, config.data.balance_tasks
     )
@@ -173,8 +167,7 @@ def run_training(
         resumed = checkpoints.load(resume_path, model, run_record, compared)
         start_step = resumed.step
         sampler.load_state_dict(resumed.sampler_state)
-        if resumed.dynamic_state is not None:
-            load_dynamic_state(model, resumed.dynamic_state)
+        policy_state.load_state_dict(resumed.routing_state)
         engine.load_optimizer_state(resumed.optimizer_state)
     counts = count_parameters(model)
     tracker = Tracker(run_dir, config.wandb, run_record, enabled=info.is_main)
@@ -209,8 +202,8 @@ def run_training(
     loss = ce = last_loss = float("nan")
     means: dict[str, float] = {}
     last_terms: dict[str, float] = {}
-    step_losses = StepLosses(info.world_size)
-    last_dynamic: dict[str, float] = {}  # DynaMoE rebuilds, cache hit rate (metrics.jsonl)
+    step_losses = StepLosses(info.world_size, sum_over_ranks)
+    last_policy: dict[str, float] = {}  # e.g. DynaMoE rebuilds, cache hit rate
     # Hooks inside a compiled model would break its graph: no MoE-layer timing there.
     moe_time = MoETimer(routed, enabled=compiled is None or routed is not model)
     for step in range(start_step, train_cfg.steps):
@@ -220,9 +213,7 @@ def run_training(
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
-            # DynaMoE: the assignment cache's keys; the training T (a no-op once known).
-            set_sample_ids(model, batch.sample_ids_B)
-            start_dynamic(model, tokens_BT[:, :-1].numel())
+            policy_state.before_forward(batch.sample_ids_B, tokens_BT[:, :-1].numel())
             losses = objective(
                 compiled or engine.module,
                 tokens_BT[:, :-1], tokens_BT[:, 1:], batch.task_ids_B.to(device),
@@ -235,8 +226,7 @@ def run_training(
         grad_norm = engine.finish_step()
         if compiled is not None and step == start_step:
             compiled.report_first_step(time.perf_counter() - window_start, info.is_main)
-        # DynaMoE: one all-reduce of the step's per-expert demand, then new capacities.
-        end_dynamic_step(model, runtime.groups.world if runtime.groups is not None else None)
+        policy_state.end_step(sum_over_ranks)
         result.final_step = done = step + 1
         window_steps += 1
         if progress is not None:
@@ -254,7 +244,7 @@ def run_training(
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if log_due:
             elapsed = time.perf_counter() - window_start
-            last_dynamic = dynamic_scalars(model)
+            last_policy = policy_state.scalars()
             scalars = {
                 "train/loss": loss,
                 "train/ce": ce,
@@ -266,14 +256,14 @@ def run_training(
                 "train/alltoall_time_s": take_comm_time(routed) / window_steps,
                 **monitor.scalars(routed),
                 **(compiled.scalars() if compiled is not None else {}),
-                **last_dynamic,
+                **last_policy,
             }
             tracker.log(done, scalars)
         if eval_due:
             elapsed = time.perf_counter() - window_start
             evaluation = evaluate(
                 model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
-                info.rank, info.world_size, device,
+                info.rank, info.world_size, device, sum_over_ranks,
             )  # fmt: skip
             record = {
                 "step": done,
@@ -287,7 +277,7 @@ def run_training(
                     k.replace("/", "_"): v
                     # The routing scalars of this step (not of the last log: a resumed
                     # run may not have logged yet, and the record must not depend on it).
-                    for k, v in (monitor.scalars(routed) | last_dynamic).items()
+                    for k, v in (monitor.scalars(routed) | last_policy).items()
                     if k.count("/") == 1
                 },
                 **(compiled.scalars() if compiled is not None else {}),
@@ -301,11 +291,12 @@ def run_training(
                 )
             window_start, window_steps = time.perf_counter(), 0
         if checkpoint_due or done == train_cfg.steps:
-            # DynaMoE's assignment caches are per rank: kept only in a one-process run.
-            dynamic = dynamic_state(model, with_cache=info.world_size == 1)
+            # Per-rank routing state (DynaMoE's caches) is kept only in a one-process run.
+            routing_state = policy_state.state_dict(per_rank=info.world_size == 1)
             path = checkpoints.save(
-                done, model, engine.optimizer_state(), sampler.state_dict(), run_record, dynamic
-            )
+                done, model, engine.optimizer_state(), sampler.state_dict(), run_record,
+                routing_state,
+            )  # fmt: skip
             if on_checkpoint is not None:
                 on_checkpoint(done, path, result.evaluations[-1] if result.evaluations else {})
     if progress is not None:
@@ -320,7 +311,7 @@ def run_training(
         result.evaluations.append(
             {"step": start_step, "val_loss": evaluation.val_loss, "val_bpb": evaluation.val_bpb}
         )
-    loads = monitor.global_load(info.world_size, device)
+    loads = monitor.global_load(sum_over_ranks)
     heatmap = tracker.save_heatmap(loads, monitor.layer_names())
     if train_cfg.sample_tokens > 0:
         result.sample = generate(

@@ -1,13 +1,13 @@
 """What a training run minimises: the objective that the trainer loop takes.
 
-`launch.trainer.run_training` is the one training loop (batches, LR schedule, gradient
+`launch.training.loop.run_training` is the one training loop (batches, LR schedule, gradient
 accumulation, reduction and clipping, evaluation, checkpoints, resumption, tracking);
 what it backpropagates comes from an `Objective`:
 
 - `LanguageModelling`: next-token cross entropy plus the MoE layers' routing losses
   (`launch.train`).
 - `Distillation`: Hinton et al.'s knowledge distillation from a frozen teacher
-  (`launch.distill`; the loss is `moe.distill.distillation_loss`). The teacher is not a
+  (`launch.distill`; the loss is `moe.distill.loss.distillation_loss`). The teacher is not a
   parameter of the trained model: the engine and its optimizer never see it, it runs in
   eval mode under `no_grad`, and when the run is expert-parallel its experts are sharded
   over the EP group like a training model's (every rank calls it in lockstep, which the
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from moe.distill import distillation_loss
+from moe.distill import check_loss_settings, distillation_loss
 from moe.transformer import MoETransformer, lm_loss
 
 
@@ -93,10 +93,7 @@ class Distillation:
     def __init__(
         self, teacher: MoETransformer, temperature: float, alpha: float, record: dict[str, Any]
     ) -> None:
-        if not temperature > 0:
-            raise ValueError(f"distill.temperature={temperature} is invalid; accepted: > 0")
-        if not alpha >= 0:
-            raise ValueError(f"distill.alpha={alpha} is invalid; accepted: >= 0")
+        check_loss_settings(temperature, alpha)
         self.teacher = teacher.eval()
         self.teacher.requires_grad_(False)
         self.temperature = temperature

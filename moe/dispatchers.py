@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from comm.alltoall import (
     Algorithm,
     AllToAll,
-    ExchangePlan,
+    PreparedExchange,
     check_consistent,
     exchange_counts,
     make_all_to_all,
@@ -31,16 +30,19 @@ from comm.chunks import transpose_chunks
 from comm.cost import CostModel
 from comm.timing import CommTimer
 from comm.topology import ProcessGroups
-from moe.experts import expert_parameter_ids
 
 
 class Dispatcher(Protocol):
     """`num_experts`: experts the router chooses from (global ids 0..E-1);
-    `expert_ids`: the ascending global ids of the experts this process computes."""
+    `expert_ids`: the ascending global ids of the experts this process computes;
+    `exchanges_rows`: whether rows travel to other processes (then dispatch and combine
+    are collectives, run eagerly between compiled graphs, and every expert of the
+    router may get rows)."""
 
     num_experts: int
     num_local_experts: int
     expert_ids: tuple[int, ...]
+    exchanges_rows: bool
 
     def dispatch(
         self,
@@ -52,7 +54,7 @@ class Dispatcher(Protocol):
         """-> (rows for the local experts sorted by local expert, counts_L, filled_L,
         context). `uniform_counts`: every rank passes the same counts_E (DynaMoE's
         static padded capacities), so the split sizes are known without exchanging
-        them. `filled_E` (a capacity-padded layout, `moe.dispatch.Permutation`): the
+        them. `filled_E` (a capacity-padded layout, `moe.permute.Permutation`): the
         first filled_E[e] rows of expert e hold slots; where the dispatcher can say the
         same of its output, filled_L does (each local expert's filled rows first), else
         it is None and every row counts."""
@@ -70,6 +72,8 @@ class LocalDispatcher:
     global experts, and the router must be restricted to them. Rows arrive sorted by
     global id, so they are already sorted by local id; only the counts are selected.
     """
+
+    exchanges_rows = False
 
     def __init__(self, num_experts: int, expert_ids: list[int] | None = None) -> None:
         self.num_experts = num_experts
@@ -121,7 +125,7 @@ class _EPContext:
     the sender's rows (`send_index`, of `send_rows`) and in the local ones
     (`local_index`)."""
 
-    plan: ExchangePlan
+    plan: PreparedExchange
     recv_chunks_PL: Tensor
     send_index: Tensor | None = None
     local_index: Tensor | None = None
@@ -162,6 +166,8 @@ class ExpertParallelDispatcher:
     signatures ride in the counts exchange; an all-gather of its own happens only on the
     first call and where no counts are exchanged (see `dispatch`).
     """
+
+    exchanges_rows = True
 
     def __init__(
         self,
@@ -323,43 +329,3 @@ class ExpertParallelDispatcher:
             return y_back
         y_padded = y_back.new_zeros(context.send_rows, *y_back.shape[1:])
         return y_padded.index_copy(0, context.send_index, y_back)
-
-
-def _all_reduce_mean(grads: list[Tensor], group: dist.ProcessGroup, divisor: int) -> None:
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if dist.get_world_size(group=group) > 1:
-        dist.all_reduce(flat, group=group)
-    flat.div_(divisor)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def reduce_gradients(module: nn.Module, groups: ProcessGroups) -> None:
-    """Average gradients over the data: dense parameters over the dense DP group (all
-    ranks), expert parameters (`moe.experts.expert_parameter_ids`) only over their replicas.
-
-    Loss convention: each rank backpropagates the mean loss of *its own* tokens, and the
-    training objective is the mean of those per-rank losses. Then the exact gradient is
-    the sum over ranks divided by the world size, for both kinds: an expert's gradient on
-    one rank already holds every token of its EP group that reached it (the all-to-all's
-    backward brought them), so summing over the expert's replicas covers all tokens once,
-    and the divisor is the world size, not the replica count (as in DeepSpeed). With this
-    rule a run at EP=N equals EP=1 data parallelism on the same shards. A parameter with
-    no gradient on this rank counts as zeros (so every rank reduces the same buffer).
-    """
-    expert_ids = expert_parameter_ids(module)
-    dense: list[Tensor] = []
-    experts: list[Tensor] = []
-    for param in module.parameters():
-        if not param.requires_grad:
-            continue
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        (experts if id(param) in expert_ids else dense).append(param.grad)
-    world = groups.topology.world_size
-    _all_reduce_mean(dense, groups.dense_dp, world)
-    _all_reduce_mean(experts, groups.expert_dp, world)

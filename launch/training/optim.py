@@ -2,7 +2,7 @@
 
 Parameters fall in two kinds. Dense parameters (attention, norms, embeddings, routers,
 dense and residual MLPs) are replicated on every rank; expert parameters
-(`moe.experts.Experts`) live on one EP rank per EP group. `moe.parallel.reduce_gradients`
+(`moe.experts.Experts`) live on one EP rank per EP group. `launch.training.gradients.reduce_gradients`
 averages each kind over the right ranks; this module adds the optimizer groups, the LR
 schedule and clipping by the global norm.
 

@@ -1,11 +1,11 @@
 """Triton kernels of the MoE layer: the CUDA fast path behind the custom ops in `moe.ops`.
 
-- `grouped_mm`, `grouped_mm_wgrad` (module `moe.kernels.grouped_gemm`): expert GEMMs over
+- `grouped_mm`, `grouped_mm_wgrad` (module `moe.ops.kernels.grouped_gemm`): expert GEMMs over
   rows sorted by expert, driven by the device tensor of inclusive row offsets.
 - `gather_rows`, `gather_rows_backward`, `combine`, `combine_backward` (module
-  `moe.kernels.gather`): the permute and the weighted unpermute.
+  `moe.ops.kernels.gather`): the permute and the weighted unpermute.
 
-Triton is imported only when one of these names is first used, so `import moe.kernels`
+Triton is imported only when one of these names is first used, so `import moe.ops.kernels`
 works where Triton is absent. `triton_available()` says whether it can be imported.
 The functions run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (tests).
 """
@@ -17,14 +17,14 @@ import importlib.util
 from typing import Any
 
 _EXPORTS = {
-    "GemmBlocks": "moe.kernels.grouped_gemm",
-    "default_blocks": "moe.kernels.grouped_gemm",
-    "grouped_mm": "moe.kernels.grouped_gemm",
-    "grouped_mm_wgrad": "moe.kernels.grouped_gemm",
-    "gather_rows": "moe.kernels.gather",
-    "gather_rows_backward": "moe.kernels.gather",
-    "combine": "moe.kernels.gather",
-    "combine_backward": "moe.kernels.gather",
+    "GemmBlocks": "moe.ops.kernels.grouped_gemm",
+    "default_blocks": "moe.ops.kernels.grouped_gemm",
+    "grouped_mm": "moe.ops.kernels.grouped_gemm",
+    "grouped_mm_wgrad": "moe.ops.kernels.grouped_gemm",
+    "gather_rows": "moe.ops.kernels.gather",
+    "gather_rows_backward": "moe.ops.kernels.gather",
+    "combine": "moe.ops.kernels.gather",
+    "combine_backward": "moe.ops.kernels.gather",
 }
 
 __all__ = [*_EXPORTS, "triton_available"]
@@ -38,5 +38,5 @@ def triton_available() -> bool:
 def __getattr__(name: str) -> Any:
     """Import the kernel module that defines `name` on first use (PEP 562)."""
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'moe.kernels' has no attribute {name!r}")
+        raise AttributeError(f"module 'moe.ops.kernels' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,14 +1,14 @@
 """One rank of a distillation run: a frozen MoE teacher, a dense student, the trainer loop.
 
 `distill(config, info)` is to `launch.distill` (torchrun) and `launch.ray_train` (Ray)
-what `launch.trainer.train` is to training: it reads the teacher's shape from its
-checkpoint, derives the student (`moe.distill.student_config`: the teacher's transformer
+what `launch.training.loop.train` is to training: it reads the teacher's shape from its
+checkpoint, derives the student (`moe.distill.student.student_config`: the teacher's transformer
 with every FFN one expert of the expert code, `ffn_kind=expert`), checks the data
 against the teacher, loads the teacher (expert-parallel over the EP group when
 `comm.ep_size > 1`, dropless unless `distill.teacher_routing=trained`), initialises the
 student when the run starts fresh (`distill.init`; usage measured on the run's first
 `distill.usage_batches` global training batches, summed over the ranks) and hands both
-to `launch.trainer.run_training` with the `Distillation` objective.
+to `launch.training.loop.run_training` with the `Distillation` objective.
 
 The student is replicated on every rank (data parallel); its one-expert FFNs are dense
 parameters for the optimizer and the gradient reduction. Its checkpoints are ordinary
@@ -19,18 +19,15 @@ resumed run must match.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from launch.build import build_model
-from launch.checkpointing import plain
 from launch.config import (
     CommConfig,
     DataConfig,
@@ -38,11 +35,10 @@ from launch.config import (
     RoutingConfig,
     RunConfig,
     TrainConfig,
+    TrainingEngineKind,
     WandbConfig,
     register_configs,
 )
-from launch.config import Engine as EngineKind
-from launch.objectives import Distillation
 from launch.runtime import (
     ProcessInfo,
     Runtime,
@@ -51,22 +47,62 @@ from launch.runtime import (
     teardown_runtime,
 )
 from launch.schema import build, hydra_schema
-from launch.trainer import CheckpointHook, TrainResult, check_batch, check_compatible, run_training
+from launch.training.checkpointing import plain
+from launch.training.loop import (
+    CheckpointHook,
+    TrainResult,
+    check_batch,
+    check_compatible,
+    run_training,
+)
+from launch.training.objectives import Distillation
 from moe.checkpoint import read_meta
+from moe.checkpoint.experts import CheckpointExperts
 from moe.data import ByteDataset, build_dataset
 from moe.distill import (
-    CheckpointExperts,
-    DistillConfig,
     StudentInit,
-    TeacherRouting,
     check_init,
+    check_loss_settings,
     initialise_student,
-    measure_expert_usage,
     student_config,
 )
 from moe.inference.loading import configs_of, load_model, resolve_checkpoint
 from moe.transformer import MoETransformer
-from routing import CapacityKind
+from moe.usage import ExpertUsage
+from routing import CapacityOverride
+from routing.config import parse_enum
+
+
+@dataclass
+class DistillConfig:
+    """The `distill` group: the loss (`temperature` T > 0, `alpha` >= 0 the weight of the
+    hard-label cross entropy), the student's FFN `width` (0: the teacher's active width
+    top_k * expert_hidden), its initialisation `init`, the number of training batches
+    `usage_batches` on which the teacher's expert usage is measured for `top`/`merge`
+    (the run's first global batches), and the teacher's routing."""
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    width: int = 0
+    init: StudentInit = StudentInit.TOP
+    usage_batches: int = 8
+    teacher_routing: CapacityOverride = CapacityOverride.DROPLESS
+
+    def __post_init__(self) -> None:
+        self.init = parse_enum(StudentInit, self.init, "distill.init")
+        self.teacher_routing = parse_enum(
+            CapacityOverride, self.teacher_routing, "distill.teacher_routing"
+        )
+        check_loss_settings(self.temperature, self.alpha)
+        if not isinstance(self.width, int) or self.width < 0:
+            raise ValueError(
+                f"distill.width={self.width} is invalid; accepted: 0 (the teacher's active "
+                "width top_k * expert_hidden) or a positive integer"
+            )
+        if self.usage_batches < 1:
+            raise ValueError(
+                f"distill.usage_batches={self.usage_batches} is invalid; accepted: >= 1"
+            )
 
 
 @dataclass
@@ -146,9 +182,7 @@ def load_teacher(teacher: Teacher, runtime: Runtime, config: DistillRunConfig) -
         device=runtime.device,
     )
     model = loaded.model
-    if config.distill.teacher_routing == TeacherRouting.DROPLESS:
-        for _, layer in model.moe_layers():
-            layer.routing = dataclasses.replace(layer.routing, capacity=CapacityKind.DROPLESS)
+    model.override_capacity(config.distill.teacher_routing)
     return model.eval().requires_grad_(False)
 
 
@@ -164,19 +198,14 @@ def teacher_usage(
     sampler = dataset.sampler(
         train.batch_size, train.seed, info.rank, info.world_size, config.data.balance_tasks
     )
-    batches = []
-    for _ in range(config.distill.usage_batches):
-        batch = sampler.next_batch()
-        batches.append(
-            (batch.tokens_BT[:, :-1].to(runtime.device), batch.task_ids_B.to(runtime.device))
-        )
-    usage = measure_expert_usage(teacher, batches)
-    if runtime.groups is not None and usage:
-        blocks = sorted(usage)
-        flat = torch.cat([usage[b] for b in blocks]).to(runtime.device)
-        dist.all_reduce(flat, group=runtime.groups.world)
-        usage = dict(zip(blocks, flat.cpu().split([len(usage[b]) for b in blocks])))
-    return usage
+    usage = ExpertUsage()
+    with torch.no_grad():
+        for _ in range(config.distill.usage_batches):
+            batch = sampler.next_batch()
+            tokens_BT = batch.tokens_BT[:, :-1].to(runtime.device)
+            teacher(tokens_BT, batch.task_ids_B.to(runtime.device))
+            usage.observe(teacher)
+    return usage.totals(runtime.sum_over_ranks())
 
 
 def distill(
@@ -192,7 +221,7 @@ def distill(
     teacher = read_teacher(config.teacher)
     run_config = student_run_config(config, teacher)
     runtime = setup_runtime(
-        config.comm, info, need_process_group=config.train.engine == EngineKind.DEEPSPEED
+        config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
     try:
         dataset = build_dataset(config.data)

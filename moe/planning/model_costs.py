@@ -1,4 +1,4 @@
-"""What the inference planner (`moe.inference.planner`) counts: a model's shape, the
+"""What the inference planner (`moe.planning.planner`) counts: a model's shape, the
 workload it serves, and the parameters, bytes and FLOPs that follow from the two.
 
 - `ModelShape` (or `shape_from_config` of a `ModelConfig`): widths, heads, and the
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moe.config import ModelConfig
-from moe.inference.hardware import Precision, parse_precision
+from moe.planning.hardware import Precision, parse_precision
 
 INT8_SCOPES = ("all", "experts")
 

@@ -42,7 +42,7 @@ class Permutation:
         return int(self.token_index_R.shape[0])
 
 
-def plan_permutation(plan: RoutingPlan) -> Permutation:
+def sort_by_expert(plan: RoutingPlan) -> Permutation:
     """Sort the kept slots by expert; dropped slots sort last and get row -1.
 
     A plan without capacity (`plan.capacity is None`: every slot kept) has R = T*K rows,

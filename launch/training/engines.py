@@ -1,5 +1,5 @@
 """Who turns gradients into updates: the plain-torch engine (and the protocol that the
-optional DeepSpeed engine in `launch.deepspeed_engine` also follows).
+optional DeepSpeed engine in `launch.training.deepspeed` also follows).
 
 One optimizer step is `begin_step(lr)`, then `backward(loss)` once per micro-batch with
 that micro-batch's loss, then `finish_step()`, which reduces the gradients over the
@@ -13,20 +13,19 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from launch.config import Engine as EngineKind
-from launch.config import TrainConfig
-from launch.optim import (
+from launch.config import TrainConfig, TrainingEngineKind
+from launch.runtime import Runtime
+from launch.training.gradients import reduce_gradients
+from launch.training.optim import (
     build_optimizer,
     clip_gradients,
     global_grad_norm,
     set_learning_rate,
     split_parameters,
 )
-from launch.runtime import Runtime
-from moe.parallel import reduce_gradients
 
 
-class Engine(Protocol):
+class TrainingEngine(Protocol):
     """The optimizer side of the training loop."""
 
     module: nn.Module  # call this for the forward pass
@@ -47,7 +46,7 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    """AdamW with dense and expert parameter groups, `moe.parallel.reduce_gradients`,
+    """AdamW with dense and expert parameter groups, `launch.training.gradients.reduce_gradients`,
     and clipping by the norm over every rank's experts."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:
@@ -80,9 +79,9 @@ class TorchEngine:
         self.optimizer.load_state_dict(state)
 
 
-def build_engine(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Engine:
-    if config.engine == EngineKind.DEEPSPEED:
-        from launch.deepspeed_engine import DeepSpeedEngine
+def build_engine(model: nn.Module, config: TrainConfig, runtime: Runtime) -> TrainingEngine:
+    if config.engine == TrainingEngineKind.DEEPSPEED:
+        from launch.training.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model, config, runtime)
     return TorchEngine(model, config, runtime)

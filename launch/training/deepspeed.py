@@ -24,8 +24,8 @@ How our experts become DeepSpeed experts (DeepSpeed 0.19 knows only its own
 Dense parameters use DeepSpeed's data-parallel group, its copy of the world group: the
 same ranks as our dense data-parallel group (dense weights are replicated on every rank).
 Gradient convention: DeepSpeed divides every gradient by the world size and sums over
-the parameter's group, which is `moe.parallel.reduce_gradients`' rule; its global norm
-sums each partition's squares over all ranks, each expert once, as `launch.optim` does.
+the parameter's group, which is `launch.training.gradients.reduce_gradients`' rule; its global norm
+sums each partition's squares over all ranks, each expert once, as `launch.training.optim` does.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from launch.config import TrainConfig
-from launch.optim import param_groups
 from launch.runtime import Runtime
+from launch.training.optim import param_groups
 from moe.experts import expert_parameter_ids
 
 
@@ -91,7 +91,7 @@ def register_expert_groups(runtime: Runtime) -> str:
 
 
 def deepspeed_param_groups(model: nn.Module, weight_decay: float, group_name: str) -> list[dict]:
-    """`launch.optim.param_groups` as DeepSpeed wants them: expert parameters tagged as
+    """`launch.training.optim.param_groups` as DeepSpeed wants them: expert parameters tagged as
     DeepSpeed experts (`allreduce=False`, `group_name`) and moved by DeepSpeed into one
     `moe` group named `group_name`; no empty group is left behind."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -151,7 +151,7 @@ def _num_experts(model: nn.Module) -> int:
 
 
 class DeepSpeedEngine:
-    """`launch.engines.Engine` on top of `deepspeed.initialize`."""
+    """`launch.training.engines.TrainingEngine` on top of `deepspeed.initialize`."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:
         import deepspeed
@@ -173,7 +173,7 @@ class DeepSpeedEngine:
         groups = deepspeed_param_groups(model, config.weight_decay, group_name)
         optimizer = torch.optim.AdamW(
             groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True
-        )  # the torch engine's update (launch.optim.build_optimizer), element for element
+        )  # the torch engine's update (launch.training.optim.build_optimizer), element for element
         module: nn.Module = model
         if expert_parameter_ids(model):
             marker = _marker_module(_num_experts(model), runtime.ep_size, group_name)

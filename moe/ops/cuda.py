@@ -1,4 +1,4 @@
-"""CUDA implementations of the `moe::` custom ops: the Triton kernels of `moe.kernels`.
+"""CUDA implementations of the `moe::` custom ops: the Triton kernels of `moe.ops.kernels`.
 
 `register()` attaches them to the ops of `moe.ops` for the "cuda" dispatch key; it is
 called on import of `moe.ops` when Triton is installed. Float64 (which the Triton GEMMs
@@ -34,7 +34,8 @@ def grouped_mm(
 ) -> Tensor:
     """The kernel multiplies padding rows too (a GPU gains little from skipping them);
     their outputs are then zeroed, as the op promises."""
-    from moe import kernels, ops
+    from moe.ops import cpu as ops
+    from moe.ops import kernels
 
     if x_RD.dtype not in TRITON_DTYPES:
         return ops.grouped_mm_torch(x_RD, w_EDH, counts_E, filled_E)
@@ -47,7 +48,8 @@ def grouped_mm(
 def grouped_mm_wgrad(
     x_RD: Tensor, dy_RH: Tensor, counts_E: Tensor, filled_E: Tensor | None = None
 ) -> Tensor:
-    from moe import kernels, ops
+    from moe.ops import cpu as ops
+    from moe.ops import kernels
 
     if x_RD.dtype not in TRITON_DTYPES:
         return ops.grouped_mm_wgrad_torch(x_RD, dy_RH, counts_E, filled_E)
@@ -58,19 +60,19 @@ def grouped_mm_wgrad(
 
 
 def gather_rows(x_TD: Tensor, index_R: Tensor) -> Tensor:
-    from moe import kernels
+    from moe.ops import kernels
 
     return kernels.gather_rows(x_TD, index_R)
 
 
 def scatter_add_rows(dy_RD: Tensor, index_R: Tensor, num_rows: int) -> Tensor:
-    from moe import kernels
+    from moe.ops import kernels
 
     return kernels.gather_rows_backward(dy_RD, index_R, num_rows)
 
 
 def combine(y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor) -> Tensor:
-    from moe import kernels
+    from moe.ops import kernels
 
     return kernels.combine(y_RD, row_of_slot_TK, weights_TK)
 
@@ -78,7 +80,7 @@ def combine(y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor) -> Tensor:
 def combine_backward(
     dy_TD: Tensor, y_RD: Tensor, row_of_slot_TK: Tensor, weights_TK: Tensor
 ) -> tuple[Tensor, Tensor]:
-    from moe import kernels
+    from moe.ops import kernels
 
     dy_RD, dweights_TK = kernels.combine_backward(dy_TD, y_RD, row_of_slot_TK, weights_TK)
     return dy_RD, dweights_TK
@@ -86,7 +88,7 @@ def combine_backward(
 
 def register() -> None:
     """Attach the adapters above to the `moe::` ops for CUDA tensors."""
-    from moe import ops
+    from moe.ops import cpu as ops
 
     ops.grouped_mm.register_kernel("cuda")(grouped_mm)
     ops.grouped_mm_wgrad.register_kernel("cuda")(grouped_mm_wgrad)

@@ -8,7 +8,7 @@ accumulation, and the per-channel scales are applied once to the accumulator: th
 are never dequantized in memory.
 
 Rows of `x_RK` are sorted by expert; `offsets_E` is the inclusive cumulative sum of the
-per-expert row counts on the device (as in `moe.kernels.grouped_gemm`, whose row-tile
+per-expert row counts on the device (as in `moe.ops.kernels.grouped_gemm`, whose row-tile
 lookup this kernel shares), so nothing syncs with the host. Inference only: no backward.
 
 Shape legend: R routed rows, K input width, N output width, E experts.
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.kernels.grouped_gemm import (
+from moe.ops.kernels.grouped_gemm import (
     GemmBlocks,
     _check_offsets,
     _input_precision,

@@ -1,12 +1,5 @@
-"""Distillation of an MoE teacher into a dense student built from the same expert code.
-
-The loss (Hinton et al. 2015; METHODS.md), over the N = B*T positions of a batch:
-
-    L = T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T)) + alpha * CE(y, z_student)
-
-with the KL summed over the vocabulary and averaged over positions; the temperature
-divides both sides' logits, and T^2 keeps the soft term's gradients at the scale of the
-hard one as T changes.
+"""The dense student of an MoE teacher, built from the same expert code: its shape and
+its initialisation from the teacher's experts (the loss is `moe.distill.loss`).
 
 The student (`student_config`) is the teacher's transformer with every FFN an
 `moe.experts.ExpertFFN` (one expert of the expert code, no router) of width W, by default
@@ -28,29 +21,24 @@ Unless `random`, attention, embeddings, norms (and the output head) copy from th
 teacher, as does the FFN of a teacher block that is dense when its shape fits the
 student's. PR-MoE residual MLPs are not carried over.
 
-Legend: N positions, V vocabulary, D model width, H expert hidden width, E experts,
+Legend: D model width, H expert hidden width, E experts,
 W student FFN width, m = W / H slices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moe.checkpoint.files import expert_file, load_tensors
+from moe.checkpoint.experts import CheckpointExperts
 from moe.config import FFNKind, ModelConfig
 from moe.experts import DenseMLP, ExpertFFN, Experts
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
-from routing.config import parse_enum
 
 
 class StudentInit(str, Enum):
@@ -59,90 +47,6 @@ class StudentInit(str, Enum):
     RANDOM = "random"
     TOP = "top"
     MERGE = "merge"
-
-
-class TeacherRouting(str, Enum):
-    """How the frozen teacher routes during distillation."""
-
-    DROPLESS = "dropless"  # every choice kept: a token's targets do not depend on its batch
-    TRAINED = "trained"  # the capacity policy the teacher was trained with
-
-
-@dataclass
-class DistillConfig:
-    """The `distill` group: the loss (`temperature` T > 0, `alpha` >= 0 the weight of the
-    hard-label cross entropy), the student's FFN `width` (0: the teacher's active width
-    top_k * expert_hidden), its initialisation `init`, the number of training batches
-    `usage_batches` on which the teacher's expert usage is measured for `top`/`merge`
-    (the run's first global batches), and the teacher's routing."""
-
-    temperature: float = 2.0
-    alpha: float = 0.5
-    width: int = 0
-    init: StudentInit = StudentInit.TOP
-    usage_batches: int = 8
-    teacher_routing: TeacherRouting = TeacherRouting.DROPLESS
-
-    def __post_init__(self) -> None:
-        self.init = parse_enum(StudentInit, self.init, "distill.init")
-        self.teacher_routing = parse_enum(
-            TeacherRouting, self.teacher_routing, "distill.teacher_routing"
-        )
-        if not self.temperature > 0:
-            raise ValueError(f"distill.temperature={self.temperature} is invalid; accepted: > 0")
-        if not self.alpha >= 0:
-            raise ValueError(f"distill.alpha={self.alpha} is invalid; accepted: >= 0")
-        if not isinstance(self.width, int) or self.width < 0:
-            raise ValueError(
-                f"distill.width={self.width} is invalid; accepted: 0 (the teacher's active "
-                "width top_k * expert_hidden) or a positive integer"
-            )
-        if self.usage_batches < 1:
-            raise ValueError(
-                f"distill.usage_batches={self.usage_batches} is invalid; accepted: >= 1"
-            )
-
-
-# --- the loss ----------------------------------------------------------------------------
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)).
-
-    Logits [..., V] (any leading shape, the same on both sides); computed in float32."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ; the vocabularies must match"
-        )
-    vocab = student_logits.shape[-1]
-    log_q_NV = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    log_p_NV = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    kl = F.kl_div(log_q_NV, log_p_NV, reduction="batchmean", log_target=True)
-    return temperature**2 * kl
-
-
-@dataclass(frozen=True)
-class DistillLoss:
-    """loss = kd + alpha * ce; kd: the T^2-scaled KL term; ce: the student's next-token
-    cross entropy against the labels (nats)."""
-
-    loss: Tensor
-    kd: Tensor
-    ce: Tensor
-
-
-def distillation_loss(
-    student_logits_BTV: Tensor,
-    teacher_logits_BTV: Tensor,
-    targets_BT: Tensor,
-    temperature: float,
-    alpha: float,
-) -> DistillLoss:
-    """Hinton et al.'s loss (module docstring); the teacher's logits carry no gradient."""
-    kd = kd_loss(student_logits_BTV, teacher_logits_BTV.detach(), temperature)
-    ce = F.cross_entropy(student_logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
-    return DistillLoss(loss=kd + alpha * ce, kd=kd, ce=ce)
 
 
 # --- the student's shape -----------------------------------------------------------------
@@ -189,22 +93,6 @@ def check_init(teacher: ModelConfig, width: int, init: StudentInit) -> None:
 
 
 # --- usage and initialisation ------------------------------------------------------------
-
-
-@torch.no_grad()
-def measure_expert_usage(
-    teacher: MoETransformer, batches: Iterable[tuple[Tensor, Tensor | None]]
-) -> dict[int, Tensor]:
-    """Block index -> slots routed to each (global) expert, float64 [E], summed over the
-    `(tokens_BT, task_ids_B)` batches (this process's tokens; expert-parallel teachers:
-    every rank must call this with batches of the same shapes)."""
-    usage: dict[int, Tensor] = {}
-    for tokens_BT, task_ids_B in batches:
-        teacher(tokens_BT, task_ids_B)
-        for block, stats in teacher.routing_stats().items():
-            load_E = stats.tokens_per_expert_E.detach().to("cpu", torch.float64)
-            usage[block] = usage[block] + load_E if block in usage else load_E
-    return usage
 
 
 def _shares(counts: Tensor) -> Tensor:
@@ -257,42 +145,6 @@ def combine_experts(
     }
 
 
-class CheckpointExperts:
-    """A teacher's float experts, read (sha256-checked) from its checkpoint files: an
-    expert-parallel teacher holds only its own experts, the files hold them all."""
-
-    def __init__(self, checkpoint: str | Path, meta: dict[str, Any]) -> None:
-        self.checkpoint = Path(checkpoint)
-        self.meta = meta
-        self.layers = {layer["module"]: layer for layer in meta["moe_layers"]}
-
-    def _layer(self, block: int) -> dict[str, Any]:
-        module = f"blocks.{block}.ffn.experts"
-        if module not in self.layers:
-            raise ValueError(f"teacher checkpoint {self.checkpoint} has no expert stack {module}")
-        layer = self.layers[module]
-        if layer["quantization"] != "none":
-            raise ValueError(
-                f"teacher checkpoint {self.checkpoint} stores {module} as "
-                f"{layer['quantization']}; distill.init=top or merge needs float experts "
-                "(use distill.init=random)"
-            )
-        return layer
-
-    def ids(self, block: int) -> list[int]:
-        """The global ids of the experts the checkpoint holds in block `block`."""
-        return list(self._layer(block)["expert_ids"])
-
-    def read(self, block: int, expert_ids: list[int]) -> dict[str, Tensor]:
-        """Block `block`'s expert tensors for `expert_ids`, stacked in that order."""
-        layer = self._layer(block)
-        parts = [
-            load_tensors(self.checkpoint, expert_file(layer["index"], i), self.meta)
-            for i in expert_ids
-        ]
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-
-
 def _dense_ffn_weights(ffn: Any) -> dict[str, Tensor] | None:
     """A teacher's dense FFN in expert layout ([1, D, H] / [1, H, D]), or None."""
     if isinstance(ffn, ExpertFFN) and isinstance(ffn.experts, Experts):
@@ -315,7 +167,7 @@ def initialise_student(
 ) -> dict[int, str]:
     """Initialise `student` from `teacher` as `init` says (module docstring).
 
-    `usage`: block -> the teacher's expert usage by global id (`measure_expert_usage`,
+    `usage`: block -> the teacher's expert usage by global id (`moe.usage.ExpertUsage`,
     summed over the ranks); `experts`: the teacher's float experts. Only the experts
     `top` chooses are read. Returns, per block, what its FFN was initialised from."""
     if init == StudentInit.RANDOM:

@@ -1,9 +1,10 @@
 """A run's checkpoints: `moe.checkpoint` directories under `run_dir/checkpoints`.
 
 A training checkpoint holds the model (dense file + one file per expert), every rank's
-optimizer state, the sampler state (`extra["sampler"]`), the DynaMoE controllers and,
-in a one-process run, the assignment caches (`extra["dynamic"]`, `moe.dynamic`; a
-multi-rank run's caches are per rank and restart empty) and the run's config. Resuming
+optimizer state, the sampler state (`extra["sampler"]`), the state of stateful routing
+policies (`extra["routing_state"]`, `routing.PolicyState.state_dict`: DynaMoE's
+controllers and, in a one-process run, its assignment caches; a multi-rank run's
+caches are per rank and restart empty) and the run's config. Resuming
 loads the weights at any EP size but the optimizer state only with the layout it was
 saved with (same world size, same experts per rank): a resharded resume would change
 Adam's moments, so it is refused with the reason rather than done approximately.
@@ -12,7 +13,7 @@ Adam's moments, so it is refused with the reason rather than done approximately.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ class Resumed:
     sampler_state: dict[str, Any]
     directory: Path
     optimizer_state: dict[str, Any]
-    dynamic_state: dict[str, Any] | None = None  # DynaMoE (moe.dynamic.dynamic_state)
+    routing_state: dict[str, Any] = field(default_factory=dict)  # routing.PolicyState
 
 
 def plain(value: Any) -> Any:
@@ -86,13 +87,13 @@ class CheckpointManager:
         optimizer_state: dict[str, Any],
         sampler_state: dict[str, Any],
         record: dict[str, Any],
-        dynamic_state: dict[str, Any] | None = None,
+        routing_state: dict[str, Any] | None = None,
     ) -> Path:
         """Save step `step`; `record` is the run's config as plain data (meta.json);
-        `dynamic_state`: the DynaMoE controllers (rank 0's, the same on every rank)."""
+        `routing_state`: the routing policies' state (rank 0's)."""
         extra: dict[str, Any] = {"sampler": sampler_state}
-        if dynamic_state:
-            extra["dynamic"] = dynamic_state
+        if routing_state:
+            extra["routing_state"] = routing_state
         groups = self.runtime.groups
         return save_checkpoint(
             self.directory,
@@ -137,5 +138,13 @@ class CheckpointManager:
             sampler_state=sampler_state,
             directory=path,
             optimizer_state=loaded.optimizer_state,
-            dynamic_state=loaded.extra.get("dynamic"),
+            routing_state=_routing_state(loaded.extra),
         )
+
+
+def _routing_state(extra: dict[str, Any]) -> dict[str, Any]:
+    """The routing policies' state of a checkpoint (checkpoints written before the
+    policy-state protocol kept DynaMoE's alone, under "dynamic")."""
+    if "routing_state" in extra:
+        return dict(extra["routing_state"])
+    return {"dynamic": extra["dynamic"]} if extra.get("dynamic") else {}

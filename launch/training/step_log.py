@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from routing import AllReduce
 
 
 class StepLosses:
@@ -27,11 +28,12 @@ class StepLosses:
 
     `add(parts, scale)` once per micro-batch adds scale * each term (the step's mean over
     its micro-batches); `end_step()` closes the step. `flush()` (every rank, at the same
-    steps: it is a collective) returns {term: mean over ranks} for each closed step, in
+    steps: it is a collective over `all_reduce`'s group) returns {term: mean over ranks} for each closed step, in
     order, and forgets them."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, all_reduce: AllReduce | None) -> None:
         self.world_size = world_size
+        self.all_reduce = all_reduce
         self._keys: list[str] | None = None
         self._current: list[Tensor] | None = None
         self._rows: list[Tensor] = []
@@ -58,9 +60,8 @@ class StepLosses:
             return []
         assert self._keys is not None
         table_SK = torch.stack(self._rows).double()
-        if self.world_size > 1:
-            dist.all_reduce(table_SK, op=dist.ReduceOp.SUM)
-            table_SK /= self.world_size
+        if self.all_reduce is not None:
+            table_SK = self.all_reduce(table_SK) / self.world_size
         self._rows = []
         return [dict(zip(self._keys, row, strict=True)) for row in table_SK.tolist()]
 

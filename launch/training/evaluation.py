@@ -9,15 +9,15 @@ Legend: B batch rows, T positions, E experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch import Tensor
 
 from moe.data import ByteDataset
 from moe.transformer import MoETransformer, bits_per_byte, lm_loss
+from moe.usage import ExpertUsage
+from routing import AllReduce
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,13 @@ class Evaluation:
     val_bpb: float
 
 
-def all_reduce_mean(values: list[float], world_size: int, device: torch.device) -> list[float]:
+def mean_over_ranks(
+    values: list[float], world_size: int, all_reduce: AllReduce | None
+) -> list[float]:
     """Mean of each value over all ranks (identity in a one-process run)."""
-    if world_size == 1:
+    if all_reduce is None:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return (tensor / world_size).tolist()
+    return (all_reduce(torch.tensor(values, dtype=torch.float64)) / world_size).tolist()
 
 
 @torch.no_grad()
@@ -44,9 +44,11 @@ def evaluate(
     rank: int,
     world_size: int,
     device: torch.device,
+    all_reduce: AllReduce | None = None,
 ) -> Evaluation:
     """Mean cross entropy over the first `max_batches` fixed validation batches (global
-    `batch_size` rows each, split over the ranks), in eval mode."""
+    `batch_size` rows each, split over the ranks), in eval mode; `all_reduce` sums over
+    the ranks (`Runtime.sum_over_ranks`; None in a one-process run)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -58,22 +60,20 @@ def evaluate(
             count += 1
     finally:
         model.train(was_training)
-    (mean_loss,) = all_reduce_mean([total / max(count, 1)], world_size, device)
+    (mean_loss,) = mean_over_ranks([total / max(count, 1)], world_size, all_reduce)
     return Evaluation(val_loss=mean_loss, val_bpb=bits_per_byte(mean_loss))
 
 
-@dataclass
 class RoutingMonitor:
-    """Accumulates, over training steps, each MoE layer's kept slots per expert (this
-    rank's tokens), on the device: observing a step costs no host sync."""
+    """What the loop reports about routing: each MoE layer's kept slots per expert
+    accumulated over the run (`moe.usage.ExpertUsage`, on the device: observing a step
+    costs no host sync) and the last step's per-layer scalars."""
 
-    load_per_layer: dict[int, Tensor] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.usage = ExpertUsage()
 
     def observe(self, model: MoETransformer) -> None:
-        for block, stats in model.routing_stats().items():
-            load_E = stats.tokens_per_expert_E.detach().to(torch.float64, copy=True)
-            previous = self.load_per_layer.get(block)
-            self.load_per_layer[block] = load_E if previous is None else previous + load_E
+        self.usage.observe(model)
 
     def scalars(self, model: MoETransformer) -> dict[str, float]:
         """Per-layer scalars of the last step (this rank): dropped fraction, router
@@ -96,15 +96,9 @@ class RoutingMonitor:
             out["routing/router_entropy"] = float(np.mean(entropy))
         return out
 
-    def global_load(self, world_size: int, device: torch.device) -> list[np.ndarray]:
+    def global_load(self, all_reduce: AllReduce | None) -> list[np.ndarray]:
         """Every layer's accumulated load summed over all ranks (collective)."""
-        blocks = sorted(self.load_per_layer)
-        loads = [self.load_per_layer[b].to(device) for b in blocks]
-        if world_size > 1 and loads:
-            flat = torch.cat(loads)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            loads = list(flat.split([len(load) for load in loads]))
-        return [load.cpu().numpy() for load in loads]
+        return [load.numpy() for load in self.usage.totals(all_reduce).values()]
 
     def layer_names(self) -> list[str]:
-        return [f"block {b}" for b in sorted(self.load_per_layer)]
+        return [f"block {b}" for b in self.usage.blocks()]

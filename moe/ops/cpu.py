@@ -6,7 +6,7 @@
 - `moe::grouped_mm_wgrad(x_RD, dy_RH, counts_E, filled_E=None) -> dw_EDH`: per-expert
   x_e^T dy_e, written into one full-size gradient (slicing a stacked parameter per expert
   inside autograd would build a full-size gradient per slice: E times the memory traffic).
-  `filled_E` (a capacity-padded layout, `moe.dispatch.capacity_padded_permutation`): only
+  `filled_E` (a capacity-padded layout, `moe.permute.capacity_padded_permutation`): only
   the first filled_E[e] rows of block e hold slots, the rest are padding: grouped_mm
   returns zero rows for them and grouped_mm_wgrad leaves them out, so the CPU path
   multiplies only the filled rows (the shapes stay static; the FLOPs follow the load).
@@ -23,7 +23,7 @@ kernel): plain torch, `torch.mm` over the (filled) row blocks.
 With N > 1 intra-op threads the blocks are shared out to N worker threads that each run
 single-threaded `torch.mm`s (one parallel region per call instead of one per block: at
 E=64 that removes 64 OpenMP fork/joins per matmul; see `_BlockRunner`). CUDA: the
-Triton kernels of `moe.kernels`.
+Triton kernels of `moe.ops.kernels`.
 
 Shapes: T tokens, K slots per token, R routed rows (sorted by expert), D input width,
 H output width, E experts.
@@ -376,13 +376,3 @@ def _combine_backward(
 
 
 combine.register_autograd(_combine_backward, setup_context=_combine_setup)
-
-
-def _register_cuda_kernels() -> None:
-    from moe import cuda_ops, kernels
-
-    if kernels.triton_available():
-        cuda_ops.register()
-
-
-_register_cuda_kernels()

@@ -1,4 +1,4 @@
-"""The hardware description the inference planner (`moe.inference.planner`) plans for.
+"""The hardware description the inference planner (`moe.planning.planner`) plans for.
 
 One `Hardware` dataclass, validated in `__post_init__` (a bad field raises `ValueError`
 naming the field and the accepted values), read from `conf/hardware/*.yaml` (Hydra group

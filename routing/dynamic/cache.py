@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from routing import changed_share
+from routing.dynamic.controller import changed_share
 
 
 @dataclass

@@ -7,8 +7,8 @@ CUDA). The optimizer step stays eager.
 - counts compilations (every graph that dynamo hands to inductor) and their wall time
   (`compile/compilations`, `compile/time_s`; the backward graph is compiled at the first
   backward, which the trainer reports as `compile/first_step_s`);
-- keys the compiled step: `key_fn()` (for example DynaMoE's padded rows per layer,
-  `moe.dynamic.bucket_key(model)`) is read before every call; a key not seen before is a
+- keys the compiled step: `key_fn()` (for example the routing policies' compile key,
+  DynaMoE's padded rows per layer) is read before every call; a key not seen before is a
   rebuild (`compile/rebuilds`). Shapes are compiled static (`dynamic=False`), so new
   padded rows give new graphs through dynamo's guards, and a key seen before reuses
   its graphs: rebuilds happen only when the key changes to a new value. The recompile
@@ -20,7 +20,7 @@ CUDA). The optimizer step stays eager.
   (`/tmp/torchinductor_$USER`), shared by every run of the user on the machine.
 
 The MoE layer compiles without graph breaks at EP=1 (tests/test_compile.py). At EP>1
-the all-to-all stays outside the graph (`moe.parallel` dispatch and combine run eagerly
+the all-to-all stays outside the graph (the dispatcher's dispatch and combine run eagerly
 between two compiled graphs): its split sizes come from a counts exchange (data on the
 host), gloo collectives have no inductor lowering, and the rows it moves are already
 contiguous, so the graph gains nothing from holding it.
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch._dynamo import lookup_backend
 
-from moe.dynamic import bucket_key
+from routing import PolicyState
 
 # Environment variable through which inductor finds its cache directory (torch reads it
 # on each use; this module is the launcher side, where the environment may be set).
@@ -152,31 +152,17 @@ class CompiledStep:
         return self.module.parameters()
 
 
-def training_step(module: nn.Module, model: Any, train_cfg: Any) -> CompiledStep | None:
+def training_step(
+    module: nn.Module, policy_state: PolicyState, train_cfg: Any
+) -> CompiledStep | None:
     """The compiled forward + backward of `train.compile=true` (None when off), keyed by
-    every DynaMoE layer's padded rows (`moe.dynamic.bucket_key`; one key for other
-    routing). `module`: what the trainer calls (the engine's); `model`: the MoE model."""
+    the routing policies' shapes (`routing.PolicyState.compile_key`: DynaMoE's padded
+    rows per layer; one key for stateless routing). `module`: what the trainer calls
+    (the engine's)."""
     if not train_cfg.compile:
         return None
-    if any(getattr(layer.dynamic, "cache", None) is not None for _, layer in model.moe_layers()):
-        print(
-            "[compile] the DynaMoE assignment cache is host-side and runs eagerly only: "
-            "this compiled run routes every sample through the router "
-            "(routing.cache_max_entries has no effect)",
-            flush=True,
-        )
-    intervals = [
-        layer.dynamic.controller.rebuild_interval
-        for _, layer in model.moe_layers()
-        if getattr(layer, "dynamic", None) is not None
-    ]
-    if intervals and min(intervals) < 50:
-        print(
-            f"[compile] routing.dynamic_rebuild_interval={min(intervals)}: every change of "
-            "the padded rows recompiles the step (about 20 s on the demo); compiled runs "
-            "warm up with 50 or more (docs/BENCHMARKS.md)",
-            flush=True,
-        )
+    for note in policy_state.compile_notes():
+        print(f"[compile] {note}", flush=True)
     return CompiledStep(
-        module, key_fn=lambda: bucket_key(model), cache_dir=train_cfg.compile_cache_dir or None
+        module, key_fn=policy_state.compile_key, cache_dir=train_cfg.compile_cache_dir or None
     )

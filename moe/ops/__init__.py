@@ -1,0 +1,40 @@
+"""The MoE layer's ops, registered with `torch.library` (one opaque op each for autograd
+and `torch.compile`): `grouped_mm`, `grouped_mm_wgrad`, `gather_rows`,
+`scatter_add_rows`, `combine`, `combine_backward`.
+
+- `moe.ops.cpu`: the ops and their plain-torch implementation (every device without a
+  kernel), with the CPU block workers;
+- `moe.ops.cuda`: the CUDA implementations, registered here when Triton is installed;
+- `moe.ops.kernels`: the Triton kernels behind them;
+- `moe.ops.int8`: the int8-weight grouped matmul of the int8 experts.
+"""
+
+from moe.ops import kernels
+from moe.ops.cpu import (
+    POOL_MIN_BLOCKS,
+    combine,
+    combine_backward,
+    gather_rows,
+    grouped_mm,
+    grouped_mm_torch,
+    grouped_mm_wgrad,
+    grouped_mm_wgrad_torch,
+    scatter_add_rows,
+)
+
+if kernels.triton_available():
+    from moe.ops import cuda
+
+    cuda.register()
+
+__all__ = [
+    "POOL_MIN_BLOCKS",
+    "combine",
+    "combine_backward",
+    "gather_rows",
+    "grouped_mm",
+    "grouped_mm_torch",
+    "grouped_mm_wgrad",
+    "grouped_mm_wgrad_torch",
+    "scatter_add_rows",
+]

@@ -35,7 +35,8 @@ from _bench_utils import interleaved_times, median_ms
 from torch import nn
 
 from moe.experts import GroupedExperts
-from moe.inference.quant import CpuInt8Method, Int8Experts, expert_int8_mm, quantize_weight
+from moe.inference.quant import Int8Experts, quantize_weight
+from moe.ops.int8 import CpuInt8Method, expert_int8_mm
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUICK_ROWS = (1, 16, 64)

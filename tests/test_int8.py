@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import os
 import random
 import subprocess
@@ -28,16 +29,16 @@ import torch.nn.functional as F
 from moe.checkpoint import load_checkpoint, save_checkpoint
 from moe.config import ModelConfig
 from moe.experts import Activation, GroupedExperts
-from moe.inference.quant import (
+from moe.inference.quant import Int8Experts, dequantize, quantize_experts, quantize_weight
+from moe.ops.int8 import (
+    INT8MM_ALIGNMENT,
     INT8MM_MAX_ROWS,
     INT8MM_MIN_WEIGHT,
     CpuInt8Method,
-    Int8Experts,
     choose_cpu_method,
-    dequantize,
+    effective_cpu_method,
+    expert_int8_mm,
     int8_grouped_mm_torch,
-    quantize_experts,
-    quantize_weight,
 )
 from moe.transformer import MoETransformer
 from routing import CapacityKind, RoutingConfig
@@ -201,6 +202,49 @@ def test_auto_takes_int8mm_for_few_rows_of_a_large_weight_only() -> None:
     assert choose_cpu_method(1, large_NK, dequant) == dequant
 
 
+@pytest.fixture
+def int8mm_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, torch.dtype]]:
+    """Every call of torch's `_weight_int8pack_mm` as (K, N, activation dtype); a call
+    with a shape outside the trusted rule fails the test instead of reaching the kernel
+    (which crashes the process on some hosts)."""
+    kernel = torch.ops.aten._weight_int8pack_mm
+    calls: list[tuple[int, int, torch.dtype]] = []
+
+    def spy(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor) -> torch.Tensor:
+        n, k = q_NK.shape
+        calls.append((k, n, x_MK.dtype))
+        if k % 16 or n % 16:
+            raise AssertionError(f"_weight_int8pack_mm reached with K={k}, N={n}")
+        return kernel(x_MK, q_NK, scale_N)
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8mm_gets_only_the_shapes_it_handles(
+    dtype: torch.dtype, int8mm_calls: list[tuple[int, int, torch.dtype]]
+) -> None:
+    """Forced or chosen by "auto", `int8mm` runs only at K and N multiples of 16 (torch
+    2.13's kernel gives NaN or a segmentation fault with bf16 at K = 8, 24, 40, 72);
+    other shapes take the dequantizing path and still match the reference."""
+    generator = torch.Generator().manual_seed(3)
+    for k, n in itertools.product((8, 16, 24, 40, 48, 72), (8, 16, 24, 32, 48)):
+        w_KN = torch.randn(k, n, generator=generator) / k**0.5
+        q_NK, scale_N = quantize_weight(w_KN)
+        x_MK = torch.randn(5, k, generator=generator).to(dtype)
+        expected = x_MK.float() @ dequantize(q_NK, scale_N)
+        for method in (CpuInt8Method.INT8MM, CpuInt8Method.AUTO):
+            y_MN = expert_int8_mm(x_MK, q_NK, scale_N, method)
+            assert y_MN.dtype == dtype
+            assert relative_error(y_MN, expected) < 3e-2, (k, n, method)
+        aligned = k % INT8MM_ALIGNMENT == 0 and n % INT8MM_ALIGNMENT == 0
+        forced = effective_cpu_method(x_MK, q_NK, CpuInt8Method.INT8MM)
+        assert forced == (CpuInt8Method.INT8MM if aligned else CpuInt8Method.DEQUANT)
+    # The supported shapes did reach the kernel (the guard is not a blanket refusal).
+    assert {(k, n) for k, n, _ in int8mm_calls} == {(k, n) for k in (16, 48) for n in (16, 32, 48)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_activations_keep_their_dtype(dtype: torch.dtype) -> None:
     grouped = make_grouped("gelu")
@@ -357,7 +401,7 @@ def _interpreter_dtypes(device: str) -> tuple[torch.dtype, ...]:
 
 def check_int8_kernel(device: str) -> None:
     """The Triton kernel (and `Int8Experts` through it) against the CPU path."""
-    from moe.inference import quant
+    from moe.ops import int8
     from moe.ops.kernels.grouped_gemm import GemmBlocks
     from moe.ops.kernels.int8_grouped_gemm import int8_grouped_mm
 
@@ -393,7 +437,7 @@ def check_int8_kernel(device: str) -> None:
         raise AssertionError("a float q_ENK was accepted")
 
     if device == "cpu":  # send the op's CPU calls to the Triton adapter, in this process only
-        quant.int8_grouped_mm.register_kernel("cpu")(quant.int8_grouped_mm_triton)
+        int8.int8_grouped_mm.register_kernel("cpu")(int8.int8_grouped_mm_triton)
     for activation in ACTIVATIONS:
         grouped = make_grouped(activation)
         x_RD = torch.randn(sum(COUNTS), 24)

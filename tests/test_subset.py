@@ -23,7 +23,6 @@ from moe.data import DataConfig, build_corpus
 from moe.inference import load_model
 from moe.inference.subset import write_subset
 from moe.inference.task_usage import (
-    dropless_routing,
     experts_for_coverage,
     measure_task_usage,
     task_experts_task_routing,
@@ -65,7 +64,7 @@ def save_full(directory: Path, router: str, num_experts: int = 8) -> Path:
 
 def logits(model: MoETransformer, tokens_BT: torch.Tensor, task: int) -> torch.Tensor:
     """Dropless logits [B, T, V] of `tokens_BT` with task id `task` (eval, no grad)."""
-    with torch.no_grad(), dropless_routing(model):
+    with torch.no_grad(), model.capacity_override("dropless"):
         task_ids_B = torch.full((tokens_BT.shape[0],), task, dtype=torch.int64)
         return model(tokens_BT, task_ids_B).logits_BTV
 

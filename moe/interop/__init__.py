@@ -1,0 +1,1 @@
+"""Interoperability with the HuggingFace ecosystem: tokenizers (`tokenizer`)."""

@@ -40,8 +40,8 @@ from launch.training.loop import train
 from launch.training.objectives import Distillation
 from launch.training.optim import split_parameters
 from moe.checkpoint import LATEST_FILE, read_meta, save_checkpoint
-from moe.config import FFNKind, ModelConfig
 from moe.checkpoint.experts import CheckpointExperts
+from moe.config import FFNKind, ModelConfig
 from moe.distill import (
     StudentInit,
     combine_experts,

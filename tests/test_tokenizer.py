@@ -85,13 +85,13 @@ def test_load_tokenizer_picks_the_files(tmp_path: Path) -> None:
 
 
 def test_bad_input_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not bytes; accepted: 0..255"):
+    with pytest.raises(ValueError, match=r"not bytes; accepted: 0\.\.255"):
         ByteTokenizer().decode([65, 300])
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not a tokenizers file"):
         load_tokenizer(tmp_path)
     tokenizer = _train_bpe(tmp_path)
-    with pytest.raises(ValueError, match="outside the vocabulary 0..299"):
+    with pytest.raises(ValueError, match=r"outside the vocabulary 0\.\.299"):
         tokenizer.decode([5, 300])
 
 
@@ -116,3 +116,44 @@ def test_a_decoder_that_depends_on_the_left_neighbour_streams_the_whole_text(
     for seed in range(3):
         shown = "".join(_stream(loaded, ids[3:], ids[:3], seed))
         assert shown == text[len(loaded.decode(ids[:3])) :]
+
+
+def test_a_checkpoint_carries_its_tokenizer(tmp_path: Path) -> None:
+    """Tokenizer files saved as checkpoint attachments come back (checksummed) with the
+    model; a checkpoint without them is byte-level; a corrupted file is refused."""
+    from moe.checkpoint import save_checkpoint
+    from moe.config import ModelConfig
+    from moe.inference import load_model
+    from moe.transformer import MoETransformer
+    from routing import RoutingConfig
+
+    tokenizer = _train_bpe(tmp_path)
+    config = ModelConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                         max_seq_len=16, ffn_hidden=32, expert_hidden=8, num_experts=2)  # fmt: skip
+    routing = RoutingConfig(top_k=1)
+    model = MoETransformer(config, routing)
+    record = {"model": config.__dict__, "routing": routing.__dict__}
+    with_files = save_checkpoint(
+        tmp_path / "a", model, None, 1, _plain(record), attachments=tokenizer.files()
+    )
+    loaded = load_model(with_files)
+    assert isinstance(loaded.tokenizer, HFTokenizer)
+    assert loaded.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
+    assert loaded.tokenizer.eos_token == "<eos>"
+    bytes_only = save_checkpoint(tmp_path / "b", model, None, 1, _plain(record))
+    assert isinstance(load_model(bytes_only).tokenizer, ByteTokenizer)
+    (with_files / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_model(with_files)
+    with pytest.raises(ValueError, match=r"attachment .meta\.json. is invalid"):
+        save_checkpoint(
+            tmp_path / "c", model, None, 1, _plain(record), attachments={"meta.json": b""}
+        )
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return getattr(value, "value", value)

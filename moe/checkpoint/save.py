@@ -178,11 +178,13 @@ def finalize_checkpoint(
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
     layer_num_experts: dict[str, int] | None = None,
+    attachments: dict[str, bytes] | None = None,
 ) -> Path:
     """Rank 0, after every rank wrote its shard: write meta.json, rename the temporary
     directory to `step_N`, point `latest` at it, prune to `keep_last` step directories.
     `layer_num_experts` (module name -> global E) marks a subset checkpoint (see
-    `_merge_layout`)."""
+    `_merge_layout`). `attachments`: more files (name -> contents, e.g. the tokenizer's
+    `tokenizer.json`), written beside meta.json and checksummed like the weights."""
     temp = Path(temp_dir)
     directory = temp.parent
     if keep_last is not None and keep_last < 1:
@@ -200,6 +202,14 @@ def finalize_checkpoint(
                 )
     if DENSE_FILE not in files:
         raise ValueError("no rank wrote the dense weights; accepted: exactly one write_dense rank")
+    for name, data in (attachments or {}).items():
+        if Path(name).name != name or name in files or name in (META_FILE, EXTRA_FILE):
+            raise ValueError(
+                f"attachment {name!r} is invalid; accepted: a plain file name that is not "
+                f"{META_FILE}, {EXTRA_FILE} or a weight file"
+            )
+        write_bytes(temp / name, data)
+        files[name] = sha256_hex(data)
     tensors: dict[str, torch.Tensor] = {}
     encoded_extra = encode_state(extra or {}, tensors)
     if tensors:
@@ -289,12 +299,13 @@ def save_checkpoint(
     group: dist.ProcessGroup | None = None,
     keep_last: int | None = None,
     layer_num_experts: dict[str, int] | None = None,
+    attachments: dict[str, bytes] | None = None,
 ) -> Path:
     """Save `model` (and this rank's `optimizer_state`) as `directory/step_{step}`.
 
     Single process: `group=None`. Distributed: every rank of `group` calls this with its
     own model shard; rank 0 writes the dense weights and meta.json. Returns the step dir.
-    `layer_num_experts`: see `finalize_checkpoint` (subset checkpoints).
+    `layer_num_experts`, `attachments` (rank 0's are written): see `finalize_checkpoint`.
     """
     directory = Path(directory)
     if keep_last is not None and keep_last < 1:
@@ -306,6 +317,7 @@ def save_checkpoint(
             return finalize_checkpoint(
                 temp, [manifest], step=step, config=config, extra=extra,
                 keep_last=keep_last, layer_num_experts=layer_num_experts,
+                attachments=attachments,
             )  # fmt: skip
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
@@ -322,6 +334,7 @@ def save_checkpoint(
             return finalize_checkpoint(
                 temp, manifests, step=step, config=config, extra=extra,
                 keep_last=keep_last, layer_num_experts=layer_num_experts,
+                attachments=attachments,
             )  # fmt: skip
 
         paths = _in_step(finalize if rank == 0 else None, group)

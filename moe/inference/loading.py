@@ -11,15 +11,17 @@ checkpoint's experts after loading.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest
+from moe.checkpoint.files import read_verified
 from moe.config import ModelConfig
 from moe.dispatchers import Dispatcher, LocalDispatcher
+from moe.interop.tokenizer import TOKENIZER_FILES, ByteTokenizer, Tokenizer, tokenizer_from_files
 from moe.transformer import DispatcherFactory, MoETransformer
 from routing import RoutingConfig
 
@@ -40,6 +42,7 @@ class LoadedModel:
     run_config: dict[str, Any]
     subset: dict[str, Any] | None
     task_ids: list[int] | None
+    tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -126,7 +129,19 @@ def load_model(
         task_ids = [int(subset["task"])]
     elif routing is not None and routing.needs_task_ids:
         task_ids = list(range(routing.num_tasks))
-    return LoadedModel(model, directory, loaded.step, meta["config"], subset, task_ids)
+    tokenizer = checkpoint_tokenizer(directory, meta)
+    return LoadedModel(model, directory, loaded.step, meta["config"], subset, task_ids, tokenizer)
+
+
+def checkpoint_tokenizer(directory: Path, meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a checkpoint carries (its tokenizer files, checksums verified, among
+    the files of meta.json), or bytes when it carries none."""
+    files = {
+        name: read_verified(directory, name, meta)
+        for name in TOKENIZER_FILES
+        if name in meta.get("files", {})
+    }
+    return tokenizer_from_files(files, f"checkpoint {directory}")
 
 
 def _subset_factory(held: dict[str, list[int]]) -> DispatcherFactory:

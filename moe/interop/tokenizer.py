@@ -52,6 +52,11 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
+    def files(self) -> dict[str, bytes]:
+        """The files that carry this tokenizer (a checkpoint stores them beside
+        meta.json); {} for bytes."""
+        ...
+
 
 class ByteTokenizer:
     """One token per byte of UTF-8 text (vocabulary 256, no special tokens). Decoding
@@ -71,6 +76,9 @@ class ByteTokenizer:
             raise ValueError(f"token ids {bad[:5]} are not bytes; accepted: 0..255")
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
+    def files(self) -> dict[str, bytes]:
+        return {}
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
 
@@ -80,14 +88,15 @@ class HFTokenizer:
     eos/bos tokens and chat template when given. `add_bos`: whether `encode(...,
     add_special_tokens=True)` prepends the bos token (the config's `add_bos_token`)."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, tokenizer_json: str, config: dict[str, Any] | None, source: str) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
-        self.path = Path(path)
+        self.source = source
         try:
-            self._tokenizer = RustTokenizer.from_file(str(self.path))
+            self._tokenizer = RustTokenizer.from_str(tokenizer_json)
         except Exception as error:  # the Rust library raises its own exception types
-            raise ValueError(f"{self.path} is not a tokenizers file: {error}") from None
+            raise ValueError(f"{source} is not a tokenizers file: {error}") from None
+        self._json = tokenizer_json
         self.config = dict(config or {})
         self._eos = _token_text(self.config.get("eos_token"))
         self._bos = _token_text(self.config.get("bos_token"))
@@ -97,10 +106,28 @@ class HFTokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> HFTokenizer:
+        """From `tokenizer.json` (and `tokenizer_config.json` when present) in `directory`."""
         directory = Path(directory)
-        config_path = directory / TOKENIZER_CONFIG_FILE
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        return cls(directory / TOKENIZER_FILE, config)
+        names = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+        files = {
+            name: (directory / name).read_bytes() for name in names if (directory / name).is_file()
+        }
+        return cls.from_files(files, str(directory / TOKENIZER_FILE))
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], source: str) -> HFTokenizer:
+        """From the contents of the tokenizer files (`files()`'s output)."""
+        if TOKENIZER_FILE not in files:
+            raise ValueError(f"{source}: no {TOKENIZER_FILE} among {sorted(files)}")
+        config: dict[str, Any] = {}
+        if TOKENIZER_CONFIG_FILE in files:
+            try:
+                config = json.loads(files[TOKENIZER_CONFIG_FILE])
+            except ValueError as error:
+                raise ValueError(
+                    f"{source}: {TOKENIZER_CONFIG_FILE} is not JSON: {error}"
+                ) from None
+        return cls(files[TOKENIZER_FILE].decode("utf-8"), config, source)
 
     @property
     def vocab_size(self) -> int:
@@ -136,15 +163,14 @@ class HFTokenizer:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary 0..{size - 1}")
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def save(self, directory: str | Path) -> None:
-        """Write `tokenizer.json` (and `tokenizer_config.json`) into `directory`."""
-        directory = Path(directory)
-        self._tokenizer.save(str(directory / TOKENIZER_FILE))
+    def files(self) -> dict[str, bytes]:
+        out = {TOKENIZER_FILE: self._json.encode("utf-8")}
         if self.config:
-            (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+            out[TOKENIZER_CONFIG_FILE] = json.dumps(self.config, indent=2).encode("utf-8")
+        return out
 
     def __repr__(self) -> str:
-        return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+        return f"HFTokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
 
 def _token_text(value: Any) -> str | None:
@@ -154,12 +180,21 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+
+
 def load_tokenizer(directory: str | Path | None) -> Tokenizer:
-    """The tokenizer a checkpoint (or HF model directory) carries: `HFTokenizer` when
-    `directory/tokenizer.json` exists, else `ByteTokenizer`."""
+    """The tokenizer a directory (an HF model directory, a tokenizer folder) carries:
+    `HFTokenizer` when `directory/tokenizer.json` exists, else `ByteTokenizer`. A
+    checkpoint's is read, checksums verified, by `moe.inference.loading`."""
     if directory is not None and (Path(directory) / TOKENIZER_FILE).is_file():
         return HFTokenizer.from_dir(directory)
     return ByteTokenizer()
+
+
+def tokenizer_from_files(files: dict[str, bytes], source: str) -> Tokenizer:
+    """The tokenizer whose files are `files` ({}: bytes)."""
+    return HFTokenizer.from_files(files, source) if files else ByteTokenizer()
 
 
 class IncrementalDetokenizer:

@@ -3,6 +3,7 @@
     python -m launch.serve checkpoint=runs/demo_task                     # 127.0.0.1:8000
     python -m launch.serve checkpoint=runs/demo_task 'serve.tasks=[law,2]' serve.port=8080
     python -m launch.serve checkpoint=runs/demo_task serve.ep_size=2 serve.replicas=2
+    python -m launch.serve checkpoint=runs/demo serve.precision=bf16     # bf16 weights
     RAY_ADDRESS=ray://head:10001 python -m launch.serve checkpoint=/shared/run ...
 
 A Ray Serve application (an embedded local Ray unless `RAY_ADDRESS` names a cluster):
@@ -14,7 +15,9 @@ gateway (`launch.serving.api`). Model ids: `full`, and `task-<id>` for every tas
 task-aware checkpoint (served by its subset deployment when it has one, else by the full
 model). Bounds: `serve.max_body_bytes`, `serve.max_tokens`, and per deployment replica
 `serve.max_ongoing_requests` running plus `serve.max_queued_requests` waiting (then 503
-with `Retry-After`). See docs/SERVING.md.
+with `Retry-After`). `serve.precision` (fp32 by default; bf16, auto, fp16 on CUDA) is the
+weights' and the KV cache's dtype in every deployment (`moe.precision`). See
+docs/SERVING.md.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class ServeOptions:
     max_queued_requests: int = 64
     max_body_bytes: int = 65536
     max_tokens: int = 512
+    precision: str = "fp32"
     retry_after_s: int = 1
     threads_per_replica: int = 1
     cpus_per_replica: float = 0.5
@@ -63,6 +67,9 @@ class ServeOptions:
     timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        from moe.precision import parse_precision
+
+        self.precision = parse_precision(self.precision, "serve.precision").value
         self.tasks = [str(t) for t in self.tasks]
         self.subsets = {str(k): str(v) for k, v in self.subsets.items()}
         if not 0 <= self.port <= 65535:
@@ -160,6 +167,7 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     """The Ray Serve application of `config`. `probe` adds the deployment `probe`: the
     same architecture with one MoE layer of one expert (the benchmark's runtime-overhead
     baseline, `launch.serving.deployments.probe_model`)."""
+    import torch
     from ray import serve
 
     from launch.serving.api import Gateway
@@ -167,14 +175,21 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     from launch.serving.validation import Limits, ModelEntry
     from moe.checkpoint import read_meta
     from moe.inference.loading import configs_of, resolve_checkpoint
+    from moe.precision import resolve_precision
 
     options = config.serve
+    # Refused here, not in a replica: fp16 where the model would run on CPU. Replicas
+    # hold their model on CPU; expert-parallel workers on a GPU when given one.
+    on_gpu = options.ep_size > 1 and options.gpus_per_worker > 0
+    device = torch.device("cuda" if on_gpu else "cpu")
+    resolve_precision(options.precision, device, key="serve.precision")
     checkpoint = str(resolve_checkpoint(config.checkpoint).resolve())
     model_config, routing = configs_of(read_meta(Path(checkpoint)))
     subsets = _subset_checkpoints(config)
     common = dict(max_batch=options.max_batch, threads=options.threads_per_replica,
                   cpus_per_worker=options.cpus_per_replica,
-                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s)  # fmt: skip
+                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s,
+                  precision=options.precision)  # fmt: skip
     specs = {"full": ModelSpec("full", checkpoint, ep_size=options.ep_size, **common)}  # type: ignore[arg-type]
     for task_id, path in subsets.items():
         specs[f"task-{task_id}"] = ModelSpec(f"task-{task_id}", path, **common)  # type: ignore[arg-type]

@@ -19,6 +19,10 @@ change with its neighbours. The engine overrides the model's capacity policy wit
 included; `restore()` puts the trained one back); `routing="trained"` keeps the trained
 policy for those who want it.
 
+Precision: the engine computes in the model's parameter dtype (bf16 weights from
+`load_model(precision="bf16")`): the KV cache is kept in it (`kv_dtype`) and the
+sampler reads the logits in fp32.
+
 Context longer than `max_len` (the model's `max_seq_len`): a prompt keeps its last
 `max_len` bytes; a sequence whose slot fills up is re-prefilled with the last half
 window (positions restart at 0, as in training windows) and continues.
@@ -134,9 +138,10 @@ class InferenceEngine:
         self.needs_task = model.routing is not None and model.routing.needs_task_ids
         param = model.embed.weight
         self.device = param.device
+        self.kv_dtype = param.dtype  # the KV cache in the model's dtype (bf16 weights: bf16)
         self.cache = SlotKVCache(
             len(model.blocks), max_batch, model.config.n_kv_heads, self.max_len,
-            model.config.head_dim, param.device, param.dtype,
+            model.config.head_dim, param.device, self.kv_dtype,
         )  # fmt: skip
         # Held for the engine's life; `restore()` leaves it.
         self._override = contextlib.ExitStack()
@@ -245,7 +250,7 @@ class InferenceEngine:
         for segment in segments:
             offset += segment.count
             ends.append(offset - 1)
-        last_BV = logits_1TV[0, ends]
+        last_BV = logits_1TV[0, ends].float()  # sampled in fp32 whatever the model's dtype
         next_tokens = sample_tokens(
             last_BV, [s.params for s in self._running], [s.generator for s in self._running]
         )

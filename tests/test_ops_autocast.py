@@ -180,3 +180,28 @@ def test_int8_experts_keep_fp32_scales_under_bf16_weights() -> None:
     assert y_RD.dtype == BF16
     expected = grouped(_rounded(x_RD), counts)
     assert (y_RD.float() - expected).norm() / expected.norm() < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_mm_under_cuda_autocast(dtype: torch.dtype) -> None:
+    """The same rule on CUDA: the Triton kernels get the autocast dtype (bf16 or fp16,
+    read when called) and their gradients match the fp32 loop."""
+    torch.manual_seed(4)
+    counts = [30, 0, 50, 17]
+    x = torch.randn(sum(counts), 64, device="cuda", requires_grad=True)
+    w = torch.randn(len(counts), 64, 96, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        y = ops.grouped_mm(x, w, torch.tensor(counts, device="cuda"))
+    assert y.dtype == dtype
+    x_ref = x.detach().to(dtype).float().requires_grad_()
+    w_ref = w.detach().to(dtype).float().requires_grad_()
+    expected = _loop_grouped_mm(x_ref, w_ref, counts)
+    torch.testing.assert_close(y.float(), expected.detach(), **BF16_TOLERANCE)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected.backward(dy.float())
+    assert x.grad is not None and w.grad is not None
+    torch.testing.assert_close(x.grad, x_ref.grad, **BF16_TOLERANCE)
+    torch.testing.assert_close(w.grad, w_ref.grad, **BF16_TOLERANCE)

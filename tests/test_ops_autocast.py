@@ -50,6 +50,7 @@ CASES = {
     "uniform": ([4, 4, 4, 4], None),  # one bmm
     "padded": ([5, 5, 5, 5], [5, 2, 0, 4]),  # filled rows only
     "pool": ([7] * 20, None),  # >= POOL_MIN_BLOCKS blocks: the worker threads
+    "bucketed": ([70, 0, 131, 257], [70, 0, 100, 257]),  # zero-padded half-precision blocks
 }
 
 
@@ -80,6 +81,38 @@ def test_grouped_mm_under_autocast_matches_the_fp32_loop(case: str) -> None:
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad, x_ref.grad, **BF16_TOLERANCE)
     torch.testing.assert_close(w.grad, w_ref.grad, **BF16_TOLERANCE)
+
+
+def test_half_precision_blocks_come_in_few_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN builds a kernel per bf16 matmul shape (~0.7 ms each), so blocks of more
+    than `moe.ops.row_buckets.HALF_EXACT_ROWS` rows are multiplied zero-padded to 8 sizes per power of two:
+    200 random row counts in [65, 2048] give at most 8 * 5 shapes, each at most 1/8
+    larger than its block; fp32 blocks keep their exact row counts."""
+    from moe.ops import cpu
+
+    shapes: dict[torch.dtype, list[tuple[int, int]]] = {torch.float32: [], BF16: []}
+    mm = torch.mm
+
+    def spy(a: torch.Tensor, b: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        shapes[a.dtype].append((a.shape[0], a.shape[1]))
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    generator = torch.Generator().manual_seed(5)
+    w = torch.randn(2, 8, 8)
+    for _ in range(100):
+        counts = torch.randint(65, 2049, (2,), generator=generator)
+        x = torch.randn(int(counts.sum()), 8)
+        for dtype in (torch.float32, BF16):
+            cpu.grouped_mm_wgrad_torch(x.to(dtype), x.to(dtype), counts)
+            cpu.grouped_mm_torch(x.to(dtype), w.to(dtype), counts)
+    forward = {m for m, k in shapes[BF16] if k == 8}
+    assert len(forward) <= 8 * 5, sorted(forward)
+    assert all(m % (1 << (m.bit_length() - 4)) == 0 for m in forward)
+    exact = {m for m, k in shapes[torch.float32] if k == 8}
+    assert len(exact) > 100  # fp32: every block its own row count
+    wgrad = {k for m, k in shapes[BF16] if m == 8}  # x^T: the rows are the inner size
+    assert wgrad <= forward
 
 
 def test_accumulation_is_fp32() -> None:

@@ -170,7 +170,9 @@ class MoELayer(nn.Module):
         y_TD = unpermute(y_RD, permutation, plan.weights_TK)
         if self.residual is not None and self.residual_gate is not None:
             gate_T2 = self.residual_gate(x_TD)
-            coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=torch.float32)
+            # In at least fp32 (autocast would leave a bf16 softmax; float64 stays float64).
+            dtype = torch.promote_types(gate_T2.dtype, torch.float32)
+            coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=dtype)
             y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
         self.last_stats = plan.stats
         return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)

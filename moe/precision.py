@@ -141,7 +141,9 @@ class ResolvedPrecision:
         }
 
     def describe(self) -> str:
-        """One line: `bf16 (auto: this CPU has avx512_bf16)`."""
+        """One phrase: `bf16 (auto: this CPU has avx512_bf16)`, `fp32 (asked for)`."""
+        if self.requested == self.precision:
+            return f"{self.precision.value} ({self.reason})"
         return f"{self.precision.value} ({self.requested.value}: {self.reason})"
 
 

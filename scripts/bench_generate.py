@@ -22,7 +22,7 @@ Every (variant, B) runs once untimed first (warm-up; it also counts the routing,
 below); the timed rounds then run every (variant, B) once each, the first one rotating
 from round to round (`_bench_utils.interleaved_times`); figures are medians.
 
-Floor of a decode step (Pope et al. 2022; METHODS.md "Inference cost"):
+Floor of a decode step (Pope et al. 2022; docs/METHODS.md, "Inference cost"):
 - memory: bytes read / read bandwidth. Bytes = every non-expert parameter (tied
   embeddings once) + per MoE layer the experts the step touched x bytes per expert (the
   nbytes of the expert tensors: fp32 weights, or int8 weights + fp32 scales) + the KV

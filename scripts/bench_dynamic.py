@@ -149,9 +149,7 @@ def _summary(
         "frozen": bool(dynamic.controller.frozen) if dynamic is not None else False,
         "cache_hit_rate": scalars.get("dynamic/cache_hit_rate"),
         "final_capacities": (
-            list(dynamic.controller.bucket_vector or ())
-            if dynamic is not None
-            else None
+            list(dynamic.controller.bucket_vector or ()) if dynamic is not None else None
         ),
     }
 

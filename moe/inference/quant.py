@@ -219,7 +219,7 @@ def int8_grouped_mm_triton(
 
 
 def _register_cuda_kernel() -> None:
-    from moe import kernels
+    from moe.ops import kernels
 
     if kernels.triton_available():
         int8_grouped_mm.register_kernel("cuda")(int8_grouped_mm_triton)

@@ -87,7 +87,8 @@ class PlanOptions:
             activations = "fp32" if self.precision is Precision.FP32 else "bf16"
         return Workload(
             batch=self.batch if batch is None else batch, prompt_len=self.prompt_len,
-            gen_len=self.gen_len, weights=self.precision, activations=activations,
+            gen_len=self.gen_len, weights=self.precision,
+            activations=parse_precision(activations, "plan.activations"),
             int8_scope=self.int8_scope,
         )  # fmt: skip
 

@@ -190,13 +190,15 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
         catalog[f"task-{task_id}"] = ModelEntry(deployment, task_id, context)
     if probe:  # a task-routed probe answers as task 0 (any task runs the same code)
         catalog["probe"] = ModelEntry("probe", 0 if needs_task else None, context)
-    model_deployment = serve.deployment(ModelServer)
+    # `serve.deployment()(cls)` rather than `serve.deployment(cls)`: the same Deployment,
+    # in the decorator form that Ray's annotations describe.
+    model_deployment = serve.deployment()(ModelServer)
     handles = {
         name: model_deployment.options(**_deployment_options(options, name)).bind(spec)
         for name, spec in specs.items()
     }
     limits = Limits(max_body_bytes=options.max_body_bytes, max_tokens=options.max_tokens)
-    gateway = serve.deployment(Gateway).options(
+    gateway = serve.deployment()(Gateway).options(
         name="gateway", num_replicas=1, max_ongoing_requests=4096, max_queued_requests=4096,
         ray_actor_options={"num_cpus": 0},
     )  # fmt: skip

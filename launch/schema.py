@@ -18,9 +18,12 @@ import functools
 import types
 import typing
 from enum import Enum
-from typing import Any, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -36,8 +39,8 @@ def _schema_type(annotation: Any) -> Any:
         return Optional[_schema_type(args[0])]  # noqa: UP045 (OmegaConf needs Optional)
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return str
-    if dataclasses.is_dataclass(annotation):
-        return hydra_schema(annotation)  # type: ignore[arg-type]
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return hydra_schema(annotation)
     return annotation
 
 
@@ -74,7 +77,7 @@ def build(cls: type[T], data: Any, key: str = "") -> T:
     if not isinstance(data, dict):
         raise ValueError(f"{key or cls.__name__} must be a mapping, got {data!r}")
     hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(
@@ -84,7 +87,7 @@ def build(cls: type[T], data: Any, key: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            value = build(annotation, value, f"{key}.{name}".lstrip("."))  # type: ignore[arg-type]
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            value = build(annotation, value, f"{key}.{name}".lstrip("."))
         kwargs[name] = value
     return cls(**kwargs)

@@ -17,8 +17,11 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
+
+from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -67,6 +70,20 @@ def hydra_schema(cls: type) -> type:
         specs.append((f.name, annotation, spec))
     # Same class name, so that Hydra's messages read "Key 'x' not in 'RoutingConfig'".
     return dataclasses.make_dataclass(cls.__name__, specs, namespace={"__doc__": cls.__doc__})
+
+
+def plain_container(
+    cfg: DictConfig | Mapping[str, Any], throw_on_missing: bool = False
+) -> dict[Any, Any]:
+    """`cfg` as the plain dict that `build` takes, without Hydra's own `hydra` node. A
+    composed config becomes plain containers with its interpolations resolved (with
+    `throw_on_missing`, a missing value `???` raises)."""
+    if isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=throw_on_missing)
+        assert isinstance(data, dict)  # the container of a DictConfig is a dict
+    else:
+        data = dict(cfg)
+    return {key: value for key, value in data.items() if key != "hydra"}
 
 
 def build(cls: type[T], data: Any, key: str = "") -> T:

@@ -29,10 +29,10 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 
 CONFIG_PATH = "../conf"
 
@@ -101,9 +101,7 @@ def register_serve_config() -> None:
 
 
 def to_serve_config(cfg: DictConfig | dict[str, Any]) -> ServeConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(ServeConfig, data)
+    return build(ServeConfig, plain_container(cfg))
 
 
 def _subset_checkpoints(config: ServeConfig) -> dict[int, str]:

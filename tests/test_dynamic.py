@@ -19,8 +19,8 @@ from distributed_utils import run_distributed, values_or_raise
 from moe.layer import MoELayer
 from routing import DynamicCapacityController, RoutingConfig, apply_capacity
 from routing.dynamic.cache import AssignmentCache
-from routing.state import PolicyState, model_policy_state
 from routing.routers import TopKRouter
+from routing.state import PolicyState, model_policy_state
 
 D, H = 6, 10
 
@@ -464,10 +464,17 @@ def _ep_worker(rank: int, world_size: int) -> list[Any]:
         ref.zero_grad()
         assert _state(ep).compile_key() == _state(ref).compile_key()
         assert ep.capacity_state is not None and ref.capacity_state is not None
-        assert ep.capacity_state.controller.bucket_vector == ref.capacity_state.controller.bucket_vector
+        assert (
+            ep.capacity_state.controller.bucket_vector
+            == ref.capacity_state.controller.bucket_vector
+        )
     assert ep.capacity_state is not None and ep.capacity_state.cache is not None
     controller = ep.capacity_state.controller
-    return [(controller.rebuilds, controller.reshuffles), ep.capacity_state.cache.hits, calls_per_step]
+    return [
+        (controller.rebuilds, controller.reshuffles),
+        ep.capacity_state.cache.hits,
+        calls_per_step,
+    ]
 
 
 @pytest.mark.distributed

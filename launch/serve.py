@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,14 +170,14 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     checkpoint = str(resolve_checkpoint(config.checkpoint).resolve())
     model_config, routing = configs_of(read_meta(Path(checkpoint)))
     subsets = _subset_checkpoints(config)
-    common = dict(max_batch=options.max_batch, threads=options.threads_per_replica,
-                  cpus_per_worker=options.cpus_per_replica,
-                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s)  # fmt: skip
-    specs = {"full": ModelSpec("full", checkpoint, ep_size=options.ep_size, **common)}  # type: ignore[arg-type]
+    full = ModelSpec("full", checkpoint, ep_size=options.ep_size, max_batch=options.max_batch,
+                     threads=options.threads_per_replica, cpus_per_worker=options.cpus_per_replica,
+                     gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s)  # fmt: skip
+    specs = {"full": full}
     for task_id, path in subsets.items():
-        specs[f"task-{task_id}"] = ModelSpec(f"task-{task_id}", path, **common)  # type: ignore[arg-type]
+        specs[f"task-{task_id}"] = replace(full, name=f"task-{task_id}", checkpoint=path, ep_size=1)
     if probe:
-        specs["probe"] = ModelSpec("probe", checkpoint, probe=True, **common)  # type: ignore[arg-type]
+        specs["probe"] = replace(full, name="probe", ep_size=1, probe=True)
     context = model_config.max_seq_len
     num_tasks = routing.num_tasks if routing is not None else 0
     needs_task = routing is not None and routing.needs_task_ids

@@ -1,5 +1,5 @@
-"""Shared helpers of the benchmark and experiment scripts: interleaved timing, peak
-resident memory, and training runs of `launch.train` read back from their metrics.jsonl.
+"""Shared helpers of the benchmark scripts: interleaved timing, peak resident memory,
+and the step times of the inference engine. (Training runs: `_runs.py`.)
 
 Timing: every implementation runs once per round, the rounds repeat, and the starting
 implementation rotates from round to round, so slow drifts of a shared machine hit all
@@ -17,16 +17,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
-import os
 import re
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
@@ -100,56 +95,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of `run_dir/metrics.jsonl` by step (a resumed run may have logged a step
-    twice: the later record wins); [] when there is none yet."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[record["step"]] = record
-    return [records[step] for step in sorted(records)]
-
-
-def is_finished(run_dir: Path, steps: int) -> bool:
-    """Whether `run_dir` logged step `steps` and holds a checkpoint."""
-    return (
-        any(r["step"] == steps for r in read_metrics(run_dir))
-        and (run_dir / "checkpoints" / "latest").is_file()
-    )
-
-
-def run_demo_training(
-    ep: int, overrides: Sequence[str], run_dir: Path, root: Path | None = None
-) -> list[dict[str, Any]]:
-    """One `launch.train experiment=demo` run without checkpoints, samples or wandb:
-    EP=1 is one process with 2 threads (`comm=local`); EP=2 is `torchrun` with two
-    processes of 1 thread (`comm=ep2`). `root`: the source tree to run (default this
-    one; `scripts/bench_revisions.py` passes a checkout of another revision). Returns
-    its metrics.jsonl records."""
-    root = root or Path(__file__).resolve().parents[1]
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(root))
-    common = [
-        "experiment=demo", f"run_dir={run_dir}", "train.progress=false", "wandb.mode=disabled",
-        "train.eval_batches=1", "train.checkpoint_every=0", "train.sample_tokens=0",
-        "train.warmup_steps=5", *overrides,
-    ]  # fmt: skip
-    if ep == 1:
-        cmd = [sys.executable, "-m", "launch.train", *common, "comm=local"]
-        env["OMP_NUM_THREADS"] = "2"
-    elif ep == 2:
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, "--nproc-per-node", "2", "-m", "launch.train", *common, "comm=ep2"]
-        env["OMP_NUM_THREADS"] = "1"
-    else:
-        raise ValueError(f"ep={ep}: accepted 1 or 2 (this machine has 2 cores)")
-    subprocess.run(cmd, cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
-    return read_metrics(run_dir)
 
 
 def timed_runs(run: Callable[[], object], repeats: int) -> list[float]:

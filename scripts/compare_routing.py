@@ -38,13 +38,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +51,6 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench_utils import is_finished, read_metrics
 from _routing_report import literature, markdown, plot, summarise
 from _routing_sweep import (
     BY_NAME,
@@ -64,6 +60,7 @@ from _routing_sweep import (
     default_variants,
     measure_throughput,
 )
+from _runs import is_finished, launch_runs, read_metrics
 
 from moe.data import ByteDataset, DataConfig, build_dataset
 from moe.inference import load_model
@@ -137,30 +134,14 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
 
 def launch(jobs: list[tuple[str, int, Path]], train: dict[str, Any], args: argparse.Namespace,
            desc: str) -> dict[str, float]:  # fmt: skip
-    """Run the `(variant, seed, run_dir)` jobs, `--parallel` at a time, with a progress bar;
-    returns each run's wall seconds and raises (naming the logs) when one failed."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    """Run the `(variant, seed, run_dir)` jobs, `--parallel` at a time, with a progress bar
+    (`_runs.launch_runs`); returns each run's wall seconds and reports (naming the logs)
+    the runs that failed."""
 
-    def one(job: tuple[str, int, Path]) -> tuple[int, float]:
-        variant, seed, run_dir = job
-        start = time.perf_counter()
-        command = [sys.executable, "-m", "launch.train", *overrides(variant, seed, train, run_dir)]
-        with open(logs / f"{run_dir.name}.log", "a") as log:
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        return done.returncode, time.perf_counter() - start
+    def command(variant: str, seed: int, run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "launch.train", *overrides(variant, seed, train, run_dir)]
 
-    walls, failed = {}, []
-    with ThreadPoolExecutor(args.parallel) as pool, tqdm(total=len(jobs), desc=desc) as bar:
-        futures = {pool.submit(one, job): job for job in jobs}
-        for future in as_completed(futures):
-            run_dir = futures[future][2]
-            code, walls[run_dir.name] = future.result()
-            if code:
-                failed.append(f"{run_dir.name} (exit {code}; log {logs / run_dir.name}.log)")
-            bar.set_postfix_str(f"{run_dir.name} {walls[run_dir.name]:.0f}s")
-            bar.update(1)
+    walls, failed = launch_runs(jobs, command, args.out / "logs", args.parallel, args.threads, desc)
     if failed:
         print("[compare_routing] runs failed: " + ", ".join(failed), file=sys.stderr)
     return walls

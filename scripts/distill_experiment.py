@@ -38,22 +38,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import is_finished, read_metrics
+from _runs import is_finished, launch_runs, read_metrics, spread
 
 from launch.training.distillation import Teacher, read_teacher
 from launch.training.evaluation import evaluate
@@ -63,7 +59,6 @@ from moe.inference import load_model
 from moe.transformer import MoETransformer, bits_per_byte
 from routing import CapacityOverride
 
-ROOT = Path(__file__).resolve().parents[1]
 # variant -> (entry module, its own overrides)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "scratch": ("launch.train", ()),
@@ -137,33 +132,16 @@ def run_command(variant: str, seed: int, settings: dict[str, Any], run_dir: Path
 def launch(
     jobs: list[tuple[str, int, Path]], settings: dict[str, Any], args: argparse.Namespace, desc: str
 ) -> dict[str, float]:
-    """Run the `(variant, seed, run_dir)` jobs, `--parallel` at a time. Returns each job's
-    wall seconds; raises after all of them ended when one failed (its log is named)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    logs = args.out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    """Run the `(variant, seed, run_dir)` jobs, `--parallel` at a time (`_runs.launch_runs`).
+    Returns each job's wall seconds; raises after all of them ended when one failed (its
+    log is named)."""
 
-    def one(job: tuple[str, int, Path]) -> tuple[int, float]:
-        variant, seed, run_dir = job
-        start = time.perf_counter()
-        with open(logs / f"{run_dir.name}.log", "a") as log:
-            done = subprocess.run(
-                run_command(variant, seed, settings, run_dir),
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
-            )  # fmt: skip
-        return done.returncode, time.perf_counter() - start
+    def command(variant: str, seed: int, run_dir: Path) -> list[str]:
+        return run_command(variant, seed, settings, run_dir)
 
-    walls: dict[str, float] = {}
-    failed = []
-    with ThreadPoolExecutor(args.parallel) as pool, tqdm(total=len(jobs), desc=desc) as bar:
-        futures = {pool.submit(one, job): job for job in jobs}
-        for future in as_completed(futures):
-            run_dir = futures[future][2]
-            code, walls[run_dir.name] = future.result()
-            if code:
-                failed.append(f"{run_dir.name} (exit {code}; log {logs / run_dir.name}.log)")
-            bar.set_postfix_str(run_dir.name)
-            bar.update(1)
+    walls, failed = launch_runs(
+        jobs, command, args.out_dir / "logs", args.parallel, args.threads, desc
+    )
     if failed:
         raise RuntimeError("runs failed: " + ", ".join(failed))
     return walls
@@ -265,14 +243,6 @@ def evaluate_run(
         "val_bpb_per_task": cached["val_bpb_per_task"],
         "eval_tokens_per_s": cached["eval_tokens_per_s"],
         "curve": [[r["step"], r["val_bpb"]] for r in records],
-    }  # fmt: skip
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value), min, max and the values."""
-    return {
-        "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values), "max": max(values), "values": values,
     }  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmark scripts: interleaved timing, peak resident memory,
-and the step times of the inference engine. (Training runs: `_runs.py`.)
+"""Shared helpers of the benchmark scripts: interleaved and repeated timing, peak
+resident memory, and a free TCP port for a 1-rank rendezvous. (Training runs:
+`_runs.py`; the inference engine's step times: `_engine_timing.py`.)
 
 Timing: every implementation runs once per round, the rounds repeat, and the starting
 implementation rotates from round to round, so slow drifts of a shared machine hit all
@@ -22,7 +23,6 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 MIB = 1024 * 1024
 
@@ -106,18 +106,3 @@ def timed_runs(run: Callable[[], object], repeats: int) -> list[float]:
         run()
         times.append(time.perf_counter() - start)
     return times
-
-
-def engine_step_seconds(engine: Any, prompts: Sequence[bytes], params: Any) -> list[float]:
-    """Submit every prompt to a fresh `moe.inference.InferenceEngine` with `params` and
-    step it until it has no work; wall seconds of each step (the first holds the packed
-    prefill, the rest are decode steps). The engine is restored afterwards."""
-    for prompt in prompts:
-        engine.submit(prompt, params)
-    steps = []
-    while engine.has_work():
-        start = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - start)
-    engine.restore()
-    return steps

@@ -56,7 +56,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _bench_utils import MIB, interleaved_times, timed_runs
+from _engine_timing import engine_step_seconds
 
 from moe.data import DataConfig, build_corpus
 from moe.experts import Activation, expert_parameter_ids
@@ -142,8 +142,8 @@ def run_requests(
     new_tokens: int,
     before_step: Callable[[int], None] | None = None,
 ) -> Timing:
-    """Serve `prompts` at once, greedy; the first step's time and the decode steps'.
-    `before_step(i)` runs untimed before step i."""
+    """Serve `prompts` at once, greedy (`_engine_timing.engine_step_seconds`); the first
+    step's time and the decode steps'. `before_step(i)` runs untimed before step i."""
     model = variant.loaded.model
     batch = len(prompts)
     engine = InferenceEngine(
@@ -153,20 +153,9 @@ def run_requests(
         task_ids=variant.loaded.task_ids,
     )
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
-    for prompt in prompts:
-        engine.submit(prompt, params, variant.task_id)
-    seconds: list[float] = []
-    try:
-        while engine.has_work():
-            if before_step is not None:
-                before_step(len(seconds))
-            start = time.perf_counter()
-            events = engine.step()
-            seconds.append(time.perf_counter() - start)
-            if len(seconds) == 1:
-                assert len(events) == batch, "the first step must prefill every request"
-    finally:
-        engine.restore()
+    seconds = engine_step_seconds(
+        engine, prompts, params, variant.task_id, before_step, check_prefill=True
+    )
     assert len(seconds) == new_tokens, f"{len(seconds)} steps for {new_tokens} tokens"
     return Timing(prefill_s=seconds[0], decode_s=sum(seconds[1:]))
 

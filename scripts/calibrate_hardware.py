@@ -41,7 +41,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import engine_step_seconds, timed_runs
+from _bench_utils import timed_runs
+from _engine_timing import engine_step_seconds
 
 from moe.config import ModelConfig
 from moe.inference import InferenceEngine, SamplingParams

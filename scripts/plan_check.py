@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import engine_step_seconds
+from _engine_timing import engine_step_seconds
 
 from moe.checkpoint import read_meta
 from moe.config import ModelConfig

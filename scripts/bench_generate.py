@@ -65,8 +65,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench_utils import MIB, interleaved_times, timed_runs
+from _bench_utils import MIB, interleaved_times
 from _engine_timing import engine_step_seconds
+from _machine import copy_bandwidth, cpu_model, matmul_flops, read_bandwidth
 
 from moe.data import DataConfig, build_corpus
 from moe.experts import Activation, expert_parameter_ids
@@ -237,40 +238,6 @@ def count_traffic(variant: Variant, prompts: list[bytes], new_tokens: int) -> Tr
         experts_expected_per_layer=statistics.mean(expected) if expected else 0.0,
         flops_per_step=2.0 * (dense_params + active_expert_params) * batch,
     )
-
-
-# --- the machine ----------------------------------------------------------------------
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    return statistics.median(timed_runs(run, repeats))
-
-
-def read_bandwidth_gbs(nbytes: int, repeats: int = 9) -> float:
-    """GB/s of `torch.sum` over an fp32 buffer of `nbytes`."""
-    buffer = torch.ones(max(1, nbytes // 4))
-    return buffer.nbytes / median_seconds(buffer.sum, repeats) / 1e9
-
-
-def copy_bandwidth_gbs(nbytes: int, repeats: int = 9) -> float:
-    """GB/s moved (read + written) by a copy of an fp32 buffer of `nbytes`."""
-    source, target = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    return 2 * source.nbytes / median_seconds(lambda: target.copy_(source), repeats) / 1e9
-
-
-def matmul_flops(size: int, repeats: int = 5) -> float:
-    """FLOP/s of an fp32 [size, size] @ [size, size] matmul."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2.0 * size**3 / median_seconds(lambda: a @ b, repeats)
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 # --- variants -------------------------------------------------------------------------
@@ -499,9 +466,9 @@ def main(argv: list[str] | None = None) -> None:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "read_gbs": read_bandwidth_gbs((64 if args.quick else 512) * MIB),
-                "copy_gbs": copy_bandwidth_gbs((64 if args.quick else 512) * MIB),
-                "read_gbs_cached": read_bandwidth_gbs(int(largest_step), repeats=51),
+                "read_gbs": read_bandwidth((64 if args.quick else 512) * MIB) / 1e9,
+                "copy_gbs": copy_bandwidth((64 if args.quick else 512) * MIB) / 1e9,
+                "read_gbs_cached": read_bandwidth(int(largest_step), repeats=51) / 1e9,
                 "matmul_flops": matmul_flops(512 if args.quick else 1024),
             }
             interleaved_times(

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench_utils import timed_runs
 from _engine_timing import engine_step_seconds
+from _machine import matmul_flops, read_bandwidth
 
 from moe.config import ModelConfig
 from moe.inference import InferenceEngine, SamplingParams
@@ -66,8 +67,7 @@ def fastest_s(run: Callable[[], object], repeats: int) -> float:
 
 
 def matmul_peaks(size: int, repeats: int) -> dict[str, float]:
-    a32, b32 = torch.randn(size, size), torch.randn(size, size)
-    out = {"fp32": 2.0 * size**3 / fastest_s(lambda: a32 @ b32, repeats)}
+    out = {"fp32": matmul_flops(size, repeats, statistic=min)}
     # torch's CPU bf16 and int8 x int8 matmuls have no fast kernel on this CPU (~0.4 and
     # ~0.2 GFLOP/s at 256 and 512 alike): a smaller matrix keeps the measurement to seconds.
     small = min(size, 256)
@@ -80,11 +80,6 @@ def matmul_peaks(size: int, repeats: int) -> dict[str, float]:
         print(f"[calibrate] int8 matmul unavailable ({error}); using the bf16 figure")
         out["int8"] = out["bf16"]
     return out
-
-
-def read_bandwidth(nbytes: int, repeats: int) -> float:
-    buffer = torch.ones(nbytes // 4)
-    return buffer.nbytes / fastest_s(buffer.sum, repeats)
 
 
 def memory_total_bytes() -> float:
@@ -237,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     peaks = matmul_peaks(args.matmul_size, args.repeats)
-    bandwidth = read_bandwidth(512 << 20, args.repeats + 4)
+    bandwidth = read_bandwidth(512 << 20, args.repeats + 4, statistic=min)
     latency, link_bw, a2a = loopback_all_to_all(args.repeats + 4)
     print(f"[calibrate] matmul GFLOP/s {({k: round(v / 1e9, 1) for k, v in peaks.items()})}, "
           f"read {bandwidth / 1e9:.1f} GB/s, loopback a2a {1e6 * latency:.0f} us + "

@@ -65,11 +65,21 @@ def round_ratio_median(numerator: Sequence[float], denominator: Sequence[float])
     return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
-    assert match is not None, f"/proc/self/status has no {field}"
-    return int(match.group(1))
+def status_kib(field: str) -> int | None:
+    """`field` of /proc/self/status (VmRSS, VmHWM) in KiB; None where there is none
+    (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _required_status_kib(field: str) -> int:
+    kib = status_kib(field)
+    assert kib is not None, f"/proc/self/status has no {field}"
+    return kib
 
 
 def release_free_memory() -> None:
@@ -83,11 +93,11 @@ def release_free_memory() -> None:
 def peak_rss_above_baseline_mb(run: Callable[[], None]) -> float:
     """MiB of resident memory `run` adds at its peak over the resident set before it."""
     release_free_memory()
-    baseline_kib = _status_kib("VmRSS")
+    baseline_kib = _required_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset VmHWM to the current RSS
     run()
-    return (_status_kib("VmHWM") - baseline_kib) * 1024 / MIB
+    return (_required_status_kib("VmHWM") - baseline_kib) * 1024 / MIB
 
 
 def free_port() -> int:

@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import is_finished, launch_runs, read_metrics, spread
+from _task_eval import task_cross_entropy
 
 from launch.training.distillation import Teacher, read_teacher
 from launch.training.evaluation import evaluate
@@ -174,31 +175,15 @@ def calibrate(teacher: Teacher, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@torch.no_grad()
 def task_bpb(model: MoETransformer, dataset: ByteDataset, windows: int) -> dict[str, Any]:
     """Bits per byte per task on the first `windows` validation windows of each task
-    (dropless routing, eval mode), and the forward tokens/s of the whole evaluation."""
-    model.eval()
-    offsets = torch.arange(dataset.seq_len + 1)
+    (`_task_eval`: dropless routing, eval mode), and the forward tokens/s of the whole
+    evaluation."""
     per_task, tokens, start = {}, 0, time.perf_counter()
-    with model.capacity_override(CapacityOverride.DROPLESS):
-        for task, name in enumerate(dataset.corpus.task_names):
-            starts = dataset.val_starts[dataset.val_task_ids == task][:windows]
-            total, count = 0.0, 0
-            for begin in range(0, len(starts), 32):
-                tokens_BT = dataset.val_bytes_N[starts[begin : begin + 32, None] + offsets].long()
-                task_ids_B = torch.full((len(tokens_BT),), task, dtype=torch.int64)
-                logits_BTV = model(tokens_BT[:, :-1], task_ids_B).logits_BTV
-                total += float(
-                    torch.nn.functional.cross_entropy(
-                        logits_BTV.flatten(0, 1).float(),
-                        tokens_BT[:, 1:].flatten(),
-                        reduction="sum",
-                    )
-                )
-                count += tokens_BT[:, 1:].numel()
-            per_task[name] = bits_per_byte(total / max(count, 1))
-            tokens += count
+    for task, name in enumerate(dataset.corpus.task_names):
+        total, count = task_cross_entropy(model, dataset, task, windows, batch_size=32)
+        per_task[name] = bits_per_byte(total / max(count, 1))
+        tokens += count
     return {
         "val_bpb_per_task": per_task,
         "eval_tokens_per_s": tokens / (time.perf_counter() - start),

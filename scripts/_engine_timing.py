@@ -5,8 +5,12 @@ and steps it until every request has finished, timing each `step()`: with an eng
 sized for the batch (`max_batch` >= the prompts, `max_step_tokens` >= their bytes) the
 first step prefills every prompt in one packed call and each later step decodes one
 token per running request. Used by `scripts/bench_generate.py` (prefill and decode
-tokens/s), `scripts/calibrate_hardware.py` (the planner's host overhead) and
-`scripts/plan_check.py` (the same measurement on the demo checkpoint).
+tokens/s, on validation text).
+
+`fastest_prefill_decode` repeats it on fresh engines and keeps the fastest prefill step
+and the fastest decode figure, on `random_prompts`: `scripts/calibrate_hardware.py` (the
+planner's host overhead, random-weight models) and `scripts/plan_check.py` (the same
+measurement on the demo checkpoint).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 
 def engine_step_seconds(
@@ -44,3 +50,30 @@ def engine_step_seconds(
     finally:
         engine.restore()
     return seconds
+
+
+def random_prompts(batch: int, prompt_len: int) -> list[bytes]:
+    """`batch` prompts of `prompt_len` random printable bytes, the same for a batch size."""
+    gen = torch.Generator().manual_seed(batch)
+    return [
+        bytes(torch.randint(32, 127, (prompt_len,), generator=gen).tolist()) for _ in range(batch)
+    ]
+
+
+def fastest_prefill_decode(
+    new_engine: Callable[[], Any],
+    prompts: Sequence[bytes],
+    params: Any,
+    repeats: int,
+    decode: Callable[[Sequence[float]], float],
+) -> tuple[float, float]:
+    """Seconds of the prefill step and of a decode step: `repeats` runs of the prompts,
+    each on a fresh engine from `new_engine` (`engine_step_seconds`); the fastest prefill
+    step, and the smallest over the runs of `decode` (a statistic: the median, the mean)
+    of each run's decode steps."""
+    prefill, decode_s = [], []
+    for _ in range(repeats):
+        steps = engine_step_seconds(new_engine(), prompts, params)
+        prefill.append(steps[0])
+        decode_s.append(decode(steps[1:]))
+    return min(prefill), min(decode_s)

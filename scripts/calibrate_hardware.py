@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench_utils import timed_runs
-from _engine_timing import engine_step_seconds
+from _engine_timing import fastest_prefill_decode, random_prompts
 from _machine import matmul_flops, read_bandwidth
 
 from moe.config import ModelConfig
@@ -154,19 +155,16 @@ def engine_rows(hw: Hardware, repeats: int) -> list[dict[str, object]]:
                 quantize_experts(model)
             shape = shape_from_config(config, top_k=2)
             for batch in BATCHES:
-                gen = torch.Generator().manual_seed(batch)
-                prompts = [
-                    bytes(torch.randint(32, 127, (prompt_len,), generator=gen).tolist())
-                    for _ in range(batch)
-                ]
-                prefill, decode = [], []
-                for _ in range(repeats):
-                    engine = InferenceEngine(model, max_batch=batch, max_step_tokens=4096)
-                    params = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0)
-                    steps = engine_step_seconds(engine, prompts, params)
-                    prefill.append(steps[0])
-                    decode.append(statistics.median(steps[1:]))
                 # fastest repeat (the median of its decode steps): see fastest_s
+                new_engine = partial(InferenceEngine, model, max_batch=batch, max_step_tokens=4096)
+                params = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0)
+                prefill_s, decode_s = fastest_prefill_decode(
+                    new_engine,
+                    random_prompts(batch, prompt_len),
+                    params,
+                    repeats,
+                    statistics.median,
+                )
                 work = Workload(
                     batch=batch, prompt_len=prompt_len, gen_len=DECODE_STEPS,
                     weights=precision, activations="fp32", int8_scope="experts",
@@ -174,8 +172,8 @@ def engine_rows(hw: Hardware, repeats: int) -> list[dict[str, object]]:
                 est = estimate(shape, work, hw, "replicated", 1)
                 costs = Costs(shape, work)
                 for phase, seconds, tokens in (
-                    ("prefill", min(prefill), batch * prompt_len),
-                    ("decode", min(decode), batch),
+                    ("prefill", prefill_s, batch * prompt_len),
+                    ("decode", decode_s, batch),
                 ):
                     roof = est.prefill if phase == "prefill" else est.decode
                     run = costs.experts_run(tokens)

@@ -3,6 +3,8 @@
 
 - `read_metrics`, `is_finished`: a run directory's records, and whether it reached its
   last step (a sweep skips finished runs and resumes the others);
+- `cached_json`: a figure of a sweep (a run's evaluation, the interleaved throughput)
+  kept in a file under the key of what it depends on, so that a rerun does not repeat it;
 - `launch_runs`: the `(variant, seed, run_dir)` jobs of a sweep, `parallel` processes at
   a time, each with its log (`scripts/compare_routing.py`, `scripts/distill_experiment.py`);
 - `run_demo_training`: one short `launch.train experiment=demo` run at EP=1 or EP=2
@@ -48,6 +50,18 @@ def is_finished(run_dir: Path, steps: int) -> bool:
         any(r["step"] == steps for r in read_metrics(run_dir))
         and (run_dir / "checkpoints" / "latest").is_file()
     )
+
+
+def cached_json(
+    path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """`{"key": key, **compute()}`, written to `path`; read back from `path` instead while
+    the key it holds is `key`."""
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("key") != key:
+        cached = {"key": key, **compute()}
+        path.write_text(json.dumps(cached, indent=1) + "\n")
+    return cached
 
 
 def launch_runs(

@@ -60,7 +60,7 @@ from _routing_sweep import (
     default_variants,
     measure_throughput,
 )
-from _runs import is_finished, launch_runs, read_metrics
+from _runs import cached_json, is_finished, launch_runs, read_metrics
 
 from moe.data import ByteDataset, DataConfig, build_dataset
 from moe.inference import load_model
@@ -119,17 +119,16 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
     """Interleaved training tokens/s of every variant (`measure_throughput`), cached in
     `OUT/throughput.json` per variant list and repeat counts."""
     key = {"variants": args.variants, "rounds": args.speed_rounds, "steps": args.speed_steps}
-    cache = args.out / "throughput.json"
-    cached = json.loads(cache.read_text()) if cache.is_file() else {}
-    if cached.get("key") != key:
+
+    def measure() -> dict[str, Any]:
         print("[compare_routing] measuring throughput, interleaved", file=sys.stderr)
         rates = measure_throughput(
             compose_configs(args.variants), BATCH_SIZE, SEQ_LEN, args.speed_rounds,
             args.speed_steps,
         )  # fmt: skip
-        cached = {"key": key, "tokens_per_s": rates}
-        cache.write_text(json.dumps(cached, indent=1) + "\n")
-    return cached["tokens_per_s"]
+        return {"tokens_per_s": rates}
+
+    return cached_json(args.out / "throughput.json", key, measure)["tokens_per_s"]
 
 
 def launch(jobs: list[tuple[str, int, Path]], train: dict[str, Any], args: argparse.Namespace,
@@ -223,12 +222,11 @@ def evaluate_run(variant: str, seed: int, run_dir: Path, dataset: ByteDataset,
     """One run's row: its curve against tokens and seconds, the per-group evaluation of its
     final checkpoint (cached in `run_dir/group_eval.json`)."""
     records = read_metrics(run_dir)
-    cache = run_dir / "group_eval.json"
     key = {"step": records[-1]["step"], "group_windows": args.group_windows}
-    cached = json.loads(cache.read_text()) if cache.is_file() else {}
-    if cached.get("key") != key:
-        cached = {"key": key, **group_eval(load_model(run_dir).model, dataset, args.group_windows)}
-        cache.write_text(json.dumps(cached, indent=1) + "\n")
+    cached = cached_json(
+        run_dir / "group_eval.json", key,
+        lambda: group_eval(load_model(run_dir).model, dataset, args.group_windows),
+    )  # fmt: skip
     tokens_per_step = BATCH_SIZE * SEQ_LEN
     seconds = cumulative_seconds(records, tokens_per_step)
     return {

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _distill_report import LITERATURE, markdown, plot, summarise, verdict
 from _distill_sweep import VARIANTS, calibrate, launch, sweep_settings
-from _runs import is_finished, read_metrics
+from _runs import cached_json, is_finished, read_metrics
 from _task_eval import task_cross_entropy
 
 from launch.training.distillation import Teacher, read_teacher
@@ -104,12 +104,11 @@ def evaluate_run(
     """One run's row: its curve and final figures, and the per-task evaluation of its
     latest checkpoint (cached in `run_dir/task_eval.json`)."""
     records = read_metrics(run_dir)
-    cache = run_dir / "task_eval.json"
     key = {"step": records[-1]["step"], "eval_windows": args.eval_windows}
-    cached = json.loads(cache.read_text()) if cache.is_file() else {}
-    if cached.get("key") != key:
-        cached = {"key": key, **task_bpb(load_model(run_dir).model, dataset, args.eval_windows)}
-        cache.write_text(json.dumps(cached, indent=1) + "\n")
+    cached = cached_json(
+        run_dir / "task_eval.json", key,
+        lambda: task_bpb(load_model(run_dir).model, dataset, args.eval_windows),
+    )  # fmt: skip
     return {
         "variant": variant, "seed": seed, "run_dir": str(run_dir), "steps": records[-1]["step"],
         "val_bpb": records[-1]["val_bpb"],

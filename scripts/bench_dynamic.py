@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import run_demo_training
+from _runs import run_demo_training
 
 from moe.layer import MoELayer
 from routing import RoutingConfig

@@ -24,6 +24,7 @@ The answers' shapes: `launch.serving.responses`.
 # No `from __future__ import annotations`: FastAPI reads the route annotations at runtime
 # (a string `Request` on a Serve ingress method would become a query parameter).
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -128,6 +129,16 @@ class Gateway:
         self._record(model, endpoint, failure.status)
         return error_response(failure)
 
+    def _model_label(self, model: str, body: bytes) -> str:
+        """The model a refused request named, when it is one of ours (labels stay few)."""
+        if model != "unknown":
+            return model
+        try:
+            named = json.loads(body).get("model")
+        except Exception:  # not JSON, not an object: no model to name
+            return model
+        return named if isinstance(named, str) and named in self.catalog else model
+
     def _observe(self, model: str, result: GenerationResult) -> None:
         self.prometheus.replicas.update(result.report)
         self.prometheus.observe_tokens(model, sum(result.prompt_tokens), result.completion_tokens)
@@ -138,9 +149,10 @@ class Gateway:
         self, request: Request, endpoint: str, parse: Callable[[bytes], Parsed],
         answer_of: Callable[[Any], Answer],
     ) -> Response:  # fmt: skip
-        model = "unknown"
+        model, body = "unknown", b""
         try:
-            parsed = parse(await self._read_body(request))
+            body = await self._read_body(request)
+            parsed = parse(body)
             model = parsed.model
             handle = self.handles[parsed.deployment]
             answer = answer_of(parsed)
@@ -153,7 +165,7 @@ class Gateway:
             finally:
                 in_flight.dec()
         except Exception as error:  # every failure becomes an HTTP error
-            return self._error(error, model, endpoint)
+            return self._error(error, self._model_label(model, body), endpoint)
         self._observe(model, result)
         self._record(model, endpoint, 200)
         return JSONResponse(answer.body(result))

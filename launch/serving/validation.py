@@ -303,7 +303,11 @@ def _prompts(
         items: list[Any] = [value]
     elif is_ids(value) and value:
         items = [value]
-    elif isinstance(value, list) and value and all(isinstance(i, str) or is_ids(i) for i in value):
+    elif (
+        isinstance(value, list)
+        and value
+        and (all(isinstance(i, str) for i in value) or all(is_ids(i) for i in value))
+    ):
         items = value
     else:
         raise invalid(

@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from launch.serving.chat import ChatTemplate, parse_chat_request, render_prompt
 from launch.serving.events import CLIENT_CLOSED, error_response, sse_events, translate_error
+from launch.serving.fields import boolean
 from launch.serving.metrics import ServiceMetrics
 from launch.serving.protocol import (
     ChatRequest,
@@ -50,7 +51,6 @@ from launch.serving.protocol import (
 )
 from launch.serving.responses import ChatAnswer, CompletionAnswer
 from launch.serving.validation import (
-    boolean,
     parse_completion_request,
     parse_detokenize_request,
     parse_tokenize_request,

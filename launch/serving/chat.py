@@ -29,21 +29,23 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from launch.serving.protocol import ChatRequest, GenerationRequest, Limits, ModelEntry, RequestError
-from launch.serving.validation import (
-    SAMPLING_FIELDS,
+from launch.serving.fields import (
     boolean,
-    context_check,
     decode_body,
     integer,
     invalid,
     model_entry,
     optional_integer,
     refuse_unknown,
+    utf8,
+)
+from launch.serving.protocol import ChatRequest, GenerationRequest, Limits, ModelEntry, RequestError
+from launch.serving.validation import (
+    SAMPLING_FIELDS,
+    context_check,
     request_tokens_check,
     sampling_fields,
     stream_fields,
-    utf8,
 )
 from moe.interop.tokenizer import Tokenizer
 

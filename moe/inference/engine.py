@@ -50,23 +50,18 @@ import torch
 import torch.distributed as dist
 
 from moe.inference.cache import Segment, SlotKVCache
-from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens, token_logprobs
+from moe.inference.outputs import (
+    GeneratedToken,
+    PromptSpan,
+    generated_tokens,
+    routed_experts,
+    score_prompts,
+)
+from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
 from moe.inference.telemetry import EngineMeter, EngineTelemetry
 from moe.transformer import MoETransformer
 from routing import CapacityOverride
 from routing.config import parse_enum
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    """One sampled token: its id; its log-probability and alternatives when the request
-    asked (`SamplingParams.logprobs`); when asked (`routed_experts`), the experts every
-    MoE layer chose (global ids, one tuple of K per layer in block order) at the
-    position whose logits the token was sampled from."""
-
-    id: int
-    logprob: TokenLogprob | None = None
-    experts: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -310,57 +305,26 @@ class InferenceEngine:
         return self._advance(outputs)
 
     def _score_prompts(self, logits_TV: torch.Tensor, segments: list[Segment]) -> None:
-        """Score the prompt tokens that this step's prefill logits predict, for the
-        sequences that asked (position p's logits score prompt token p + 1), in one
-        `token_logprobs` call. Works for a prompt prefilled in several chunks."""
-        rows: list[int] = []
-        targets: list[int] = []
-        counts: list[int] = []
-        owners: list[_Sequence] = []
-        offset = 0
+        """Score what this step's prefill read of the prompts that ask (`outputs`)."""
+        spans, owners, offset = [], [], 0
         for sequence, segment in zip(self._running, segments):
-            wanted = sequence.params.prompt_logprobs
-            if wanted is not None and not sequence.generated:
-                last = min(segment.start + segment.count, len(sequence.prompt) - 1)
-                for position in range(segment.start, last):
-                    rows.append(offset + position - segment.start)
-                    targets.append(sequence.prompt[position + 1])
-                    counts.append(wanted)
-                    owners.append(sequence)
+            top = sequence.params.prompt_logprobs
+            if top is not None and not sequence.generated:  # the first prefill only
+                spans.append(PromptSpan(offset, segment.start, segment.count, sequence.prompt, top))
+                owners.append(sequence)
             offset += segment.count
-        if rows:
-            scores = token_logprobs(logits_TV[rows], targets, counts)
-            for sequence, score in zip(owners, scores):
-                sequence.prompt_scores.append(score)
+        for sequence, scores in zip(owners, score_prompts(logits_TV, spans)):
+            sequence.prompt_scores.extend(scores)
 
     def _outputs(
         self, last_BV: torch.Tensor, next_tokens: list[int], ends: list[int]
     ) -> list[GeneratedToken]:
-        """The sampled tokens with the log-probabilities and experts their requests
-        asked for, from this step's logits and routing."""
-        running = self._running
-        wanted = [b for b, s in enumerate(running) if s.params.logprobs is not None]
-        scores: dict[int, TokenLogprob] = {}
-        if wanted:
-            found = token_logprobs(
-                last_BV[wanted], [next_tokens[b] for b in wanted],
-                [running[b].params.logprobs or 0 for b in wanted],
-            )  # fmt: skip
-            scores = dict(zip(wanted, found))
-        experts_BLK: list[list[list[int]]] = []
-        if any(s.params.routed_experts for s in running):
-            layers = self.model.moe_layers()
-            chosen = [ids for _, layer in layers if (ids := layer.last_expert_ids_TK) is not None]
-            experts_BLK = [[] for _ in running]  # a dense model routes nowhere
-            if chosen and len(chosen) == len(layers):
-                experts_BLK = torch.stack([ids[ends] for ids in chosen], dim=1).tolist()
-        outputs = []
-        for b, token in enumerate(next_tokens):
-            experts = None
-            if running[b].params.routed_experts:
-                experts = tuple(tuple(k) for k in experts_BLK[b])
-            outputs.append(GeneratedToken(token, scores.get(b), experts))
-        return outputs
+        """The sampled tokens with what their requests asked for (`outputs`)."""
+        params = [s.params for s in self._running]
+        experts = (
+            routed_experts(self.model, ends) if any(p.routed_experts for p in params) else None
+        )
+        return generated_tokens(last_BV, next_tokens, params, experts)
 
     def _advance(self, outputs: list[GeneratedToken]) -> list[StepEvent]:
         now = time.perf_counter()

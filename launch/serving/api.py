@@ -49,7 +49,7 @@ from launch.serving.protocol import (
     RequestError,
     StreamEnd,
 )
-from launch.serving.responses import ChatAnswer, CompletionAnswer
+from launch.serving.responses import ChatAnswer, CompletionAnswer, TokenNames
 from launch.serving.validation import (
     parse_completion_request,
     parse_detokenize_request,
@@ -90,6 +90,7 @@ class Gateway:
         self.retry_after_s = retry_after_s
         self.health_timeout_s = health_timeout_s
         self.tokenizer = tokenizer_from_files(tokenizer_files or {}, "the served checkpoint")
+        self.names = TokenNames(self.tokenizer)
         self.template = ChatTemplate(
             chat_template if chat_template is not None else self.tokenizer.chat_template,
             self.tokenizer.bos_token, self.tokenizer.eos_token,
@@ -209,7 +210,7 @@ class Gateway:
             return parse_completion_request(body, self.catalog, self.limits, self.tokenizer)
 
         return await self._generate(
-            request, "completions", parse, lambda parsed: CompletionAnswer(parsed, self.tokenizer)
+            request, "completions", parse, lambda parsed: CompletionAnswer(parsed, self.names)
         )
 
     @app.post("/v1/chat/completions")
@@ -220,7 +221,7 @@ class Gateway:
             )
 
         return await self._generate(
-            request, "chat", parse, lambda parsed: ChatAnswer(parsed, self.tokenizer)
+            request, "chat", parse, lambda parsed: ChatAnswer(parsed, self.names)
         )
 
     @app.post("/tokenize")

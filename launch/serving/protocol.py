@@ -108,8 +108,8 @@ class RequestError(Exception):
 class GenerationRequest:
     """What a model deployment runs: `best_of` sequences for each prompt (token ids),
     the best `n` of them returned (ranked by mean log-probability when best_of > n).
-    `echo`: score every prompt (its tokens' log-probabilities from the prefill, with
-    `logprobs` alternatives, or none). Choice j samples with `choice_seed(j)`."""
+    `echo` with `logprobs`: score every prompt (its tokens' log-probabilities from the
+    prefill, with `logprobs` alternatives). Choice j samples with `choice_seed(j)`."""
 
     prompts: tuple[tuple[int, ...], ...]
     n: int = 1
@@ -137,7 +137,8 @@ class GenerationRequest:
         logprobs = self.logprobs
         if logprobs is None and self.best_of > self.n:
             logprobs = 0
-        prompt_logprobs = (self.logprobs or 0) if self.echo and score_prompt else None
+        echo_scores = self.echo and score_prompt and self.logprobs is not None
+        prompt_logprobs = self.logprobs if echo_scores else None
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             stop=tuple(s.encode("utf-8") for s in self.stop), seed=self.choice_seed(choice),

@@ -34,16 +34,28 @@ from moe.inference.sampling import TokenLogprob
 from moe.interop.tokenizer import REPLACEMENT, IncrementalDetokenizer, Tokenizer
 
 
-def token_text(tokenizer: Tokenizer, token: int) -> str:
-    text = tokenizer.decode([token])
-    return f"token_id:{token}" if REPLACEMENT in text or not text else text
+class TokenNames:
+    """Each token's name and UTF-8 bytes (module docstring), decoded once per id: a
+    gateway names the same few thousand tokens over and over."""
 
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.byte_level = not tokenizer.files()  # a byte-level model: the token is the byte
+        self._names: dict[int, str] = {}
 
-def token_bytes(tokenizer: Tokenizer, token: int) -> list[int] | None:
-    if not tokenizer.files():  # a byte-level model: the token is the byte
-        return [token]
-    text = tokenizer.decode([token])
-    return None if REPLACEMENT in text else list(text.encode("utf-8"))
+    def name(self, token: int) -> str:
+        name = self._names.get(token)
+        if name is None:
+            text = self.tokenizer.decode([token])
+            name = f"token_id:{token}" if REPLACEMENT in text or not text else text
+            self._names[token] = name
+        return name
+
+    def utf8(self, token: int) -> list[int] | None:
+        if self.byte_level:
+            return [token]
+        name = self.name(token)
+        return None if name.startswith("token_id:") else list(name.encode("utf-8"))
 
 
 def usage(prompt_tokens: Sequence[int], completion_tokens: int) -> dict[str, int]:
@@ -56,10 +68,10 @@ class CompletionLogprobs:
     """One choice's `logprobs` object, built token by token (streams add to it chunk by
     chunk; `take()` returns what was added since the last take)."""
 
-    def __init__(self, tokenizer: Tokenizer, top: int, context: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, names: TokenNames, top: int, context: Sequence[int] = ()) -> None:
+        self.names = names
         self.top = top
-        self.detokenizer = IncrementalDetokenizer(tokenizer, context)
+        self.detokenizer = IncrementalDetokenizer(names.tokenizer, context)
         self.offset = 0
         self._reset()
 
@@ -69,15 +81,16 @@ class CompletionLogprobs:
         }  # fmt: skip
 
     def _add(self, token: int, score: TokenLogprob | None) -> None:
-        self.body["tokens"].append(token_text(self.tokenizer, token))
+        name = self.names.name
+        self.body["tokens"].append(name(token))
         self.body["text_offset"].append(self.offset)
         self.offset += len(self.detokenizer.add([token]))
         if score is None:  # the first prompt token: nothing predicts it
             self.body["token_logprobs"].append(None)
             self.body["top_logprobs"].append(None)
             return
-        top = {token_text(self.tokenizer, t): lp for t, lp in score.top[: self.top]}
-        top.setdefault(token_text(self.tokenizer, token), score.logprob)
+        top = {name(t): lp for t, lp in score.top[: self.top]}
+        top.setdefault(name(token), score.logprob)
         self.body["token_logprobs"].append(score.logprob)
         self.body["top_logprobs"].append(top)
 
@@ -96,14 +109,11 @@ class CompletionLogprobs:
         return body
 
 
-def chat_logprobs(
-    tokenizer: Tokenizer, tokens: Sequence[GeneratedToken], top: int
-) -> dict[str, Any]:
+def chat_logprobs(names: TokenNames, tokens: Sequence[GeneratedToken], top: int) -> dict[str, Any]:
     """A chat choice's `logprobs`: `{"content": [...], "refusal": None}`."""
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        return {"token": token_text(tokenizer, token), "logprob": logprob,
-                "bytes": token_bytes(tokenizer, token)}  # fmt: skip
+        return {"token": names.name(token), "logprob": logprob, "bytes": names.utf8(token)}
 
     content = []
     for token in tokens:
@@ -123,9 +133,9 @@ class CompletionAnswer:
     """The answer to one `/v1/completions` request: `body(result)` whole, or `chunk(...)`
     per streamed piece and `end(...)` (see the module docstring)."""
 
-    def __init__(self, request: CompletionRequest, tokenizer: Tokenizer) -> None:
+    def __init__(self, request: CompletionRequest, names: TokenNames) -> None:
         self.request = request
-        self.tokenizer = tokenizer
+        self.names = names
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._logprobs: dict[int, CompletionLogprobs] = {}
@@ -147,9 +157,7 @@ class CompletionAnswer:
         if generation.logprobs is not None:
             if index not in self._logprobs:
                 context = () if generation.echo else prompt
-                self._logprobs[index] = CompletionLogprobs(
-                    self.tokenizer, generation.logprobs, context
-                )
+                self._logprobs[index] = CompletionLogprobs(self.names, generation.logprobs, context)
             builder = self._logprobs[index]
             if echo:
                 assert prompt_scores is not None, "echo asks the engine for the prompt's scores"
@@ -198,9 +206,9 @@ def timings(choices: Sequence[ChoiceResult]) -> dict[str, float]:
 class ChatAnswer:
     """The answer to one `/v1/chat/completions` request, whole or streamed."""
 
-    def __init__(self, request: ChatRequest, tokenizer: Tokenizer) -> None:
+    def __init__(self, request: ChatRequest, names: TokenNames) -> None:
         self.request = request
-        self.tokenizer = tokenizer
+        self.names = names
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -211,7 +219,7 @@ class ChatAnswer:
     def _logprobs(self, tokens: Sequence[GeneratedToken]) -> dict[str, Any] | None:
         if not self.request.logprobs:
             return None
-        return chat_logprobs(self.tokenizer, tokens, self.request.top_logprobs)
+        return chat_logprobs(self.names, tokens, self.request.top_logprobs)
 
     def body(self, result: GenerationResult) -> dict[str, Any]:
         choices = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,12 +19,11 @@ from moe.inference.sampling import SamplingParams, TokenLogprob, token_logprobs
 from moe.transformer import MoETransformer
 
 
-@dataclass(frozen=True)
-class GeneratedToken:
+class GeneratedToken(NamedTuple):
     """One sampled token: its id; its log-probability and alternatives when the request
     asked (`SamplingParams.logprobs`); when asked (`routed_experts`), the experts every
     MoE layer chose (global ids, one tuple of K per layer in block order) at the
-    position whose logits the token was sampled from."""
+    position whose logits the token was sampled from. A tuple, like `TokenLogprob`."""
 
     id: int
     logprob: TokenLogprob | None = None

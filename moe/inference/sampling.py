@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -185,10 +186,10 @@ def sample_tokens(
     return tokens
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
+class TokenLogprob(NamedTuple):
     """A token's log-probability under the model and the `k` most likely tokens at its
-    position, most likely first (`top`: (token id, log-probability) pairs)."""
+    position, most likely first (`top`: (token id, log-probability) pairs). A tuple: it
+    crosses process boundaries once per token, and tuples pickle smallest."""
 
     token: int
     logprob: float

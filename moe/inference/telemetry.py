@@ -98,19 +98,20 @@ def _add_per_layer(total: EngineTelemetry, part: EngineTelemetry) -> None:
 
 
 class EngineMeter:
-    """The engine's accumulators (see the module docstring)."""
+    """The engine's accumulators (see the module docstring): one float64 buffer on the
+    model's device holding, per MoE layer, its experts' kept slots and its dropped slots
+    (whole numbers, exact in float64 far beyond any count a server reaches), so that
+    `take()` copies them to the host in one transfer."""
 
     def __init__(self, model: MoETransformer) -> None:
         self.model = model
         self.layers = model.moe_layers()
-        device = model.embed.weight.device
-        self._expert_tokens = {
-            block: torch.zeros(layer.num_experts, dtype=torch.int64, device=device)
-            for block, layer in self.layers
-        }
-        self._dropped = {
-            block: torch.zeros((), dtype=torch.float64, device=device) for block, _ in self.layers
-        }
+        self._spans: list[tuple[int, int, int]] = []  # (block, first expert slot, experts)
+        size = 0
+        for block, layer in self.layers:
+            self._spans.append((block, size, layer.num_experts))
+            size += layer.num_experts + 1  # the experts, then the dropped slots
+        self._buffer = torch.zeros(size, dtype=torch.float64, device=model.embed.weight.device)
         self.counts = EngineTelemetry()
 
     def record_step(self, model_tokens: int, prompt_tokens: int, generated_tokens: int) -> None:
@@ -123,24 +124,24 @@ class EngineMeter:
         self.counts.alltoall_seconds += self.model.take_comm_time()
         if model_tokens == 0:
             return
-        for block, layer in self.layers:
+        for (_, first, experts), (_, layer) in zip(self._spans, self.layers):
             stats = layer.last_stats
             if stats is None:
                 continue
-            self._expert_tokens[block] += stats.tokens_per_expert_E.to(torch.int64)
+            self._buffer[first : first + experts] += stats.tokens_per_expert_E.double()
             slots = model_tokens * layer.routing.top_k
-            self._dropped[block] += stats.dropped_fraction.double() * slots
+            self._buffer[first + experts] += stats.dropped_fraction.double() * slots
 
     def take(self, **gauges: int) -> EngineTelemetry:
         """The counters since the last take, with `gauges` (the `_GAUGES` fields)."""
-        taken = self.counts
-        taken.expert_tokens = {b: t.tolist() for b, t in self._expert_tokens.items()}
-        taken.dropped_slots = {b: round(float(t)) for b, t in self._dropped.items()}
+        values = self._buffer.tolist()
+        self._buffer.zero_()
+        taken, self.counts = self.counts, EngineTelemetry()
+        for block, first, experts in self._spans:
+            taken.expert_tokens[block] = [round(v) for v in values[first : first + experts]]
+            taken.dropped_slots[block] = round(values[first + experts])
         for name, value in gauges.items():
             if name not in _GAUGES:
                 raise ValueError(f"{name} is not a gauge; accepted: {', '.join(_GAUGES)}")
             setattr(taken, name, value)
-        for tensor in (*self._expert_tokens.values(), *self._dropped.values()):
-            tensor.zero_()
-        self.counts = EngineTelemetry()
         return taken

@@ -125,7 +125,7 @@ class ModelServer:
         return ChoiceResult(
             index=index, prompt_index=prompt_index,
             text=done.text.decode("utf-8", errors="replace"), finish_reason=done.finish_reason,
-            tokens=done.tokens, prompt_logprobs=done.prompt_logprobs,
+            completion_tokens=done.completion_tokens, tokens=done.tokens, prompt_logprobs=done.prompt_logprobs,
             time_to_first_token_s=done.time_to_first_token_s,
             per_token_latency_s=done.per_token_latency_s, total_time_s=done.total_time_s,
         )  # fmt: skip
@@ -188,7 +188,10 @@ class ModelServer:
                     tokens.extend(event.new_tokens)
                     done = event.completion
                     text = decoder.decode(event.new_text, final=done is not None)
-                    finished = self._result(done, index, prompt) if done is not None else None
+                    finished = None
+                    if done is not None:  # its pieces carried the tokens and the scores
+                        whole = self._result(done, index, prompt)
+                        finished = dataclasses.replace(whole, tokens=(), prompt_logprobs=None)
                     if (
                         text
                         or finished
@@ -211,7 +214,7 @@ class ModelServer:
                     raise item
                 if item.finished is not None:
                     remaining -= 1
-                    generated += len(item.finished.tokens)
+                    generated += item.finished.completion_tokens
                 yield item
             yield StreamEnd(tuple(len(ids) for ids in request.prompts), generated, self.report())
         finally:

@@ -160,7 +160,7 @@ class ServiceMetrics:
 
     def observe_choice(self, model: str, choice: ChoiceResult) -> None:
         self.time_to_first_token.labels(model).observe(choice.time_to_first_token_s)
-        if len(choice.tokens) > 1:
+        if choice.completion_tokens > 1:
             self.time_per_output_token.labels(model).observe(choice.per_token_latency_s)
 
     def observe_tokens(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:

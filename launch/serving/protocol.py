@@ -151,13 +151,15 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class ChoiceResult:
     """One finished choice. `index`: its place in the answer (prompt x n + rank);
-    `tokens`: every sampled token (with log-probabilities and experts when asked);
+    `tokens`: every sampled token (with log-probabilities and experts when asked; empty
+    at the end of a stream, whose pieces carried them), `completion_tokens` how many;
     `prompt_logprobs`: the prompt's scores when echo asked for them."""
 
     index: int
     prompt_index: int
     text: str
     finish_reason: str
+    completion_tokens: int
     tokens: tuple[GeneratedToken, ...]
     prompt_logprobs: tuple[TokenLogprob, ...] | None
     time_to_first_token_s: float

@@ -326,3 +326,56 @@ def test_generation_request_params_carry_every_field() -> None:
     assert (params.presence_penalty, params.frequency_penalty) == (1.0, -1.0)
     assert params.logit_bias == ((3, 2.0),) and params.logprobs == 2
     assert params.prompt_logprobs == 2 and params.routed_experts
+
+
+def test_a_tokenizer_of_the_hf_kind_names_counts_and_templates(tmp_path: object) -> None:
+    """The gateway's side of a checkpoint with `tokenizer.json`: prompts tokenized with
+    it, ids checked against its vocabulary, its chat template (with its bos and eos)
+    rendered, tokens named and offsets counted in its text."""
+    from pathlib import Path
+
+    from test_tokenizer import _train_bpe
+
+    from launch.serving.responses import CompletionLogprobs, TokenNames
+    from moe.inference.outputs import GeneratedToken
+    from moe.inference.sampling import TokenLogprob
+    from moe.interop.tokenizer import HFTokenizer
+
+    directory = Path(str(tmp_path))
+    trained = _train_bpe(directory)
+    config = {
+        "eos_token": "<eos>", "bos_token": "<eos>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}"
+                         "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
+    }  # fmt: skip
+    files = {**trained.files(), "tokenizer_config.json": json.dumps(config).encode()}
+    tokenizer = HFTokenizer.from_files(files, "test")
+    catalog = {"m": ModelEntry("m", None, 512)}
+    body = json.dumps({"model": "m", "prompt": "In the beginning God"}).encode()
+    request = parse_completion_request(body, catalog, LIMITS, tokenizer)
+    ids = tokenizer.encode("In the beginning God", add_special_tokens=True)
+    assert request.generation.prompts == (tuple(ids),) and len(ids) < len("In the beginning God")
+    for bad in ({"prompt": [300]}, {"prompt": "x", "logit_bias": {"300": 1}}):
+        with pytest.raises(RequestError):
+            parse_completion_request(
+                json.dumps({"model": "m", **bad}).encode(), catalog, LIMITS, tokenizer
+            )
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "the God"}]})
+    chat_request = parse_chat_request(body.encode(), catalog, LIMITS, tokenizer, template)
+    rendered = "<eos>[user] the God<eos>[assistant]"
+    assert chat_request.generation.prompts == (tuple(tokenizer.encode(rendered)),)
+    assert tokenizer.encode(rendered)[0] == tokenizer.eos_token_id  # the template's bos
+    names = TokenNames(tokenizer)
+    assert not names.byte_level and names.name(ids[1]) == tokenizer.decode([ids[1]])
+    assert names.utf8(ids[1]) == list(tokenizer.decode([ids[1]]).encode())
+    partial = tokenizer.encode("日")[0]  # one byte of a 3-byte character
+    assert names.name(partial) == f"token_id:{partial}" and names.utf8(partial) is None
+    text = "In the beginning God"
+    builder = CompletionLogprobs(names, 0)
+    builder.add_prompt(ids, [TokenLogprob(t, -1.0) for t in ids[1:]])
+    builder.add_tokens([GeneratedToken(t, TokenLogprob(t, -1.0)) for t in tokenizer.encode(" the")])
+    body_out = builder.take()
+    whole = text + " the"
+    for name, offset in zip(body_out["tokens"], body_out["text_offset"]):
+        assert whole[offset : offset + len(name)] == name

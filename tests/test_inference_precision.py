@@ -63,9 +63,9 @@ def test_sampling_reads_fp32_logits(checkpoint: Path, monkeypatch: pytest.Monkey
     seen: list[torch.dtype] = []
     sample_tokens = engine_module.sample_tokens
 
-    def spy(logits_BV, params, generators):  # type: ignore[no-untyped-def]
+    def spy(logits_BV, *args):  # type: ignore[no-untyped-def]
         seen.append(logits_BV.dtype)
-        return sample_tokens(logits_BV, params, generators)
+        return sample_tokens(logits_BV, *args)
 
     monkeypatch.setattr(engine_module, "sample_tokens", spy)
     model = load_model(checkpoint, precision="bf16").model

@@ -19,16 +19,24 @@ import asyncio
 import datetime
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from launch.config import Backend, CommConfig
 from launch.runtime import ProcessInfo, dispatcher_factory, resolve_backend, setup_runtime
-from launch.serving.batching import EngineShard, Event, Submission
+from launch.serving.batching import EngineShard, StepOutput, Submission
 from launch.serving.model_info import describe_model, resident_bytes
 from moe.inference import InferenceEngine, load_model
+from moe.inference.telemetry import EngineTelemetry
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class EPWorker:
@@ -75,7 +83,7 @@ class EPWorker:
         self.info = describe_model(loaded)
         return self.describe()
 
-    def step(self, submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:
         assert self.shard is not None, "setup() first"
         return self.shard.step(submissions, cancels, always=True)
 
@@ -84,6 +92,30 @@ class EPWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+class RemoteMethod(Protocol[_P, _R]):
+    """An actor method as a Ray actor handle offers it: `.remote(...)` runs it in the
+    actor and returns a reference to its result."""
+
+    def remote(self, *args: _P.args, **kwargs: _P.kwargs) -> ObjectRef[_R]: ...
+
+
+class EPWorkerHandle(Protocol):
+    """What the group calls on a worker's Ray actor handle: `EPWorker`'s methods, run in
+    the actor."""
+
+    @property
+    def address(self) -> RemoteMethod[[], tuple[str, int]]: ...
+
+    @property
+    def setup(self) -> RemoteMethod[[str, float], dict[str, Any]]: ...
+
+    @property
+    def step(self) -> RemoteMethod[[list[Submission], list[int]], StepOutput]: ...
+
+    @property
+    def describe(self) -> RemoteMethod[[], dict[str, Any]]: ...
 
 
 class EPWorkerGroup:
@@ -98,8 +130,14 @@ class EPWorkerGroup:
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_concurrency=2,
             max_restarts=0,
         )  # fmt: skip
+        # Ray types a new actor as `ActorHandle[EPWorker] | type[EPWorker]`, whose methods
+        # have a typed `.remote` only when decorated with `@ray.method`: the handles are
+        # typed by what the group calls on them.
         self.workers = [
-            actor.remote(rank, ep_size, checkpoint, max_batch, threads, precision)
+            cast(
+                EPWorkerHandle,
+                actor.remote(rank, ep_size, checkpoint, max_batch, threads, precision),
+            )
             for rank in range(ep_size)
         ]
         host, port = ray.get(self.workers[0].address.remote(), timeout=timeout_s)
@@ -110,7 +148,7 @@ class EPWorkerGroup:
         self.load = [0] * ep_size  # requests in flight per worker
         self._worker_of: dict[int, int] = {}
 
-    async def step(self, submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    async def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:
         per_worker_submissions: list[list[Submission]] = [[] for _ in self.workers]
         per_worker_cancels: list[list[int]] = [[] for _ in self.workers]
         for submission in submissions:
@@ -127,11 +165,11 @@ class EPWorkerGroup:
             for worker, subs, keys in zip(self.workers, per_worker_submissions, per_worker_cancels)
         ]
         results = await asyncio.gather(*refs)
-        events = [event for result in results for event in result]
+        events = [event for result in results for event in result.events]
         for event in events:
             if event.final:
                 self.load[self._worker_of.pop(event.key)] -= 1
-        return events
+        return StepOutput(events, EngineTelemetry.of_ranks(r.telemetry for r in results))
 
     async def check(self, timeout_s: float) -> list[dict[str, Any]]:
         """Every worker's description; raises if one is dead or does not answer."""
@@ -142,4 +180,4 @@ class EPWorkerGroup:
         import ray
 
         for worker in self.workers:
-            ray.kill(worker)
+            ray.kill(cast("ActorHandle[EPWorker]", worker))

@@ -2,7 +2,8 @@
 runs, alternated, over seeds; the validation curves in one plot.
 
     python scripts/bench_precision.py [--steps 600] [--seeds 0,1] [--eval-every 50]
-        [--eval-batches 8] [--ep 1|2] [--json PATH] [--plot PATH] [-- extra overrides]
+        [--eval-batches 8] [--ep 1|2] [--json PATH] [--plot PATH] [--keep-runs DIR]
+        [-- extra overrides]
 
 For every seed, one `launch.train experiment=demo` run per precision
 (`train.precision=fp32` and `=bf16`; `_bench_utils.run_demo_training`: EP=1 is one
@@ -14,7 +15,8 @@ medians, bf16 over fp32, with each seed's ratio of window means beside it. Quali
 validation bits per byte at every evaluation (`--eval-batches` fixed validation batches,
 the same for both), the final one compared per seed (target: within 1%).
 
-The host's bf16 flags (`moe.precision.BF16_CPU_FLAGS` found in /proc/cpuinfo), the CPU
+`--keep-runs DIR` keeps every run directory (`DIR/<precision>-<seed>`, with its final
+checkpoint) instead of a temporary one. The host's bf16 flags (`moe.precision.BF16_CPU_FLAGS` found in /proc/cpuinfo), the CPU
 model and the load average before and after go into the JSON.
 """
 
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--ep", type=int, choices=(1, 2), default=1)
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     parser.add_argument("--plot", metavar="PATH", help="write the validation curves (PNG)")
+    parser.add_argument("--keep-runs", metavar="DIR", help="keep the run directories here")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -102,14 +105,15 @@ def main() -> None:
     from tqdm import tqdm
 
     with (
-        tempfile.TemporaryDirectory() as tmp,
+        tempfile.TemporaryDirectory() as scratch,
         tqdm(total=len(seeds) * len(PRECISIONS), desc="demo runs", file=sys.stderr) as progress,
     ):
+        root = Path(args.keep_runs) if args.keep_runs else Path(scratch)
         for index, seed in enumerate(seeds):
             order = PRECISIONS if index % 2 == 0 else PRECISIONS[::-1]
             runs[str(seed)] = {}
             for precision in order:
-                run_dir = Path(tmp) / f"{precision}-{seed}"
+                run_dir = root / f"{precision}-{seed}"
                 run_overrides = [*overrides, f"train.seed={seed}", f"train.precision={precision}"]
                 records = run_demo_training(args.ep, run_overrides, run_dir)
                 runs[str(seed)][precision] = records

@@ -14,7 +14,8 @@ Implementations (same input, same upstream gradient, gradients dropped between s
 `torch.autocast("cpu", torch.bfloat16)`, fp32 input and upstream gradient. It adds
 - moe_bf16_params: our layer with bf16 parameters and a bf16 input, no autocast: the
                 other way to train in bf16 (bf16 parameter copies beside fp32 masters,
-                the copy and the master update not timed), measured against autocast.
+                the copy and the master update not timed), measured against autocast;
+- moe_fp32:     our layer in fp32 (no autocast), the same run: bf16's speed-up.
 
 Times are medians over interleaved rounds (each round runs every implementation once; the
 starting one rotates). Peak memory is the peak resident set size above the resident set
@@ -67,7 +68,7 @@ from moe.precision import BF16_CPU_FLAGS, cpu_flags
 from routing import RoutingConfig
 
 IMPLEMENTATIONS = ("moe", "moe_capacity", "dense", "deepspeed")
-BF16_ONLY = ("moe_bf16_params",)
+BF16_ONLY = ("moe_bf16_params", "moe_fp32")
 CAPACITY_FACTOR = 1.25
 
 
@@ -147,7 +148,7 @@ def init_deepspeed_single_rank() -> None:
 def build_runner(implementation: str, cfg: BenchConfig, dtype: str = "fp32") -> Runner:
     torch.manual_seed(0)
     autocast = dtype == "bf16"
-    if implementation in ("moe", "moe_capacity", "moe_bf16_params"):
+    if implementation in ("moe", "moe_capacity", "moe_bf16_params", "moe_fp32"):
         routing = RoutingConfig(
             top_k=cfg.K,
             capacity="fixed" if implementation == "moe_capacity" else "dropless",
@@ -161,7 +162,7 @@ def build_runner(implementation: str, cfg: BenchConfig, dtype: str = "fp32") -> 
 
         if implementation == "moe_bf16_params":
             return Runner(layer.to(torch.bfloat16), moe_forward, cfg, dtype=torch.bfloat16)
-        return Runner(layer, moe_forward, cfg, autocast)
+        return Runner(layer, moe_forward, cfg, autocast and implementation != "moe_fp32")
     if implementation == "dense":
         mlp = DenseMLP(cfg.D, cfg.K * cfg.H, activation="gelu")
         return Runner(mlp, lambda x_TD: [mlp(x_TD)], cfg, autocast)
@@ -253,7 +254,10 @@ def format_table(rows: list[dict]) -> str:
             lines.append(
                 f"  {row['name']}: moe_bf16_params {row['moe_bf16_params_ms']:.1f} ms, "
                 f"moe (autocast) {row['moe_ms']:.1f} ms, ratio autocast / bf16 params "
-                f"{row['moe_ms'] / row['moe_bf16_params_ms']:.2f}"
+                f"{row['moe_ms'] / row['moe_bf16_params_ms']:.2f}; moe_fp32 "
+                f"{row['moe_fp32_ms']:.1f} ms: fp32 / bf16 autocast "
+                f"{row['moe_fp32_ms'] / row['moe_ms']:.2f} (per round "
+                f"{row['fp32_over_bf16_round_median']:.2f})"
             )
     return "\n".join(lines)
 
@@ -338,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         row = asdict(cfg) | {f"{name}_ms": statistics.median(rounds[name]) for name in names}
         row["moe_over_dense_round_median"] = round_ratio_median(rounds["moe"], rounds["dense"])
+        if "moe_fp32" in rounds:
+            row["fp32_over_bf16_round_median"] = round_ratio_median(
+                rounds["moe_fp32"], rounds["moe"]
+            )
         row["round_ms"] = rounds
         for name in ("moe", "dense", "deepspeed"):
             row[f"{name}_peak_mb"] = (

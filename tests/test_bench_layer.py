@@ -53,7 +53,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path, dtype: str) 
     assert result["meta"]["dtype"] == dtype
     implementations = {"moe", "moe_capacity", "dense", "deepspeed"}
     if dtype == "bf16":
-        implementations.add("moe_bf16_params")
+        implementations |= {"moe_bf16_params", "moe_fp32"}
         assert "autocast / bf16 params" in done.stdout
     configs = result["configs"]
     assert [c["name"] for c in configs] == ["quick-E8", "quick-E32"]

@@ -167,9 +167,9 @@ def resolve_precision(
         return ResolvedPrecision(picked, chosen, why)
     if chosen == ComputePrecision.FP16 and device.type != "cuda":
         raise ValueError(
-            f"{key}=fp16 needs CUDA, this run is on {device.type}: fp16 training needs "
-            "dynamic loss scaling and CPUs have no fast fp16 matmul; accepted here: bf16, "
-            "fp32 or auto"
+            f"{key}=fp16 needs CUDA, this run is on {device.type}: CPUs have no fast fp16 "
+            "matmul (and fp16 training needs loss scaling, bf16 does not); accepted here: "
+            "bf16, fp32 or auto"
         )
     if chosen == ComputePrecision.BF16:
         return ResolvedPrecision(chosen, chosen, why if native else f"emulated, slow: {why}")

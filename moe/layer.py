@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from moe.dispatchers import Dispatcher, LocalDispatcher
 from moe.experts import Activation, DenseMLP, Experts, GroupedExperts
-from moe.permute import capacity_padded_permutation, permute, sort_by_expert, unpermute
+from moe.permute import (
+    Permutation,
+    capacity_padded_permutation,
+    permute,
+    sort_by_expert,
+    unpermute,
+)
 from moe.precision import compute_dtype
 from routing import (
     CapacityOverride,
@@ -85,6 +91,11 @@ class MoELayer(nn.Module):
         self.capacity_state: CapacityState | None = build_capacity_state(num_experts, routing)
         # `MoETransformer.override_capacity` sets it: DROPLESS bypasses the policy.
         self.capacity_override = CapacityOverride.TRAINED
+        # Let experts that can (`Experts.folds_permute`) compute on the token rows with
+        # the permute and the weighted combine folded into their matmuls, where all
+        # experts are local and the layout is compact. False: always permute, run the
+        # experts on the routed rows, unpermute (kept to measure one against the other).
+        self.fold_permute = True
 
     def route(
         self, x_TD: Tensor, task_ids_T: Tensor | None = None, num_samples: int = 1
@@ -153,6 +164,42 @@ class MoELayer(nn.Module):
             permutation = capacity_padded_permutation(plan, slots_E)
         else:
             permutation = sort_by_expert(plan)
+        if self._folds_permute(permutation):
+            assert permutation.slot_index_R is not None
+            weight_R = plan.weights_TK.reshape(-1)[permutation.slot_index_R]
+            y_TD = self.experts.forward_tokens(
+                x_TD.to(compute_dtype(x_TD)),
+                permutation.token_index_R,
+                weight_R,
+                permutation.counts_E,
+            )
+        else:
+            y_TD = self._permuted_forward(x_TD, plan, permutation, padded)
+        if self.residual is not None and self.residual_gate is not None:
+            gate_T2 = self.residual_gate(x_TD)
+            # In at least fp32 (autocast would leave a bf16 softmax; float64 stays float64).
+            dtype = torch.promote_types(gate_T2.dtype, torch.float32)
+            coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=dtype)
+            y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
+        self.last_stats = plan.stats
+        self.last_expert_ids_TK = plan.expert_ids_TK
+        return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)
+
+    def _folds_permute(self, permutation: Permutation) -> bool:
+        """Whether the experts compute on the token rows (`Experts.forward_tokens`): a
+        compact layout, every expert local and held here."""
+        return (
+            self.fold_permute
+            and self.experts.folds_permute
+            and permutation.slot_index_R is not None
+            and not self.dispatcher.exchanges_rows
+            and self.dispatcher.num_local_experts == self.num_experts
+        )
+
+    def _permuted_forward(
+        self, x_TD: Tensor, plan: RoutingPlan, permutation: Permutation, padded: bool
+    ) -> Tensor:
+        """Permute, (dispatch,) the experts on the routed rows, (combine,) unpermute."""
         # The routed rows travel and are multiplied in the compute dtype (bf16 under
         # autocast: half the bytes through the permute and the all-to-all); the router
         # above read x_TD as it came (fp32 logits, `routing.routers.router_logits`).
@@ -169,13 +216,4 @@ class MoELayer(nn.Module):
         )
         y_local = self.experts(x_local, counts_local, filled_local)
         y_RD = combine(y_local, context)
-        y_TD = unpermute(y_RD, permutation, plan.weights_TK)
-        if self.residual is not None and self.residual_gate is not None:
-            gate_T2 = self.residual_gate(x_TD)
-            # In at least fp32 (autocast would leave a bf16 softmax; float64 stays float64).
-            dtype = torch.promote_types(gate_T2.dtype, torch.float32)
-            coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=dtype)
-            y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
-        self.last_stats = plan.stats
-        self.last_expert_ids_TK = plan.expert_ids_TK
-        return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)
+        return unpermute(y_RD, permutation, plan.weights_TK)

@@ -84,6 +84,8 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _check_both_ops(counts: list[int], dtype: torch.dtype, threads: int) -> None:
+    """Both ops (and their backward) against the loops, every span size case of the
+    module: the caller sets `fused.SPAN_ROWS`."""
     token_index_R, expert_R, x, w1, w2, weight, dy = _inputs(counts, dtype)
     counts_E, num_tokens = torch.tensor(counts), x.shape[0]
     previous = torch.get_num_threads()
@@ -110,15 +112,34 @@ def _check_both_ops(counts: list[int], dtype: torch.dtype, threads: int) -> None
         torch.testing.assert_close(got.grad, want.grad, **_tolerance(dtype), msg=name)
 
 
+# Rows per span (`fused.SPAN_ROWS`): every expert its own span, a few experts per span,
+# everything in one span.
+SPAN_ROWS = {"expert": 1, "few": 4, "all": 1 << 20}
+
+
+@pytest.mark.parametrize("span", sorted(SPAN_ROWS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", sorted(COUNTS))
-def test_folded_ops_match_loops(case: str, dtype: torch.dtype) -> None:
+def test_folded_ops_match_loops(
+    case: str, dtype: torch.dtype, span: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fused, "SPAN_ROWS", SPAN_ROWS[span])
     _check_both_ops(COUNTS[case], dtype, threads=1)
 
 
+@pytest.mark.parametrize("span", ["expert", "few"])
 @pytest.mark.parametrize("case", ["pool", "uneven"])
-def test_folded_ops_on_the_block_workers_match_loops(case: str) -> None:
-    """Two threads: the blocks share out to the workers, each adding into its own sums."""
+def test_folded_ops_on_the_block_workers_match_loops(
+    case: str, span: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads: with at least `POOL_MIN_BLOCKS` spans ("pool" with one or a few
+    experts per span) they share out to the workers, each adding into its own sums."""
+    monkeypatch.setattr(fused, "SPAN_ROWS", SPAN_ROWS[span])
+    if case == "pool" and span == "expert":
+        assert (
+            len(fused._Spans(torch.tensor(COUNTS[case]), 0 + sum(COUNTS[case])).items)
+            >= ops.POOL_MIN_BLOCKS
+        )
     _check_both_ops(COUNTS[case], torch.float32, threads=2)
 
 
@@ -150,10 +171,14 @@ def test_composed_form_matches_loops() -> None:
     torch.testing.assert_close(dw1, want_in[1].grad)
 
 
-def test_folded_ops_under_bf16_autocast_match_the_fp32_loop() -> None:
+@pytest.mark.parametrize("span", ["expert", "few"])
+def test_folded_ops_under_bf16_autocast_match_the_fp32_loop(
+    span: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bf16 autocast: the matmuls take bf16 operands (blocks over 64 rows multiplied at
     bucketed row counts), the routing weights stay fp32, the sums are fp32 rounded once;
     against the fp32 loop on the bf16-rounded operands."""
+    monkeypatch.setattr(fused, "SPAN_ROWS", SPAN_ROWS[span])
     counts = [70, 0, 131, 3] + [5] * 16
     token_index_R, expert_R, x, w1, w2, weight, dy = _inputs(counts, torch.float32, seed=7)
     counts_E, num_tokens = torch.tensor(counts), x.shape[0]

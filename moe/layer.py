@@ -166,7 +166,7 @@ class MoELayer(nn.Module):
             permutation = sort_by_expert(plan)
         if self._folds_permute(permutation):
             assert permutation.slot_index_R is not None
-            weight_R = plan.weights_TK.reshape(-1)[permutation.slot_index_R]
+            weight_R = plan.weights_TK.reshape(-1).index_select(0, permutation.slot_index_R)
             y_TD = self.experts.forward_tokens(
                 x_TD.to(compute_dtype(x_TD)),
                 permutation.token_index_R,

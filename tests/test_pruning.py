@@ -29,7 +29,7 @@ from moe.pruning import (
 )
 from moe.pruning.masks import nm_masks, satisfies_nm, unstructured_masks
 from moe.pruning.oneshot import permute_hidden
-from moe.pruning.permutation import kept_magnitude, search_permutation
+from moe.pruning.permutation import _StripeScores, kept_magnitude, search_permutation
 from moe.pruning.semi_structured import packed_nm_bytes
 from moe.pruning.state import Constrained
 from moe.pruning.targets import PrunableWeight
@@ -127,6 +127,14 @@ def test_unstructured_masks_per_matrix_and_global() -> None:
     )
 
 
+def test_ties_go_to_the_lower_index() -> None:
+    weight = PrunableWeight("w", nn.Parameter(torch.ones(1, 8)), 1, None, False)
+    (mask,) = unstructured_masks([weight], [weight.param], [None], 0.5, False)
+    assert mask.tolist() == [[False] * 4 + [True] * 4]  # the first four go
+    (mask,) = nm_masks([weight], [weight.param], [None], NMPattern(2, 4))
+    assert mask.tolist() == [[True, True, False, False] * 2]  # the first two stay
+
+
 def test_unstructured_masks_only_grow() -> None:
     weight = PrunableWeight("w", nn.Parameter(torch.tensor([[1.0, 2.0, 3.0, 4.0]])), 1, None, False)
     alive = torch.tensor([[True, True, True, False]])
@@ -161,21 +169,65 @@ def test_channel_permutation_leaves_the_model_unchanged(activation: str) -> None
     assert not torch.equal(experts.w2_EHD, small_model(activation).blocks[1].ffn.experts.w2_EHD)
 
 
-def test_permutation_search_finds_the_optimum_of_a_small_matrix() -> None:
+def _three_stripe_partitions() -> list[list[int]]:
+    """Every split of 12 channels into 3 unordered stripes of 4, as a channel order."""
+    out = []
+    for rest in itertools.combinations(range(1, 12), 3):
+        first = (0, *rest)
+        remaining = [c for c in range(12) if c not in first]
+        for rest2 in itertools.combinations(remaining[1:], 3):
+            second = (remaining[0], *rest2)
+            out.append([*first, *second, *(c for c in remaining if c not in second)])
+    return out
+
+
+def test_each_greedy_step_takes_the_best_swap() -> None:
     pattern = NMPattern(2, 4)
-    generator = torch.Generator().manual_seed(5)
-    magnitude = torch.rand(6, 8, generator=generator, dtype=torch.float64)
+    magnitude = torch.rand(5, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    state = _StripeScores(magnitude, pattern)
+    for _ in range(3):
+        now = kept_magnitude(magnitude, state.permutation_C, pattern)
+        assert state.total() == pytest.approx(now)
+        gains = {}
+        for p, q in itertools.combinations(range(12), 2):
+            if p // 4 != q // 4:
+                swapped = state.permutation_C.clone()
+                swapped[[p, q]] = swapped[[q, p]]
+                gains[p, q] = kept_magnitude(magnitude, swapped, pattern) - now
+        gain, p, q = state.best_swap()
+        assert gain == pytest.approx(max(gains.values()), abs=1e-12)
+        assert gains[min(p, q), max(p, q)] == pytest.approx(gain, abs=1e-12)
+        state.swap(p, q)
+
+
+@pytest.mark.parametrize("seed", [9, 22])
+def test_escapes_leave_local_optima_to_the_optimum(seed: int) -> None:
+    pattern = NMPattern(2, 4)
+    magnitude = torch.rand(
+        4, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    magnitude = magnitude**3
     best = max(
-        kept_magnitude(magnitude, torch.tensor(p), pattern)
-        for p in itertools.permutations(range(8))
+        kept_magnitude(magnitude, torch.tensor(order), pattern)
+        for order in _three_stripe_partitions()
     )
-    result = search_permutation(magnitude, pattern, seconds=10.0, escapes=10, generator=generator)
-    assert result.kept == pytest.approx(best, rel=1e-12)
-    assert result.kept == pytest.approx(kept_magnitude(magnitude, result.permutation_C, pattern))
-    assert result.kept_identity == pytest.approx(
-        kept_magnitude(magnitude, torch.arange(8), pattern)
-    )
-    assert sorted(result.permutation_C.tolist()) == list(range(8))
+
+    def search(escapes: int) -> float:
+        generator = torch.Generator().manual_seed(0)
+        result = search_permutation(
+            magnitude, pattern, seconds=30.0, escapes=escapes, generator=generator
+        )
+        assert sorted(result.permutation_C.tolist()) == list(range(12))
+        assert result.kept == pytest.approx(
+            kept_magnitude(magnitude, result.permutation_C, pattern)
+        )
+        assert result.kept_identity == pytest.approx(
+            kept_magnitude(magnitude, torch.arange(12), pattern)
+        )
+        return result.kept
+
+    assert search(0) < best - 1e-6  # greedy swaps alone stop in a local optimum
+    assert search(20) == pytest.approx(best, rel=1e-12)
 
 
 def test_permutation_before_nm_keeps_more_magnitude() -> None:
@@ -286,3 +338,23 @@ def test_bad_input_is_refused_by_name() -> None:
         PruneConfig(method="gradual", sparsity=0.5, start=0, end=10, every=3)
     with pytest.raises(ValueError, match=r"contradicts prune.pattern=2:4"):
         PruneConfig(method="magnitude", sparsity=0.7, pattern="2:4")
+
+
+def test_fixed_masks_zero_gradients_and_weights_around_the_update() -> None:
+    param = nn.Parameter(torch.tensor([[1.0, -2.0, 3.0, -4.0]]))
+    weight = PrunableWeight("w", param, 1, None, False)
+    mask = torch.tensor([[True, False, True, False]])
+    state = MaskedTraining(PruneConfig(), [Constrained(weight, "fixed", mask)])
+    assert param.detach().tolist() == [[1.0, 0.0, 3.0, 0.0]]
+    optimizer = torch.optim.AdamW([param], lr=0.1, weight_decay=0.1)
+    optimizer.state[param] = {  # moments from before the pruning would move the zeros
+        "step": torch.tensor(5.0), "exp_avg": torch.ones(1, 4), "exp_avg_sq": torch.ones(1, 4),
+    }  # fmt: skip
+    (param * torch.tensor([[1.0, 2.0, 3.0, 4.0]])).sum().backward()
+    state.before_update()
+    assert param.grad is not None and param.grad.tolist() == [[1.0, 0.0, 3.0, 0.0]]
+    optimizer.step()
+    assert param.detach()[0, 1] != 0  # AdamW's momentum moved a pruned weight ...
+    state.after_update()
+    assert param.detach()[0, 1] == 0 and param.detach()[0, 3] == 0  # ... and back to zero
+    assert param.detach()[0, 0] != 1.0

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moe.config import ModelConfig
+from moe.dispatchers import LocalDispatcher
 from moe.experts import DenseMLP, GroupedExperts
 from moe.pruning import (
     MaskedTraining,
@@ -30,7 +31,12 @@ from moe.pruning import (
 from moe.pruning.masks import nm_masks, satisfies_nm, unstructured_masks
 from moe.pruning.oneshot import permute_hidden
 from moe.pruning.permutation import _StripeScores, kept_magnitude, search_permutation
-from moe.pruning.semi_structured import packed_nm_bytes
+from moe.pruning.semi_structured import (
+    SemiStructuredExperts,
+    packed_nm_bytes,
+    semi_structured_available,
+    use_semi_structured,
+)
 from moe.pruning.state import Constrained
 from moe.pruning.targets import PrunableWeight
 from moe.transformer import MoETransformer
@@ -358,3 +364,57 @@ def test_fixed_masks_zero_gradients_and_weights_around_the_update() -> None:
     state.after_update()
     assert param.detach()[0, 1] == 0 and param.detach()[0, 3] == 0  # ... and back to zero
     assert param.detach()[0, 0] != 1.0
+
+
+def test_semi_structured_experts_are_refused_off_cuda_and_unpruned() -> None:
+    model = small_model()
+    with pytest.raises(
+        ValueError, match=r"compute capability 8\.0 or more; the experts are on cpu"
+    ):
+        use_semi_structured(model)
+    with pytest.raises(ValueError, match="not 2:4 along its reduction dimension"):
+        SemiStructuredExperts(model.blocks[1].ffn.experts)
+
+
+@pytest.mark.gpu
+def test_two_four_experts_run_semi_structured_on_cuda() -> None:
+    if not semi_structured_available("cuda"):
+        pytest.skip("needs compute capability 8.0 or more")
+    torch.manual_seed(0)
+    # Widths at torch's semi-structured minimum (rows multiple of 32, columns of 64).
+    experts = GroupedExperts(4, 64, 128, "swiglu").cuda()
+    weights = prunable_weights(nn.ModuleDict({"e": experts}), PruneScope.EXPERTS)
+    masks = nm_masks(weights, [w.param for w in weights], [None] * len(weights), NMPattern(2, 4))
+    with torch.no_grad():
+        for weight, mask in zip(weights, masks):
+            weight.param.masked_fill_(~mask, 0.0)
+            weight.param.copy_(weight.param.to(torch.bfloat16).float())  # exact in bf16
+    sparse = SemiStructuredExperts.from_grouped(experts, torch.bfloat16)
+    counts = torch.tensor([5, 0, 17, 10], device="cuda")
+    x = torch.randn(32, 64, device="cuda").to(torch.bfloat16).float()
+    with torch.no_grad():
+        parts = x.split(counts.tolist())
+        want = torch.cat([experts.expert_forward(part, e) for e, part in enumerate(parts)])
+        got = sparse(x, counts)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)  # bf16 products
+    packed = sparse.matrices["w1"][0]  # [128 out, 64 in] in bf16
+    parts_stored = [t for t in (packed.packed, packed.meta) if t is not None]
+    packed_bytes = sum(t.numel() * t.element_size() for t in parts_stored)
+    assert packed_bytes < 0.6 * 64 * 128 * 2
+    if packed.meta is not None:  # CUTLASS: values and metadata as the formula says
+        assert packed_bytes == packed_nm_bytes(64 * 128, NMPattern(2, 4), 2)
+
+
+def test_global_ranking_needs_every_expert() -> None:
+    config = ModelConfig(
+        d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16, expert_hidden=16,
+        num_experts=4,
+    )  # fmt: skip
+    def half(block: int, num_experts: int) -> LocalDispatcher:
+        return LocalDispatcher(num_experts, [0, 1])
+
+    model = MoETransformer(config, RoutingConfig(top_k=2), half)
+    prune = PruneConfig(method="gradual", sparsity=0.5, end=4, granularity="global")
+    with pytest.raises(ValueError, match=r"holds only some experts of blocks.0.ffn.experts.w1"):
+        build_pruning(prune, model)
+    build_pruning(PruneConfig(method="gradual", sparsity=0.5, end=4), model)  # per matrix

@@ -275,6 +275,13 @@ def build_pruning(
         if config.nm is not None:
             for weight in in_scope:
                 check_nm_fits(weight, config.nm)
+        sharded = [w.name for w in in_scope if w.num_matrices < w.num_global_experts]
+        if config.granularity == Granularity.GLOBAL and config.active and sharded:
+            raise ValueError(
+                f"prune.granularity=global ranks every weight of the scope together, but "
+                f"this process holds only some experts of {sharded[0]} (expert parallelism "
+                "or a subset); accepted: prune.granularity=matrix, or prune at EP=1"
+            )
     rule = SR_STE if config.method == PruneMethod.SR_STE else SCHEDULE
     constrained: list[Constrained] = []
     scoped = {weight.name for weight in in_scope}

@@ -410,6 +410,7 @@ def test_global_ranking_needs_every_expert() -> None:
         d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16, expert_hidden=16,
         num_experts=4,
     )  # fmt: skip
+
     def half(block: int, num_experts: int) -> LocalDispatcher:
         return LocalDispatcher(num_experts, [0, 1])
 

@@ -195,6 +195,13 @@ def test_pruned_moe_student_distils_from_its_unpruned_self(
         distill_config(run_dir, trained, "distill.init=checkpoint")
 
 
+def test_pruning_with_deepspeed_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    overrides = ("train.engine=deepspeed", "prune.method=magnitude", "prune.sparsity=0.5")
+    with pytest.raises(ValueError, match=r"needs train.engine=torch \(got deepspeed\)"):
+        train(tiny_config(tmp_path / "run", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_input_to_write_pruned(trained: Path, pruned_24: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"M=3 .*w1_EDH has shape \(4, 64, 64\)"):
         write_pruned(trained, tmp_path / "a", PruneConfig(method="magnitude", pattern="1:3"))

@@ -78,11 +78,17 @@ def check_compatible(config: RunConfig, num_tasks: int) -> None:
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
     config.routing.validate_for_data(num_tasks)
-    if config.prune.active and config.train.engine != TrainingEngineKind.TORCH:
+    check_engine_prunes(config.prune.active, config)
+
+
+def check_engine_prunes(pruning: bool, config: RunConfig) -> None:
+    """Pruning needs the torch engine (ValueError otherwise)."""
+    if pruning and config.train.engine != TrainingEngineKind.TORCH:
         raise ValueError(
-            f"prune.method={config.prune.method.value} needs train.engine=torch (got "
-            f"{config.train.engine.value}): the masks act on the gradients and weights "
-            "around the optimizer step, which DeepSpeed keeps in its own buffers"
+            f"pruning (prune.method={config.prune.method.value}, or the masks of "
+            f"train.init_from) needs train.engine=torch (got {config.train.engine.value}): "
+            "the masks act on the gradients and weights around the optimizer step, which "
+            "DeepSpeed keeps in its own buffers"
         )
 
 
@@ -191,6 +197,7 @@ def run_training(
         config.prune, model, resumed.pruning_state if resumed is not None else initial_pruning,
         rank=info.rank, world_size=info.world_size,
     )  # fmt: skip
+    check_engine_prunes(pruning.active, config)  # the masks of train.init_from, too
     counts = count_parameters(model)
     tracker = Tracker(run_dir, config.wandb, run_record, enabled=info.is_main)
     name = objective.name

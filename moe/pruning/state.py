@@ -51,7 +51,10 @@ from routing import AllReduce
 
 
 class PruningState(Protocol):
-    """A run's pruning, as the training loop sees it (module docstring)."""
+    """A run's pruning, as the training loop sees it (module docstring). `active`:
+    whether it constrains any weight."""
+
+    active: bool
 
     def begin_step(self, step: int) -> None: ...
 
@@ -72,6 +75,8 @@ class PruningState(Protocol):
 
 class NoPruning:
     """A run without pruning: every call does nothing."""
+
+    active = False
 
     def begin_step(self, step: int) -> None:
         return None
@@ -109,6 +114,8 @@ class Constrained:
 class MaskedTraining:
     """The pruning state of a run (module docstring). `rank`, `world_size`: this
     process's place, for gathering expert masks in `state_dict`."""
+
+    active = True
 
     def __init__(
         self,

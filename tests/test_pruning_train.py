@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from test_distill import distill_config
 from test_train import tiny_config
 
+from launch.prune import register_prune_config, to_prune_config
 from launch.training.distillation import distill
 from launch.training.loop import train
 from moe.checkpoint import LATEST_FILE, load_checkpoint, read_meta, resolve_latest
@@ -193,6 +195,19 @@ def test_pruned_moe_student_distils_from_its_unpruned_self(
     assert meta["config"]["model"]["moe_every"] == 1  # an MoE student
     with pytest.raises(ValueError, match=r"distill.init=checkpoint together with train.init_from"):
         distill_config(run_dir, trained, "distill.init=checkpoint")
+
+
+def test_prune_config_composes() -> None:
+    register_prune_config()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("prune", overrides=["checkpoint=a", "out=b", "prune.pattern=2:4"])
+    config = to_prune_config(cfg)
+    assert config.prune.method.value == "magnitude" and config.prune.nm == TWO_FOUR
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        overrides = ["checkpoint=a", "out=b", "prune.method=gradual", "prune.sparsity=0.5"]
+        cfg = compose("prune", overrides=[*overrides, "prune.end=4"])
+    with pytest.raises(ValueError, match=r"prune.method=gradual is invalid for launch.prune"):
+        to_prune_config(cfg)
 
 
 def test_pruning_with_deepspeed_is_refused_before_anything_runs(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from moe.pruning.semi_structured import (
     semi_structured_available,
     use_semi_structured,
 )
-from moe.pruning.state import Constrained
+from moe.pruning.state import Constrained, Rule
 from moe.pruning.targets import PrunableWeight
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
@@ -277,7 +277,7 @@ def test_sr_ste_update_by_hand() -> None:
     weight = PrunableWeight("w", param, 1, None, False)
     decay = 0.5
     config = PruneConfig(method="sr_ste", pattern="2:4", sr_ste_decay=decay)
-    state = MaskedTraining(config, [Constrained(weight, "sr_ste")])
+    state = MaskedTraining(config, [Constrained(weight, Rule.SR_STE)])
     mask = torch.tensor([[False, True, False, True], [False, False, True, True]])
     assert torch.equal(param.detach(), dense * mask)  # the forward sees W~
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
@@ -350,7 +350,7 @@ def test_fixed_masks_zero_gradients_and_weights_around_the_update() -> None:
     param = nn.Parameter(torch.tensor([[1.0, -2.0, 3.0, -4.0]]))
     weight = PrunableWeight("w", param, 1, None, False)
     mask = torch.tensor([[True, False, True, False]])
-    state = MaskedTraining(PruneConfig(), [Constrained(weight, "fixed", mask)])
+    state = MaskedTraining(PruneConfig(), [Constrained(weight, Rule.FIXED, mask)])
     assert param.detach().tolist() == [[1.0, 0.0, 3.0, 0.0]]
     optimizer = torch.optim.AdamW([param], lr=0.1, weight_decay=0.1)
     optimizer.state[param] = {  # moments from before the pruning would move the zeros

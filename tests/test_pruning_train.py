@@ -78,6 +78,8 @@ def test_gradual_pruning_keeps_zeros_and_resumes_exactly(tmp_path: Path) -> None
     _resume_from(tmp_path / "full", tmp_path / "resumed", 6)
     resumed = train(tiny_config(tmp_path / "resumed", *overrides))
     assert resumed.start_step == 6 and resumed.losses == full.losses[6:]  # bit for bit
+    tokens_per_s = {"tokens_per_s": resumed.evaluations[-1]["tokens_per_s"]}
+    assert resumed.evaluations[-1] == full.evaluations[-1] | tokens_per_s
     assert full.model is not None and resumed.model is not None
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name

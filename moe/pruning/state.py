@@ -37,6 +37,7 @@ uninterrupted one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 import torch
@@ -97,7 +98,12 @@ class NoPruning:
         return ""
 
 
-FIXED, SCHEDULE, SR_STE = "fixed", "schedule", "sr_ste"
+class Rule(str, Enum):
+    """How a constrained weight is kept sparse (module docstring)."""
+
+    FIXED = "fixed"
+    SCHEDULE = "schedule"
+    SR_STE = "sr_ste"
 
 
 @dataclass
@@ -106,7 +112,7 @@ class Constrained:
     yet) and, under SR-STE, its dense weights."""
 
     weight: PrunableWeight
-    rule: str
+    rule: Rule
     mask: Tensor | None = None
     dense: Tensor | None = None
 
@@ -128,10 +134,9 @@ class MaskedTraining:
         self.constrained = constrained
         self.rank = rank
         self.world_size = world_size
-        self.last_target: float | None = None
-        self._pruned_since_log = False
         for item in constrained:
-            if item.rule == SR_STE:
+            item.rule = Rule(item.rule)
+            if item.rule == Rule.SR_STE:
                 if item.dense is None:
                     item.dense = item.weight.param.detach().clone()
                 self._sparsify(item)
@@ -143,7 +148,7 @@ class MaskedTraining:
     @torch.no_grad()
     def begin_step(self, step: int) -> None:
         target = pruning_sparsity(step, self.config)
-        scheduled = [item for item in self.constrained if item.rule == SCHEDULE]
+        scheduled = [item for item in self.constrained if item.rule == Rule.SCHEDULE]
         if target is None or not scheduled:
             return
         weights = [item.weight for item in scheduled]
@@ -158,8 +163,6 @@ class MaskedTraining:
         for item, mask in zip(scheduled, masks):
             item.mask = mask
             self._apply(item)
-        self.last_target = target if nm is None else nm.sparsity
-        self._pruned_since_log = True
 
     @torch.no_grad()
     def before_update(self) -> None:
@@ -167,7 +170,7 @@ class MaskedTraining:
             param, mask = item.weight.param, item.mask
             if param.grad is None or mask is None:
                 continue
-            if item.rule == SR_STE:
+            if item.rule == Rule.SR_STE:
                 assert item.dense is not None
                 decay = self.config.sr_ste_decay
                 param.grad.add_(torch.where(mask, 0.0, item.dense * decay))
@@ -178,7 +181,7 @@ class MaskedTraining:
     @torch.no_grad()
     def after_update(self) -> None:
         for item in self.constrained:
-            if item.rule == SR_STE:
+            if item.rule == Rule.SR_STE:
                 assert item.dense is not None
                 item.dense.copy_(item.weight.param)
                 self._sparsify(item)
@@ -186,15 +189,13 @@ class MaskedTraining:
                 self._apply(item)
 
     def scalars(self) -> dict[str, float]:
+        """`prune/sparsity`: the share of the constrained weights that are masked."""
         zeros = total = 0
         for item in self.constrained:
             if item.mask is not None:
                 zeros += int((~item.mask).sum())
             total += item.weight.param.numel()
-        out = {"prune/sparsity": zeros / max(total, 1)}
-        if self.last_target is not None:
-            out["prune/target_sparsity"] = self.last_target
-        return out
+        return {"prune/sparsity": zeros / max(total, 1)}
 
     def state_dict(self, all_reduce: AllReduce | None) -> dict[str, Any]:
         masks: dict[str, Any] = {}
@@ -213,7 +214,7 @@ class MaskedTraining:
             "method": self.config.method.value,
             "pattern": self.config.pattern,
             "scope": self.config.scope.value,
-            "rules": {item.weight.name: item.rule for item in self.constrained},
+            "rules": {item.weight.name: item.rule.value for item in self.constrained},
             "masks": masks,
         }
         if dense:
@@ -226,10 +227,12 @@ class MaskedTraining:
             rules[item.rule] = rules.get(item.rule, 0) + 1
         parts = ", ".join(f"{count} {rule}" for rule, count in sorted(rules.items()))
         config = self.config
+        if not config.active:
+            return f"pruning: the starting checkpoint's masks, kept ({parts} weights)"
         how = config.method.value
         if config.nm is not None:
             how += f" {config.pattern}"
-        elif config.active:
+        else:
             how += f" to sparsity {config.target_sparsity:g} ({config.granularity.value})"
         return f"pruning: {how}, scope {config.scope.value}; constrained weights: {parts}"
 
@@ -289,7 +292,7 @@ def build_pruning(
                 f"this process holds only some experts of {sharded[0]} (expert parallelism "
                 "or a subset); accepted: prune.granularity=matrix, or prune at EP=1"
             )
-    rule = SR_STE if config.method == PruneMethod.SR_STE else SCHEDULE
+    rule = Rule.SR_STE if config.method == PruneMethod.SR_STE else Rule.SCHEDULE
     constrained: list[Constrained] = []
     scoped = {weight.name for weight in in_scope}
     for name, weight in every.items():
@@ -298,9 +301,9 @@ def build_pruning(
             mask = mask.to(device=weight.param.device, dtype=torch.bool)
         if name in scoped:
             dense = None
-            if rule == SR_STE and name in saved_dense:
+            if rule == Rule.SR_STE and name in saved_dense:
                 dense = read_stacked(weight, saved_dense[name], name).to(weight.param)
             constrained.append(Constrained(weight, rule, mask, dense))
         elif mask is not None:
-            constrained.append(Constrained(weight, FIXED, mask))
+            constrained.append(Constrained(weight, Rule.FIXED, mask))
     return MaskedTraining(config, constrained, rank, world_size)

@@ -241,3 +241,25 @@ def test_launch_prune_command_line(trained: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "sparsity 0.5000" in done.stdout and "val bpb after" in done.stdout
     assert "values_and_bitmap" in done.stdout and (tmp_path / "report.json").is_file()
+
+
+def test_a_pruned_checkpoint_pruned_further_keeps_its_masks(
+    pruned_24: Path, tmp_path: Path
+) -> None:
+    first = load_model(pruned_24).model
+    zeros_24 = _zeros(first, "experts")
+    config = PruneConfig(method="magnitude", sparsity=0.3, scope="all")
+    result = write_pruned(pruned_24, tmp_path / "more", config)
+    model = load_model(result.directory).model
+    masks = load_checkpoint(result.directory, model).extra["pruning"]["masks"]
+    for name, zeros in _zeros(model, "experts").items():
+        assert bool(zeros[zeros_24[name]].all()), name  # what 2:4 pruned stays pruned
+        assert torch.equal(~masks[name]["value"], zeros)
+    attention = model.blocks[0].attn.qkv_proj.weight
+    assert float((attention == 0).float().mean()) == pytest.approx(0.3, abs=1e-3)
+    with pytest.raises(ValueError, match="already pruned"):
+        write_pruned(
+            pruned_24,
+            tmp_path / "perm",
+            PruneConfig(method="magnitude", pattern="2:4", permute=True),
+        )

@@ -142,10 +142,14 @@ def expert_memory(weights: list[PrunableWeight], config: PruneConfig) -> dict[st
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, config: PruneConfig) -> tuple[dict[str, Tensor], PruneReport]:
+def prune_model(
+    model: nn.Module, config: PruneConfig, alive: dict[str, Tensor] | None = None
+) -> tuple[dict[str, Tensor], PruneReport]:
     """Prune `model` in place as `config` says (one shot: `prune.method=magnitude`).
-    Returns the keep-masks by parameter name and the report. ValueError for another
-    method, a scope with nothing to prune, or an N:M pattern that does not fit."""
+    `alive`: masks the model already has (a pruned checkpoint pruned further), by
+    parameter name: what they pruned stays pruned. Returns the keep-masks by parameter
+    name and the report. ValueError for another method, a scope with nothing to prune,
+    an N:M pattern that does not fit, or a permutation of an already pruned model."""
     if config.method != PruneMethod.MAGNITUDE:
         raise ValueError(
             f"prune.method={config.method.value} is not a one-shot method; launch.prune "
@@ -158,8 +162,14 @@ def prune_model(model: nn.Module, config: PruneConfig) -> tuple[dict[str, Tensor
     if nm is not None:
         for weight in weights:
             check_nm_fits(weight, nm)
+    alive = alive or {}
     report = PruneReport()
     gain_by_weight: dict[str, float] = {}
+    if config.permute and alive:
+        raise ValueError(
+            "prune.permute=true on a checkpoint that is already pruned: its masks would "
+            "have to move with the hidden units; permute and prune its unpruned source"
+        )
     if config.permute:
         groups = hidden_channels(model, config.scope)
         report.permutation = search_and_permute(groups, config)
@@ -168,13 +178,13 @@ def prune_model(model: nn.Module, config: PruneConfig) -> tuple[dict[str, Tensor
             gain = record["magnitude_kept_with"] - record["magnitude_kept_without"]
             gain_by_weight[group.consumer_name] = gain * total
     values = [weight.param for weight in weights]
-    alive: list[Tensor | None] = [None] * len(weights)
+    current = [alive.get(weight.name) for weight in weights]
     if nm is not None:
-        masks = nm_masks(weights, values, alive, nm)
+        masks = nm_masks(weights, values, current, nm)
     else:
         sparsity = config.target_sparsity
         global_threshold = config.granularity == Granularity.GLOBAL
-        masks = unstructured_masks(weights, values, alive, sparsity, global_threshold)
+        masks = unstructured_masks(weights, values, current, sparsity, global_threshold)
     kept_sum = total_sum = 0.0
     zeros = 0
     for weight, mask in zip(weights, masks):

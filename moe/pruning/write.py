@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe.checkpoint import read_meta, resolve_latest, save_checkpoint
-from moe.checkpoint.files import read_verified
+from moe.checkpoint import decode_state, read_meta, resolve_latest, save_checkpoint
+from moe.checkpoint.files import EXTRA_FILE, load_tensors, read_verified
 from moe.inference.loading import QUANTIZATIONS, load_model, resolve_checkpoint
 from moe.interop.tokenizer import TOKENIZER_FILES
-from moe.pruning.config import PruneConfig
+from moe.pruning.config import PruneConfig, PruneScope
 from moe.pruning.oneshot import PruneReport, prune_model, pruning_record
+from moe.pruning.serialize import read_stacked
 from moe.pruning.targets import prunable_weights
 from moe.transformer import MoETransformer
 
@@ -44,6 +45,14 @@ class PruneResult:
 def expert_file_bytes(step_dir: Path) -> int:
     """Bytes of a step directory's expert files."""
     return sum(path.stat().st_size for path in (step_dir / "experts").glob("*.safetensors"))
+
+
+def _extra(checkpoint: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `extra` (its tensors sha256-checked), without loading the model."""
+    has_tensors = EXTRA_FILE in meta["files"]
+    tensors = load_tensors(checkpoint, EXTRA_FILE, meta) if has_tensors else {}
+    extra: dict[str, Any] = decode_state(meta["extra"], tensors)
+    return extra
 
 
 def _check_out(out: Path, source: Path) -> None:
@@ -80,10 +89,15 @@ def write_pruned(
     evaluation: dict[str, float] = {}
     if evaluate is not None:
         evaluation["val_bpb_before"] = evaluate(model)
-    masks, report = prune_model(model, config)
+    # A pruned checkpoint pruned further: its masks stay (and those outside the scope).
+    every = {weight.name: weight for weight in prunable_weights(model, PruneScope.ALL)}
+    saved = (_extra(source, meta).get(PRUNING_KEY) or {}).get("masks", {})
+    alive = {name: read_stacked(every[name], entry, name) for name, entry in saved.items()}
+    masks, report = prune_model(model, config, alive)
+    masks = alive | masks
     if evaluate is not None:
         evaluation["val_bpb_after"] = evaluate(model)
-    record: dict[str, Any] = pruning_record(config, masks, prunable_weights(model, config.scope))
+    record: dict[str, Any] = pruning_record(config, masks, list(every.values()))
     record["report"] = report.as_dict()
     record["quantization"] = quantize
     record["source"] = str(source.resolve())

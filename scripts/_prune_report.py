@@ -49,7 +49,7 @@ def summarise(
             "pruned": pruned["val_bpb"],
             "pruned_vs_unpruned_pct": _pct(pruned["val_bpb"], reference),
         }
-        for recovery in ("ft", "kd"):
+        for recovery in ("ft", "kd", "sr"):
             runs = by_name.get(f"{variant}_{recovery}", [])
             if runs:
                 entry[recovery] = spread([r["val_bpb"] for r in runs])
@@ -88,11 +88,11 @@ def markdown(summary: dict[str, Any]) -> str:
     """The table of the experiment (EXPERIMENTS.md)."""
     unpruned = summary["unpruned"]
     lines = [
-        "| variant | sparsity | magnitude kept | as pruned | fine-tuned | distilled | "
+        "| variant | sparsity | magnitude kept | as pruned | fine-tuned | SR-STE | distilled | "
         "distilled, vs unpruned | distilled + int8 | expert memory (packed) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| unpruned | 0 | 1 | {unpruned['val_bpb']:.4f} | "
-        f"{_cell(summary.get('unpruned_ft'))} | - | - | "
+        f"{_cell(summary.get('unpruned_ft'))} | - | - | - | "
         f"{unpruned.get('val_bpb_int8', float('nan')):.4f} | - |",
     ]
     for variant, entry in summary["variants"].items():
@@ -107,7 +107,8 @@ def markdown(summary: dict[str, Any]) -> str:
         pct_text = f"{pct['mean']:+.2f}%" if pct else "-"
         lines.append(
             f"| {variant} | {entry['sparsity']:g} ({entry['pattern']}) | {kept} | "
-            f"{entry['pruned']:.4f} | {_cell(entry.get('ft'))} | {_cell(entry.get('kd'))} | "
+            f"{entry['pruned']:.4f} | {_cell(entry.get('ft'))} | {_cell(entry.get('sr'))} | "
+            f"{_cell(entry.get('kd'))} | "
             f"{pct_text} | {_cell(entry.get('kd_int8'))} | {memory_text} |"
         )
     verdict = summary["verdict"]
@@ -145,7 +146,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             label="unpruned, fine-tuned",
         )  # fmt: skip
     stages = (("pruned", "as pruned", "tab:red"), ("ft", "fine-tuned", "tab:blue"),
-              ("kd", "distilled", "tab:purple"))  # fmt: skip
+              ("sr", "SR-STE", "tab:orange"), ("kd", "distilled", "tab:purple"))  # fmt: skip
     variants = summary["variants"]
     unstructured = sorted(
         (e["sparsity"], e) for e in variants.values() if e["pattern"] == "unstructured"
@@ -160,7 +161,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             if value is not None:
                 xs.append(sparsity)
                 ys.append(value if stage == "pruned" else value["mean"])
-        axis.plot(xs, ys, marker="o", color=color, label=f"unstructured, {label}")
+        if any(entry.get(stage) is not None for _, entry in unstructured):
+            axis.plot(xs, ys, marker="o", color=color, label=f"unstructured, {label}")
         for entry in variants.values():
             if entry["pattern"] == "unstructured" or entry.get(stage) is None:
                 continue

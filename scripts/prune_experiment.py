@@ -16,7 +16,10 @@ schedule, the same data order per seed) and the pruned checkpoint as their start
 (`train.init_from`, whose masks the runs keep):
 - `ft`: `launch.train` on the language-modelling loss (fine-tuning);
 - `kd`: `launch.distill` with the unpruned model as teacher and the pruned MoE as
-  student (`distill.init=checkpoint`; T and alpha of `conf/distill/default.yaml`).
+  student (`distill.init=checkpoint`; T and alpha of `conf/distill/default.yaml`);
+- `sr` (N:M variants, when asked: `--recoveries ft kd sr`): `launch.train` with SR-STE
+  (`prune.method=sr_ste` with the variant's pattern): the masks may move, the pruned
+  weights train through the straight-through estimator.
 A control, `unpruned_ft_s<seed>`, fine-tunes the unpruned model the same way: more
 steps help an unpruned model too.
 
@@ -64,7 +67,8 @@ PRUNINGS: dict[str, tuple[float, dict[str, Any]]] = {
     "nm24": (0.50, {"pattern": "2:4"}),
     "nm24_perm": (0.50, {"pattern": "2:4", "permute": True}),
 }
-RECOVERIES = ("ft", "kd")
+RECOVERIES = ("ft", "kd", "sr")
+DEFAULT_RECOVERIES = ("ft", "kd")
 # Copied from the teacher's run into every run.
 SHARED_TRAIN_KEYS = ("batch_size", "weight_decay", "beta1", "beta2", "grad_clip", "grad_accum")
 
@@ -103,7 +107,7 @@ def train_settings(teacher: Teacher, args: argparse.Namespace) -> dict[str, Any]
 def run_command(
     teacher: Teacher, settings: dict[str, Any], recovery: str, start: Path, seed: int, run_dir: Path
 ) -> list[str]:
-    """A recovery run's command line: `ft` (launch.train) or `kd` (launch.distill)."""
+    """A recovery run's command line: `ft`, `sr` (launch.train) or `kd` (launch.distill)."""
     config = teacher.meta["config"]
     overrides = [f"run_dir={hydra_value(str(run_dir))}", "wandb.mode=disabled"]
     overrides += [f"train.{k}={hydra_value(v)}" for k, v in settings.items()]
@@ -114,12 +118,20 @@ def run_command(
         return [sys.executable, "-m", "launch.distill", *overrides]
     for section in ("model", "routing"):
         overrides += [f"{section}.{k}={hydra_value(v)}" for k, v in config[section].items()]
+    if recovery == "sr":
+        pattern = PRUNINGS[start.parents[1].name][1]["pattern"]
+        overrides += ["prune.method=sr_ste", f"prune.pattern={pattern}"]
     return [sys.executable, "-m", "launch.train", *overrides]
 
 
 def jobs_of(args: argparse.Namespace, reports: dict[str, Any]) -> list[tuple[str, int, Path]]:
     """(variant, seed, run_dir) of every recovery run; variant `<pruning>_<recovery>`."""
-    names = [f"{p}_{r}" for p in args.prunings for r in args.recoveries]
+    names = [
+        f"{p}_{r}"
+        for p in args.prunings
+        for r in args.recoveries
+        if r != "sr" or "pattern" in PRUNINGS[p][1]  # SR-STE trains N:M
+    ]
     if "ft" in args.recoveries:
         names.append("unpruned_ft")
     return [(name, seed, args.out_dir / f"{name}_s{seed}") for name in names for seed in args.seeds]
@@ -158,7 +170,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Teacher]:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak LR (cosine to lr/10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--prunings", nargs="+", default=list(PRUNINGS), choices=list(PRUNINGS))
-    parser.add_argument("--recoveries", nargs="+", default=list(RECOVERIES), choices=RECOVERIES)
+    parser.add_argument(
+        "--recoveries", nargs="+", default=list(DEFAULT_RECOVERIES), choices=RECOVERIES
+    )
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--eval-batch-size", type=int, default=32)

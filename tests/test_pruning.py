@@ -300,6 +300,12 @@ def test_sr_ste_update_by_hand() -> None:
     new_mask = torch.tensor([[False, True, False, True], [False, True, True, False]])
     torch.testing.assert_close(param.detach(), new_dense * new_mask)
     torch.testing.assert_close(state.constrained[0].dense, new_dense)
+    # A step without a gradient for the weight (the optimizer skips it): W is unchanged.
+    param.grad = None
+    state.before_update()
+    state.after_update()
+    torch.testing.assert_close(state.constrained[0].dense, new_dense)
+    torch.testing.assert_close(param.detach(), new_dense * new_mask)
 
 
 def test_packed_size_matches_torch_semi_structured_format() -> None:

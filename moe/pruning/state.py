@@ -168,14 +168,16 @@ class MaskedTraining:
     def before_update(self) -> None:
         for item in self.constrained:
             param, mask = item.weight.param, item.mask
-            if param.grad is None or mask is None:
+            if mask is None:
                 continue
             if item.rule == Rule.SR_STE:
                 assert item.dense is not None
-                decay = self.config.sr_ste_decay
-                param.grad.add_(torch.where(mask, 0.0, item.dense * decay))
+                if param.grad is not None:
+                    decay = self.config.sr_ste_decay
+                    param.grad.add_(torch.where(mask, 0.0, item.dense * decay))
+                # Also without a gradient: `after_update` reads the dense weights back.
                 param.copy_(item.dense)
-            else:
+            elif param.grad is not None:
                 param.grad.masked_fill_(~mask, 0.0)
 
     @torch.no_grad()

@@ -425,3 +425,28 @@ def test_global_ranking_needs_every_expert() -> None:
     with pytest.raises(ValueError, match=r"holds only some experts of blocks.0.ffn.experts.w1"):
         build_pruning(prune, model)
     build_pruning(PruneConfig(method="gradual", sparsity=0.5, end=4), model)  # per matrix
+
+
+def test_scopes_name_the_right_weights() -> None:
+    config = ModelConfig(
+        d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16, expert_hidden=16,
+        num_experts=4, moe_every=2, residual_mlp=True, ffn_kind="expert", ffn_hidden=32,
+    )  # fmt: skip
+    model = MoETransformer(config, RoutingConfig(top_k=1), seed=0)
+    experts = [w.name for w in prunable_weights(model, PruneScope.EXPERTS)]
+    dense = [w.name for w in prunable_weights(model, PruneScope.DENSE)]
+    assert experts == [f"blocks.1.ffn.experts.{k}" for k in ("w1_EDH", "w2_EHD")]
+    assert dense == [
+        "blocks.0.attn.qkv_proj.weight", "blocks.0.attn.out_proj.weight",
+        "blocks.0.ffn.experts.w1_EDH", "blocks.0.ffn.experts.w2_EHD",  # the ExpertFFN
+        "blocks.1.attn.qkv_proj.weight", "blocks.1.attn.out_proj.weight",
+        "blocks.1.ffn.residual.up.weight", "blocks.1.ffn.residual.down.weight",  # PR-MoE
+    ]  # fmt: skip
+    every = {w.name for w in prunable_weights(model, PruneScope.ALL)}
+    assert every == set(experts) | set(dense)
+    never = ("embed", "norm", "router", "residual_gate")
+    assert not [name for name in every if any(word in name for word in never)]
+    groups = {g.name: g.is_expert for g in hidden_channels(model, PruneScope.ALL)}
+    assert groups == {
+        "blocks.0.ffn.experts": False, "blocks.1.ffn.experts": True, "blocks.1.ffn.residual": False
+    }  # fmt: skip

@@ -92,6 +92,8 @@ def write_pruned(
     # A pruned checkpoint pruned further: its masks stay (and those outside the scope).
     every = {weight.name: weight for weight in prunable_weights(model, PruneScope.ALL)}
     saved = (_extra(source, meta).get(PRUNING_KEY) or {}).get("masks", {})
+    if unknown := sorted(set(saved) - set(every)):
+        raise ValueError(f"checkpoint {source} has pruning masks for {unknown}, not in its model")
     alive = {name: read_stacked(every[name], entry, name) for name, entry in saved.items()}
     masks, report = prune_model(model, config, alive)
     masks = alive | masks

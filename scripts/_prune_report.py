@@ -128,21 +128,16 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
-    """Validation bpb against sparsity: as pruned, fine-tuned and distilled (unstructured
-    as lines, 2:4 as markers), the unpruned model and its fine-tuned control as levels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+def _draw(axis: Any, summary: dict[str, Any], legend: bool) -> list[float]:
+    """One panel of the plot; returns the recovered values drawn (not "as pruned")."""
     reference = summary["unpruned"]["val_bpb"]
     axis.axhline(reference, color="black", linestyle="--", linewidth=1, label="unpruned")
     axis.axhline(reference * 1.02, color="grey", linestyle=":", linewidth=1, label="unpruned + 2%")
+    recovered = [reference]
     if "unpruned_ft" in summary:
+        recovered.append(summary["unpruned_ft"]["mean"])
         axis.axhline(
-            summary["unpruned_ft"]["mean"], color="tab:green", linestyle="--", linewidth=1,
+            recovered[-1], color="tab:green", linestyle="--", linewidth=1,
             label="unpruned, fine-tuned",
         )  # fmt: skip
     stages = (("pruned", "as pruned", "tab:red"), ("ft", "fine-tuned", "tab:blue"),
@@ -163,19 +158,41 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 ys.append(value if stage == "pruned" else value["mean"])
         if any(entry.get(stage) is not None for _, entry in unstructured):
             axis.plot(xs, ys, marker="o", color=color, label=f"unstructured, {label}")
+            recovered += ys[1:] if stage != "pruned" else []
         for entry in variants.values():
             if entry["pattern"] == "unstructured" or entry.get(stage) is None:
                 continue
             value = entry[stage] if stage == "pruned" else entry[stage]["mean"]
-            marker = "*" if entry["permuted"] else "s"
-            offset = 0.01 if entry["permuted"] else -0.01
-            axis.scatter([entry["sparsity"] + offset], [value], marker=marker, s=90, color=color,
-                         edgecolors="black", zorder=3,
-                         label=f"{entry['pattern']}{' permuted' if entry['permuted'] else ''}, {label}")  # fmt: skip
+            recovered += [value] if stage != "pruned" else []
+            permuted = " permuted" if entry["permuted"] else ""
+            axis.scatter(
+                [entry["sparsity"] + (0.01 if permuted else -0.01)], [value],
+                marker="*" if permuted else "s", s=90, color=color, edgecolors="black",
+                zorder=3, label=f"{entry['pattern']}{permuted}, {label}",
+            )  # fmt: skip
     axis.set_xlabel("sparsity of the expert weights")
     axis.set_ylabel("validation bits per byte")
-    axis.set_title("Pruning the demo MoE's experts (KJV)")
-    axis.legend(fontsize=7, ncol=2)
+    if legend:
+        axis.legend(fontsize=7, ncol=2)
+    return recovered
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Validation bpb against sparsity: as pruned, fine-tuned, SR-STE and distilled
+    (unstructured as lines, N:M as markers), the unpruned model and its fine-tuned
+    control as levels; the right panel zooms on the recovered models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(12, 4.8))
+    _draw(whole, summary, legend=True)
+    whole.set_title("Pruning the demo MoE's experts (KJV)")
+    recovered = _draw(zoom, summary, legend=False)
+    margin = 0.15 * (max(recovered) - min(recovered)) + 1e-3
+    zoom.set_ylim(min(recovered) - margin, max(recovered) + margin)
+    zoom.set_title("recovered models (zoom)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

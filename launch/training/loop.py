@@ -268,7 +268,7 @@ def run_training(
             step_losses.add(parts, 1 / train_cfg.grad_accum)
             monitor.observe(routed)
         step_losses.end_step()
-        pruning.before_update()
+        pruning.before_update(engine.gradient_scale())
         grad_norm = engine.finish_step()
         pruning.after_update()
         if compiled is not None and step == start_step:

@@ -73,6 +73,10 @@ def test_masks_hold_on_fp32_masters_under_bf16_autocast(gradual_bf16: Path) -> N
         load_checkpoint(gradual_bf16 / "checkpoints" / f"step_{step}", model)
         assert {p.dtype for p in model.parameters()} == {torch.float32}
         at[step] = _zeros(model, PruneScope.ALL)
+        for weight in prunable_weights(model, PruneScope.ALL):
+            # The kept weights are fp32 masters, not bf16 values stored in fp32.
+            value = weight.param.detach()
+            assert bool((value.to(torch.bfloat16).float() != value).any()), weight.name
     for name, zeros in at[4].items():
         # Pruned before steps 0 and 2 by then: s = 0.5 (1 - (1 - 2/4)^3) = 0.4375.
         assert float(zeros.float().mean()) == pytest.approx(0.4375, abs=2e-3), name

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_inference_engine import DROPLESS, _save, greedy_by_recomputation, prompts, sharp_model
+from test_inference_engine import (
+    DROPLESS,
+    _save,
+    greedy_by_recomputation,
+    prompts,
+    sharp_model,
+    small_config,
+)
 from test_inference_logprobs import full_logprobs, model_of
 
 from launch.generate import GenerateConfig, run_generate
@@ -21,6 +28,7 @@ from launch.serving.model_info import describe_model
 from moe.inference import InferenceEngine, SamplingParams, generate, load_model
 from moe.inference.loading import cast_parameters
 from moe.inference.quant import Int8Experts
+from moe.transformer import MoETransformer
 
 BF16 = torch.bfloat16
 
@@ -156,3 +164,30 @@ def test_bf16_logprobs_and_prompt_scores_come_from_fp32_logits() -> None:
     for value, want, _ in reported:
         assert math.isclose(value, want, abs_tol=2e-2), (value, want)
         assert float(torch.tensor(value).to(BF16)) != value  # computed past bf16's 8 bits
+
+
+def test_bf16_telemetry_counts_every_routed_slot() -> None:
+    """In a bf16 model the telemetry's tokens per expert are whole counts of what the
+    tokens report they were routed to: one-byte prompts, so every position the model
+    read produced a generated token whose `experts` name its routing. Enough tokens that
+    a count accumulated in bf16 (8 significant bits) would have been rounded."""
+    model = MoETransformer(small_config(max_seq_len=160), DROPLESS, seed=4).eval()
+    cast_parameters(model, BF16)
+    engine = InferenceEngine(model, max_batch=4)
+    engine.take_telemetry()
+    params = SamplingParams(max_tokens=150, temperature=1.0, seed=3, routed_experts=True)
+    for prompt in (b"a", b"Z", b"~", b"0"):
+        engine.submit(prompt, params)
+    blocks = [block for block, _ in model.moe_layers()]
+    counts = {block: [0] * 4 for block in blocks}
+    for completion in engine.run():
+        for token in completion.tokens:
+            assert token.experts is not None
+            for block, chosen in zip(blocks, token.experts):
+                for expert in chosen:
+                    counts[block][expert] += 1
+    telemetry = engine.take_telemetry()
+    assert telemetry.model_tokens == 4 * 150  # each prompt byte and 149 generated ones read
+    assert max(max(row) for row in counts.values()) > 256
+    assert telemetry.expert_tokens == counts
+    assert all(telemetry.dropped_slots[block] == 0 for block in blocks)

@@ -57,7 +57,7 @@ from _bench_utils import is_finished, read_metrics
 
 from launch.training.distillation import Teacher, read_teacher
 from launch.training.evaluation import evaluate
-from moe.data import ByteDataset, DataConfig, build_dataset
+from moe.data import DataConfig, TokenDataset, build_dataset
 from moe.distill.student import student_config
 from moe.inference import load_model
 from moe.transformer import MoETransformer, bits_per_byte
@@ -197,18 +197,17 @@ def calibrate(teacher: Teacher, args: argparse.Namespace) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def task_bpb(model: MoETransformer, dataset: ByteDataset, windows: int) -> dict[str, Any]:
+def task_bpb(model: MoETransformer, dataset: TokenDataset, windows: int) -> dict[str, Any]:
     """Bits per byte per task on the first `windows` validation windows of each task
     (dropless routing, eval mode), and the forward tokens/s of the whole evaluation."""
     model.eval()
-    offsets = torch.arange(dataset.seq_len + 1)
     per_task, tokens, start = {}, 0, time.perf_counter()
     with model.capacity_override(CapacityOverride.DROPLESS):
-        for task, name in enumerate(dataset.corpus.task_names):
-            starts = dataset.val_starts[dataset.val_task_ids == task][:windows]
+        for task, name in enumerate(dataset.task_names):
+            windows_NT = dataset.task_validation_windows(task, windows)
             total, count = 0.0, 0
-            for begin in range(0, len(starts), 32):
-                tokens_BT = dataset.val_bytes_N[starts[begin : begin + 32, None] + offsets].long()
+            for begin in range(0, len(windows_NT), 32):
+                tokens_BT = windows_NT[begin : begin + 32]
                 task_ids_B = torch.full((len(tokens_BT),), task, dtype=torch.int64)
                 logits_BTV = model(tokens_BT[:, :-1], task_ids_B).logits_BTV
                 total += float(
@@ -228,7 +227,7 @@ def task_bpb(model: MoETransformer, dataset: ByteDataset, windows: int) -> dict[
 
 
 def evaluate_teacher(
-    teacher: Teacher, dataset: ByteDataset, settings: dict[str, Any], args: argparse.Namespace
+    teacher: Teacher, dataset: TokenDataset, settings: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
     """The teacher's row: the trainer's validation batches (dropless and with its trained
     capacity), per-task bpb, and the training tokens/s of its own run when known."""
@@ -247,7 +246,7 @@ def evaluate_teacher(
 
 
 def evaluate_run(
-    variant: str, seed: int, run_dir: Path, dataset: ByteDataset, args: argparse.Namespace
+    variant: str, seed: int, run_dir: Path, dataset: TokenDataset, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One run's row: its curve and final figures, and the per-task evaluation of its
     latest checkpoint (cached in `run_dir/task_eval.json`)."""

@@ -15,7 +15,7 @@ and reports, next to the full model:
   set (VmRSS) of a fresh process right after `load_model` (one subprocess per variant;
   `rss_model_bytes` is the part above the same process's RSS before loading);
 - validation bits per byte on the task's validation windows (the fixed shuffled
-  validation sequence of `ByteDataset`, the first `--eval-windows` of the task), dropless
+  validation sequence of `TokenDataset`, the first `--eval-windows` of the task), dropless
   routing for both models.
 Token-level subsets are chosen on training windows, so even at coverage 1.0 a
 validation token may need an expert the subset lacks (its router then picks among the
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe.data import ByteDataset, DataConfig, build_corpus
+from moe.data import DataConfig, TokenDataset, build_corpus
 from moe.inference import load_model, resolve_checkpoint
 from moe.inference.subset import weight_bytes, write_subset
 from moe.transformer import MoETransformer, bits_per_byte
@@ -105,21 +105,19 @@ def measure_rss(checkpoint: Path, enabled: bool) -> dict[str, int | None]:
 
 @torch.no_grad()
 def task_val_bpb(
-    model: MoETransformer, dataset: ByteDataset, task: int, max_windows: int, batch_size: int = 16
+    model: MoETransformer, dataset: TokenDataset, task: int, max_windows: int, batch_size: int = 16
 ) -> float:
     """Bits per byte of `model` on the first `max_windows` validation windows of `task`
     (dropless routing, eval mode): mean cross entropy over every target byte."""
-    starts = dataset.val_starts[dataset.val_task_ids == task][:max_windows]
-    if len(starts) == 0:
+    windows_NT = dataset.task_validation_windows(task, max_windows)
+    if len(windows_NT) == 0:
         raise ValueError(f"task {task} has no validation window of {dataset.seq_len + 1} bytes")
-    offsets = torch.arange(dataset.seq_len + 1)
     model.eval()
     total, count = 0.0, 0
     with model.capacity_override(CapacityOverride.DROPLESS):
-        for begin in range(0, len(starts), batch_size):
-            chunk = starts[begin : begin + batch_size]
-            tokens_BT = dataset.val_bytes_N[chunk[:, None] + offsets].to(torch.int64)
-            task_ids_B = torch.full((len(chunk),), task, dtype=torch.int64)
+        for begin in range(0, len(windows_NT), batch_size):
+            tokens_BT = windows_NT[begin : begin + batch_size]
+            task_ids_B = torch.full((len(tokens_BT),), task, dtype=torch.int64)
             logits_BTV = model(tokens_BT[:, :-1], task_ids_B).logits_BTV
             targets = tokens_BT[:, 1:]
             total += float(
@@ -147,7 +145,7 @@ def report_checkpoint(
         )
     data = DataConfig(**loaded.run_config["data"])
     corpus = build_corpus(data)
-    dataset = ByteDataset(corpus, min(data.seq_len, loaded.model.config.max_seq_len))
+    dataset = TokenDataset.from_corpus(corpus, min(data.seq_len, loaded.model.config.max_seq_len))
     full = {
         "checkpoint": str(source), "routing": routing,
         "checkpoint_bytes": weight_bytes(source), "param_bytes": model_bytes(loaded.model),

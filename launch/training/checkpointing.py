@@ -20,7 +20,9 @@ from typing import Any
 from launch.config import RunConfig
 from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
+from moe.checkpoint.files import sha256_hex
 from moe.config import ModelConfig
+from moe.interop.tokenizer import TOKENIZER_FILES, ByteTokenizer, Tokenizer
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
 
@@ -71,10 +73,18 @@ def _canonical(key: str, value: Any) -> Any:
 class CheckpointManager:
     """Save and resume the checkpoints of one run (every rank makes the same calls)."""
 
-    def __init__(self, directory: Path, runtime: Runtime, keep_last: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        runtime: Runtime,
+        keep_last: int,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.runtime = runtime
         self.keep_last = keep_last
+        # The data's tokenizer: every checkpoint carries its files (none for bytes).
+        self.tokenizer = tokenizer or ByteTokenizer()
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (ValueError if the `latest` pointer dangles)."""
@@ -104,6 +114,7 @@ class CheckpointManager:
             extra=extra,
             group=groups.world if groups is not None else None,
             keep_last=self.keep_last,
+            attachments=self.tokenizer.files(),
         )
 
     def load(
@@ -116,10 +127,13 @@ class CheckpointManager:
         """Load checkpoint `path` into `model` and read this rank's optimizer state.
 
         Refuses (ValueError) a checkpoint whose config differs from this run's `record`
-        in a `compared` section (model, routing, and the objective's settings), and a
+        in a `compared` section (model, routing, and the objective's settings), one whose
+        tokenizer files differ from this run's (the ids would mean other text), and a
         corrupt or missing file (named by `moe.checkpoint`)."""
         info = self.runtime.info
-        saved = read_meta(path)["config"]
+        meta = read_meta(path)
+        saved = meta["config"]
+        check_same_tokenizer(path, meta, self.tokenizer)
         for key in compared:
             if _canonical(key, saved.get(key)) != record[key]:
                 raise ValueError(
@@ -139,6 +153,22 @@ class CheckpointManager:
             directory=path,
             optimizer_state=loaded.optimizer_state,
             routing_state=_routing_state(loaded.extra),
+        )
+
+
+def check_same_tokenizer(path: Path, meta: dict[str, Any], tokenizer: Tokenizer) -> None:
+    """ValueError unless checkpoint `path` (its `meta`) carries exactly `tokenizer`'s files
+    (none: bytes): a model's ids mean text only through the tokenizer it was trained on."""
+    mine = {name: sha256_hex(data) for name, data in tokenizer.files().items()}
+    files = meta.get("files", {})
+    saved = {name: files[name] for name in TOKENIZER_FILES if name in files}
+    if mine != saved:
+        theirs = "bytes" if not saved else f"the tokenizer files {sorted(saved)}"
+        ours = "bytes" if not mine else repr(tokenizer)
+        raise ValueError(
+            f"checkpoint {path} was trained on {theirs}, but this run's data is tokenized by "
+            f"{ours} (other files or contents); use the checkpoint's tokenizer (data.tokenizer="
+            f"{path}) or another run_dir"
         )
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from moe.data.config import DataSource
 
 SUFFIXES = {DataSource.JSONL: ".jsonl", DataSource.PARQUET: ".parquet"}
-BATCH_ROWS = 1024
+BATCH_ROWS = 64  # rows of a Parquet batch: a few MB of text, not a whole row group
 JSON_BLOCK_BYTES = 1 << 20
 
 
@@ -97,5 +97,7 @@ def read_rows(
                     )
                 yield text, None if task is None else str(task)
             row += batch.num_rows
+    except MemoryError:
+        raise  # pyarrow's ArrowMemoryError is both: out of memory is no bad input
     except pa.ArrowException as error:
         raise ValueError(f"{path} (after row {row}) cannot be read: {error}") from None

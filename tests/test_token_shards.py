@@ -399,3 +399,62 @@ def test_uint32_shards_hold_ids_beyond_65535(tmp_path: Path) -> None:
     ids = tokenizer.encode(text + "\n")
     assert 65_600 in ids
     assert np.concatenate([streams.train_N[0], streams.val_N[0]]).tolist() == ids
+
+
+def _build_in_child(config: DataConfig, arrived: object, go: object, builds: object) -> None:
+    """Child of test_concurrent_processes_build_once: signals when it reaches the cache
+    lock (or, without one, the build), builds only after `go`, counts its builds."""
+    from filelock import FileLock
+
+    class SignallingLock(FileLock):
+        def acquire(self, *args: object, **kwargs: object) -> object:
+            arrived.release()  # type: ignore[attr-defined]
+            return super().acquire(*args, **kwargs)  # type: ignore[arg-type]
+
+    build = shards_module.build_token_shards
+
+    def counted_build(*args: object, **kwargs: object) -> None:
+        arrived.release()  # type: ignore[attr-defined]
+        assert go.wait(timeout=120)  # type: ignore[attr-defined]
+        with builds.get_lock():  # type: ignore[attr-defined]
+            builds.value += 1  # type: ignore[attr-defined]
+        build(*args, **kwargs)  # type: ignore[arg-type]
+
+    shards_module.FileLock = SignallingLock  # type: ignore[misc]
+    shards_module.build_token_shards = counted_build
+    build_streams(config)
+
+
+def test_concurrent_processes_build_once(corpus: Path, tmp_path: Path) -> None:
+    """Two processes (two ranks) open the same uncached corpus at once: one builds, the
+    other waits for the lock and reads what the first built."""
+    import multiprocessing
+
+    from filelock import FileLock
+
+    from moe.data.documents import document_source
+    from moe.data.shards import cache_key
+    from moe.interop.tokenizer import ByteTokenizer
+
+    config = DataConfig(
+        source="folder", path=str(corpus), storage="shards", cache_dir=str(tmp_path)
+    )  # type: ignore[arg-type]
+    key = cache_key(document_source(config), ByteTokenizer(), config.val_fraction)
+    context = multiprocessing.get_context("fork")
+    arrived, go, builds = context.Semaphore(0), context.Event(), context.Value("i", 0)
+    held = FileLock(str(tmp_path / f"folder-{key[:24]}") + ".lock")
+    with held:  # both children pass the "not built yet" check and block on the lock
+        children = [
+            context.Process(target=_build_in_child, args=(config, arrived, go, builds))
+            for _ in range(2)
+        ]
+        for child in children:
+            child.start()
+        for _ in children:
+            assert arrived.acquire(timeout=120)
+        go.set()
+    for child in children:
+        child.join(timeout=120)
+        assert child.exitcode == 0
+    assert builds.value == 1
+    assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == [f"folder-{key[:24]}"]

@@ -22,11 +22,11 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
 from launch.config import register_configs
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from moe.checkpoint.files import write_bytes
 from moe.data import DataConfig
 from moe.data.documents import Split, document_source
@@ -63,9 +63,7 @@ def register_tokenizer_configs() -> None:
 
 
 def to_tokenizer_config(cfg: DictConfig | dict[str, Any]) -> TokenizerRunConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(TokenizerRunConfig, data)
+    return build(TokenizerRunConfig, plain_container(cfg, throw_on_missing=True))
 
 
 def train_tokenizer(config: TokenizerRunConfig) -> HFTokenizer:

@@ -1,9 +1,11 @@
 """A text corpus as byte streams per task, split into train and validation; folder loader.
 
-`TaskCorpus` is what every data source produces (the KJV Bible, a user's folder of text
-files, the synthetic generator) and what `ByteDataset` consumes: for each task, one
-uint8 stream of training bytes and one of validation bytes, plus the names of the
-documents that went into each (so that tests and users can see the split).
+`TaskCorpus` is what the byte sources read into memory produce (the KJV Bible, a user's
+folder of text files, the synthetic generator) and what `TokenStreams.from_corpus` reads:
+for each task, one uint8 stream of training bytes and one of validation bytes, plus the
+names of the documents that went into each (so that tests and users can see the split).
+Corpora with a tokenizer, or larger than memory, go through `moe.data.shards` instead;
+`task_folders` and `read_utf8` are the folder rules both share.
 
 Shape legend: N bytes in a stream.
 """

@@ -47,7 +47,7 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import read_metrics
+from _runs import read_metrics
 
 from launch.config import RunConfig, register_configs, to_run_config
 from launch.tokenizer import TokenizerRunConfig, train_tokenizer

@@ -407,9 +407,10 @@ def _build_in_child(config: DataConfig, arrived: object, go: object, builds: obj
     from filelock import FileLock
 
     class SignallingLock(FileLock):
-        def acquire(self, *args: object, **kwargs: object) -> object:
-            arrived.release()  # type: ignore[attr-defined]
-            return super().acquire(*args, **kwargs)  # type: ignore[arg-type]
+        def acquire(self, timeout: float | None = None, *args: object, **kwargs: object) -> object:
+            if timeout != 0:  # a blocking wait for the lock
+                arrived.release()  # type: ignore[attr-defined]
+            return super().acquire(timeout, *args, **kwargs)  # type: ignore[arg-type]
 
     build = shards_module.build_token_shards
 

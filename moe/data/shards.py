@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from moe.data.config import DataConfig
@@ -111,21 +111,18 @@ def open_token_shards(
     directory = cache / f"{source.kind}-{key[:24]}"
     if not (directory / INDEX_FILE).is_file():
         lock = FileLock(str(directory) + ".lock")
-        if progress and not _try_lock(lock):
-            print(f"waiting for another process to build {directory}", flush=True)
-        with lock:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if progress:
+                print(f"waiting for another process to build {directory}", flush=True)
+            lock.acquire()
+        try:
             if not (directory / INDEX_FILE).is_file():
                 build_token_shards(directory, source, tokenizer, config.val_fraction, progress)
+        finally:
+            lock.release()
     return read_token_shards(directory, tokenizer)
-
-
-def _try_lock(lock: FileLock) -> bool:
-    try:
-        lock.acquire(timeout=0)
-    except TimeoutError:
-        return False
-    lock.release()
-    return True
 
 
 @dataclass
@@ -157,6 +154,7 @@ class _ShardWriter:
         texts = [doc.text if doc.text.endswith("\n") else doc.text + "\n" for doc in documents]
         pending: dict[int, list[bytes]] = {}
         rows: list[list[int]] = []
+        written = 0
         for doc, text, ids_N in zip(documents, texts, self.tokenizer.encode_batch(texts)):
             part = doc.split.value if doc.split is not None else ALL
             index = self.by_key.get((doc.task, part))
@@ -176,14 +174,13 @@ class _ShardWriter:
             rows.append([index, shard.tokens, len(ids_N), num_bytes, doc.source, doc.row])
             shard.tokens += len(ids_N)
             shard.documents += 1
+            written += len(ids_N)
         for index, chunks in pending.items():
             with open(self.directory / shard_file(index), "ab") as handle:
                 handle.writelines(chunks)
         with open(self.directory / DOCUMENTS_FILE, "ab") as handle:
             handle.write(np.asarray(rows, dtype="<i8").tobytes())
-        return sum(len(chunk) for chunks in pending.values() for chunk in chunks) // (
-            self.dtype.itemsize
-        )
+        return written
 
 
 def shard_file(index: int) -> str:

@@ -459,3 +459,24 @@ def test_concurrent_processes_build_once(corpus: Path, tmp_path: Path) -> None:
         assert child.exitcode == 0
     assert builds.value == 1
     assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == [f"folder-{key[:24]}"]
+
+
+def test_data_config_names_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"DataConfig\.path=None is invalid for source=jsonl"):
+        DataConfig(source="jsonl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"DataConfig\.storage='disk' is invalid; accepted: auto"):
+        DataConfig(storage="disk")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"storage=memory is invalid .* data\.tokenizer='t'"):
+        DataConfig(tokenizer="t", storage="memory")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"source=synthetic is generated in memory"):
+        DataConfig(source="synthetic", tokenizer="t")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"text_field='' is invalid"):
+        DataConfig(text_field="")
+    assert not DataConfig().uses_shards and DataConfig(storage="shards").uses_shards  # type: ignore[arg-type]
+    assert DataConfig(source="parquet", path="x").uses_shards  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"data\.tokenizer='.*' holds no tokenizer\.json"):
+        build_dataset(DataConfig(tokenizer=str(tmp_path), cache_dir=str(tmp_path)))
+    from moe.data import build_corpus
+
+    with pytest.raises(ValueError, match="is read as token shards, not as bytes in memory"):
+        build_corpus(DataConfig(tokenizer=str(tmp_path)))

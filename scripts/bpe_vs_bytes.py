@@ -131,7 +131,7 @@ def run_variant(config: RunConfig, flops_per_token: float, args: argparse.Namesp
         for record in read_metrics(Path(config.run_dir))
     ]
     return {
-        "run_dir": config.run_dir,
+        "run_dir": _relative(Path(config.run_dir)),
         "vocab_size": config.model.vocab_size,
         "flops_per_token": flops_per_token,
         "steps": config.train.steps,
@@ -143,6 +143,12 @@ def run_variant(config: RunConfig, flops_per_token: float, args: argparse.Namesp
         "val_bpb": evaluation.val_bpb,
         "curve": curve,
     }
+
+
+def _relative(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (portable records)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def plot(results: dict[str, dict], path: Path) -> None:

@@ -82,6 +82,8 @@ class GenerateConfig:
             )
         if self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} is invalid; accepted: >= 1")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} is invalid; accepted: >= 1")
         self.sampling()  # validates max_tokens, temperature, top_k, top_p, stop
 
     def all_prompts(self) -> list[str]:

@@ -24,6 +24,12 @@ CASES = [
     ("launch.subset", ["checkpoint=/nonexistent/run", "task=0", "out=/tmp/x"], "not a checkpoint"),
     ("launch.tokenizer", ["out=/tmp/x", "tokenizer.vocab_size=100"], "vocab_size=100 is invalid"),
     ("launch.train", ["data.tokenizer=/nonexistent/tok"], "holds no tokenizer.json"),
+    ("launch.prune", ["checkpoint=/x", "out=/tmp/x"], "prune.method=magnitude needs prune."),
+    (
+        "launch.prune",
+        ["checkpoint=/nonexistent", "out=/y", "prune.sparsity=0.5"],
+        "not a checkpoint",
+    ),
 ]
 
 

@@ -157,6 +157,16 @@ def test_a_run_on_a_tokenizer_checks_carries_and_resumes(
     with pytest.raises(ValueError, match=r"trained on the tokenizer files .* tokenized by bytes"):
         train(_config(tmp_path / "full", corpus, tokenizer_dir, cache, "train.steps=9",
                       "data.tokenizer=null"))  # fmt: skip
+    # So is fine-tuning it (train.init_from) on another tokenizer or on bytes, even where
+    # the vocabulary fits; on its own tokenizer it starts from the checkpoint's weights.
+    init = f"train.init_from={tmp_path / 'full'}"
+    with pytest.raises(ValueError, match=r"tokenizer files .*or another train\.init_from"):
+        train(_config(tmp_path / "ft_other", corpus, other, cache, init))
+    with pytest.raises(ValueError, match=r"trained on the tokenizer files .* tokenized by bytes"):
+        train(_config(tmp_path / "ft_bytes", corpus, tokenizer_dir, cache, init,
+                      "data.tokenizer=null"))  # fmt: skip
+    tuned = train(_config(tmp_path / "ft", corpus, tokenizer_dir, cache, init, "train.steps=1"))
+    assert tuned.start_step == 0 and tuned.losses[0] < full.losses[0] - 0.5
 
 
 CORPUS_MIB = 640  # of text, stored as uint8 byte tokens: shards of 640 MiB

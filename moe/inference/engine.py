@@ -19,6 +19,14 @@ change with its neighbours. The engine overrides the model's capacity policy wit
 included; `restore()` puts the trained one back); `routing="trained"` keeps the trained
 policy for those who want it.
 
+Log-probabilities and telemetry come from the step that samples: a request that asks
+(`SamplingParams.logprobs`) gets each sampled token's log-probability and alternatives
+from the logits the token was sampled from, and one that asks for `prompt_logprobs` gets
+its prompt scored from the logits of its prefill (`moe.inference.sampling`); neither
+costs a model call. `take_telemetry()` returns what the engine did since the last call
+(tokens, tokens per expert per layer, dropped slots, all-to-all time) and what it holds
+(`moe.inference.telemetry`).
+
 Context longer than `max_len` (the model's `max_seq_len`): a prompt keeps its last
 `max_len` bytes; a sequence whose slot fills up is re-prefilled with the last half
 window (positions restart at 0, as in training windows) and continues.
@@ -42,7 +50,15 @@ import torch
 import torch.distributed as dist
 
 from moe.inference.cache import Segment, SlotKVCache
-from moe.inference.sampling import SamplingParams, sample_tokens
+from moe.inference.outputs import (
+    GeneratedToken,
+    PromptSpan,
+    generated_tokens,
+    routed_experts,
+    score_prompts,
+)
+from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
+from moe.inference.telemetry import EngineMeter, EngineTelemetry
 from moe.transformer import MoETransformer
 from routing import CapacityOverride
 from routing.config import parse_enum
@@ -52,7 +68,9 @@ from routing.config import parse_enum
 class Completion:
     """A finished request. Times are wall-clock seconds: `time_to_first_token_s` from
     submission to the first sampled token; `per_token_latency_s` the mean time between
-    later tokens (0 with one token)."""
+    later tokens (0 with one token). `tokens`: every sampled token (the tokens of a stop
+    string included). `prompt_logprobs`: when asked, the score of every prompt token
+    after the first (`SamplingParams.prompt_logprobs`)."""
 
     request_id: int
     prompt_tokens: int
@@ -62,17 +80,22 @@ class Completion:
     time_to_first_token_s: float
     per_token_latency_s: float
     total_time_s: float
+    tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
 class StepEvent:
     """What one step produced for one request: the bytes it may now show (held back
-    while they could still be the start of a stop string), and its completion if it
-    finished."""
+    while they could still be the start of a stop string), its completion if it
+    finished, the token it sampled, and (in its first event, when asked) its prompt's
+    scores."""
 
     request_id: int
     new_text: bytes
     completion: Completion | None
+    new_tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -89,6 +112,8 @@ class _Sequence:
     pending: int = 0  # how many tokens of `context` the slot does not hold yet
     first_token_at: float = 0.0
     shown: int = 0  # bytes of `generated` already given out as new_text
+    outputs: list[GeneratedToken] = field(default_factory=list)
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
 
 
 class InferenceEngine:
@@ -149,6 +174,7 @@ class InferenceEngine:
         self._next_id = 0
         if warmup:
             self._warmup()
+        self.meter = EngineMeter(model)
 
     @torch.no_grad()
     def _warmup(self) -> None:
@@ -161,14 +187,33 @@ class InferenceEngine:
     # --- requests ----------------------------------------------------------------------
 
     def submit(
-        self, prompt: bytes, params: SamplingParams | None = None, task_id: int | None = None
+        self,
+        prompt: bytes | Sequence[int],
+        params: SamplingParams | None = None,
+        task_id: int | None = None,
     ) -> int:
-        """Queue a request; returns its id. The prompt keeps its last `max_len` bytes."""
+        """Queue a request; returns its id. `prompt`: bytes or token ids; it keeps its
+        last `max_len` tokens."""
         params = params or SamplingParams()
-        if not isinstance(prompt, bytes | bytearray) or not prompt:
-            raise ValueError(f"prompt={prompt!r} is invalid; accepted: non-empty bytes")
+        vocab = self.model.config.vocab_size
+        if isinstance(prompt, bytes | bytearray):
+            ids = list(bytes(prompt))
+        elif isinstance(prompt, Sequence) and all(
+            isinstance(i, int) and 0 <= i < vocab for i in prompt
+        ):
+            ids = list(prompt)
+        else:
+            ids = []
+        if not ids:
+            raise ValueError(
+                f"prompt={prompt!r} is invalid; accepted: non-empty bytes or token ids in "
+                f"[0, {vocab})"
+            )
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params={params!r} is invalid; accepted: a SamplingParams")
+        bad_bias = [token for token, _ in params.logit_bias if token >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias names token ids {bad_bias}; accepted: [0, {vocab})")
         if task_id is None and self.needs_task:
             accepted = "" if self.task_ids is None else f", one of {self.task_ids}"
             raise ValueError(f"this model routes by task: give task_id{accepted}")
@@ -179,7 +224,7 @@ class InferenceEngine:
         request_id = self._next_id
         self._next_id += 1
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        tokens = list(bytes(prompt))[-self.max_len :]
+        tokens = ids[-self.max_len :]
         self._waiting.append(
             _Sequence(request_id, tokens, params, task_id, generator, time.perf_counter(),
                       context=list(tokens), pending=len(tokens))
@@ -239,24 +284,60 @@ class InferenceEngine:
         caches = self.cache.step(segments)
         logits_1TV = self.model(tokens_1T, task_ids_1T, caches).logits_BTV
         self.cache.commit(segments)
+        prompt_tokens = sum(s.pending for s in self._running if not s.generated)
         if not self._running:
+            self.meter.record_step(0, 0, 0)
             return []
         ends, offset = [], 0
         for segment in segments:
             offset += segment.count
             ends.append(offset - 1)
+        self._score_prompts(logits_1TV[0], segments)
         last_BV = logits_1TV[0, ends]
+        running = self._running
         next_tokens = sample_tokens(
-            last_BV, [s.params for s in self._running], [s.generator for s in self._running]
-        )
-        return self._advance(next_tokens)
+            last_BV, [s.params for s in running], [s.generator for s in running],
+            [s.generated for s in running],
+        )  # fmt: skip
+        outputs = self._outputs(last_BV, next_tokens, ends)
+        generated = sum(1 for s in running if s.params.max_tokens > 0)
+        self.meter.record_step(len(tokens), prompt_tokens, generated)
+        return self._advance(outputs)
 
-    def _advance(self, next_tokens: list[int]) -> list[StepEvent]:
+    def _score_prompts(self, logits_TV: torch.Tensor, segments: list[Segment]) -> None:
+        """Score what this step's prefill read of the prompts that ask (`outputs`)."""
+        spans, owners, offset = [], [], 0
+        for sequence, segment in zip(self._running, segments):
+            top = sequence.params.prompt_logprobs
+            if top is not None and not sequence.generated:  # the first prefill only
+                spans.append(PromptSpan(offset, segment.start, segment.count, sequence.prompt, top))
+                owners.append(sequence)
+            offset += segment.count
+        for sequence, scores in zip(owners, score_prompts(logits_TV, spans)):
+            sequence.prompt_scores.extend(scores)
+
+    def _outputs(
+        self, last_BV: torch.Tensor, next_tokens: list[int], ends: list[int]
+    ) -> list[GeneratedToken]:
+        """The sampled tokens with what their requests asked for (`outputs`)."""
+        params = [s.params for s in self._running]
+        experts = (
+            routed_experts(self.model, ends) if any(p.routed_experts for p in params) else None
+        )
+        return generated_tokens(last_BV, next_tokens, params, experts)
+
+    def _advance(self, outputs: list[GeneratedToken]) -> list[StepEvent]:
         now = time.perf_counter()
         events, still_running = [], []
-        for sequence, token in zip(self._running, next_tokens):
-            if not sequence.generated:
+        for sequence, output in zip(self._running, outputs):
+            if sequence.params.max_tokens == 0:  # the prompt was only to be read
+                events.append(self._finish(sequence, "length", now))
+                continue
+            token = output.id
+            first = not sequence.generated
+            if first:
                 sequence.first_token_at = now
+            sequence.outputs.append(output)
             sequence.generated.append(token)
             sequence.context.append(token)
             sequence.pending = 1
@@ -270,11 +351,9 @@ class InferenceEngine:
                 sequence.pending = len(sequence.context)
                 self.cache.reset(sequence.slot)
             visible = self._visible(sequence)
-            events.append(
-                StepEvent(
-                    sequence.request_id, bytes(sequence.generated[sequence.shown : visible]), None
-                )
-            )
+            new_text = bytes(sequence.generated[sequence.shown : visible])
+            scores = self._prompt_scores(sequence) if first else None
+            events.append(StepEvent(sequence.request_id, new_text, None, (output,), scores))
             sequence.shown = visible
             still_running.append(sequence)
         self._running = still_running
@@ -302,11 +381,19 @@ class InferenceEngine:
                     break
         return len(text) - hold
 
+    @staticmethod
+    def _prompt_scores(sequence: _Sequence) -> tuple[TokenLogprob, ...] | None:
+        if sequence.params.prompt_logprobs is None:
+            return None
+        return tuple(sequence.prompt_scores)
+
     def _finish(self, sequence: _Sequence, reason: str, now: float) -> StepEvent:
         text = bytes(sequence.generated)
         if reason == "stop":
             text = text[: min(i for s in sequence.params.stop if (i := text.find(s)) != -1)]
-        later = len(sequence.generated) - 1
+        if not sequence.generated:  # max_tokens=0: the prompt's prefill was all
+            sequence.first_token_at = now
+        later = max(0, len(sequence.generated) - 1)
         completion = Completion(
             request_id=sequence.request_id,
             prompt_tokens=len(sequence.prompt),
@@ -316,10 +403,16 @@ class InferenceEngine:
             time_to_first_token_s=sequence.first_token_at - sequence.submitted,
             per_token_latency_s=(now - sequence.first_token_at) / later if later else 0.0,
             total_time_s=now - sequence.submitted,
+            tokens=tuple(sequence.outputs),
+            prompt_logprobs=self._prompt_scores(sequence),
         )
         self._free_slots.append(sequence.slot)
         self.cache.reset(sequence.slot)
-        return StepEvent(sequence.request_id, text[sequence.shown :], completion)
+        last = sequence.outputs[-1:] if sequence.generated else []
+        return StepEvent(
+            sequence.request_id, text[sequence.shown :], completion, tuple(last),
+            self._prompt_scores(sequence) if len(sequence.generated) <= 1 else None,
+        )  # fmt: skip
 
     # --- driving -----------------------------------------------------------------------
 
@@ -337,6 +430,15 @@ class InferenceEngine:
             for event in self.step():
                 if event.completion is not None:
                     yield event.completion
+
+    def take_telemetry(self) -> EngineTelemetry:
+        """What the engine did since the last call, and what it holds now
+        (`moe.inference.telemetry`)."""
+        return self.meter.take(
+            running=len(self._running), waiting=len(self._waiting),
+            slots_in_use=self.max_batch - len(self._free_slots), slots_total=self.max_batch,
+            kv_tokens=sum(self.cache.lengths), kv_capacity=self.max_batch * self.max_len,
+        )  # fmt: skip
 
     def restore(self) -> None:
         """Give the model back as it came: its capacity policy, training mode."""

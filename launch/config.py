@@ -22,6 +22,7 @@ from launch.schema import build, hydra_schema, plain_container
 from moe.config import ModelConfig
 from moe.data import DataConfig
 from moe.precision import ComputePrecision, parse_precision
+from moe.pruning import PruneConfig
 from routing.config import RoutingConfig, parse_enum
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "CommConfig",
     "DataConfig",
     "ModelConfig",
+    "PruneConfig",
     "RayConfig",
     "ResumeMode",
     "RoutingConfig",
@@ -111,6 +113,10 @@ class TrainConfig:
     # large per-step temporaries are reused rather than page-faulted in every step.
     reuse_heap: bool = True
     precision: ComputePrecision = ComputePrecision.AUTO
+    # A checkpoint (step, checkpoints or run directory) whose weights a fresh run starts
+    # from (not its optimizer state or step: fine-tuning); "" = the model's own init.
+    # Its pruning masks, if any, are kept (moe.pruning.build_pruning).
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         self.engine = parse_enum(TrainingEngineKind, self.engine, "train.engine")
@@ -235,6 +241,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -250,6 +257,7 @@ _GROUPS: dict[str, type] = {
     "train": TrainConfig,
     "wandb": WandbConfig,
     "ray": RayConfig,
+    "prune": PruneConfig,
 }
 
 

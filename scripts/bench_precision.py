@@ -6,7 +6,7 @@ runs, alternated, over seeds; the validation curves in one plot.
         [-- extra overrides]
 
 For every seed, one `launch.train experiment=demo` run per precision
-(`train.precision=fp32` and `=bf16`; `_bench_utils.run_demo_training`: EP=1 is one
+(`train.precision=fp32` and `=bf16`; `_runs.run_demo_training`: EP=1 is one
 process of 2 threads, EP=2 two processes of 1 thread), the precision that starts
 alternating from seed to seed, so that a slow spell of a shared machine hits both.
 Speed: tokens/s of every evaluation window after the first (the first holds the
@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench_utils import run_demo_training
+from _runs import run_demo_training
 
 from moe.precision import BF16_CPU_FLAGS, cpu_flags
 

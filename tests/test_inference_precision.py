@@ -1,21 +1,34 @@
 """Inference in bf16 (`load_model(precision=...)`, `launch.generate precision=`,
 `serve.precision`): bf16 weights at half the bytes, a bf16 KV cache, sampling from fp32
-logits, int8 experts with fp32 scales and bf16 activations, and the engine's cached,
-packed decoding equal to the same bf16 model's plain recomputation."""
+logits (log-probabilities and prompt scores too), int8 experts with fp32 scales and
+bf16 activations, and the engine's cached, packed decoding equal to the same bf16
+model's plain recomputation."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from test_inference_engine import DROPLESS, _save, greedy_by_recomputation, prompts, sharp_model
+from test_inference_engine import (
+    DROPLESS,
+    _save,
+    greedy_by_recomputation,
+    prompts,
+    sharp_model,
+    small_config,
+)
+from test_inference_logprobs import full_logprobs, model_of
 
 from launch.generate import GenerateConfig, run_generate
 from launch.runtime import ProcessInfo
 from launch.serving.model_info import describe_model
 from moe.inference import InferenceEngine, SamplingParams, generate, load_model
+from moe.inference.loading import cast_parameters
 from moe.inference.quant import Int8Experts
+from moe.transformer import MoETransformer
 
 BF16 = torch.bfloat16
 
@@ -106,3 +119,75 @@ def test_bad_inference_precision_is_named(checkpoint: Path) -> None:
         GenerateConfig(checkpoint="x", prompt="y", precision="fp8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"serve\.precision='fp8' is not one of"):
         ServeOptions(precision="fp8")
+
+
+def test_bf16_logprobs_and_prompt_scores_come_from_fp32_logits() -> None:
+    """A bf16 model's reported log-probabilities (sampled tokens with penalties, their
+    alternatives, an echoed prompt) are log-softmax of its own full forward's logits
+    taken in fp64, up to the engine's bf16 noise (packing, the cache), several times
+    closer on average than log-softmax taken in bf16, and none is a bf16 value."""
+    model = model_of(1)
+    cast_parameters(model, BF16)
+    engine = InferenceEngine(model, max_batch=4)
+    params = dict(max_tokens=6, temperature=1.0, logprobs=3, prompt_logprobs=2,
+                  presence_penalty=0.5, frequency_penalty=0.3)  # fmt: skip
+    texts = {
+        engine.submit(p, SamplingParams(seed=i, **params)): p  # type: ignore[arg-type]
+        for i, p in enumerate(prompts(4, seed=2))
+    }
+    reported: list[tuple[float, float, float]] = []  # (engine, fp64 and bf16 log-softmax)
+    for completion in engine.run():
+        prompt = list(texts[completion.request_id])
+        sampled = [t.id for t in completion.tokens]
+        reference = full_logprobs(model, prompt + sampled)
+        with torch.no_grad(), model.capacity_override("dropless"):
+            logits_TV = model(torch.tensor([prompt + sampled])).logits_BTV[0]
+        in_bf16 = torch.log_softmax(logits_TV, dim=-1)
+        assert in_bf16.dtype == BF16
+        scores: list[tuple[float, int, int]] = []  # (reported, position, token)
+        for i, token in enumerate(completion.tokens):
+            assert token.logprob is not None
+            position = len(prompt) - 1 + i
+            scores.append((token.logprob.logprob, position, token.id))
+            scores += [(value, position, other) for other, value in token.logprob.top]
+        assert completion.prompt_logprobs is not None
+        for t, score in enumerate(completion.prompt_logprobs):
+            scores.append((score.logprob, t, prompt[t + 1]))
+        reported += [
+            (value, float(reference[p, token]), float(in_bf16[p, token]))
+            for value, p, token in scores
+        ]
+    assert len(reported) > 50
+    engine_error = np.mean([abs(value - want) for value, want, _ in reported])
+    bf16_error = np.mean([abs(bf16 - want) for _, want, bf16 in reported])
+    assert engine_error < 0.5 * bf16_error, (engine_error, bf16_error)
+    for value, want, _ in reported:
+        assert math.isclose(value, want, abs_tol=2e-2), (value, want)
+        assert float(torch.tensor(value).to(BF16)) != value  # computed past bf16's 8 bits
+
+
+def test_bf16_telemetry_counts_every_routed_slot() -> None:
+    """In a bf16 model the telemetry's tokens per expert are whole counts of what the
+    tokens report they were routed to: one-byte prompts, so every position the model
+    read produced a generated token whose `experts` name its routing. Enough tokens that
+    a count accumulated in bf16 (8 significant bits) would have been rounded."""
+    model = MoETransformer(small_config(max_seq_len=160), DROPLESS, seed=4).eval()
+    cast_parameters(model, BF16)
+    engine = InferenceEngine(model, max_batch=4)
+    engine.take_telemetry()
+    params = SamplingParams(max_tokens=150, temperature=1.0, seed=3, routed_experts=True)
+    for prompt in (b"a", b"Z", b"~", b"0"):
+        engine.submit(prompt, params)
+    blocks = [block for block, _ in model.moe_layers()]
+    counts = {block: [0] * 4 for block in blocks}
+    for completion in engine.run():
+        for token in completion.tokens:
+            assert token.experts is not None
+            for block, chosen in zip(blocks, token.experts):
+                for expert in chosen:
+                    counts[block][expert] += 1
+    telemetry = engine.take_telemetry()
+    assert telemetry.model_tokens == 4 * 150  # each prompt byte and 149 generated ones read
+    assert max(max(row) for row in counts.values()) > 256
+    assert telemetry.expert_tokens == counts
+    assert all(telemetry.dropped_slots[block] == 0 for block in blocks)

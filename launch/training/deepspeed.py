@@ -229,6 +229,12 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
         self.engine.step()
 
+    def gradient_scale(self) -> float:
+        """1.0: DeepSpeed steps inside `backward` (fp16: with its own loss scale), so no
+        caller sees its gradients between the backward and the update (pruning, which
+        would, is refused with this engine)."""
+        return 1.0
+
     def finish_step(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

@@ -41,6 +41,12 @@ class TrainingEngine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
+    def gradient_scale(self) -> float | torch.Tensor:
+        """The factor the gradients carry between the backwards and `finish_step` (what
+        the pruning state's SR-STE term is multiplied by): fp16's loss scale (a 0-dim
+        tensor on the device), 1.0 otherwise."""
+        ...
+
     def finish_step(self) -> float | torch.Tensor:
         """Update the weights; returns the global gradient norm before clipping (a
         0-dim tensor where reading it would stall the step: the loop reads it when it
@@ -88,6 +94,9 @@ class TorchEngine:
         if self.loss_scaler is not None:
             loss = self.loss_scaler.scale(loss)
         loss.backward()
+
+    def gradient_scale(self) -> float | torch.Tensor:
+        return self.loss_scaler.current_scale() if self.loss_scaler is not None else 1.0
 
     def finish_step(self) -> torch.Tensor:
         groups = self.runtime.groups

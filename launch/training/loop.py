@@ -13,6 +13,12 @@ Exact resumption: the batch of a step is a pure function of (seed, step), and th
 global RNG is reseeded from (seed, step, rank) before every step, so a resumed run
 draws exactly what the uninterrupted one drew.
 
+Two kinds of state plug in through protocols, so the loop names neither a routing
+policy nor a pruning method: stateful routing (`routing.PolicyState`, from
+`model.policy_state()`) and pruning (`moe.pruning.PruningState`, from `prune` and the
+masks of the checkpoint the run resumes or starts from: `train.init_from`), which
+hooks around the optimizer step (`begin_step`, `before_update`, `after_update`).
+
 Precision: `train.precision` is resolved on the run's device (`moe.precision`: `auto` is
 bf16 where the device multiplies bf16 natively); the forward of every step and the
 evaluations run under that autocast, the parameters stay fp32. The choice and its reason
@@ -46,10 +52,11 @@ from launch.training.objectives import LanguageModelling, Objective
 from launch.training.optim import learning_rate
 from launch.training.step_log import MoETimer, StepLosses, progress_bar, take_comm_time
 from launch.training.tracking import Tracker
-from moe.data import ByteDataset, build_dataset
+from moe.data import TokenDataset, build_dataset
 from moe.inference import generate
 from moe.params import count_parameters
 from moe.precision import resolve_precision
+from moe.pruning import build_pruning
 from moe.transformer import MoETransformer
 
 EVENTS_FILE = "events.jsonl"
@@ -70,14 +77,36 @@ class TrainResult:
     model: MoETransformer | None = field(default=None, repr=False)
 
 
-def check_compatible(config: RunConfig, num_tasks: int) -> None:
-    """The model and routing of `config` against its data (ValueError naming the key)."""
+def check_compatible(config: RunConfig, dataset: TokenDataset) -> None:
+    """The model and routing of `config` against its data (ValueError naming the key).
+
+    The model's vocabulary must hold every id of the data: `model.vocab_size` is at least
+    the tokenizer's (equal for a new model; larger only when a model comes with a padded
+    embedding); it is not set from the tokenizer, so that the config says what is trained."""
     if config.data.seq_len > config.model.max_seq_len:
         raise ValueError(
             f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
-    config.routing.validate_for_data(num_tasks)
+    if config.model.vocab_size < dataset.vocab_size:
+        source = f"data.tokenizer={config.data.tokenizer}" if config.data.tokenizer else "bytes"
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the data's vocabulary "
+            f"({source}: {dataset.vocab_size} tokens); set model.vocab_size={dataset.vocab_size}"
+        )
+    config.routing.validate_for_data(dataset.num_tasks)
+    check_engine_prunes(config.prune.active, config)
+
+
+def check_engine_prunes(pruning: bool, config: RunConfig) -> None:
+    """Pruning needs the torch engine (ValueError otherwise)."""
+    if pruning and config.train.engine != TrainingEngineKind.TORCH:
+        raise ValueError(
+            f"pruning (prune.method={config.prune.method.value}, or the masks of "
+            f"train.init_from) needs train.engine=torch (got {config.train.engine.value}): "
+            "the masks act on the gradients and weights around the optimizer step, which "
+            "DeepSpeed keeps in its own buffers"
+        )
 
 
 def train(
@@ -96,8 +125,8 @@ def train(
         config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
     try:
-        dataset = build_dataset(config.data)
-        check_compatible(config, dataset.num_tasks)
+        dataset = build_dataset(config.data, progress=info.is_main and config.train.progress)
+        check_compatible(config, dataset)
         check_batch(config, info.world_size)
         model = build_model(config, runtime)
         return run_training(
@@ -136,7 +165,7 @@ def _resume_path(
 def run_training(
     config: RunConfig,
     runtime: Runtime,
-    dataset: ByteDataset,
+    dataset: TokenDataset,
     model: MoETransformer,
     objective: Objective,
     on_checkpoint: CheckpointHook | None = None,
@@ -147,8 +176,10 @@ def run_training(
     minimise `objective` (see the module docstring); every rank calls it.
 
     `on_fresh_start` runs when the run starts without a checkpoint, before the optimizer
-    is built (the distillation student's initialisation); a resumed run loads its
-    weights from the checkpoint instead. Nothing is written under `run_dir` before it."""
+    is built (the distillation student's initialisation), then `train.init_from`'s
+    weights load; a resumed run loads its weights from the checkpoint instead. Nothing
+    is written under `run_dir` before it. Every checkpoint carries the data's tokenizer
+    files (none for bytes)."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
     if train_cfg.reuse_heap:
         reuse_heap()
@@ -157,10 +188,15 @@ def run_training(
     run_record = config_dict(config) | objective.config_record()
     run_record["train"]["precision"] = precision.precision.value
     run_record["precision"] = precision.record()
-    checkpoints = CheckpointManager(run_dir / "checkpoints", runtime, train_cfg.keep_last)
+    checkpoints = CheckpointManager(
+        run_dir / "checkpoints", runtime, train_cfg.keep_last, dataset.tokenizer
+    )
     resume_path = _resume_path(checkpoints, config, resume_from)
+    initial_pruning: dict[str, Any] = {}
     if resume_path is None and on_fresh_start is not None:
         on_fresh_start()
+    if resume_path is None and train_cfg.init_from:
+        initial_pruning = checkpoints.initialise_from(train_cfg.init_from, model, run_record)
     model.train()
     # The state of stateful routing policies (DynaMoE); the loop knows only the protocol.
     policy_state = model.policy_state()
@@ -173,12 +209,18 @@ def run_training(
     start_step = 0
     resumed = None
     if resume_path is not None:
-        compared = ("model", "routing", *objective.config_record())
+        compared = ("model", "routing", "prune", *objective.config_record())
         resumed = checkpoints.load(resume_path, model, run_record, compared)
         start_step = resumed.step
         sampler.load_state_dict(resumed.sampler_state)
         policy_state.load_state_dict(resumed.routing_state)
         engine.load_optimizer_state(resumed.optimizer_state)
+    # Masks and pruning schedules; the loop knows only the protocol.
+    pruning = build_pruning(
+        config.prune, model, resumed.pruning_state if resumed is not None else initial_pruning,
+        rank=info.rank, world_size=info.world_size,
+    )  # fmt: skip
+    check_engine_prunes(pruning.active, config)  # the masks of train.init_from, too
     counts = count_parameters(model)
     tracker = Tracker(run_dir, config.wandb, run_record, enabled=info.is_main)
     name = objective.name
@@ -205,6 +247,8 @@ def run_training(
             + (f" (resumed from step {start_step})" if resumed is not None else ""),
             flush=True,
         )
+        if pruning.describe():
+            print(f"[{name}] {pruning.describe()}", flush=True)
     monitor = RoutingMonitor()
     routed = objective.routed_model(model)
     result = TrainResult(start_step=start_step, final_step=start_step, run_dir=str(run_dir))
@@ -222,6 +266,7 @@ def run_training(
         torch.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + info.rank)
         lr = learning_rate(step, train_cfg)
         engine.begin_step(lr)
+        pruning.begin_step(step)
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
@@ -236,7 +281,9 @@ def run_training(
             step_losses.add(parts, 1 / train_cfg.grad_accum)
             monitor.observe(routed)
         step_losses.end_step()
+        pruning.before_update(engine.gradient_scale())
         grad_norm = engine.finish_step()
+        pruning.after_update()
         if compiled is not None and step == start_step:
             compiled.report_first_step(time.perf_counter() - window_start, info.is_main)
         policy_state.end_step(sum_over_ranks)
@@ -257,7 +304,7 @@ def run_training(
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if log_due:
             elapsed = time.perf_counter() - window_start
-            last_policy = policy_state.scalars()
+            last_policy = policy_state.scalars() | pruning.scalars()
             scalars = {
                 "train/loss": loss,
                 "train/ce": ce,
@@ -309,9 +356,10 @@ def run_training(
         if checkpoint_due or done == train_cfg.steps:
             # Per-rank routing state (DynaMoE's caches) is kept only in a one-process run.
             routing_state = policy_state.state_dict(per_rank=info.world_size == 1)
+            pruning_state = pruning.state_dict(sum_over_ranks)  # collective
             path = checkpoints.save(
                 done, model, engine.optimizer_state(), sampler.state_dict(), run_record,
-                routing_state,
+                routing_state, pruning_state,
             )  # fmt: skip
             if on_checkpoint is not None:
                 on_checkpoint(done, path, result.evaluations[-1] if result.evaluations else {})
@@ -330,7 +378,9 @@ def run_training(
         )
     loads = monitor.global_load(sum_over_ranks)
     heatmap = tracker.save_heatmap(loads, monitor.layer_names())
-    if train_cfg.sample_tokens > 0:
+    # The sample goes through `generate`, which reads and writes bytes: a run on a
+    # tokenizer's ids leaves it to `launch.generate` on the checkpoint.
+    if train_cfg.sample_tokens > 0 and not dataset.tokenizer.files():
         result.sample = generate(
             model,
             train_cfg.sample_prompt.encode("utf-8"),

@@ -55,6 +55,10 @@ class DynamicLossScaler:
     def scale(self, loss: Tensor) -> Tensor:
         return loss * self._scale.to(loss.dtype)
 
+    def current_scale(self) -> Tensor:
+        """S, the factor the gradients carry until `unscale_` (0-dim fp32, on the device)."""
+        return self._scale
+
     def unscale_(self, grads: list[Tensor]) -> None:
         """Divide every gradient by the scale, in place (fp32 gradients of fp32 masters)."""
         if grads:

@@ -9,7 +9,11 @@ them. A checkpoint stored int8 builds int8 experts; `quantize="int8"` quantizes 
 checkpoint's experts after loading. `precision="bf16"` casts the parameters to bf16
 (half the weight memory and half the bytes a decode step reads; the engine then keeps
 its KV cache in bf16 and samples from fp32 logits); the int8 experts' scales are
-buffers and stay fp32, their activations are bf16.
+buffers and stay fp32, their activations are bf16. A checkpoint pruned 2:4
+(`launch.prune`) runs its experts on sparse tensor cores (`moe.pruning.semi_structured`)
+when it is loaded onto a CUDA device of compute capability 8.0 or more
+(`semi_structured`: None = then, True = always, or fail, False = never), in the
+precision's half type (fp16 for fp16, bf16 otherwise: the sparse kernels take no fp32).
 """
 
 from __future__ import annotations
@@ -100,11 +104,13 @@ def load_model(
     dispatcher_factory: DispatcherFactory | None = None,
     device: torch.device | str = "cpu",
     precision: ComputePrecision | str = ComputePrecision.FP32,
+    semi_structured: bool | None = None,
 ) -> LoadedModel:
     """Build the checkpoint's model (dispatchers from `dispatcher_factory` for expert
     parallelism; a subset's own dispatchers otherwise), load it, quantize its experts
     when asked or when the checkpoint stores them int8, and cast its parameters to
-    `precision` (`moe.precision`: fp32, bf16, fp16 on CUDA, or auto). Eval mode."""
+    `precision` (`moe.precision`: fp32, bf16, fp16 on CUDA, or auto); 2:4 experts go
+    semi-structured (module docstring). Eval mode."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is invalid; accepted: {', '.join(QUANTIZATIONS)}")
     resolved = resolve_precision(precision, torch.device(device), key="precision")
@@ -133,6 +139,15 @@ def load_model(
         _quantize(model)
     model.to(device).eval()
     cast_parameters(model, resolved.dtype)
+    pruned = loaded.extra.get("pruning") or {}
+    if semi_structured is None:
+        from moe.pruning.semi_structured import semi_structured_available
+
+        semi_structured = pruned.get("pattern") == "2:4" and semi_structured_available(device)
+    if semi_structured:
+        from moe.pruning.semi_structured import use_semi_structured
+
+        use_semi_structured(model, resolved.dtype if resolved.mixed else torch.bfloat16)
     subset = loaded.extra.get("subset")
     task_ids: list[int] | None = None
     if subset is not None and subset.get("task") is not None:

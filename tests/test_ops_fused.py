@@ -132,14 +132,11 @@ def test_folded_ops_match_loops(
 def test_folded_ops_on_the_block_workers_match_loops(
     case: str, span: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two threads: with at least `POOL_MIN_BLOCKS` spans ("pool" with one or a few
-    experts per span) they share out to the workers, each adding into its own sums."""
+    """Two threads: from `POOL_MIN_SPANS` spans on they share out to the block workers,
+    each adding into its own sums."""
     monkeypatch.setattr(fused, "SPAN_ROWS", SPAN_ROWS[span])
-    if case == "pool" and span == "expert":
-        assert (
-            len(fused._Spans(torch.tensor(COUNTS[case]), 0 + sum(COUNTS[case])).items)
-            >= ops.POOL_MIN_BLOCKS
-        )
+    counts = COUNTS[case]
+    assert len(fused._Spans(torch.tensor(counts), sum(counts)).items) >= fused.POOL_MIN_SPANS
     _check_both_ops(COUNTS[case], torch.float32, threads=2)
 
 

@@ -141,13 +141,18 @@ class _BlockRunner:
         self.run_indexed(blocks, lambda _worker, block: work(block), device)
 
     def run_indexed(
-        self, blocks: list[Block], work: Callable[[int, Block], None], device: torch.device
+        self,
+        blocks: list[Block],
+        work: Callable[[int, Block], None],
+        device: torch.device,
+        min_blocks: int = POOL_MIN_BLOCKS,
     ) -> int:
         """As `run`, with `work(worker, block)`: `worker` (0 <= worker < the returned
-        count) names the one thread that runs the block, for per-worker accumulators."""
+        count) names the one thread that runs the block, for per-worker accumulators;
+        the pool runs from `min_blocks` blocks."""
         workers = min(torch.get_num_threads(), len(blocks))
         # Only CPU tensors: on an accelerator the workers would not use the caller's stream.
-        few = len(blocks) < POOL_MIN_BLOCKS
+        few = len(blocks) < min_blocks
         if workers <= 1 or few or device.type != "cpu" or torch.compiler.is_compiling():
             for block in blocks:
                 work(0, block)

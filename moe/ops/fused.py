@@ -62,6 +62,12 @@ def _wgrad_into(x_MD: Tensor, dy_MH: Tensor, out_DH: Tensor) -> None:
 # them. Spans of 256 rows were the fastest of 1, 256, 1024 and 4096 at E=128 and E=256
 # (one thread, the four folded ops, a loaded host: 3-10% apart).
 SPAN_ROWS = 256
+# The spans go to the block workers from two spans on (with two or more intra-op
+# threads), not from `cpu.POOL_MIN_BLOCKS`: a span's gathers and scatter-adds as
+# multi-threaded ops, one after another, were the slow part. E=8, K=2, H=1024, T=4096,
+# forward + backward, 2 threads: 1467 ms on the workers, 2961 ms one span after another
+# (the unfolded layer 1965 ms, the dense floor 1102 ms; load 3.3-3.8, 2026-12-05).
+POOL_MIN_SPANS = 2
 
 
 class _Spans:
@@ -196,7 +202,7 @@ def gather_grouped_mm(
         for expert, start, stop in spans.blocks[span]:
             _mm_into(x_SD[start - first : stop - first], w_EDH[expert], h_RH[start:stop])
 
-    cpu._block_runner.run_indexed(spans.items, work, x_TD.device)
+    cpu._block_runner.run_indexed(spans.items, work, x_TD.device, POOL_MIN_SPANS)
     return h_RH
 
 
@@ -244,7 +250,7 @@ def gather_grouped_mm_backward(
         if dx_SD is not None:
             sums.add(worker, index_S, dx_SD)
 
-    cpu._block_runner.run_indexed(spans.items, work, x_TD.device)
+    cpu._block_runner.run_indexed(spans.items, work, x_TD.device, POOL_MIN_SPANS)
     dx_TD = sums.result(x_TD.dtype) if input_grad else x_TD.new_empty(0)
     return dx_TD, dw_EDH
 
@@ -314,7 +320,7 @@ def grouped_mm_combine(
             _mm_into(scaled_RH[start:stop], w_EHD[expert], y_SD[start - first : stop - first])
         sums.add(worker, token_index_R[first:last], y_SD)
 
-    cpu._block_runner.run_indexed(spans.items, work, h_RH.device)
+    cpu._block_runner.run_indexed(spans.items, work, h_RH.device, POOL_MIN_SPANS)
     return sums.result(h_RH.dtype)
 
 
@@ -367,7 +373,7 @@ def grouped_mm_combine_backward(
             if weight_grad:
                 _wgrad_into(scaled_RH[start:stop], dy_MD, dw_EHD[expert])
 
-    cpu._block_runner.run_indexed(spans.items, work, h_RH.device)
+    cpu._block_runner.run_indexed(spans.items, work, h_RH.device, POOL_MIN_SPANS)
     # H-wide passes over all rows: cheaper per call than per block.
     dweight_R = (g_RH.to(weight_R.dtype) * h_RH.to(weight_R.dtype)).sum(1)
     return g_RH.mul_(weight_R1), dw_EHD, dweight_R

@@ -11,7 +11,7 @@ A final RMSNorm precedes the output head, which reuses the embedding matrix when
 Initialisation (deterministic given `seed`): the embedding, the attention projections
 and the untied output head ~ N(0, init_std^2), except the attention `out_proj`, which
 writes into the residual stream, ~ N(0, init_std^2 / (2 * n_layers)) (GPT-2); RMSNorm
-gains 1. Each of those parameters draws from its own generator seeded by (seed,
+gains 1 (the q/k norms included), biases 0. Each of those parameters draws from its own generator seeded by (seed,
 parameter name). Every FFN, dense or MoE, keeps its own initialisation (`moe.experts`: a
 dense MLP is initialised like one expert, so the dense baseline starts like the MoE) and
 is built under the global RNG forked and seeded by (seed, block index); so the weights
@@ -55,11 +55,14 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, ffn: DenseMLP | ExpertFFN | MoELayer) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(
-            config.d_model, config.n_heads, config.n_kv_heads, config.rope_theta, config.dropout
-        )
-        self.ffn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+            config.d_model, config.n_heads, config.n_kv_heads, config.rope_theta,
+            config.dropout, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
+            out_bias=config.out_bias, qk_norm=config.qk_norm, norm_eps=config.norm_eps,
+            clip_qkv=config.clip_qkv,
+        )  # fmt: skip
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = ffn
         self.residual_dropout = nn.Dropout(config.dropout)
 
@@ -130,7 +133,7 @@ class MoETransformer(nn.Module):
                 self._build_block(index, num_experts, dispatcher_factory, seed)
                 for index, num_experts in enumerate(config.experts_per_block())
             )
-            self.final_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+            self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
             self.lm_head = (
                 None
                 if config.tie_embeddings
@@ -162,6 +165,8 @@ class MoETransformer(nn.Module):
                 activation=config.activation,
                 residual_mlp=config.residual_mlp,
                 dispatcher=(dispatcher_factory(index, num_experts) if dispatcher_factory else None),
+                shared_expert_hidden=config.shared_expert_hidden,
+                shared_expert_gate=config.shared_expert_gate,
             )
         return Block(config, ffn)
 
@@ -170,10 +175,14 @@ class MoETransformer(nn.Module):
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
-            if ".ffn." in name:
+            # A model built on the meta device (a checkpoint's skeleton) has no values.
+            if ".ffn." in name or param.is_meta:
                 continue
             if "norm." in name:
                 param.fill_(1.0)
+                continue
+            if name.endswith(".bias"):
+                param.zero_()
                 continue
             scale = residual_std if name.endswith("out_proj.weight") else std
             generator = torch.Generator().manual_seed(_derived_seed(seed, name))

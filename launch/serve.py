@@ -166,11 +166,13 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     from launch.serving.deployments import ModelServer, ModelSpec
     from launch.serving.validation import Limits, ModelEntry
     from moe.checkpoint import read_meta
-    from moe.inference.loading import configs_of, resolve_checkpoint
+    from moe.inference.loading import checkpoint_tokenizer, configs_of, resolve_checkpoint
 
     options = config.serve
     checkpoint = str(resolve_checkpoint(config.checkpoint).resolve())
-    model_config, routing = configs_of(read_meta(Path(checkpoint)))
+    meta = read_meta(Path(checkpoint))
+    model_config, routing = configs_of(meta)
+    byte_level = not checkpoint_tokenizer(Path(checkpoint), meta).files()
     subsets = _subset_checkpoints(config)
     common = dict(max_batch=options.max_batch, threads=options.threads_per_replica,
                   cpus_per_worker=options.cpus_per_replica,
@@ -184,12 +186,14 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     num_tasks = routing.num_tasks if routing is not None else 0
     needs_task = routing is not None and routing.needs_task_ids
     task_ids = tuple(range(num_tasks)) if num_tasks else None
-    catalog = {"full": ModelEntry("full", None, context, needs_task, task_ids)}
+    catalog = {"full": ModelEntry("full", None, context, needs_task, task_ids, byte_level)}
     for task_id in range(num_tasks):
         deployment = f"task-{task_id}" if task_id in subsets else "full"
-        catalog[f"task-{task_id}"] = ModelEntry(deployment, task_id, context)
+        catalog[f"task-{task_id}"] = ModelEntry(deployment, task_id, context, byte_level=byte_level)
     if probe:  # a task-routed probe answers as task 0 (any task runs the same code)
-        catalog["probe"] = ModelEntry("probe", 0 if needs_task else None, context)
+        catalog["probe"] = ModelEntry(
+            "probe", 0 if needs_task else None, context, byte_level=byte_level
+        )
     model_deployment = serve.deployment(ModelServer)
     handles = {
         name: model_deployment.options(**_deployment_options(options, name)).bind(spec)

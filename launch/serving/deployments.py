@@ -18,7 +18,6 @@ runtime that a probe without an MoE layer never pays (docs/BENCHMARKS.md, "Servi
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import dataclasses
 import os
@@ -33,7 +32,7 @@ from launch.serving.ep_workers import EPWorkerGroup
 from launch.serving.model_info import describe_model, resident_bytes
 from moe.checkpoint import read_meta
 from moe.inference import InferenceEngine, LoadedModel, SamplingParams, load_model
-from moe.inference.loading import configs_of, resolve_checkpoint
+from moe.inference.loading import checkpoint_tokenizer, configs_of, resolve_checkpoint
 from moe.transformer import MoETransformer
 
 
@@ -55,18 +54,19 @@ class ModelSpec:
 def probe_model(checkpoint: str) -> LoadedModel:
     """The checkpoint's architecture with its last block's FFN an MoE layer of one expert
     (top-1, the checkpoint's router kind) and every other FFN dense; random weights,
-    nothing loaded. A dense checkpoint stays dense."""
+    nothing loaded. A dense checkpoint stays dense. The checkpoint's tokenizer."""
     directory = resolve_checkpoint(checkpoint)
     meta = read_meta(directory)
     model_config, routing = configs_of(meta)
+    tokenizer = checkpoint_tokenizer(directory, meta)
     if routing is None:
         return LoadedModel(MoETransformer(model_config, None).eval(), directory, -1,
-                           meta["config"], None, None)  # fmt: skip
+                           meta["config"], None, None, tokenizer)  # fmt: skip
     one_expert = dataclasses.replace(
-        model_config, moe_every=model_config.n_layers, expert_schedule=[1]
+        model_config, moe_every=model_config.n_layers, expert_schedule=[1], dense_layers=[]
     )
     model = MoETransformer(one_expert, dataclasses.replace(routing, top_k=1)).eval()
-    return LoadedModel(model, directory, -1, meta["config"], None, None)
+    return LoadedModel(model, directory, -1, meta["config"], None, None, tokenizer)
 
 
 class ModelServer:
@@ -85,7 +85,10 @@ class ModelServer:
             self.loop = BatchLoop(self.workers.step)
             return
         loaded = probe_model(spec.checkpoint) if spec.probe else load_model(spec.checkpoint)
-        engine = InferenceEngine(loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids)
+        engine = InferenceEngine(
+            loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids,
+            tokenizer=loaded.tokenizer,
+        )  # fmt: skip
         self.info = describe_model(loaded)
         self.loop = BatchLoop(local_step(EngineShard(engine)))
 
@@ -106,7 +109,7 @@ class ModelServer:
             if event.completion is not None:
                 done = event.completion
                 return {
-                    "text": done.text.decode("utf-8", errors="replace"),
+                    "text": done.text,
                     "finish_reason": done.finish_reason,
                     "prompt_tokens": done.prompt_tokens,
                     "completion_tokens": done.completion_tokens,
@@ -118,14 +121,14 @@ class ModelServer:
     async def stream(self, fields: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The completion in chunks: `{"text"}` per step that shows new text, then one
         `{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`. A multi-byte
-        character split across steps is given whole, in the later chunk."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        character split across steps is given whole, in the later chunk (the engine's
+        text never splits one)."""
         params = self._params(fields)
         async for event in self.loop.generate(fields["prompt"], params, fields["task"]):
             if event.error is not None:
                 raise ValueError(event.error)
             done = event.completion
-            text = decoder.decode(event.new_text, final=done is not None)
+            text = event.new_text
             if done is None:
                 if text:
                     yield {"text": text}

@@ -48,14 +48,17 @@ class Limits:
 @dataclass(frozen=True)
 class ModelEntry:
     """What a model id means: the deployment that answers it, the task id its requests
-    run as (None: the request may give one), the context length in bytes, and whether a
-    task id is required (task-routed checkpoints)."""
+    run as (None: the request may give one), the context length in tokens, whether a
+    task id is required (task-routed checkpoints), and whether the model reads bytes
+    (then the gateway can check a prompt's length; a tokenizer's prompt keeps its last
+    `context_bytes` tokens in the engine)."""
 
     deployment: str
     task: int | None
     context_bytes: int
     needs_task: bool = False
     task_ids: tuple[int, ...] | None = None
+    byte_level: bool = True
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ def parse_completion_request(
     prompt_bytes = _utf8(prompt, "prompt")
     if not prompt_bytes:
         raise _invalid("prompt", "the prompt is empty; accepted: a non-empty string")
-    if len(prompt_bytes) > entry.context_bytes:
+    if entry.byte_level and len(prompt_bytes) > entry.context_bytes:
         raise RequestError(
             400, f"prompt: {len(prompt_bytes)} bytes (the model reads bytes) is longer than "
             f"the context of {entry.context_bytes} bytes", param="prompt",

@@ -58,7 +58,7 @@ class TrainResult:
     final_step: int
     losses: list[float] = field(default_factory=list)
     evaluations: list[dict[str, float]] = field(default_factory=list)
-    sample: bytes = b""
+    sample: str = ""
     run_dir: str = ""
     model: MoETransformer | None = field(default=None, repr=False)
 
@@ -316,13 +316,13 @@ def run_training(
     if train_cfg.sample_tokens > 0:
         result.sample = generate(
             model,
-            train_cfg.sample_prompt.encode("utf-8"),
+            train_cfg.sample_prompt,
             train_cfg.sample_tokens,
             temperature=0.8,
             top_k=40,
             task_id=0 if config.routing.needs_task_ids else None,  # a task router needs one
             seed=train_cfg.seed,
-        )
+        ).text
     if info.is_main:
         _print_summary(result, heatmap, tracker, train_cfg.sample_prompt, name)
     tracker.finish()
@@ -359,8 +359,7 @@ def _print_summary(
             flush=True,
         )
     if result.sample:
-        text = result.sample.decode("utf-8", errors="replace")
-        print(f"[{name}] sample: {prompt}{text}", flush=True)
+        print(f"[{name}] sample: {prompt}{result.sample}", flush=True)
     print(f"[{name}] run directory: {result.run_dir}", flush=True)
     if heatmap is not None:
         print(f"[{name}] expert-load heatmap: {heatmap}", flush=True)

@@ -109,6 +109,28 @@ def build_model(config: Any, seed: int = 0) -> Any:
     return model
 
 
+def ep_logits(
+    rank: int, world_size: int, jobs: list[tuple[str, torch.Tensor]]
+) -> list[tuple[torch.Tensor, list[list[int]]]]:
+    """One EP rank (`tests.distributed_utils`): for each (checkpoint, tokens), the logits
+    of the checkpoint loaded with experts split over the ranks, and the expert ids this
+    rank holds per MoE layer. Here (not in a test module) so that spawned ranks import
+    no transformers."""
+    from launch.config import Backend, CommConfig
+    from launch.runtime import ProcessInfo, dispatcher_factory, setup_runtime
+    from moe.inference import load_model
+
+    comm = CommConfig(ep_size=world_size, backend=Backend.GLOO)
+    runtime = setup_runtime(comm, ProcessInfo(rank, world_size, rank, world_size))
+    out = []
+    for checkpoint, tokens in jobs:
+        loaded = load_model(checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm))
+        held = [list(layer.experts.expert_ids) for _, layer in loaded.model.moe_layers()]
+        with torch.no_grad():
+            out.append((loaded.model(tokens).logits_BTV, held))
+    return out
+
+
 def save_family(
     kind: str, directory: Path, *, layout: str = "per_expert", seed: int = 0, **overrides: Any
 ) -> Any:

@@ -51,7 +51,7 @@ FAMILIES: dict[str, Family] = {
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "use_sliding_window": False,
         "layer_types": None, "decoder_sparse_step": 1, "moe_intermediate_size": 1408,
         "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4, "num_experts": 60,
-        "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": None,
+        "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": [],
         "qkv_bias": True, "rope_theta": 10000.0,
     }),
     "qwen3_moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", {
@@ -60,7 +60,7 @@ FAMILIES: dict[str, Family] = {
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "attention_bias": False,
         "use_sliding_window": False, "decoder_sparse_step": 1, "moe_intermediate_size": 768,
         "num_experts_per_tok": 8, "num_experts": 128, "norm_topk_prob": False,
-        "router_aux_loss_coef": 0.001, "mlp_only_layers": None, "rope_theta": 10000.0,
+        "router_aux_loss_coef": 0.001, "mlp_only_layers": [], "rope_theta": 10000.0,
     }),
     "olmoe": Family("olmoe", "OlmoeForCausalLM", {
         **_COMMON, "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048,
@@ -100,20 +100,21 @@ class HFConfig:
 
     def rope_theta(self) -> float:
         """theta of the default RoPE; any other rope type or partial rotation refused."""
-        parameters = {
-            **(self.data.get("rope_scaling") or {}),
-            **(self.get("rope_parameters") or {}),
-        }
-        rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-        if rope_type != "default":
-            raise _refuse("rope_parameters.rope_type", rope_type, "supported: default")
-        if float(parameters.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise _refuse(
-                "rope_parameters.partial_rotary_factor",
-                parameters["partial_rotary_factor"],
-                "supported: 1.0 (every channel rotated)",
-            )
-        return float(parameters.get("rope_theta", self.get("rope_theta")))
+        # transformers 5 writes rope_parameters; older files rope_theta and rope_scaling.
+        theta = float(self.get("rope_theta"))
+        for field in ("rope_scaling", "rope_parameters"):
+            parameters = self.data.get(field) or {}
+            rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+            if rope_type != "default":
+                raise _refuse(f"{field}.rope_type", rope_type, "supported: default")
+            if float(parameters.get("partial_rotary_factor", 1.0)) != 1.0:
+                raise _refuse(
+                    f"{field}.partial_rotary_factor",
+                    parameters["partial_rotary_factor"],
+                    "supported: 1.0 (every channel rotated)",
+                )
+            theta = float(parameters.get("rope_theta", theta))
+        return theta
 
     def check_supported(self) -> None:
         """Refuse what the model cannot compute exactly (see the module docstring)."""

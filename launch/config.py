@@ -75,6 +75,12 @@ class TrainConfig:
 
     The learning rate rises linearly from 0 over `warmup_steps`, then follows a cosine
     from `lr` down to `min_lr` at `steps`. One step is `grad_accum` micro-batches.
+
+    `init_from`: a checkpoint (e.g. an imported HF model) to fine-tune: a fresh run starts
+    from its weights (any EP size; a fresh optimizer), its model config replaces `model`
+    and its router (kind, top_k, weight normalisation, tasks) the router fields of
+    `routing`; capacity and routing losses stay the run's. A resumed run loads its own
+    checkpoint instead (`launch.training.checkpointing.InitialWeights`).
     """
 
     steps: int = 1000
@@ -106,6 +112,7 @@ class TrainConfig:
     # Keep freed host memory in the heap instead of unmapping it (launch.training.allocator):
     # large per-step temporaries are reused rather than page-faulted in every step.
     reuse_heap: bool = True
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         self.engine = parse_enum(TrainingEngineKind, self.engine, "train.engine")

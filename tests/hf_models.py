@@ -148,3 +148,22 @@ def save_family(
         (directory / "model.safetensors").unlink()
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return model
+
+
+def train_rank(rank: int, world_size: int, config: Any) -> list[float]:
+    """One rank of `launch.training.loop.train(config)` (`tests.distributed_utils`);
+    returns its per-step global mean losses."""
+    from launch.runtime import ProcessInfo
+    from launch.training.loop import train
+
+    info = ProcessInfo(rank=rank, world_size=world_size, local_rank=rank,
+                       local_world_size=world_size)  # fmt: skip
+    return list(train(config, info).losses)
+
+
+def save_byte_family(kind: str, directory: Path, seed: int = 0, **overrides: Any) -> Any:
+    """A `kind` model over bytes (vocabulary 256, no tokenizer files): what the byte
+    corpora of this project can train and distill."""
+    model = build_model(family_config(kind, vocab_size=256, **overrides), seed)
+    model.save_pretrained(directory)
+    return model

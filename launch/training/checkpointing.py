@@ -13,7 +13,7 @@ Adam's moments, so it is refused with the reason rather than done approximately.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from launch.config import RunConfig
 from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
 from moe.config import ModelConfig
+from moe.inference.loading import checkpoint_tokenizer, configs_of, resolve_checkpoint, subset_ids
+from moe.interop.tokenizer import Tokenizer
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
 
@@ -69,12 +71,20 @@ def _canonical(key: str, value: Any) -> Any:
 
 
 class CheckpointManager:
-    """Save and resume the checkpoints of one run (every rank makes the same calls)."""
+    """Save and resume the checkpoints of one run (every rank makes the same calls).
+    `attachments`: files every checkpoint carries beside meta.json (the tokenizer's)."""
 
-    def __init__(self, directory: Path, runtime: Runtime, keep_last: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        runtime: Runtime,
+        keep_last: int,
+        attachments: dict[str, bytes] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.runtime = runtime
         self.keep_last = keep_last
+        self.attachments = dict(attachments or {})
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (ValueError if the `latest` pointer dangles)."""
@@ -104,6 +114,7 @@ class CheckpointManager:
             extra=extra,
             group=groups.world if groups is not None else None,
             keep_last=self.keep_last,
+            attachments=self.attachments,
         )
 
     def load(
@@ -148,3 +159,57 @@ def _routing_state(extra: dict[str, Any]) -> dict[str, Any]:
     if "routing_state" in extra:
         return dict(extra["routing_state"])
     return {"dynamic": extra["dynamic"]} if extra.get("dynamic") else {}
+
+
+# The fields of `RoutingConfig` that define the function a checkpoint's weights compute:
+# a fine-tuning run takes them from the checkpoint (`train.init_from`).
+ROUTER_FIELDS = ("router", "top_k", "normalize_weights", "normalize_top1", "num_tasks")
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """A checkpoint a fresh run starts from (`train.init_from`): its model and routing
+    configs and its tokenizer. `adopt(config)` gives the run its model and router;
+    `load(model)` copies the weights into this rank's model (any EP size: each expert
+    stack reads the experts it holds)."""
+
+    directory: Path
+    model: ModelConfig
+    routing: RoutingConfig | None
+    tokenizer: Tokenizer
+
+    @classmethod
+    def read(cls, checkpoint: str | Path) -> InitialWeights:
+        directory = resolve_checkpoint(checkpoint)
+        meta = read_meta(directory)
+        if subset_ids(meta) is not None:
+            raise ValueError(
+                f"train.init_from={str(checkpoint)!r} is a task subset (experts missing); "
+                "accepted: a whole model"
+            )
+        stored = sorted({layer["quantization"] for layer in meta["moe_layers"]} - {"none"})
+        if stored:
+            raise ValueError(
+                f"train.init_from={str(checkpoint)!r} stores {stored} experts; accepted: float "
+                "experts (training needs them)"
+            )
+        model, routing = configs_of(meta)
+        return cls(directory, model, routing, checkpoint_tokenizer(directory, meta))
+
+    def adopt(self, config: RunConfig) -> RunConfig:
+        routing = config.routing
+        if self.routing is not None:
+            routing = replace(routing, **{key: getattr(self.routing, key) for key in ROUTER_FIELDS})
+        return replace(config, model=self.model, routing=routing)
+
+    def check_data(self, vocab_size: int) -> None:
+        """The data must be tokenized as the checkpoint's model reads."""
+        if vocab_size != self.tokenizer.vocab_size or vocab_size > self.model.vocab_size:
+            raise ValueError(
+                f"train.init_from={str(self.directory)!r} reads {self.tokenizer!r} "
+                f"({self.tokenizer.vocab_size} tokens) but the data has a vocabulary of "
+                f"{vocab_size}; tokenize the data with the checkpoint's tokenizer"
+            )
+
+    def load(self, model: MoETransformer) -> None:
+        load_checkpoint(self.directory, model)

@@ -218,6 +218,11 @@ def distill(
     input (a teacher that is not a checkpoint, a bad width, a teacher that does not fit
     the data) raises ValueError before anything is written under `run_dir`."""
     info = info or ProcessInfo()
+    if config.train.init_from:
+        raise ValueError(
+            f"train.init_from={config.train.init_from!r} is for launch.train; a distillation "
+            "student starts as distill.init says"
+        )
     teacher = read_teacher(config.teacher)
     run_config = student_run_config(config, teacher)
     runtime = setup_runtime(

@@ -32,7 +32,7 @@ from launch.build import build_model
 from launch.config import ResumeMode, RunConfig, TrainingEngineKind
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.training.allocator import reuse_heap
-from launch.training.checkpointing import CheckpointManager, config_dict
+from launch.training.checkpointing import CheckpointManager, InitialWeights, config_dict
 from launch.training.compile import training_step
 from launch.training.engines import build_engine
 from launch.training.evaluation import RoutingMonitor, evaluate
@@ -42,6 +42,7 @@ from launch.training.step_log import MoETimer, StepLosses, progress_bar, take_co
 from launch.training.tracking import Tracker
 from moe.data import ByteDataset, build_dataset
 from moe.inference import generate
+from moe.interop.tokenizer import Tokenizer
 from moe.params import count_parameters
 from moe.transformer import MoETransformer
 
@@ -83,19 +84,34 @@ def train(
 
     `on_checkpoint` is called on every rank after each checkpoint (the Ray launcher
     reports it); `resume_from` names the checkpoint to resume from instead of the run's
-    latest (the Ray launcher passes the one Ray restored)."""
+    latest (the Ray launcher passes the one Ray restored). With `train.init_from` a fresh
+    run starts from that checkpoint's weights, model and router (`InitialWeights`)."""
     info = info or ProcessInfo()
+    initial = InitialWeights.read(config.train.init_from) if config.train.init_from else None
+    if initial is not None:
+        config = initial.adopt(config)
     runtime = setup_runtime(
         config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
     try:
         dataset = build_dataset(config.data)
+        if initial is not None:
+            initial.check_data(dataset.vocab_size)
         check_compatible(config, dataset.num_tasks)
         check_batch(config, info.world_size)
         model = build_model(config, runtime)
+
+        def start_from_checkpoint() -> None:
+            assert initial is not None
+            initial.load(model)
+            if info.is_main:
+                print(f"[train] weights, model and router from {initial.directory}", flush=True)
+
         return run_training(
-            config, runtime, dataset, model, LanguageModelling(), on_checkpoint, resume_from
-        )
+            config, runtime, dataset, model, LanguageModelling(), on_checkpoint, resume_from,
+            on_fresh_start=start_from_checkpoint if initial is not None else None,
+            tokenizer=initial.tokenizer if initial is not None else None,
+        )  # fmt: skip
     finally:
         teardown_runtime(runtime)
 
@@ -135,19 +151,25 @@ def run_training(
     on_checkpoint: CheckpointHook | None = None,
     resume_from: Path | None = None,
     on_fresh_start: Callable[[], None] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> TrainResult:
     """Train `model` (this rank's part, built from `config.model`) on `dataset` to
     minimise `objective` (see the module docstring); every rank calls it.
 
     `on_fresh_start` runs when the run starts without a checkpoint, before the optimizer
     is built (the distillation student's initialisation); a resumed run loads its
-    weights from the checkpoint instead. Nothing is written under `run_dir` before it."""
+    weights from the checkpoint instead. Nothing is written under `run_dir` before it.
+    `tokenizer`: the model's (None: bytes): its files go into every checkpoint, and the
+    sample at the end reads it."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
     if train_cfg.reuse_heap:
         reuse_heap()
     run_dir = Path(config.run_dir)
     run_record = config_dict(config) | objective.config_record()
-    checkpoints = CheckpointManager(run_dir / "checkpoints", runtime, train_cfg.keep_last)
+    checkpoints = CheckpointManager(
+        run_dir / "checkpoints", runtime, train_cfg.keep_last,
+        attachments=tokenizer.files() if tokenizer is not None else None,
+    )  # fmt: skip
     resume_path = _resume_path(checkpoints, config, resume_from)
     if resume_path is None and on_fresh_start is not None:
         on_fresh_start()
@@ -322,6 +344,7 @@ def run_training(
             top_k=40,
             task_id=0 if config.routing.needs_task_ids else None,  # a task router needs one
             seed=train_cfg.seed,
+            tokenizer=tokenizer,
         ).text
     if info.is_main:
         _print_summary(result, heatmap, tracker, train_cfg.sample_prompt, name)

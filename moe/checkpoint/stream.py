@@ -49,19 +49,23 @@ def tensor_bytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
 class StreamingSafetensorsWriter:
     """One safetensors file, written tensor by tensor in the declared order.
 
-    `specs`: (name, dtype, shape) of every tensor the file will hold. The file appears
+    `specs`: (name, dtype, shape) of every tensor the file will hold; `metadata`: the
+    header's string-to-string `__metadata__` (transformers wants {"format": "pt"}). The file appears
     at `path` only on `close()` (written under a temporary name, fsynced, renamed);
     `close()` returns its sha256. Used as a context manager, an exception removes the
     partial file."""
 
     def __init__(
-        self, path: str | Path, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]]
+        self,
+        path: str | Path,
+        specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
         names = [name for name, _, _ in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.path.name}: tensor names repeat in {names}")
-        header: dict[str, object] = {}
+        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
         self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         offset = 0
         for name, dtype, shape in specs:

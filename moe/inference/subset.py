@@ -294,6 +294,7 @@ def write_subset(
     step_dir = save_checkpoint(
         out, subset, None, loaded.step, loaded.run_config, extra=extra,
         layer_num_experts={experts_module_name(b): n for b, n in num_experts.items()},
+        attachments=loaded.tokenizer.files(),  # the subset reads what the full model reads
     )  # fmt: skip
     return SubsetResult(
         directory=step_dir,

@@ -106,7 +106,7 @@ class StreamingSafetensorsWriter:
             )
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if flat.numel():
-            self._emit(memoryview(flat.view(torch.uint8).numpy()))
+            self._emit(flat.view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> str:

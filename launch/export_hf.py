@@ -17,10 +17,10 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from moe.interop.hf_export import export_hf
 
 CONFIG_PATH = "../conf"
@@ -48,9 +48,7 @@ def register_export_config() -> None:
 
 
 def to_export_config(cfg: DictConfig | dict[str, Any]) -> ExportConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(ExportConfig, data)
+    return build(ExportConfig, plain_container(cfg))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="export_hf", version_base=None)

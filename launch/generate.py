@@ -27,7 +27,7 @@ from typing import Any
 import hydra
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
 from launch.config import CommConfig
@@ -38,7 +38,7 @@ from launch.runtime import (
     setup_runtime,
     teardown_runtime,
 )
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from moe.inference import Completion, InferenceEngine, SamplingParams, load_model
 from routing import CapacityOverride
 from routing.config import parse_enum
@@ -107,9 +107,7 @@ def register_generate_config() -> None:
 
 
 def to_generate_config(cfg: DictConfig | dict[str, Any]) -> GenerateConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(GenerateConfig, data)
+    return build(GenerateConfig, plain_container(cfg))
 
 
 def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:

@@ -23,10 +23,10 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from moe.interop.hf_import import DTYPES, ImportResult, import_hf
 
 CONFIG_PATH = "../conf"
@@ -57,9 +57,7 @@ def register_import_config() -> None:
 
 
 def to_import_config(cfg: DictConfig | dict[str, Any]) -> ImportConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(ImportConfig, data)
+    return build(ImportConfig, plain_container(cfg))
 
 
 def describe(result: ImportResult, seconds: float) -> str:

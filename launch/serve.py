@@ -23,16 +23,16 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 
 CONFIG_PATH = "../conf"
 
@@ -101,9 +101,7 @@ def register_serve_config() -> None:
 
 
 def to_serve_config(cfg: DictConfig | dict[str, Any]) -> ServeConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(ServeConfig, data)
+    return build(ServeConfig, plain_container(cfg))
 
 
 def _subset_checkpoints(config: ServeConfig) -> dict[int, str]:
@@ -174,14 +172,14 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     model_config, routing = configs_of(meta)
     byte_level = not checkpoint_tokenizer(Path(checkpoint), meta).files()
     subsets = _subset_checkpoints(config)
-    common = dict(max_batch=options.max_batch, threads=options.threads_per_replica,
-                  cpus_per_worker=options.cpus_per_replica,
-                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s)  # fmt: skip
-    specs = {"full": ModelSpec("full", checkpoint, ep_size=options.ep_size, **common)}  # type: ignore[arg-type]
+    full = ModelSpec("full", checkpoint, ep_size=options.ep_size, max_batch=options.max_batch,
+                     threads=options.threads_per_replica, cpus_per_worker=options.cpus_per_replica,
+                     gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s)  # fmt: skip
+    specs = {"full": full}
     for task_id, path in subsets.items():
-        specs[f"task-{task_id}"] = ModelSpec(f"task-{task_id}", path, **common)  # type: ignore[arg-type]
+        specs[f"task-{task_id}"] = replace(full, name=f"task-{task_id}", checkpoint=path, ep_size=1)
     if probe:
-        specs["probe"] = ModelSpec("probe", checkpoint, probe=True, **common)  # type: ignore[arg-type]
+        specs["probe"] = replace(full, name="probe", ep_size=1, probe=True)
     context = model_config.max_seq_len
     num_tasks = routing.num_tasks if routing is not None else 0
     needs_task = routing is not None and routing.needs_task_ids
@@ -194,13 +192,15 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
         catalog["probe"] = ModelEntry(
             "probe", 0 if needs_task else None, context, byte_level=byte_level
         )
-    model_deployment = serve.deployment(ModelServer)
+    # `serve.deployment()(cls)` rather than `serve.deployment(cls)`: the same Deployment,
+    # in the decorator form that Ray's annotations describe.
+    model_deployment = serve.deployment()(ModelServer)
     handles = {
         name: model_deployment.options(**_deployment_options(options, name)).bind(spec)
         for name, spec in specs.items()
     }
     limits = Limits(max_body_bytes=options.max_body_bytes, max_tokens=options.max_tokens)
-    gateway = serve.deployment(Gateway).options(
+    gateway = serve.deployment()(Gateway).options(
         name="gateway", num_replicas=1, max_ongoing_requests=4096, max_queued_requests=4096,
         ray_actor_options={"num_cpus": 0},
     )  # fmt: skip

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from launch.serving.batching import ReplicaUnavailable
 from launch.serving.validation import (
@@ -190,6 +190,7 @@ class Gateway:
 
     async def _stream(self, handle: DeploymentHandle, parsed: CompletionRequest) -> Response:
         chunks = handle.options(stream=True).stream.remote(parsed.engine_fields())
+        assert isinstance(chunks, DeploymentResponseGenerator)  # what stream=True returns
         first = await chunks.__anext__()  # errors before the first chunk get a status
         completion_id, created = _new_id(), int(time.time())
 

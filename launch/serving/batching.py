@@ -187,6 +187,6 @@ class BatchLoop:
                 if event.final:
                     self._in_engine.discard(event.key)
                     self.completed += event.completion is not None
-                queue = self._queues.get(event.key)
-                if queue is not None:
-                    queue.put_nowait(event)
+                waiting = self._queues.get(event.key)
+                if waiting is not None:
+                    waiting.put_nowait(event)

@@ -170,10 +170,12 @@ class ModelServer:
         return {"status": "ok", "replica_pid": os.getpid()}
 
     def __del__(self) -> None:
-        if getattr(self, "workers", None) is not None:
+        # `workers` is unset when __init__ failed before it.
+        workers: EPWorkerGroup | None = getattr(self, "workers", None)
+        if workers is not None:
             # Ray may already be down at interpreter exit; the workers then went with it.
             with contextlib.suppress(Exception):
-                self.workers.kill()  # type: ignore[union-attr]
+                workers.kill()
 
 
 def _merge(descriptions: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import asyncio
 import datetime
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,13 @@ from launch.runtime import ProcessInfo, dispatcher_factory, resolve_backend, set
 from launch.serving.batching import EngineShard, Event, Submission
 from launch.serving.model_info import describe_model, resident_bytes
 from moe.inference import InferenceEngine, load_model
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class EPWorker:
@@ -88,6 +95,30 @@ class EPWorker:
         return os.getpid()
 
 
+class RemoteMethod(Protocol[_P, _R]):
+    """An actor method as a Ray actor handle offers it: `.remote(...)` runs it in the
+    actor and returns a reference to its result."""
+
+    def remote(self, *args: _P.args, **kwargs: _P.kwargs) -> ObjectRef[_R]: ...
+
+
+class EPWorkerHandle(Protocol):
+    """What the group calls on a worker's Ray actor handle: `EPWorker`'s methods, run in
+    the actor."""
+
+    @property
+    def address(self) -> RemoteMethod[[], tuple[str, int]]: ...
+
+    @property
+    def setup(self) -> RemoteMethod[[str, float], dict[str, Any]]: ...
+
+    @property
+    def step(self) -> RemoteMethod[[list[Submission], list[int]], list[Event]]: ...
+
+    @property
+    def describe(self) -> RemoteMethod[[], dict[str, Any]]: ...
+
+
 class EPWorkerGroup:
     """The replica's handle on its workers: start them, step them, check them."""
 
@@ -99,8 +130,12 @@ class EPWorkerGroup:
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_concurrency=2,
             max_restarts=0,
         )  # fmt: skip
+        # Ray types a new actor as `ActorHandle[EPWorker] | type[EPWorker]`, whose methods
+        # have a typed `.remote` only when decorated with `@ray.method`: the handles are
+        # typed by what the group calls on them.
         self.workers = [
-            actor.remote(rank, ep_size, checkpoint, max_batch, threads) for rank in range(ep_size)
+            cast(EPWorkerHandle, actor.remote(rank, ep_size, checkpoint, max_batch, threads))
+            for rank in range(ep_size)
         ]
         host, port = ray.get(self.workers[0].address.remote(), timeout=timeout_s)
         init_method = f"tcp://{host}:{port}"
@@ -142,4 +177,4 @@ class EPWorkerGroup:
         import ray
 
         for worker in self.workers:
-            ray.kill(worker)
+            ray.kill(cast("ActorHandle[EPWorker]", worker))

@@ -2,7 +2,8 @@
 
 Each request owns a `torch.Generator` seeded from its `seed`, and its row of logits is
 filtered and sampled on its own, so what a request samples does not depend on which
-other requests share the batch (Orca / vLLM semantics; METHODS.md).
+other requests share the batch (Orca / vLLM semantics; docs/METHODS.md, "Sampling and
+iteration-level batching").
 
 Legend: B sequences in the step, V vocabulary.
 """

@@ -22,6 +22,10 @@ CASES = [
     ("launch.generate", ["checkpoint=/nonexistent/run", "prompt=x"], "is not a checkpoint"),
     ("launch.generate", ["checkpoint=/x", "prompt=x", "top_p=1.5"], "top_p=1.5 is invalid"),
     ("launch.subset", ["checkpoint=/nonexistent/run", "task=0", "out=/tmp/x"], "not a checkpoint"),
+    ("launch.import_hf", ["path=/nonexistent/model", "out=/tmp/x"], "has no config.json"),
+    ("launch.import_hf", ["path=/x", "out=/tmp/x", "dtype=int4"], "dtype='int4' is invalid"),
+    ("launch.export_hf", ["checkpoint=/nonexistent/run", "out=/tmp/x"], "not a checkpoint"),
+    ("launch.train", ["train.init_from=/nonexistent/run"], "is not a checkpoint"),
 ]
 
 

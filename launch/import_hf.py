@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -60,10 +61,21 @@ def to_import_config(cfg: DictConfig | dict[str, Any]) -> ImportConfig:
     return build(ImportConfig, plain_container(cfg))
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux (of this program's memory map;
+    `ru_maxrss` would carry the parent's peak across fork and exec), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def describe(result: ImportResult, seconds: float) -> str:
     model, routing = result.model, result.routing
     experts = f"{model.num_experts} experts, top-{routing.top_k}" if routing else "dense"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_resident_bytes()
     return (
         f"[import_hf] {result.model_type}: {model.n_layers} blocks, width {model.d_model}, "
         f"{experts}, vocabulary {model.vocab_size}, tokenizer {result.tokenizer!r}\n"

@@ -141,3 +141,21 @@ def test_the_planner_reads_an_imported_checkpoint(tmp_path: Path) -> None:
     assert shape.experts_per_block == (6, 0, 6) and shape.top_k == 2
     assert shape.shared_expert_hidden == 56 and shape.head_dim == 12 and rows
     assert CommConfig().ep_size == 1
+
+
+def test_subsets_measure_on_data_the_model_reads(
+    qwen3: Any, byte_mixtral: Path, tmp_path: Path
+) -> None:
+    from launch.subset import run_subset, to_subset_config
+
+    _, checkpoint = qwen3
+    with pytest.raises(ValueError, match="reads the tokens of its own tokenizer"):
+        write_subset(checkpoint, 0, tmp_path / "bpe")
+    with pytest.raises(ValueError, match=r"no data section \(an imported model\)"):
+        write_subset(byte_mixtral, 0, tmp_path / "bytes")
+    config = to_subset_config({
+        "checkpoint": str(byte_mixtral), "task": "1", "out": str(tmp_path / "bytes"),
+        "coverage": 0.5, "max_windows": 2, "data": {"source": "synthetic", "seq_len": 32},
+    })  # fmt: skip
+    result = run_subset(config)
+    assert result.task == 1 and any(len(ids) < 6 for ids in result.experts.values())

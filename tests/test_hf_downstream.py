@@ -36,6 +36,14 @@ def byte_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def byte_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An imported Qwen2-MoE over bytes: a shared expert, a dense block, q/k/v biases."""
+    root = tmp_path_factory.mktemp("byte_qwen2")
+    save_byte_family("qwen2_moe", root / "hf")
+    return import_hf(root / "hf", root / "checkpoint").directory
+
+
+@pytest.fixture(scope="module")
 def qwen3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     root = tmp_path_factory.mktemp("qwen3")
     hf = save_family("qwen3_moe", root / "hf")
@@ -84,14 +92,14 @@ def test_init_from_refuses_data_of_another_vocabulary(qwen3: Any, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_distilling_an_imported_teacher(byte_mixtral: Path, tmp_path: Path) -> None:
-    config = distill_config(tmp_path / "student", byte_mixtral, "distill.init=top",
+def test_distilling_an_imported_teacher(byte_qwen2: Path, tmp_path: Path) -> None:
+    config = distill_config(tmp_path / "student", byte_qwen2, "distill.init=top",
                             "train.steps=2", "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=0",
                             "data.seq_len=32", "train.batch_size=4", "train.lr=1e-7",
                             "train.min_lr=0")  # fmt: skip
     result = distill(config)
     assert result.final_step == 2 and result.model is not None
-    teacher = load_model(byte_mixtral).model
+    teacher = load_model(byte_qwen2).model
     student = load_model(tmp_path / "student").model
     assert student.moe_layers() == []
     # Attention, norms and embeddings start as the teacher's (then 2 tiny steps).

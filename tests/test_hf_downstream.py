@@ -4,6 +4,7 @@ planner."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,34 @@ def test_subsets_measure_on_data_the_model_reads(
     })  # fmt: skip
     result = run_subset(config)
     assert result.task == 1 and any(len(ids) < 6 for ids in result.experts.values())
+
+
+def test_a_replica_serves_an_imported_model_in_its_tokens(qwen3: Any) -> None:
+    """The serving replica (without Ray): usage in the model's tokens, stop strings on the
+    text, streamed pieces that make up the completion."""
+    import asyncio
+
+    from launch.serving.deployments import ModelServer, ModelSpec
+    from launch.serving.validation import Limits, ModelEntry, parse_completion_request
+
+    _, checkpoint = qwen3
+    server = ModelServer(ModelSpec("full", str(checkpoint), max_batch=2))
+    tokenizer = load_model(checkpoint).tokenizer
+    catalog = {"full": ModelEntry("full", None, 64, byte_level=False)}
+    long_prompt = "In the beginning God created the heaven and the earth. " * 3  # > 64 bytes
+    body = json.dumps({"model": "full", "prompt": long_prompt, "max_tokens": 9,
+                       "temperature": 0}).encode()  # fmt: skip
+    fields = parse_completion_request(body, catalog, Limits()).engine_fields()
+
+    async def requests() -> None:  # one event loop: the replica's batching loop lives in it
+        whole = await server.complete(fields)
+        pieces = [chunk async for chunk in server.stream(fields)]
+        assert whole["completion_tokens"] == 9 and whole["finish_reason"] == "length"
+        assert whole["prompt_tokens"] == min(64, len(tokenizer.encode(long_prompt)))
+        assert "".join(piece["text"] for piece in pieces) == whole["text"]
+        stop = whole["text"][2:4]
+        stopped = await server.complete({**fields, "stop": [stop.encode()]})
+        assert stopped["finish_reason"] == "stop"
+        assert stopped["text"] == whole["text"][: whole["text"].find(stop)]
+
+    asyncio.run(asyncio.wait_for(requests(), 120))

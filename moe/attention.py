@@ -205,18 +205,30 @@ class CausalSelfAttention(nn.Module):
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         return q.reshape(B, T, N, C), k.reshape(B, T, G, C), v.reshape(B, T, G, C)
 
-    def forward(self, x_BTD: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
-        """x_BTD -> y_BTD. With a cache, the new positions follow the cached ones."""
+    def rotary(
+        self, num_new: int, cache: AttentionCache | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_TC, sin_TC of the new tokens' positions (after the cached ones)."""
+        if cache is None:
+            positions_T = torch.arange(num_new, device=device)
+        else:
+            positions_T = cache.positions(num_new, device)
+        return rotary_cos_sin(positions_T, self.head_dim, self.rope_theta)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cache: AttentionCache | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x_BTD -> y_BTD. With a cache, the new positions follow the cached ones.
+        `rotary`: (cos_TC, sin_TC) of those positions, computed once by the caller for
+        every layer (None: computed here, `rotary()`)."""
         B, T, _ = x_BTD.shape
         N, G, C = self.n_heads, self.n_kv_heads, self.head_dim
         q_BTNC, k_BTGC, v_BTGC = self._project(x_BTD)
         q_BNTC, k_BGTC, v_BGTC = (t.transpose(1, 2) for t in (q_BTNC, k_BTGC, v_BTGC))
-
-        if cache is None:
-            positions_T = torch.arange(T, device=x_BTD.device)
-        else:
-            positions_T = cache.positions(T, x_BTD.device)
-        cos_TC, sin_TC = rotary_cos_sin(positions_T, C, self.rope_theta)
+        cos_TC, sin_TC = rotary if rotary is not None else self.rotary(T, cache, x_BTD.device)
         q_BNTC = apply_rotary(q_BNTC, cos_TC, sin_TC)
         k_BGTC = apply_rotary(k_BGTC, cos_TC, sin_TC)
         if cache is not None:

@@ -71,9 +71,12 @@ class Block(nn.Module):
         x_BTD: torch.Tensor,
         task_ids_BT: torch.Tensor | None,
         cache: AttentionCache | None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new residual stream and the MoE aux loss (None for a dense FFN)."""
-        x_BTD = x_BTD + self.residual_dropout(self.attn(self.attn_norm(x_BTD), cache))
+        """Returns the new residual stream and the MoE aux loss (None for a dense FFN).
+        `rotary`: the positions' (cos, sin), shared by every block of one call."""
+        y_BTD = self.attn(self.attn_norm(x_BTD), cache, rotary)
+        x_BTD = x_BTD + self.residual_dropout(y_BTD)
         h_BTD = self.ffn_norm(x_BTD)
         aux_loss = None
         if isinstance(self.ffn, MoELayer):
@@ -276,8 +279,12 @@ class MoETransformer(nn.Module):
                 )
         x_BTD = self.embed(tokens_BT)
         aux_loss = x_BTD.new_zeros(())
+        # Every block's cache holds the same positions: the rotary angles once per call
+        # (one sin and cos instead of one per block; as transformers does).
+        rotary = self.blocks[0].attn.rotary(T, caches[0] if caches else None, tokens_BT.device)
         for index, block in enumerate(self.blocks):
-            x_BTD, block_aux = block(x_BTD, task_ids_BT, caches[index] if caches else None)
+            cache = caches[index] if caches else None
+            x_BTD, block_aux = block(x_BTD, task_ids_BT, cache, rotary)
             if block_aux is not None:
                 aux_loss = aux_loss + block_aux
         h_BTD = self.final_norm(x_BTD)

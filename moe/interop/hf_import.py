@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -277,8 +278,6 @@ def import_hf(
             temp, [manifest], step=0, config=config, attachments=tokenizer.files()
         )
     except BaseException:
-        import shutil
-
         shutil.rmtree(temp, ignore_errors=True)
         raise
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())

@@ -21,6 +21,7 @@ from comm.alltoall import Algorithm
 from launch.schema import build, hydra_schema, plain_container
 from moe.config import ModelConfig
 from moe.data import DataConfig
+from moe.pruning import PruneConfig
 from routing.config import RoutingConfig, parse_enum
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "CommConfig",
     "DataConfig",
     "ModelConfig",
+    "PruneConfig",
     "RayConfig",
     "ResumeMode",
     "RoutingConfig",
@@ -79,8 +81,9 @@ class TrainConfig:
     `init_from`: a checkpoint (e.g. an imported HF model) to fine-tune: a fresh run starts
     from its weights (any EP size; a fresh optimizer), its model config replaces `model`
     and its router (kind, top_k, weight normalisation, tasks) the router fields of
-    `routing`; capacity and routing losses stay the run's. A resumed run loads its own
-    checkpoint instead (`launch.training.checkpointing.InitialWeights`).
+    `routing`; capacity and routing losses stay the run's; its pruning masks are kept and
+    its tokenizer goes into the run's checkpoints. A resumed run loads its own checkpoint
+    instead (`launch.training.checkpointing.InitialWeights`).
     """
 
     steps: int = 1000
@@ -112,6 +115,8 @@ class TrainConfig:
     # Keep freed host memory in the heap instead of unmapping it (launch.training.allocator):
     # large per-step temporaries are reused rather than page-faulted in every step.
     reuse_heap: bool = True
+    # A checkpoint (step, checkpoints or run directory) a fresh run starts from: see the
+    # class docstring. Its pruning masks, if any, are kept (moe.pruning.build_pruning).
     init_from: str = ""
 
     def __post_init__(self) -> None:
@@ -236,6 +241,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -251,6 +257,7 @@ _GROUPS: dict[str, type] = {
     "train": TrainConfig,
     "wandb": WandbConfig,
     "ray": RayConfig,
+    "prune": PruneConfig,
 }
 
 

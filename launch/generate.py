@@ -90,6 +90,8 @@ class GenerateConfig:
             raise ValueError(
                 f"max_len={self.max_len} is invalid; accepted: 0 (the model's) or >= 1"
             )
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} is invalid; accepted: >= 1")
         self.sampling()  # validates max_tokens, temperature, top_k, top_p, stop
 
     def all_prompts(self) -> list[str]:

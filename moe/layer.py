@@ -90,6 +90,8 @@ class MoELayer(nn.Module):
                 self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
                 nn.init.normal_(self.shared_expert_gate.weight, std=d_model**-0.5)
         self.last_stats: RoutingStats | None = None
+        # The last forward's chosen experts (global ids), for those who report them.
+        self.last_expert_ids_TK: Tensor | None = None
         # A stateful capacity policy's per-layer state (DynaMoE), None for the others.
         self.capacity_state: CapacityState | None = build_capacity_state(num_experts, routing)
         # `MoETransformer.override_capacity` sets it: DROPLESS bypasses the policy.
@@ -185,4 +187,5 @@ class MoELayer(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
         self.last_stats = plan.stats
+        self.last_expert_ids_TK = plan.expert_ids_TK
         return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)

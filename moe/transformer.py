@@ -229,6 +229,16 @@ class MoETransformer(nn.Module):
             i: layer.last_stats for i, layer in self.moe_layers() if layer.last_stats is not None
         }
 
+    def take_comm_time(self) -> float:
+        """Seconds this rank spent in the MoE all-to-alls (counts and rows, forward and
+        backward) since the last call, over all layers; 0 without expert parallelism."""
+        total = 0.0
+        for _, layer in self.moe_layers():
+            timer = getattr(layer.dispatcher, "comm_timer", None)  # only EP dispatchers time
+            if timer is not None:
+                total += timer.take()
+        return total
+
     def init_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
         """Empty KV caches (one per block) for incremental decoding."""
         param = self.embed.weight
@@ -281,7 +291,9 @@ class MoETransformer(nn.Module):
         aux_loss = x_BTD.new_zeros(())
         # Every block's cache holds the same positions: the rotary angles once per call
         # (one sin and cos instead of one per block; as transformers does).
-        rotary = self.blocks[0].attn.rotary(T, caches[0] if caches else None, tokens_BT.device)
+        first = self.blocks[0]
+        assert isinstance(first, Block)
+        rotary = first.attn.rotary(T, caches[0] if caches else None, tokens_BT.device)
         for index, block in enumerate(self.blocks):
             cache = caches[index] if caches else None
             x_BTD, block_aux = block(x_BTD, task_ids_BT, cache, rotary)

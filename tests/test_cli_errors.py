@@ -26,6 +26,12 @@ CASES = [
     ("launch.import_hf", ["path=/x", "out=/tmp/x", "dtype=int4"], "dtype='int4' is invalid"),
     ("launch.export_hf", ["checkpoint=/nonexistent/run", "out=/tmp/x"], "not a checkpoint"),
     ("launch.train", ["train.init_from=/nonexistent/run"], "is not a checkpoint"),
+    ("launch.prune", ["checkpoint=/x", "out=/tmp/x"], "prune.method=magnitude needs prune."),
+    (
+        "launch.prune",
+        ["checkpoint=/nonexistent", "out=/y", "prune.sparsity=0.5"],
+        "not a checkpoint",
+    ),
 ]
 
 

@@ -4,7 +4,7 @@ planner."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -171,31 +171,31 @@ def test_subsets_measure_on_data_the_model_reads(
 
 
 def test_a_replica_serves_an_imported_model_in_its_tokens(qwen3: Any) -> None:
-    """The serving replica (without Ray): usage in the model's tokens, stop strings on the
-    text, streamed pieces that make up the completion."""
+    """The serving replica (without Ray): token counts in the model's tokens, stop strings
+    on the text, streamed pieces that make up the completion (the OpenAI API end to end:
+    tests/test_serve_hf_openai.py)."""
     import asyncio
 
     from launch.serving.deployments import ModelServer, ModelSpec
-    from launch.serving.validation import Limits, ModelEntry, parse_completion_request
+    from launch.serving.protocol import GenerationRequest, StreamEnd
 
     _, checkpoint = qwen3
     server = ModelServer(ModelSpec("full", str(checkpoint), max_batch=2))
     tokenizer = load_model(checkpoint).tokenizer
-    catalog = {"full": ModelEntry("full", None, 64, byte_level=False)}
-    long_prompt = "In the beginning God created the heaven and the earth. " * 3  # > 64 bytes
-    body = json.dumps({"model": "full", "prompt": long_prompt, "max_tokens": 9,
-                       "temperature": 0}).encode()  # fmt: skip
-    fields = parse_completion_request(body, catalog, Limits()).engine_fields()
+    ids = tuple(tokenizer.encode("In the beginning God created the heaven", True))
+    request = GenerationRequest(prompts=(ids,), max_tokens=9, temperature=0.0)
 
     async def requests() -> None:  # one event loop: the replica's batching loop lives in it
-        whole = await server.complete(fields)
-        pieces = [chunk async for chunk in server.stream(fields)]
-        assert whole["completion_tokens"] == 9 and whole["finish_reason"] == "length"
-        assert whole["prompt_tokens"] == min(64, len(tokenizer.encode(long_prompt)))
-        assert "".join(piece["text"] for piece in pieces) == whole["text"]
-        stop = whole["text"][2:4]
-        stopped = await server.complete({**fields, "stop": [stop.encode()]})
-        assert stopped["finish_reason"] == "stop"
-        assert stopped["text"] == whole["text"][: whole["text"].find(stop)]
+        whole = await server.complete(request)
+        (choice,) = whole.choices
+        assert choice.completion_tokens == 9 and choice.finish_reason == "length"
+        assert whole.prompt_tokens == (len(ids),) and whole.completion_tokens == 9
+        pieces = [item async for item in server.stream(request)]
+        assert isinstance(pieces[-1], StreamEnd) and pieces[-1].completion_tokens == 9
+        assert "".join(piece.text for piece in pieces[:-1]) == choice.text
+        stop = choice.text[2:4]
+        stopped = (await server.complete(dataclasses.replace(request, stop=(stop,)))).choices
+        assert stopped[0].finish_reason == "stop"
+        assert stopped[0].text == choice.text[: choice.text.find(stop)]
 
     asyncio.run(asyncio.wait_for(requests(), 120))

@@ -11,16 +11,24 @@ process (one replica, one engine), or the same call on every expert-parallel wor
 once (`launch.serving.ep_workers`). An error from a step fails every request in flight
 and breaks the loop for good (`broken`): the replica then reports unhealthy and Ray
 Serve replaces it.
+
+Every step also returns the engine's telemetry since the previous one
+(`moe.inference.telemetry`; summed over expert-parallel workers); the loop keeps the
+running totals (`BatchLoop.telemetry`) that the replica reports to the gateway's
+`/metrics`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from moe.inference import Completion, InferenceEngine, SamplingParams
+from moe.inference.engine import GeneratedToken
+from moe.inference.sampling import TokenLogprob
+from moe.inference.telemetry import EngineTelemetry
 
 
 @dataclass(frozen=True)
@@ -28,24 +36,35 @@ class Submission:
     """A request as the step function sees it; `key` is the loop's request id."""
 
     key: int
-    prompt: bytes
+    prompt: bytes | Sequence[int]
     params: SamplingParams
     task: int | None
 
 
 @dataclass(frozen=True)
 class Event:
-    """What one step produced for one request: text it may show, its completion when it
-    finished, or the reason the engine refused it."""
+    """What one step produced for one request: text it may show, the token it sampled,
+    its prompt's scores (first event, when asked), its completion when it finished, or
+    the reason the engine refused it."""
 
     key: int
     new_text: str
     completion: Completion | None = None
     error: str | None = None
+    new_tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def final(self) -> bool:
         return self.completion is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One step: its events, and the engine's telemetry since the previous step."""
+
+    events: list[Event]
+    telemetry: EngineTelemetry = field(default_factory=EngineTelemetry)
 
 
 class ReplicaUnavailable(RuntimeError):
@@ -62,7 +81,7 @@ class EngineShard:
 
     def step(
         self, submissions: list[Submission], cancels: list[int], always: bool = False
-    ) -> list[Event]:
+    ) -> StepOutput:
         """Cancel, submit, then run one engine step (with `always`, also with no work:
         expert-parallel ranks call their MoE layers together)."""
         refused = []
@@ -82,24 +101,33 @@ class EngineShard:
             self._key_of[engine_id] = submission.key
             self._engine_id_of[submission.key] = engine_id
         if not (always or self.engine.has_work()):
-            return refused
+            return StepOutput(refused, self.engine.take_telemetry())
         events = refused
         for event in self.engine.step():
             key = self._key_of[event.request_id]
             if event.completion is not None:
                 del self._key_of[event.request_id]
                 del self._engine_id_of[key]
-            events.append(Event(key, event.new_text, event.completion))
-        return events
+            events.append(
+                Event(
+                    key,
+                    event.new_text,
+                    event.completion,
+                    None,
+                    event.new_tokens,
+                    event.prompt_logprobs,
+                )
+            )
+        return StepOutput(events, self.engine.take_telemetry())
 
 
-StepFunction = Callable[[list[Submission], list[int]], Awaitable[list[Event]]]
+StepFunction = Callable[[list[Submission], list[int]], Awaitable[StepOutput]]
 
 
 def local_step(shard: EngineShard) -> StepFunction:
     """Steps of an engine in this process, in a thread so the event loop keeps serving."""
 
-    async def step(submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    async def step(submissions: list[Submission], cancels: list[int]) -> StepOutput:
         return await asyncio.to_thread(shard.step, submissions, cancels)
 
     return step
@@ -120,13 +148,19 @@ class BatchLoop:
         self.broken: BaseException | None = None
         self.completed = 0
         self.steps = 0
+        self.telemetry = EngineTelemetry()  # running totals of the engine(s)
 
     @property
     def in_flight(self) -> int:
         return len(self._queues)
 
+    @property
+    def pending(self) -> int:
+        """Requests handed to the loop and not yet to the engine."""
+        return len(self._submissions)
+
     async def generate(
-        self, prompt: bytes, params: SamplingParams, task: int | None
+        self, prompt: bytes | Sequence[int], params: SamplingParams, task: int | None
     ) -> AsyncIterator[Event]:
         """The events of one request, the last one final. Raises `ReplicaUnavailable`
         when the engine fails; cancelling the consumer cancels the request."""
@@ -176,14 +210,15 @@ class BatchLoop:
             self._in_engine -= cancelled
             self._in_engine |= {s.key for s in submissions}
             try:
-                events = await self._step(submissions, cancels)
+                output = await self._step(submissions, cancels)
             except Exception as error:  # every waiter gets it, then health fails
                 self.broken = error
                 for queue in self._queues.values():
                     queue.put_nowait(error)
                 return
             self.steps += 1
-            for event in events:
+            self.telemetry.accumulate(output.telemetry)
+            for event in output.events:
                 if event.final:
                     self._in_engine.discard(event.key)
                     self.completed += event.completion is not None

@@ -26,9 +26,10 @@ import torch.distributed as dist
 
 from launch.config import Backend, CommConfig
 from launch.runtime import ProcessInfo, dispatcher_factory, resolve_backend, setup_runtime
-from launch.serving.batching import EngineShard, Event, Submission
+from launch.serving.batching import EngineShard, StepOutput, Submission
 from launch.serving.model_info import describe_model, resident_bytes
 from moe.inference import InferenceEngine, load_model
+from moe.inference.telemetry import EngineTelemetry
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -84,7 +85,7 @@ class EPWorker:
         self.info = describe_model(loaded)
         return self.describe()
 
-    def step(self, submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:
         assert self.shard is not None, "setup() first"
         return self.shard.step(submissions, cancels, always=True)
 
@@ -113,7 +114,7 @@ class EPWorkerHandle(Protocol):
     def setup(self) -> RemoteMethod[[str, float], dict[str, Any]]: ...
 
     @property
-    def step(self) -> RemoteMethod[[list[Submission], list[int]], list[Event]]: ...
+    def step(self) -> RemoteMethod[[list[Submission], list[int]], StepOutput]: ...
 
     @property
     def describe(self) -> RemoteMethod[[], dict[str, Any]]: ...
@@ -145,7 +146,7 @@ class EPWorkerGroup:
         self.load = [0] * ep_size  # requests in flight per worker
         self._worker_of: dict[int, int] = {}
 
-    async def step(self, submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    async def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:
         per_worker_submissions: list[list[Submission]] = [[] for _ in self.workers]
         per_worker_cancels: list[list[int]] = [[] for _ in self.workers]
         for submission in submissions:
@@ -162,11 +163,11 @@ class EPWorkerGroup:
             for worker, subs, keys in zip(self.workers, per_worker_submissions, per_worker_cancels)
         ]
         results = await asyncio.gather(*refs)
-        events = [event for result in results for event in result]
+        events = [event for result in results for event in result.events]
         for event in events:
             if event.final:
                 self.load[self._worker_of.pop(event.key)] -= 1
-        return events
+        return StepOutput(events, EngineTelemetry.of_ranks(r.telemetry for r in results))
 
     async def check(self, timeout_s: float) -> list[dict[str, Any]]:
         """Every worker's description; raises if one is dead or does not answer."""

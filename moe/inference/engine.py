@@ -27,6 +27,14 @@ change with its neighbours. The engine overrides the model's capacity policy wit
 included; `restore()` puts the trained one back); `routing="trained"` keeps the trained
 policy for those who want it.
 
+Log-probabilities and telemetry come from the step that samples: a request that asks
+(`SamplingParams.logprobs`) gets each sampled token's log-probability and alternatives
+from the logits the token was sampled from, and one that asks for `prompt_logprobs` gets
+its prompt scored from the logits of its prefill (`moe.inference.sampling`); neither
+costs a model call. `take_telemetry()` returns what the engine did since the last call
+(tokens, tokens per expert per layer, dropped slots, all-to-all time) and what it holds
+(`moe.inference.telemetry`).
+
 Context longer than `max_len` (the model's `max_seq_len` unless given): a prompt keeps
 its last `max_len` tokens; a sequence whose slot fills up is re-prefilled with the last half
 window (positions restart at 0, as in training windows) and continues.
@@ -50,7 +58,15 @@ import torch
 import torch.distributed as dist
 
 from moe.inference.cache import Segment, SlotKVCache
-from moe.inference.sampling import SamplingParams, sample_tokens
+from moe.inference.outputs import (
+    GeneratedToken,
+    PromptSpan,
+    generated_tokens,
+    routed_experts,
+    score_prompts,
+)
+from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
+from moe.inference.telemetry import EngineMeter, EngineTelemetry
 from moe.inference.text import Prompt, TextStream, encode_prompt
 from moe.interop.tokenizer import ByteTokenizer, Tokenizer
 from moe.transformer import MoETransformer
@@ -61,10 +77,13 @@ from routing.config import parse_enum
 @dataclass(frozen=True)
 class Completion:
     """A finished request. `token_ids`: every sampled id (an eos, and the tokens of a
-    stop string, included; `completion_tokens` counts them); `text`: the completion's
-    text, cut before a stop string. Times are wall-clock seconds:
-    `time_to_first_token_s` from submission to the first sampled token;
-    `per_token_latency_s` the mean time between later tokens (0 with one token)."""
+    stop string, included; `completion_tokens` counts them); `tokens`: the same, each
+    with what the request asked for (log-probability, experts); `text`: the
+    completion's text, cut before a stop string. `prompt_logprobs`: when asked, the
+    score of every prompt token after the first (`SamplingParams.prompt_logprobs`).
+    Times are wall-clock seconds: `time_to_first_token_s` from submission to the first
+    sampled token; `per_token_latency_s` the mean time between later tokens (0 with one
+    token)."""
 
     request_id: int
     prompt_tokens: int
@@ -74,18 +93,26 @@ class Completion:
     time_to_first_token_s: float
     per_token_latency_s: float
     total_time_s: float
-    token_ids: tuple[int, ...] = ()
+    tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(token.id for token in self.tokens)
 
 
 @dataclass(frozen=True)
 class StepEvent:
     """What one step produced for one request: the text it may now show (held back
-    while it could still be the start of a stop string or of a character), and its
-    completion if it finished."""
+    while it could still be the start of a stop string or of a character), its
+    completion if it finished, the token it sampled, and (in its first event, when
+    asked) its prompt's scores."""
 
     request_id: int
     new_text: str
     completion: Completion | None
+    new_tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -102,6 +129,8 @@ class _Sequence:
     slot: int = -1
     pending: int = 0  # how many tokens of `context` the slot does not hold yet
     first_token_at: float = 0.0
+    outputs: list[GeneratedToken] = field(default_factory=list)
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
 
 
 class InferenceEngine:
@@ -179,6 +208,7 @@ class InferenceEngine:
         self._next_id = 0
         if warmup:
             self._warmup()
+        self.meter = EngineMeter(model)
 
     @torch.no_grad()
     def _warmup(self) -> None:
@@ -199,6 +229,11 @@ class InferenceEngine:
         ids = encode_prompt(prompt, self.tokenizer, self.vocab_size)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params={params!r} is invalid; accepted: a SamplingParams")
+        bad_bias = [token for token, _ in params.logit_bias if token >= self.vocab_size]
+        if bad_bias:
+            raise ValueError(
+                f"logit_bias names token ids {bad_bias}; accepted: [0, {self.vocab_size})"
+            )
         if task_id is None and self.needs_task:
             accepted = "" if self.task_ids is None else f", one of {self.task_ids}"
             raise ValueError(f"this model routes by task: give task_id{accepted}")
@@ -270,26 +305,63 @@ class InferenceEngine:
         caches = self.cache.step(segments)
         logits_1TV = self.model(tokens_1T, task_ids_1T, caches).logits_BTV
         self.cache.commit(segments)
+        prompt_tokens = sum(s.pending for s in self._running if not s.generated)
         if not self._running:
+            self.meter.record_step(0, 0, 0)
             return []
         ends, offset = [], 0
         for segment in segments:
             offset += segment.count
             ends.append(offset - 1)
+        if self.tokenizer.vocab_size < self.vocab_size:
+            # Padded rows have no text: never sampled, scored or offered as alternatives.
+            logits_1TV[..., self.tokenizer.vocab_size :] = float("-inf")
+        self._score_prompts(logits_1TV[0], segments)
         last_BV = logits_1TV[0, ends]
-        if self.tokenizer.vocab_size < self.vocab_size:  # padded rows have no text
-            last_BV[:, self.tokenizer.vocab_size :] = float("-inf")
+        running = self._running
         next_tokens = sample_tokens(
-            last_BV, [s.params for s in self._running], [s.generator for s in self._running]
-        )
-        return self._advance(next_tokens)
+            last_BV, [s.params for s in running], [s.generator for s in running],
+            [s.generated for s in running],
+        )  # fmt: skip
+        outputs = self._outputs(last_BV, next_tokens, ends)
+        generated = sum(1 for s in running if s.params.max_tokens > 0)
+        self.meter.record_step(len(tokens), prompt_tokens, generated)
+        return self._advance(outputs)
 
-    def _advance(self, next_tokens: list[int]) -> list[StepEvent]:
+    def _score_prompts(self, logits_TV: torch.Tensor, segments: list[Segment]) -> None:
+        """Score what this step's prefill read of the prompts that ask (`outputs`)."""
+        spans, owners, offset = [], [], 0
+        for sequence, segment in zip(self._running, segments):
+            top = sequence.params.prompt_logprobs
+            if top is not None and not sequence.generated:  # the first prefill only
+                spans.append(PromptSpan(offset, segment.start, segment.count, sequence.prompt, top))
+                owners.append(sequence)
+            offset += segment.count
+        for sequence, scores in zip(owners, score_prompts(logits_TV, spans)):
+            sequence.prompt_scores.extend(scores)
+
+    def _outputs(
+        self, last_BV: torch.Tensor, next_tokens: list[int], ends: list[int]
+    ) -> list[GeneratedToken]:
+        """The sampled tokens with what their requests asked for (`outputs`)."""
+        params = [s.params for s in self._running]
+        experts = (
+            routed_experts(self.model, ends) if any(p.routed_experts for p in params) else None
+        )
+        return generated_tokens(last_BV, next_tokens, params, experts)
+
+    def _advance(self, outputs: list[GeneratedToken]) -> list[StepEvent]:
         now = time.perf_counter()
         events, still_running = [], []
-        for sequence, token in zip(self._running, next_tokens):
-            if not sequence.generated:
+        for sequence, output in zip(self._running, outputs):
+            if sequence.params.max_tokens == 0:  # the prompt was only to be read
+                events.append(self._finish(sequence, "length", now))
+                continue
+            token = output.id
+            first = not sequence.generated
+            if first:
                 sequence.first_token_at = now
+            sequence.outputs.append(output)
             sequence.generated.append(token)
             sequence.context.append(token)
             sequence.pending = 1
@@ -304,14 +376,24 @@ class InferenceEngine:
                 sequence.context = sequence.context[-max(1, self.max_len // 2) :]
                 sequence.pending = len(sequence.context)
                 self.cache.reset(sequence.slot)
-            events.append(StepEvent(sequence.request_id, sequence.text.visible(), None))
+            new_text = sequence.text.visible()
+            scores = self._prompt_scores(sequence) if first else None
+            events.append(StepEvent(sequence.request_id, new_text, None, (output,), scores))
             still_running.append(sequence)
         self._running = still_running
         return events
 
+    @staticmethod
+    def _prompt_scores(sequence: _Sequence) -> tuple[TokenLogprob, ...] | None:
+        if sequence.params.prompt_logprobs is None:
+            return None
+        return tuple(sequence.prompt_scores)
+
     def _finish(self, sequence: _Sequence, reason: str, now: float) -> StepEvent:
         text, unseen = sequence.text.finish()
-        later = len(sequence.generated) - 1
+        if not sequence.generated:  # max_tokens=0: the prompt's prefill was all
+            sequence.first_token_at = now
+        later = max(0, len(sequence.generated) - 1)
         completion = Completion(
             request_id=sequence.request_id,
             prompt_tokens=len(sequence.prompt),
@@ -321,11 +403,16 @@ class InferenceEngine:
             time_to_first_token_s=sequence.first_token_at - sequence.submitted,
             per_token_latency_s=(now - sequence.first_token_at) / later if later else 0.0,
             total_time_s=now - sequence.submitted,
-            token_ids=tuple(sequence.generated),
+            tokens=tuple(sequence.outputs),
+            prompt_logprobs=self._prompt_scores(sequence),
         )
         self._free_slots.append(sequence.slot)
         self.cache.reset(sequence.slot)
-        return StepEvent(sequence.request_id, unseen, completion)
+        last = sequence.outputs[-1:] if sequence.generated else []
+        return StepEvent(
+            sequence.request_id, unseen, completion, tuple(last),
+            self._prompt_scores(sequence) if len(sequence.generated) <= 1 else None,
+        )  # fmt: skip
 
     # --- driving -----------------------------------------------------------------------
 
@@ -343,6 +430,15 @@ class InferenceEngine:
             for event in self.step():
                 if event.completion is not None:
                     yield event.completion
+
+    def take_telemetry(self) -> EngineTelemetry:
+        """What the engine did since the last call, and what it holds now
+        (`moe.inference.telemetry`)."""
+        return self.meter.take(
+            running=len(self._running), waiting=len(self._waiting),
+            slots_in_use=self.max_batch - len(self._free_slots), slots_total=self.max_batch,
+            kv_tokens=sum(self.cache.lengths), kv_capacity=self.max_batch * self.max_len,
+        )  # fmt: skip
 
     def restore(self) -> None:
         """Give the model back as it came: its capacity policy, training mode."""

@@ -118,6 +118,28 @@ def test_padded_vocabulary_rows_are_never_sampled(tokenizer: HFTokenizer) -> Non
         assert all(i < 320 for i in done.token_ids) and len(done.token_ids) == 6
 
 
+def test_padded_vocabulary_rows_are_never_scored(tokenizer: HFTokenizer) -> None:
+    """Log-probabilities, alternatives and prompt scores are over the tokenizer's tokens:
+    log-softmax of the full forward's logits restricted to the first 320 rows."""
+    model = _model(336, seed=2)
+    _favour(model, 330)
+    prompt = tokenizer.encode("In the beginning", add_special_tokens=True)
+    engine = InferenceEngine(model, tokenizer=tokenizer)
+    engine.submit(prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=5,
+                                         prompt_logprobs=5))  # fmt: skip
+    (done,) = list(engine.run())
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([prompt + list(done.token_ids)])).logits_BTV[0]
+    reference_TV = torch.log_softmax(logits_TV[:, :320].double(), dim=-1)
+    assert done.prompt_logprobs is not None
+    scores = list(done.prompt_logprobs) + [t.logprob for t in done.tokens]
+    targets = prompt[1:] + list(done.token_ids)
+    for position, (score, target) in enumerate(zip(scores, targets)):
+        assert score is not None and score.token == target
+        assert score.logprob == pytest.approx(float(reference_TV[position, target]), abs=1e-5)
+        assert [i for i, _ in score.top] == reference_TV[position].topk(5).indices.tolist()
+
+
 def test_refusals(tokenizer: HFTokenizer) -> None:
     with pytest.raises(ValueError, match="pass its tokenizer"):
         InferenceEngine(_model(320))

@@ -26,6 +26,8 @@ CASES = [
     ("launch.import_hf", ["path=/x", "out=/tmp/x", "dtype=int4"], "dtype='int4' is invalid"),
     ("launch.export_hf", ["checkpoint=/nonexistent/run", "out=/tmp/x"], "not a checkpoint"),
     ("launch.train", ["train.init_from=/nonexistent/run"], "is not a checkpoint"),
+    ("launch.tokenizer", ["out=/tmp/x", "tokenizer.vocab_size=100"], "vocab_size=100 is invalid"),
+    ("launch.train", ["data.tokenizer=/nonexistent/tok"], "holds no tokenizer.json"),
     ("launch.prune", ["checkpoint=/x", "out=/tmp/x"], "prune.method=magnitude needs prune."),
     (
         "launch.prune",

@@ -87,7 +87,7 @@ def test_fine_tuning_starts_from_the_imported_weights_at_ep1_and_ep2(
 
 def test_init_from_refuses_data_of_another_vocabulary(qwen3: Any, tmp_path: Path) -> None:
     _, checkpoint = qwen3
-    with pytest.raises(ValueError, match="tokenize the data with the checkpoint's tokenizer"):
+    with pytest.raises(ValueError, match="use the checkpoint's tokenizer"):
         train(_fine_tune(tmp_path / "run", checkpoint, 1))
     assert not (tmp_path / "run").exists()
 

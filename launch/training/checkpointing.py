@@ -6,15 +6,15 @@ policies (`extra["routing_state"]`, `routing.PolicyState.state_dict`: DynaMoE's
 controllers and, in a one-process run, its assignment caches; a multi-rank run's
 caches are per rank and restart empty), the state of pruning (`extra["pruning"]`,
 `moe.pruning.PruningState.state_dict`: masks by parameter and global expert id, SR-STE's
-dense weights) and the run's config. Resuming
+dense weights), the data's tokenizer files (none for bytes) and the run's config. Resuming
 loads the weights at any EP size but the optimizer state only with the layout it was
 saved with (same world size, same experts per rank): a resharded resume would change
 Adam's moments, so it is refused with the reason rather than done approximately.
 
 `InitialWeights` is the checkpoint a fresh run starts from (`train.init_from`:
 fine-tuning, e.g. an imported HF model or a pruned one): the run takes its model config
-and router, loads its weights at any EP size, keeps its pruning masks and carries its
-tokenizer; not its optimizer state or step.
+and router, loads its weights at any EP size and keeps its pruning masks; not its
+optimizer state or step. Its tokenizer files must be the data's.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from typing import Any
 from launch.config import RunConfig
 from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
+from moe.checkpoint.files import sha256_hex
 from moe.config import ModelConfig
-from moe.inference.loading import checkpoint_tokenizer, configs_of, resolve_checkpoint, subset_ids
-from moe.interop.tokenizer import Tokenizer
+from moe.inference.loading import configs_of, resolve_checkpoint, subset_ids
+from moe.interop.tokenizer import TOKENIZER_FILES, ByteTokenizer, Tokenizer
 from moe.pruning import PRUNING_KEY, PruneConfig
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
@@ -92,12 +93,13 @@ class CheckpointManager:
         directory: Path,
         runtime: Runtime,
         keep_last: int,
-        attachments: dict[str, bytes] | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.runtime = runtime
         self.keep_last = keep_last
-        self.attachments = dict(attachments or {})
+        # The data's tokenizer: every checkpoint carries its files (none for bytes).
+        self.tokenizer = tokenizer or ByteTokenizer()
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (ValueError if the `latest` pointer dangles)."""
@@ -131,7 +133,7 @@ class CheckpointManager:
             extra=extra,
             group=groups.world if groups is not None else None,
             keep_last=self.keep_last,
-            attachments=self.attachments,
+            attachments=self.tokenizer.files(),
         )
 
     def load(
@@ -144,9 +146,11 @@ class CheckpointManager:
         """Load checkpoint `path` into `model` and read this rank's optimizer state.
 
         Refuses (ValueError) a checkpoint whose config differs from this run's `record`
-        in a `compared` section (model, routing, and the objective's settings), and a
+        in a `compared` section (model, routing, and the objective's settings), one whose
+        tokenizer files differ from this run's (the ids would mean other text), and a
         corrupt or missing file (named by `moe.checkpoint`)."""
         info = self.runtime.info
+        check_same_tokenizer(path, read_meta(path), self.tokenizer)
         _check_sections(path, record, compared, "use another run_dir or the same")
         loaded = load_checkpoint(
             path, model, load_optimizer=True, rank=info.rank, world_size=info.world_size
@@ -178,6 +182,25 @@ def _check_sections(
             )
 
 
+def check_same_tokenizer(
+    path: Path, meta: dict[str, Any], tokenizer: Tokenizer, instead: str = "another run_dir"
+) -> None:
+    """ValueError unless checkpoint `path` (its `meta`) carries exactly `tokenizer`'s files
+    (none: bytes): a model's ids mean text only through the tokenizer it was trained on.
+    `instead`: the other way out the message offers."""
+    mine = {name: sha256_hex(data) for name, data in tokenizer.files().items()}
+    files = meta.get("files", {})
+    saved = {name: files[name] for name in TOKENIZER_FILES if name in files}
+    if mine != saved:
+        theirs = "bytes" if not saved else f"the tokenizer files {sorted(saved)}"
+        ours = "bytes" if not mine else repr(tokenizer)
+        raise ValueError(
+            f"checkpoint {path} was trained on {theirs}, but this run's data is tokenized by "
+            f"{ours} (other files or contents); use the checkpoint's tokenizer (data.tokenizer="
+            f"{path}) or {instead}"
+        )
+
+
 def _routing_state(extra: dict[str, Any]) -> dict[str, Any]:
     """The routing policies' state of a checkpoint (checkpoints written before the
     policy-state protocol kept DynaMoE's alone, under "dynamic")."""
@@ -194,15 +217,14 @@ ROUTER_FIELDS = ("router", "top_k", "normalize_weights", "normalize_top1", "num_
 @dataclass(frozen=True)
 class InitialWeights:
     """A checkpoint a fresh run starts from (`train.init_from`): its model and routing
-    configs and its tokenizer. `adopt(config)` gives the run its model and router;
-    `load(model)` copies the weights into this rank's model (any EP size: each expert
+    configs. `adopt(config)` gives the run its model and router; `check_data(tokenizer)`
+    refuses data tokenized otherwise than the checkpoint's model reads; `load(model)` copies the weights into this rank's model (any EP size: each expert
     stack reads the experts it holds) and returns its pruning state (the masks a
     fine-tuned pruned model keeps; empty when it has none)."""
 
     directory: Path
     model: ModelConfig
     routing: RoutingConfig | None
-    tokenizer: Tokenizer
 
     @classmethod
     def read(cls, checkpoint: str | Path) -> InitialWeights:
@@ -223,7 +245,7 @@ class InitialWeights:
                 "experts (training needs them)"
             )
         model, routing = configs_of(meta)
-        return cls(directory, model, routing, checkpoint_tokenizer(directory, meta))
+        return cls(directory, model, routing)
 
     def adopt(self, config: RunConfig) -> RunConfig:
         routing = config.routing
@@ -231,14 +253,11 @@ class InitialWeights:
             routing = replace(routing, **{key: getattr(self.routing, key) for key in ROUTER_FIELDS})
         return replace(config, model=self.model, routing=routing)
 
-    def check_data(self, vocab_size: int) -> None:
-        """The data must be tokenized as the checkpoint's model reads."""
-        if vocab_size != self.tokenizer.vocab_size or vocab_size > self.model.vocab_size:
-            raise ValueError(
-                f"train.init_from={str(self.directory)!r} reads {self.tokenizer!r} "
-                f"({self.tokenizer.vocab_size} tokens) but the data has a vocabulary of "
-                f"{vocab_size}; tokenize the data with the checkpoint's tokenizer"
-            )
+    def check_data(self, tokenizer: Tokenizer) -> None:
+        """The data's `tokenizer` must be the checkpoint's (`check_same_tokenizer`)."""
+        check_same_tokenizer(
+            self.directory, read_meta(self.directory), tokenizer, "another train.init_from"
+        )
 
     def load(self, model: MoETransformer) -> dict[str, Any]:
         loaded = load_checkpoint(self.directory, model)

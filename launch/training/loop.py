@@ -46,7 +46,7 @@ from launch.training.objectives import LanguageModelling, Objective
 from launch.training.optim import learning_rate
 from launch.training.step_log import MoETimer, StepLosses, progress_bar, take_comm_time
 from launch.training.tracking import Tracker
-from moe.data import ByteDataset, build_dataset
+from moe.data import TokenDataset, build_dataset
 from moe.inference import generate
 from moe.params import count_parameters
 from moe.pruning import build_pruning
@@ -70,14 +70,24 @@ class TrainResult:
     model: MoETransformer | None = field(default=None, repr=False)
 
 
-def check_compatible(config: RunConfig, num_tasks: int) -> None:
-    """The model and routing of `config` against its data (ValueError naming the key)."""
+def check_compatible(config: RunConfig, dataset: TokenDataset) -> None:
+    """The model and routing of `config` against its data (ValueError naming the key).
+
+    The model's vocabulary must hold every id of the data: `model.vocab_size` is at least
+    the tokenizer's (equal for a new model; larger only when a model comes with a padded
+    embedding); it is not set from the tokenizer, so that the config says what is trained."""
     if config.data.seq_len > config.model.max_seq_len:
         raise ValueError(
             f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
-    config.routing.validate_for_data(num_tasks)
+    if config.model.vocab_size < dataset.vocab_size:
+        source = f"data.tokenizer={config.data.tokenizer}" if config.data.tokenizer else "bytes"
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the data's vocabulary "
+            f"({source}: {dataset.vocab_size} tokens); set model.vocab_size={dataset.vocab_size}"
+        )
+    config.routing.validate_for_data(dataset.num_tasks)
     check_engine_prunes(config.prune.active, config)
 
 
@@ -112,10 +122,8 @@ def train(
         config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
     try:
-        dataset = build_dataset(config.data)
-        if initial is not None:
-            initial.check_data(dataset.vocab_size)
-        check_compatible(config, dataset.num_tasks)
+        dataset = build_dataset(config.data, progress=info.is_main and config.train.progress)
+        check_compatible(config, dataset)
         check_batch(config, info.world_size)
         model = build_model(config, runtime)
         return run_training(
@@ -154,7 +162,7 @@ def _resume_path(
 def run_training(
     config: RunConfig,
     runtime: Runtime,
-    dataset: ByteDataset,
+    dataset: TokenDataset,
     model: MoETransformer,
     objective: Objective,
     on_checkpoint: CheckpointHook | None = None,
@@ -166,25 +174,25 @@ def run_training(
 
     `on_fresh_start` runs when the run starts without a checkpoint, before the optimizer
     is built (the distillation student's initialisation), then `train.init_from`'s
-    weights load (`InitialWeights`: its pruning masks are kept, its tokenizer goes into
-    every checkpoint and the sample at the end reads it); a resumed run loads its
-    weights from the checkpoint instead. Nothing is written under `run_dir` before it."""
+    weights load (`InitialWeights`: its pruning masks are kept; its tokenizer must be the
+    data's); a resumed run loads its weights from the checkpoint instead. Nothing is
+    written under `run_dir` before it. Every checkpoint carries the data's tokenizer
+    files (none for bytes), and the sample at the end reads that tokenizer."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
     if train_cfg.reuse_heap:
         reuse_heap()
     run_dir = Path(config.run_dir)
     run_record = config_dict(config) | objective.config_record()
     initial = InitialWeights.read(train_cfg.init_from) if train_cfg.init_from else None
-    tokenizer = initial.tokenizer if initial is not None else None
     checkpoints = CheckpointManager(
-        run_dir / "checkpoints", runtime, train_cfg.keep_last,
-        attachments=tokenizer.files() if tokenizer is not None else None,
-    )  # fmt: skip
+        run_dir / "checkpoints", runtime, train_cfg.keep_last, dataset.tokenizer
+    )
     resume_path = _resume_path(checkpoints, config, resume_from)
     initial_pruning: dict[str, Any] = {}
     if resume_path is None and on_fresh_start is not None:
         on_fresh_start()
     if resume_path is None and initial is not None:
+        initial.check_data(dataset.tokenizer)
         initial_pruning = initial.load(model)
         if info.is_main:
             print(f"[{objective.name}] weights from {initial.directory}", flush=True)
@@ -371,7 +379,7 @@ def run_training(
             top_k=40,
             task_id=0 if config.routing.needs_task_ids else None,  # a task router needs one
             seed=train_cfg.seed,
-            tokenizer=tokenizer,
+            tokenizer=dataset.tokenizer,
         ).text
     if info.is_main:
         _print_summary(result, heatmap, tracker, train_cfg.sample_prompt, name)

@@ -2,7 +2,7 @@
 
     python -m launch.generate checkpoint=runs/demo prompt='And God said, '
     python -m launch.generate checkpoint=runs/demo prompt='In the beginning' \\
-        temperature=0 max_tokens=200 quantize=int8
+        temperature=0 max_tokens=200 quantize=int8 precision=bf16
     python -m launch.generate checkpoint=runs/subset_task2 prompt='Blessed are' task=2
     torchrun --nproc-per-node 2 -m launch.generate checkpoint=runs/demo \\
         'prompts=[In the beginning,And God said]'   # experts split over 2 ranks
@@ -11,8 +11,10 @@
 shape and tokenizer come from the checkpoint (bytes when it carries none; an imported
 HF model carries its own): prompts are text, `max_tokens` counts the model's tokens, stop
 strings match on the text, and the tokenizer's eos ends a completion. `max_len` (0: the
-model's max_seq_len) bounds the context of each KV-cache slot. Routing is dropless unless `routing=trained` (see
-`moe.inference.engine`). Under torchrun every rank holds 1/N of every layer's experts
+model's max_seq_len) bounds the context of each KV-cache slot. Routing is dropless unless
+`routing=trained` (see `moe.inference.engine`). `precision=bf16` computes with bf16
+weights and a bf16 KV cache, sampling in fp32 (`moe.precision`; fp32 by default, `auto`
+is bf16 where the device multiplies bf16 natively). Under torchrun every rank holds 1/N of every layer's experts
 (expert parallelism over all N ranks, the same dispatchers as training) and decodes
 its share of the prompts (round-robin); rank 0 prints every completion in order.
 """
@@ -40,6 +42,7 @@ from launch.runtime import (
 )
 from launch.schema import build, hydra_schema, plain_container
 from moe.inference import Completion, InferenceEngine, SamplingParams, load_model
+from moe.precision import ComputePrecision, parse_precision
 from routing import CapacityOverride
 from routing.config import parse_enum
 
@@ -69,6 +72,7 @@ class GenerateConfig:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     quantize: Quantization = Quantization.NONE
+    precision: ComputePrecision = ComputePrecision.FP32
     routing: CapacityOverride = CapacityOverride.DROPLESS
     max_batch: int = 32
     max_len: int = 0
@@ -76,6 +80,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         self.quantize = parse_enum(Quantization, self.quantize, "quantize")
+        self.precision = parse_precision(self.precision, "precision")
         self.routing = parse_enum(CapacityOverride, self.routing, "routing")
         if not self.checkpoint:
             raise ValueError("checkpoint is required: checkpoint=RUN_DIR or checkpoint=STEP_DIR")
@@ -127,6 +132,7 @@ def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
             quantize=config.quantize.value,
             dispatcher_factory=dispatcher_factory(runtime, comm),
             device=runtime.device,
+            precision=config.precision,
         )
         engine = InferenceEngine(
             loaded.model, max_batch=config.max_batch, task_ids=loaded.task_ids,

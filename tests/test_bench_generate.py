@@ -63,7 +63,8 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     save_tiny_checkpoint(tmp_path / "run")
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     done = run_script("--quick", "--threads", "1", "--checkpoint", str(tmp_path / "run"),
-                      "--json", str(json_path), "--plot", str(plot_path))  # fmt: skip
+                      "--json", str(json_path), "--plot", str(plot_path),
+                      "--precision", "fp32,bf16")  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert "decode tok/s" in done.stdout and "fp32" in done.stdout
 
@@ -73,9 +74,15 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert result["machine"]["read_gbs"] > 0 and result["machine"]["matmul_flops"] > 0
     rows = result["rows"]
     variants = {row["variant"] for row in rows}
-    assert "fp32" in variants
+    assert {"fp32", "bf16"} <= variants
     if importlib.util.find_spec("moe.inference.quant") is not None:
-        assert "int8" in variants
+        assert {"int8", "int8_bf16"} <= variants
+    by_variant = {r["variant"]: r for r in rows if r["batch"] == 1}
+    # bf16 weights and KV cache: about half the bytes of an fp32 decode step.
+    ratio = (
+        by_variant["bf16"]["bytes_per_decode_step"] / by_variant["fp32"]["bytes_per_decode_step"]
+    )
+    assert ratio == pytest.approx(0.5, abs=0.01)
     if importlib.util.find_spec("moe.inference.subset") is not None:
         assert "subset" in variants
     for variant in variants:
@@ -103,6 +110,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
         (["--new-tokens", "1"], "--new-tokens=1 must be >= 2"),
         (["--repeats", "0"], "--repeats=0 must be >= 1"),
         (["--prompt-len", "0"], "--prompt-len=0 must be >= 1"),
+        (["--precision", "fp8"], "--precision='fp8' is invalid"),
     ],
 )
 def test_bad_arguments_are_rejected(

@@ -48,7 +48,13 @@ from launch.serving.protocol import (
 from moe.checkpoint import read_meta
 from moe.inference import Completion, InferenceEngine, LoadedModel, load_model
 from moe.inference.engine import GeneratedToken
-from moe.inference.loading import checkpoint_tokenizer, configs_of, resolve_checkpoint
+from moe.inference.loading import (
+    cast_parameters,
+    checkpoint_tokenizer,
+    configs_of,
+    resolve_checkpoint,
+)
+from moe.precision import resolve_precision
 from moe.transformer import MoETransformer
 
 _T = TypeVar("_T")
@@ -67,24 +73,30 @@ class ModelSpec:
     gpus_per_worker: float = 0.0
     timeout_s: float = 120.0
     probe: bool = False
+    precision: str = "fp32"  # weights and KV cache (moe.precision)
 
 
-def probe_model(checkpoint: str) -> LoadedModel:
+def probe_model(checkpoint: str, precision: str = "fp32") -> LoadedModel:
     """The checkpoint's architecture with its last block's FFN an MoE layer of one expert
     (top-1, the checkpoint's router kind) and every other FFN dense; random weights,
-    nothing loaded. A dense checkpoint stays dense. The checkpoint's tokenizer."""
+    nothing loaded, in `precision`. A dense checkpoint stays dense. The checkpoint's
+    tokenizer."""
     directory = resolve_checkpoint(checkpoint)
     meta = read_meta(directory)
     model_config, routing = configs_of(meta)
     tokenizer = checkpoint_tokenizer(directory, meta)
+    resolved = resolve_precision(precision, torch.device("cpu"), key="serve.precision")
     if routing is None:
-        return LoadedModel(MoETransformer(model_config, None).eval(), directory, -1,
-                           meta["config"], None, None, tokenizer)  # fmt: skip
-    one_expert = dataclasses.replace(
-        model_config, moe_every=model_config.n_layers, expert_schedule=[1], dense_layers=[]
+        model = MoETransformer(model_config, None).eval()
+    else:
+        one_expert = dataclasses.replace(
+            model_config, moe_every=model_config.n_layers, expert_schedule=[1], dense_layers=[]
+        )
+        model = MoETransformer(one_expert, dataclasses.replace(routing, top_k=1)).eval()
+    cast_parameters(model, resolved.dtype)
+    return LoadedModel(
+        model, directory, -1, meta["config"], None, None, tokenizer, precision=resolved
     )
-    model = MoETransformer(one_expert, dataclasses.replace(routing, top_k=1)).eval()
-    return LoadedModel(model, directory, -1, meta["config"], None, None, tokenizer)
 
 
 class ModelServer:
@@ -99,12 +111,16 @@ class ModelServer:
         if spec.ep_size > 1:
             self.workers = EPWorkerGroup(
                 spec.checkpoint, spec.ep_size, spec.max_batch, spec.threads,
-                spec.cpus_per_worker, spec.gpus_per_worker, spec.timeout_s,
+                spec.cpus_per_worker, spec.gpus_per_worker, spec.timeout_s, spec.precision,
             )  # fmt: skip
             self.info = _merge(self.workers.descriptions)
             self.loop = BatchLoop(self.workers.step)
             return
-        loaded = probe_model(spec.checkpoint) if spec.probe else load_model(spec.checkpoint)
+        loaded = (
+            probe_model(spec.checkpoint, spec.precision)
+            if spec.probe
+            else load_model(spec.checkpoint, precision=spec.precision)
+        )
         engine = InferenceEngine(
             loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids,
             tokenizer=loaded.tokenizer,

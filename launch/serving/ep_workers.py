@@ -43,8 +43,9 @@ class EPWorker:
     """One expert-parallel rank (a Ray actor; see the module docstring)."""
 
     def __init__(self, rank: int, world_size: int, checkpoint: str, max_batch: int,
-                 threads: int) -> None:  # fmt: skip
+                 threads: int, precision: str = "fp32") -> None:  # fmt: skip
         torch.set_num_threads(threads)
+        self.precision = precision
         self.rank = rank
         self.world_size = world_size
         self.checkpoint = checkpoint
@@ -75,7 +76,7 @@ class EPWorker:
         runtime = setup_runtime(comm, ProcessInfo(self.rank, self.world_size, 0, 1))
         loaded = load_model(
             self.checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm),
-            device=runtime.device,
+            device=runtime.device, precision=self.precision,
         )  # fmt: skip
         engine = InferenceEngine(
             loaded.model, max_batch=self.max_batch, task_ids=loaded.task_ids,
@@ -124,7 +125,8 @@ class EPWorkerGroup:
     """The replica's handle on its workers: start them, step them, check them."""
 
     def __init__(self, checkpoint: str, ep_size: int, max_batch: int, threads: int,
-                 cpus_per_worker: float, gpus_per_worker: float, timeout_s: float) -> None:  # fmt: skip
+                 cpus_per_worker: float, gpus_per_worker: float, timeout_s: float,
+                 precision: str = "fp32") -> None:  # fmt: skip
         import ray
 
         actor = ray.remote(EPWorker).options(
@@ -135,7 +137,10 @@ class EPWorkerGroup:
         # have a typed `.remote` only when decorated with `@ray.method`: the handles are
         # typed by what the group calls on them.
         self.workers = [
-            cast(EPWorkerHandle, actor.remote(rank, ep_size, checkpoint, max_batch, threads))
+            cast(
+                EPWorkerHandle,
+                actor.remote(rank, ep_size, checkpoint, max_batch, threads, precision),
+            )
             for rank in range(ep_size)
         ]
         host, port = ray.get(self.workers[0].address.remote(), timeout=timeout_s)

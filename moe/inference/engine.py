@@ -27,6 +27,10 @@ change with its neighbours. The engine overrides the model's capacity policy wit
 included; `restore()` puts the trained one back); `routing="trained"` keeps the trained
 policy for those who want it.
 
+Precision: the engine computes in the model's parameter dtype (bf16 weights from
+`load_model(precision="bf16")`): the KV cache is kept in it (`kv_dtype`), and the
+sampler and the log-probabilities read the logits in fp32.
+
 Log-probabilities and telemetry come from the step that samples: a request that asks
 (`SamplingParams.logprobs`) gets each sampled token's log-probability and alternatives
 from the logits the token was sampled from, and one that asks for `prompt_logprobs` gets
@@ -193,9 +197,10 @@ class InferenceEngine:
         self.needs_task = model.routing is not None and model.routing.needs_task_ids
         param = model.embed.weight
         self.device = param.device
+        self.kv_dtype = param.dtype  # the KV cache in the model's dtype (bf16 weights: bf16)
         self.cache = SlotKVCache(
             len(model.blocks), max_batch, model.config.n_kv_heads, self.max_len,
-            model.config.head_dim, param.device, param.dtype,
+            model.config.head_dim, param.device, self.kv_dtype,
         )  # fmt: skip
         # Held for the engine's life; `restore()` leaves it.
         self._override = contextlib.ExitStack()
@@ -313,11 +318,12 @@ class InferenceEngine:
         for segment in segments:
             offset += segment.count
             ends.append(offset - 1)
+        logits_TV = logits_1TV[0].float()  # scored and sampled in fp32 whatever the model's dtype
         if self.tokenizer.vocab_size < self.vocab_size:
             # Padded rows have no text: never sampled, scored or offered as alternatives.
-            logits_1TV[..., self.tokenizer.vocab_size :] = float("-inf")
-        self._score_prompts(logits_1TV[0], segments)
-        last_BV = logits_1TV[0, ends]
+            logits_TV[:, self.tokenizer.vocab_size :] = float("-inf")
+        self._score_prompts(logits_TV, segments)
+        last_BV = logits_TV[ends]
         running = self._running
         next_tokens = sample_tokens(
             last_BV, [s.params for s in running], [s.generator for s in running],

@@ -25,11 +25,13 @@ def _config(checkpoint: Path, texts: list[bytes], max_tokens: int) -> GenerateCo
     )  # fmt: skip
 
 
-def _ep_rank(rank: int, world_size: int, checkpoint: str, texts: list[bytes]) -> list[bytes]:
+def _ep_rank(
+    rank: int, world_size: int, checkpoint: str, texts: list[bytes]
+) -> list[tuple[int, ...]]:
     torch.set_num_threads(1)
     info = ProcessInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=2)
     completions = run_generate(_config(Path(checkpoint), texts, 10), info)
-    return [c.text for c in completions]
+    return [c.token_ids for c in completions]
 
 
 def test_ep2_greedy_texts_equal_ep1(tmp_path: Path) -> None:
@@ -38,7 +40,7 @@ def test_ep2_greedy_texts_equal_ep1(tmp_path: Path) -> None:
     # 5 prompts, 2 slots per rank: rank 0 decodes 3 (one waits for a slot: 20 steps),
     # rank 1 decodes 2 (10 steps), then calls its MoE layers with no tokens.
     texts = prompts(5, seed=9)
-    ep1 = [c.text for c in run_generate(_config(tmp_path, texts, 10), ProcessInfo())]
+    ep1 = [c.token_ids for c in run_generate(_config(tmp_path, texts, 10), ProcessInfo())]
     ranks = values_or_raise(run_distributed(_ep_rank, 2, str(tmp_path), texts, timeout_s=180.0))
     assert ranks[0] == ranks[1] == ep1
     assert len(set(ep1)) > 1

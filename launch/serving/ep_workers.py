@@ -78,7 +78,10 @@ class EPWorker:
             self.checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm),
             device=runtime.device, precision=self.precision,
         )  # fmt: skip
-        engine = InferenceEngine(loaded.model, max_batch=self.max_batch, task_ids=loaded.task_ids)
+        engine = InferenceEngine(
+            loaded.model, max_batch=self.max_batch, task_ids=loaded.task_ids,
+            tokenizer=loaded.tokenizer,
+        )  # fmt: skip
         self.shard = EngineShard(engine)
         self.info = describe_model(loaded)
         return self.describe()

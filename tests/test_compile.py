@@ -333,11 +333,6 @@ def test_moe_layer_under_bf16_autocast_compiles_without_graph_breaks(kind: str) 
     graph, bf16 rows, and compiled equals eager."""
     torch.manual_seed(0)
     layer = _layer(kind)
-    # Fixed capacity C > 1 runs padded compiled but on the compact layout eagerly, where
-    # the experts would fold the combine into their matmuls and round in other places
-    # than the padded path; bit for bit needs the same roundings (fp32 above compares
-    # the folded eager layer with the compiled one).
-    layer.fold_permute = kind != "topk"
     x = torch.randn(2, 10, 16)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -263,10 +263,6 @@ def _bf16_case(rank: int, world_size: int, capacity: str) -> dict[str, float]:
                             **CAPACITIES[capacity])  # type: ignore[arg-type]  # fmt: skip
     torch.manual_seed(1234)
     ref = MoELayer(D_BF16, H_BF16, E, routing)
-    # Bit for bit needs the same roundings: the permuted-rows path EP runs (at EP=1 the
-    # experts would fold the combine in, rounding elsewhere; test_ep2_equals_ep1_on_two_ranks
-    # compares EP=2 with that in fp32, tests/test_ops_fused.py its bf16 error).
-    ref.fold_permute = False
     ref_x = x_global.clone().requires_grad_(True)
     ref_losses, ref_y = [], []
     with torch.autocast("cpu", dtype=torch.bfloat16):

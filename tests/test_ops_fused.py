@@ -278,7 +278,17 @@ def test_layer_folded_equals_unfolded(activation: str) -> None:
     folded, unfolded = _fine_grained_pair(activation)
     x, dy = torch.randn(40, 16), torch.randn(40, 16)
     names = ["y", "x"] + [name for name, _ in folded.named_parameters()]
+    calls: list[str] = []
+    for name, layer in (("folded", folded), ("unfolded", unfolded)):
+        forward_tokens = layer.experts.forward_tokens
+
+        def spy(*args: torch.Tensor, forward_tokens=forward_tokens, name=name) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            calls.append(name)
+            return forward_tokens(*args)
+
+        layer.experts.forward_tokens = spy  # type: ignore[method-assign]
     got, want = _layer_results(folded, x, dy, False), _layer_results(unfolded, x, dy, False)
+    assert calls == ["folded"], "top-8 folds (moe.layer.FOLD_MIN_TOP_K), the unfolded copy never"
     for name, one, other in zip(names, got, want, strict=True):
         tolerance = _tolerance(torch.float32)
         torch.testing.assert_close(one, other, **tolerance, msg=lambda m, n=name: f"{n}: {m}")

@@ -8,7 +8,11 @@
         'prompts=[In the beginning,And God said]'   # experts split over 2 ranks
 
 `checkpoint` is a step directory or a run directory (its latest step); the model's
-shape comes from the checkpoint. Routing is dropless unless `routing=trained` (see
+shape comes from the checkpoint. `compile=true` decodes through the compiled step
+(`moe.inference.decode`: one inductor graph per batch-size bucket, compiled at start or,
+with `compile_warmup=lazy`, on first use; `compile_cache_dir` keeps inductor's kernels
+for the next run); off by default here, since a few completions rarely repay the compile
+(docs/INFERENCE.md). Routing is dropless unless `routing=trained` (see
 `moe.inference.engine`). Under torchrun every rank holds 1/N of every layer's experts
 (expert parallelism over all N ranks, the same dispatchers as training) and decodes
 its share of the prompts (round-robin); rank 0 prints every completion in order.
@@ -36,7 +40,9 @@ from launch.runtime import (
     teardown_runtime,
 )
 from launch.schema import build, hydra_schema
+from launch.training.compile import use_cache_dir
 from moe.inference import Completion, InferenceEngine, SamplingParams, load_model
+from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 from routing import CapacityOverride
 from routing.config import parse_enum
 
@@ -53,7 +59,8 @@ class GenerateConfig:
     """What `launch.generate` runs. `prompt` (one) or `prompts` (several, decoded as one
     batch); `stop`: strings that end a completion; `top_k` 0 and `top_p` 1 are off;
     `temperature` 0 is greedy. `comm` picks the backend; the EP size is the number of
-    launched ranks."""
+    launched ranks. `compile`, `compile_warmup`, `compile_cache_dir`: the compiled decode
+    step (see the module docstring)."""
 
     checkpoint: str = ""
     prompt: str = ""
@@ -68,11 +75,20 @@ class GenerateConfig:
     quantize: Quantization = Quantization.NONE
     routing: CapacityOverride = CapacityOverride.DROPLESS
     max_batch: int = 32
+    compile: bool = False
+    compile_warmup: CompileWarmup = CompileWarmup.START
+    compile_cache_dir: str = ""
     comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self) -> None:
         self.quantize = parse_enum(Quantization, self.quantize, "quantize")
         self.routing = parse_enum(CapacityOverride, self.routing, "routing")
+        self.compile_warmup = parse_enum(CompileWarmup, self.compile_warmup, "compile_warmup")
+        if self.compile and self.routing != CapacityOverride.DROPLESS:
+            raise ValueError(
+                f"compile=true needs routing=dropless (got routing={self.routing.value}): a "
+                "compiled step pads its batch, and padding would take capacity"
+            )
         if not self.checkpoint:
             raise ValueError("checkpoint is required: checkpoint=RUN_DIR or checkpoint=STEP_DIR")
         if bool(self.prompt) == bool(self.prompts) or any(not p for p in self.prompts):
@@ -104,9 +120,15 @@ def to_generate_config(cfg: DictConfig | dict[str, Any]) -> GenerateConfig:
     return build(GenerateConfig, data)
 
 
-def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
+def run_generate(
+    config: GenerateConfig,
+    info: ProcessInfo,
+    compile_options: DecodeCompileOptions | None = None,
+) -> list[Completion]:
     """Generate every prompt; returns, on every rank, the completions of all prompts in
-    order (each rank computed its round-robin share)."""
+    order (each rank computed its round-robin share). `compile_options` (with
+    `config.compile`) replaces the ones the config gives (the Python API's finer
+    control: buckets, backend)."""
     comm = CommConfig(
         ep_size=info.world_size, ranks_per_node=config.comm.ranks_per_node,
         alltoall=config.comm.alltoall, backend=config.comm.backend,
@@ -120,10 +142,16 @@ def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
             dispatcher_factory=dispatcher_factory(runtime, comm),
             device=runtime.device,
         )
+        if config.compile and config.compile_cache_dir:
+            use_cache_dir(config.compile_cache_dir)
         engine = InferenceEngine(
             loaded.model, max_batch=config.max_batch, task_ids=loaded.task_ids,
-            routing=config.routing,
+            routing=config.routing, compile=config.compile,
+            compile_options=compile_options or DecodeCompileOptions(warmup=config.compile_warmup),
         )  # fmt: skip
+        report = engine.compile_report()
+        if report is not None and info.is_main and report["compilations"]:
+            print(f"[compile] {describe_compilation(report)}", file=sys.stderr, flush=True)
         prompts = config.all_prompts()
         mine = list(range(info.rank, len(prompts), info.world_size))
         by_request = {
@@ -140,6 +168,17 @@ def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
         return [merged[i] for i in range(len(prompts))]
     finally:
         teardown_runtime(runtime)
+
+
+def describe_compilation(report: dict[str, Any]) -> str:
+    """One line of a `CompiledDecoder.report()`: buckets compiled and seconds each."""
+    each = ", ".join(
+        f"{r['batch']}: {r['first_call_s']:.1f} s" for r in report["per_bucket"] if r["graphs"]
+    )
+    return (
+        f"{report['compilations']} decode buckets compiled ({report['backend']}, "
+        f"{report['graphs']} graphs) in {report['first_calls_s']:.1f} s [{each}]"
+    )
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="generate", version_base=None)

@@ -7,10 +7,22 @@
 
 Scheduling happens per model call, not per request: at every `step()` each running
 sequence decodes one token, waiting requests are admitted into free slots and prefilled
-in the same call (within `max_step_tokens`), and a sequence that finishes (max tokens or
-a stop string) leaves and frees its slot for the next waiting request. A request never
-waits for the longest request of a batch. Each sequence samples with its own generator
+in the same step, and a sequence that finishes (max tokens or a stop string) leaves and
+frees its slot for the next waiting request. A request never waits for the longest
+request of a batch. Each sequence samples with its own generator
 (`moe.inference.sampling`), so its output does not depend on its neighbours.
+
+A step carries at most `max_step_tokens` tokens: the decodes first (one each), then
+prefills in arrival order. With `chunked_prefill` (the default) a prompt that does not
+fit the rest of the budget is prefilled in chunks over several steps, beside the running
+decodes, and samples its first token after its last chunk; so a long prompt no longer
+stalls every running sequence for a whole step. Without it a prompt waits until it fits
+whole.
+
+`compile=True`: the decode rows of a step run through `moe.inference.decode`'s compiled
+step (one graph per batch-size bucket over static buffers; CUDA graphs on CUDA), the
+prefill chunks through one eager call (`moe.inference.runner`). Same engine, same API,
+the same greedy text; `compile_report()` says what compiled and in how long.
 
 Routing at inference is dropless by default: capacity-limited routing makes the slots
 a token keeps depend on the other tokens of the batch, so one request's output would
@@ -42,6 +54,8 @@ import torch
 import torch.distributed as dist
 
 from moe.inference.cache import Segment, SlotKVCache
+from moe.inference.decode import CompiledDecoder, CompileWarmup, DecodeCompileOptions
+from moe.inference.runner import ModelRunner
 from moe.inference.sampling import SamplingParams, sample_tokens
 from moe.transformer import MoETransformer
 from routing import CapacityOverride
@@ -95,12 +109,16 @@ class InferenceEngine:
     """Batched generation over `model` (see the module docstring).
 
     `max_batch`: KV-cache slots, i.e. sequences running at once. `max_step_tokens`:
-    tokens one call may carry (prefills are admitted while they fit). `task_ids`: the
+    tokens one step may carry (decodes first, then prefills, in chunks with
+    `chunked_prefill`; without it, at least `max_seq_len`). `task_ids`: the
     task ids requests may name (None: any, or none; a model whose router reads the task
     requires one per request). `routing`: "dropless" (default) or "trained". `warmup`:
     run one token through the model at construction (the first call of the model's
     custom ops in a process imports `torch._dynamo`, seconds that would otherwise land
     in the first request's time to first token); under EP every rank must agree on it.
+    `compile`: decode through the compiled step (`compile_options`: its buckets, when
+    they compile, the backend; see `moe.inference.decode`); under EP every rank must
+    agree on both.
     """
 
     def __init__(
@@ -112,31 +130,42 @@ class InferenceEngine:
         task_ids: Sequence[int] | None = None,
         routing: CapacityOverride | str = CapacityOverride.DROPLESS,
         warmup: bool = True,
+        compile: bool = False,
+        compile_options: DecodeCompileOptions | None = None,
+        chunked_prefill: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} is invalid; accepted: >= 1")
         override = parse_enum(CapacityOverride, routing, "routing")
         self.model = model
         self.max_len = model.config.max_seq_len
-        if max_step_tokens < self.max_len:
+        if max_step_tokens < (1 if chunked_prefill else self.max_len):
             raise ValueError(
-                f"max_step_tokens={max_step_tokens} is below max_seq_len={self.max_len}; a "
-                "full-length prompt must fit one step"
+                f"max_step_tokens={max_step_tokens} is too small; accepted: >= 1 with "
+                f"chunked_prefill, else >= max_seq_len={self.max_len} (a full-length "
+                "prompt must fit one step)"
             )
         if model.config.vocab_size != 256:
             raise ValueError(
                 f"the engine serves byte-level models (vocab_size=256), got "
                 f"{model.config.vocab_size}"
             )
+        if compile and override != CapacityOverride.DROPLESS:
+            raise ValueError(
+                f"compile=True needs routing=dropless (got {override.value}): the padding rows "
+                "of a compiled step would take capacity from the live ones"
+            )
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
+        self.chunked_prefill = chunked_prefill
         self.task_ids = None if task_ids is None else sorted(set(task_ids))
         self.needs_task = model.routing is not None and model.routing.needs_task_ids
         param = model.embed.weight
         self.device = param.device
+        # A compiled step's padding rows write into one spare slot that no sequence gets.
         self.cache = SlotKVCache(
-            len(model.blocks), max_batch, model.config.n_kv_heads, self.max_len,
-            model.config.head_dim, param.device, param.dtype,
+            len(model.blocks), max_batch + (1 if compile else 0), model.config.n_kv_heads,
+            self.max_len, model.config.head_dim, param.device, param.dtype,
         )  # fmt: skip
         # Held for the engine's life; `restore()` leaves it.
         self._override = contextlib.ExitStack()
@@ -147,8 +176,21 @@ class InferenceEngine:
         self._running: list[_Sequence] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._next_id = 0
+        self.decoder: CompiledDecoder | None = None
+        if compile:
+            self.decoder = CompiledDecoder(
+                model, self.cache.k_SGLC, self.cache.v_SGLC, max_batch=max_batch,
+                pad_slot=max_batch, pad_task=self.task_ids[0] if self.task_ids else 0,
+                options=compile_options,
+            )  # fmt: skip
+        lockstep = any(layer.dispatcher.exchanges_rows for _, layer in model.moe_layers())
+        self.runner = ModelRunner(
+            model, self.cache, needs_task=self.needs_task, decoder=self.decoder, lockstep=lockstep
+        )
         if warmup:
             self._warmup()
+        if self.decoder is not None and self.decoder.options.warmup == CompileWarmup.START:
+            self.decoder.warm()
 
     @torch.no_grad()
     def _warmup(self) -> None:
@@ -189,6 +231,11 @@ class InferenceEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    def compile_report(self) -> dict | None:
+        """The compiled decode step's buckets, compilations and seconds (None when the
+        engine runs eagerly); see `CompiledDecoder.report`."""
+        return None if self.decoder is None else self.decoder.report()
+
     def cancel(self, request_id: int) -> bool:
         """Drop a waiting or running request (a client that went away) and free its
         slot; returns whether it was still there. Call it between steps."""
@@ -206,55 +253,69 @@ class InferenceEngine:
 
     # --- the iteration -----------------------------------------------------------------
 
-    def _admit(self) -> None:
-        budget = self.max_step_tokens - sum(s.pending for s in self._running)
-        while self._waiting and self._free_slots and self._waiting[0].pending <= budget:
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """(sequence, tokens it adds) of the next call, in running order: every decoding
+        sequence its token, then prefills in arrival order within the rest of
+        `max_step_tokens` (chunks of it with `chunked_prefill`; otherwise a running
+        sequence's prefill goes whole and a waiting one is admitted only whole), waiting
+        requests admitted into free slots as the budget allows."""
+        budget = self.max_step_tokens - sum(1 for s in self._running if s.pending == 1)
+        counts: dict[int, int] = {}
+        for sequence in self._running:
+            if sequence.pending == 1:
+                counts[id(sequence)] = 1
+            else:
+                take = (
+                    min(sequence.pending, max(budget, 0))
+                    if self.chunked_prefill
+                    else (sequence.pending)
+                )
+                counts[id(sequence)] = take
+                budget -= take
+        while self._waiting and self._free_slots:
+            pending = self._waiting[0].pending
+            take = min(pending, budget) if self.chunked_prefill else pending
+            if take < 1 or take > budget:
+                break
             sequence = self._waiting.popleft()
             sequence.slot = self._free_slots.pop()
             self.cache.reset(sequence.slot)
-            budget -= sequence.pending
+            counts[id(sequence)] = take
+            budget -= take
             self._running.append(sequence)
+        return [(s, counts[id(s)]) for s in self._running if counts[id(s)] > 0]
 
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
-        """One model call: prefill the admitted, decode the running; returns what each
-        request produced. With nothing to do the call still runs with no tokens (EP
-        ranks must call their MoE layers together)."""
-        self._admit()
+        """One step: prefill (chunks of) the admitted, decode the running; returns what
+        each request produced. With nothing to do the model is still called with no
+        tokens (EP ranks must call their MoE layers together)."""
+        scheduled = self._schedule()
         segments, tokens, tasks = [], [], []
-        for sequence in self._running:
+        for sequence, count in scheduled:
             start = len(sequence.context) - sequence.pending
-            segments.append(
-                Segment(sequence.slot, self.cache.lengths[sequence.slot], sequence.pending)
-            )
             assert self.cache.lengths[sequence.slot] == start, "slot and context out of step"
-            tokens.extend(sequence.context[start:])
-            tasks.extend(
-                [sequence.task_id if sequence.task_id is not None else 0] * sequence.pending
-            )
-        tokens_1T = torch.tensor([tokens], dtype=torch.int64, device=self.device)
-        task_ids_1T = None
-        if self.needs_task or any(s.task_id is not None for s in self._running):
-            task_ids_1T = torch.tensor([tasks], dtype=torch.int64, device=self.device)
-        caches = self.cache.step(segments)
-        logits_1TV = self.model(tokens_1T, task_ids_1T, caches).logits_BTV
-        self.cache.commit(segments)
-        if not self._running:
+            segments.append(Segment(sequence.slot, start, count))
+            tokens.append(sequence.context[start : start + count])
+            tasks.append(sequence.task_id)
+        logits_SV = self.runner.run(segments, tokens, tasks)
+        ready = []  # scheduled sequences whose context is now all in their slot
+        for index, (sequence, count) in enumerate(scheduled):
+            sequence.pending -= count
+            if sequence.pending == 0:
+                ready.append(index)
+        if not ready:
             return []
-        ends, offset = [], 0
-        for segment in segments:
-            offset += segment.count
-            ends.append(offset - 1)
-        last_BV = logits_1TV[0, ends]
+        sampled = [scheduled[i][0] for i in ready]
         next_tokens = sample_tokens(
-            last_BV, [s.params for s in self._running], [s.generator for s in self._running]
+            logits_SV[ready], [s.params for s in sampled], [s.generator for s in sampled]
         )
-        return self._advance(next_tokens)
+        return self._advance(sampled, next_tokens)
 
-    def _advance(self, next_tokens: list[int]) -> list[StepEvent]:
+    def _advance(self, sampled: list[_Sequence], next_tokens: list[int]) -> list[StepEvent]:
         now = time.perf_counter()
-        events, still_running = [], []
-        for sequence, token in zip(self._running, next_tokens):
+        events, finished = [], set()
+        for sequence, token in zip(sampled, next_tokens, strict=True):
             if not sequence.generated:
                 sequence.first_token_at = now
             sequence.generated.append(token)
@@ -263,6 +324,7 @@ class InferenceEngine:
             reason = self._finish_reason(sequence)
             if reason is not None:
                 events.append(self._finish(sequence, reason, now))
+                finished.add(id(sequence))
                 continue
             if self.cache.lengths[sequence.slot] + 1 > self.max_len:
                 # The slot is full: re-prefill the last half window from position 0.
@@ -276,8 +338,7 @@ class InferenceEngine:
                 )
             )
             sequence.shown = visible
-            still_running.append(sequence)
-        self._running = still_running
+        self._running = [s for s in self._running if id(s) not in finished]
         return events
 
     def _finish_reason(self, sequence: _Sequence) -> str | None:

@@ -1,0 +1,267 @@
+"""The compiled decode step (`moe.inference.decode`, `InferenceEngine(compile=True)`).
+
+- The padded expert layout equals the per-token reference (`moe.reference`) for every
+  router kind, a task subset and int8 experts.
+- The decode step traces as one graph, no break (`torch._dynamo.explain`), for every
+  router kind, PR-MoE, a subset and int8 experts, in both expert layouts.
+- With inductor: the compiled step's logits are within 1e-5 of the eager packed call's,
+  step after step with rows of every bucket in shuffled slots; padding rows whose inputs
+  and cache slot hold extreme values (NaN keys, the last position, the largest token)
+  change no live row's logits or keys; compiled greedy text equals eager greedy text with
+  requests joining and leaving mid-run, each bucket used.
+- Compilations equal the buckets used (lazy warm-up), and none happen again.
+
+The eager references here are the engine's own eager path, itself tested against a full
+recomputation of every sequence (tests/test_inference_engine.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from test_inference_engine import DROPLESS, prompts, sharp_model
+
+from launch.training.compile import use_cache_dir
+from moe.inference import InferenceEngine, SamplingParams, Segment, SlotKVCache
+from moe.inference.decode import CompiledDecoder, DecodeCompileOptions, decode_logits
+from moe.inference.quant import quantize_experts
+from moe.inference.runner import ModelRunner
+from moe.inference.subset import build_subset_model
+from moe.layer import ExpertLayout
+from moe.reference import reference_layer_output
+from moe.transformer import MoETransformer
+from routing import RoutingConfig
+
+torch.set_num_threads(1)
+
+# One inductor cache for every run of these tests on the machine (as tests/test_compile.py).
+CACHE_DIR = Path(tempfile.gettempdir()) / "moe-test-inductor-cache"
+
+ROUTINGS = {
+    "topk": RoutingConfig(capacity="dropless"),
+    "topk_fixed": RoutingConfig(capacity="fixed", capacity_factor=1.0),  # overridden dropless
+    "sigma": RoutingConfig(router="sigma", capacity="dropless", normalize_weights=False),
+    "task": RoutingConfig(router="task", capacity="dropless", num_tasks=3),
+    "dynamic": RoutingConfig(capacity="dynamic"),
+}
+
+
+def variant_model(kind: str) -> MoETransformer:
+    """A small model of `kind`: a routing of ROUTINGS, `prmoe` (residual MLP), `subset`
+    (experts 1 and 3 of each layer), `int8` (int8 experts)."""
+    if kind in ROUTINGS:
+        return sharp_model(7, ROUTINGS[kind])
+    if kind == "prmoe":
+        return sharp_model(7, residual_mlp=True)
+    if kind == "subset":
+        full = sharp_model(7, ROUTINGS["task"])
+        return build_subset_model(full, {b: [1, 3] for b, _ in full.moe_layers()})
+    assert kind == "int8"
+    model = sharp_model(7)
+    quantize_experts(model)
+    return model
+
+
+def decode_inputs(model: MoETransformer, rows: int) -> tuple[list, list, torch.Tensor]:
+    config = model.config
+    shape = (rows + 1, config.n_kv_heads, config.max_seq_len, config.head_dim)
+    k = [torch.randn(shape) for _ in model.blocks]
+    v = [torch.randn(shape) for _ in model.blocks]
+    inputs_4B = torch.stack([
+        torch.randint(0, 256, (rows,)), torch.randint(0, 10, (rows,)), torch.arange(rows),
+        torch.randint(0, 3, (rows,)),
+    ])  # fmt: skip
+    return k, v, inputs_4B
+
+
+@pytest.mark.parametrize("kind", [*ROUTINGS, "prmoe", "subset", "int8"])
+def test_padded_layout_equals_the_per_token_reference(kind: str) -> None:
+    model = variant_model(kind)
+    torch.manual_seed(1)
+    x_TD = torch.randn(6, model.config.d_model)
+    tasks_T = torch.tensor([0, 1, 2, 0, 1, 2])
+    with model.capacity_override("dropless"), torch.no_grad():
+        for _, layer in model.moe_layers():
+            plan = layer.route(x_TD, tasks_T)
+            want = reference_layer_output(layer, x_TD, plan)
+            compact = layer(x_TD, tasks_T).y
+            with model.expert_layout(ExpertLayout.PADDED):
+                padded = layer(x_TD, tasks_T).y
+            torch.testing.assert_close(padded, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(compact, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", list(ExpertLayout))
+@pytest.mark.parametrize("kind", [*ROUTINGS, "prmoe", "subset", "int8"])
+def test_the_decode_step_traces_as_one_graph(kind: str, layout: ExpertLayout) -> None:
+    model = variant_model(kind)
+    k, v, inputs_4B = decode_inputs(model, 3)
+    with_tasks = model.routing is not None and model.routing.needs_task_ids
+    torch._dynamo.reset()
+    with model.capacity_override("dropless"), model.expert_layout(layout), torch.no_grad():
+        explanation = torch._dynamo.explain(decode_logits)(model, k, v, inputs_4B, with_tasks)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), [
+        reason.reason for reason in explanation.break_reasons
+    ]
+
+
+# --- inductor ----------------------------------------------------------------------------
+
+MAX_BATCH = 4
+BUCKETS = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def inductor_model() -> Iterator[MoETransformer]:
+    use_cache_dir(CACHE_DIR)
+    model = sharp_model(11)
+    with model.capacity_override("dropless"):
+        yield model
+
+
+def runner_pair(model: MoETransformer) -> tuple[ModelRunner, ModelRunner, CompiledDecoder]:
+    """An eager runner and a compiled one (inductor, lazy) over caches of their own."""
+    config = model.config
+
+    def cache(slots: int) -> SlotKVCache:
+        return SlotKVCache(len(model.blocks), slots, config.n_kv_heads, config.max_seq_len,
+                           config.head_dim, torch.device("cpu"), torch.float32)  # fmt: skip
+
+    eager_cache, compiled_cache = cache(MAX_BATCH), cache(MAX_BATCH + 1)
+    decoder = CompiledDecoder(
+        model, compiled_cache.k_SGLC, compiled_cache.v_SGLC, max_batch=MAX_BATCH,
+        pad_slot=MAX_BATCH, options=DecodeCompileOptions(buckets=BUCKETS, warmup="lazy"),
+    )  # fmt: skip
+    eager = ModelRunner(model, eager_cache, needs_task=False)
+    compiled = ModelRunner(model, compiled_cache, needs_task=False, decoder=decoder)
+    return eager, compiled, decoder
+
+
+def decode_and_compare(model: MoETransformer, poison: bool) -> CompiledDecoder:
+    """Prefill 4 sequences in shuffled slots on both runners, then decode greedily with
+    the live rows shrinking 4 -> 3 -> 2 -> 1 (every bucket); compare the logits of every
+    step (and, with `poison`, keep the padding extreme)."""
+    eager, compiled, decoder = runner_pair(model)
+    if poison:
+        pad = decoder.pad_slot
+        for k, v in zip(compiled.cache.k_SGLC, compiled.cache.v_SGLC):
+            k[pad].fill_(float("nan"))
+            v[pad].fill_(1e30)
+        last = model.config.max_seq_len - 1
+        decoder.padding = lambda rows: [  # type: ignore[method-assign]
+            [255] * rows,
+            [last] * rows,
+            [pad] * rows,
+            [0] * rows,
+        ]
+    slots = [2, 0, 3, 1]
+    texts = [list(p) for p in prompts(4, seed=4)]
+    segments = [Segment(s, 0, len(t)) for s, t in zip(slots, texts)]
+    logits_e = eager.run(segments, texts, [None] * 4)
+    compiled.run(segments, texts, [None] * 4)  # prefill is eager in both
+    next_tokens = logits_e.argmax(-1).tolist()
+    lengths = [len(t) for t in texts]
+    live = [0, 1, 2, 3]
+    for step in range(8):
+        if step in (2, 4, 6):
+            live = live[1:]  # a sequence leaves
+        segments = [Segment(slots[i], lengths[i], 1) for i in live]
+        tokens = [[next_tokens[i]] for i in live]
+        want = eager.run(segments, tokens, [None] * len(live))
+        got = compiled.run(segments, tokens, [None] * len(live))
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for row, i in enumerate(live):
+            lengths[i] += 1
+            next_tokens[i] = int(want[row].argmax())
+    for k_e, k_c in zip(eager.cache.k_SGLC, compiled.cache.k_SGLC):
+        for i, slot in enumerate(slots):
+            filled = slice(0, lengths[i])
+            torch.testing.assert_close(
+                k_c[slot, :, filled], k_e[slot, :, filled], atol=1e-5, rtol=0
+            )
+    return decoder
+
+
+def test_compiled_logits_within_1e5_of_eager_at_every_bucket(
+    inductor_model: MoETransformer,
+) -> None:
+    decoder = decode_and_compare(inductor_model, poison=False)
+    report = decoder.report()
+    assert report["compiled_buckets"] == list(BUCKETS)
+    assert all(r["calls"] > 0 for r in report["per_bucket"])
+
+
+def test_padding_rows_never_leak(inductor_model: MoETransformer) -> None:
+    """NaN keys and huge values in the padding slot, padding rows at the last position
+    with the largest token: live logits and keys as eager's."""
+    decode_and_compare(inductor_model, poison=True)
+
+
+def test_compiled_greedy_text_equals_eager(inductor_model: MoETransformer) -> None:
+    texts = prompts(7, seed=12)
+    options = DecodeCompileOptions(buckets=BUCKETS, warmup="lazy")
+
+    def run(compile: bool) -> tuple[dict[int, bytes], dict | None]:
+        # A budget of 6 tokens a step: prompts are prefilled in chunks beside the decodes.
+        engine = InferenceEngine(inductor_model, max_batch=MAX_BATCH, max_step_tokens=6,
+                                 compile=compile, compile_options=options, warmup=False)  # fmt: skip
+        for i, text in enumerate(texts[:5]):
+            engine.submit(text, SamplingParams(max_tokens=3 + 2 * i, temperature=0))
+        done: dict[int, bytes] = {}
+        steps = 0
+        while engine.has_work():
+            if steps == 4:  # two more join mid-run
+                for text in texts[5:]:
+                    engine.submit(text, SamplingParams(max_tokens=6, temperature=0))
+            for event in engine.step():
+                if event.completion is not None:
+                    done[event.request_id] = event.completion.text
+            steps += 1
+        engine.restore()
+        return done, engine.compile_report()
+
+    eager, _ = run(False)
+    compiled, report = run(True)
+    assert compiled == eager
+    assert len(set(eager.values())) > 1
+    assert report is not None
+    calls = {r["batch"]: (r["calls"], r["rows"]) for r in report["per_bucket"]}
+    assert sorted(calls) == list(BUCKETS)
+    assert calls[4][1] < 4 * calls[4][0]  # some steps of 3 rows padded to 4
+
+
+def test_compilations_equal_the_buckets_used() -> None:
+    """Lazy warm-up: only the buckets a run needs compile, once each (aot_eager: the
+    counting is the backend's, whatever it is)."""
+    config = dataclasses.replace(sharp_model(13).config, d_model=24, n_heads=2, n_kv_heads=1)
+    model = MoETransformer(config, DROPLESS, seed=13).eval()  # a fresh shape: nothing cached
+    options = DecodeCompileOptions(buckets=(1, 2, 4, 8), warmup="lazy", backend="aot_eager")
+    engine = InferenceEngine(model, max_batch=8, compile=True, compile_options=options,
+                             warmup=False)  # fmt: skip
+    # Prompts of 2+ tokens are prefilled eagerly; then 3 rows decode together (bucket 4).
+    for text in (b"abc", b"hello", b"xy"):
+        engine.submit(text, SamplingParams(max_tokens=4, temperature=0))
+    list(engine.run())
+    report = engine.compile_report()
+    assert report is not None
+    assert report["compiled_buckets"] == [4]
+    assert report["compilations"] == report["graphs"] == 1
+    for length, text in zip((3, 5), (b"And", b"Blessed")):
+        engine.submit(text, SamplingParams(max_tokens=length, temperature=0))
+    list(engine.run())  # 2 rows, then 1: two more buckets
+    report = engine.compile_report()
+    assert report is not None
+    assert report["compiled_buckets"] == [1, 2, 4]
+    assert report["compilations"] == report["graphs"] == 3
+    engine.restore()
+
+
+def test_compile_needs_dropless_routing() -> None:
+    with pytest.raises(ValueError, match="compile=True needs routing=dropless"):
+        InferenceEngine(sharp_model(1), compile=True, routing="trained", warmup=False)

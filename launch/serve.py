@@ -61,6 +61,10 @@ class ServeOptions:
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
     timeout_s: float = 120.0
+    # The compiled decode step (moe.inference.decode) in every replica and EP worker.
+    compile: bool = False
+    compile_warmup: str = "start"
+    compile_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         self.tasks = [str(t) for t in self.tasks]
@@ -71,6 +75,10 @@ class ServeOptions:
                     "max_body_bytes", "max_tokens", "retry_after_s", "threads_per_replica"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"serve.{key}={getattr(self, key)} is invalid; accepted: >= 1")
+        if self.compile_warmup not in ("start", "lazy"):
+            raise ValueError(
+                f"serve.compile_warmup={self.compile_warmup!r} is invalid; accepted: start, lazy"
+            )
         if self.max_queued_requests < 0:
             raise ValueError(
                 f"serve.max_queued_requests={self.max_queued_requests}; accepted: >= 0 (a bound)"
@@ -174,7 +182,9 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     subsets = _subset_checkpoints(config)
     common = dict(max_batch=options.max_batch, threads=options.threads_per_replica,
                   cpus_per_worker=options.cpus_per_replica,
-                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s)  # fmt: skip
+                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s,
+                  compile=options.compile, compile_warmup=options.compile_warmup,
+                  compile_cache_dir=options.compile_cache_dir)  # fmt: skip
     specs = {"full": ModelSpec("full", checkpoint, ep_size=options.ep_size, **common)}  # type: ignore[arg-type]
     for task_id, path in subsets.items():
         specs[f"task-{task_id}"] = ModelSpec(f"task-{task_id}", path, **common)  # type: ignore[arg-type]

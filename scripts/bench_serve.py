@@ -11,6 +11,15 @@ prompts for `--duration-s`. Per cell: completion tokens/s, p50/p99 request laten
 time to first token (first server-sent event), errors. Every request is counted: the
 clients' count against the gateway's (`/v1/stats`), completion ids unique.
 
+The serving path against the engine (`--ratio-rounds`, run first): the same
+`--ratio-clients` greedy requests of `--ratio-tokens` tokens each (prompts cycled from
+PROMPTS, task `--task`), answered (a) in this process by an `InferenceEngine` over the
+full checkpoint with the replica's settings (threads, max_batch, compile), all submitted
+at once and stepped to the end, and (b) over HTTP by the `full` deployment, one streaming
+client per request, all at once. Rounds alternate (a, b, a, b, ...); tokens/s per round
+= completion tokens / wall time; `ratio` = median HTTP / median in-process. The texts of
+both must be equal (greedy), else the script fails.
+
 Memory: resident set size per deployment (the replica's process, and an EP model's
 workers), idle (after start-up) and after the load. The target: task RSS <= its dense
 weights + its experts + the runtime overhead, measured on the `probe` deployment: the same
@@ -104,6 +113,88 @@ async def _cell(url: str, model: str, task: int, clients: int, duration_s: float
     }  # fmt: skip
 
 
+def _in_process_round(engine: Any, prompts: list[bytes], task: int, max_tokens: int,
+                      ) -> tuple[float, list[str]]:  # fmt: skip
+    """All requests submitted at once to the engine, stepped until done: tokens/s, texts."""
+    from moe.inference import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    started = time.perf_counter()
+    ids = [engine.submit(prompt, params, task) for prompt in prompts]
+    done = {c.request_id: c for c in engine.run()}
+    wall = time.perf_counter() - started
+    tokens = sum(c.completion_tokens for c in done.values())
+    return tokens / wall, [done[i].text.decode("utf-8", errors="replace") for i in ids]
+
+
+async def _http_round(url: str, prompts: list[bytes], task: int, max_tokens: int,
+                      ) -> tuple[float, list[str]]:  # fmt: skip
+    """One streaming client per request, all at once, to the `full` deployment."""
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
+
+        async def one(prompt: bytes) -> tuple[int, str]:
+            body = {"model": "full", "prompt": prompt.decode(), "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "task": task}  # fmt: skip
+            pieces, tokens = [], 0
+            async with client.stream("POST", "/v1/completions", json=body) as answer:
+                answer.raise_for_status()
+                async for line in answer.aiter_lines():
+                    payload = line.removeprefix("data: ")
+                    if not line.startswith("data: ") or payload == "[DONE]":
+                        continue
+                    chunk = json.loads(payload)
+                    pieces.append(chunk["choices"][0]["text"])
+                    tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+            return tokens, "".join(pieces)
+
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - started
+    return sum(t for t, _ in answers) / wall, [text for _, text in answers]
+
+
+def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """HTTP over in-process tokens/s for the same requests, alternated rounds (see the
+    module docstring)."""
+    import statistics
+
+    import torch
+
+    from moe.inference import InferenceEngine, load_model
+    from moe.inference.decode import DecodeCompileOptions
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.checkpoint)
+    engine = InferenceEngine(
+        loaded.model, max_batch=args.max_batch, task_ids=loaded.task_ids, compile=args.compile,
+        compile_options=DecodeCompileOptions(warmup="start"),
+    )  # fmt: skip
+    prompts = [PROMPTS[i % len(PROMPTS)].encode() for i in range(args.ratio_clients)]
+    rounds: dict[str, list[float]] = {"in_process": [], "http": []}
+    texts: dict[str, list[str]] = {}
+    for index in range(args.ratio_rounds + 1):  # round 0 warms both paths up, untimed
+        speed, texts["in_process"] = _in_process_round(engine, prompts, args.task,
+                                                       args.ratio_tokens)  # fmt: skip
+        http_speed, texts["http"] = asyncio.run(_http_round(url, prompts, args.task,
+                                                            args.ratio_tokens))  # fmt: skip
+        if texts["http"] != texts["in_process"]:
+            raise SystemExit("HTTP and in-process greedy texts differ: the comparison is void")
+        if index:
+            rounds["in_process"].append(speed)
+            rounds["http"].append(http_speed)
+        print(f"[ratio] round {index}: in-process {speed:.0f} tok/s, HTTP {http_speed:.0f} "
+              f"tok/s", flush=True)  # fmt: skip
+    engine.restore()
+    medians = {k: statistics.median(v) for k, v in rounds.items()}
+    return {
+        "clients": args.ratio_clients, "max_tokens": args.ratio_tokens, "task": args.task,
+        "compile": args.compile, "threads": args.threads, "rounds": rounds,
+        "in_process_tokens_per_s": medians["in_process"], "http_tokens_per_s": medians["http"],
+        "ratio": medians["http"] / medians["in_process"], "target": 0.8,
+    }  # fmt: skip
+
+
 def _quantile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -160,17 +251,32 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument("--compile", action="store_true", help="serve.compile (and in-process)")
+    parser.add_argument("--ratio-rounds", type=int, default=5, help="0: no ratio")
+    parser.add_argument("--ratio-clients", type=int, default=32)
+    parser.add_argument("--ratio-tokens", type=int, default=64)
+    parser.add_argument("--ratio-only", action="store_true", help="skip the load cells")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     options = ServeOptions(
         port=args.port, tasks=[str(args.task)], ep_size=args.ep_size, max_batch=args.max_batch,
-        max_ongoing_requests=max(args.clients), max_queued_requests=max(args.clients),
-        max_tokens=max(64, args.max_tokens),
+        max_ongoing_requests=max(*args.clients, args.ratio_clients),
+        max_queued_requests=max(*args.clients, args.ratio_clients),
+        max_tokens=max(64, args.max_tokens, args.ratio_tokens), threads_per_replica=args.threads,
+        compile=args.compile,
     )  # fmt: skip
     config = ServeConfig(checkpoint=args.checkpoint, serve=options)
     try:
-        url = start(config, probe=True)
+        url = start(config, probe=not args.ratio_only)
+        ratio = _ratio(url, args) if args.ratio_rounds else None
+        if ratio is not None:
+            print(json.dumps({k: v for k, v in ratio.items() if k != "rounds"}), flush=True)
+        if args.ratio_only:
+            _write({"date": str(date.today()), "command": " ".join(sys.argv), "ratio": ratio,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores"}, args)  # fmt: skip
+            return
         memory_idle = _memory(url)
         cells = []
         for clients in args.clients:
@@ -192,15 +298,19 @@ def main() -> None:
         "duration_s": args.duration_s, "cells": cells, "memory_idle": memory_idle,
         "probe_cell": probe_cell, "memory_after_load": memory,
         "lost": sum(c["lost"] for c in cells),
-        "answered_twice": sum(c["answered_twice"] for c in cells),
+        "answered_twice": sum(c["answered_twice"] for c in cells), "ratio": ratio,
     }  # fmt: skip
     print(json.dumps({k: result[k] for k in ("lost", "answered_twice", "memory_after_load")},
                      indent=1))  # fmt: skip
+    _write(result, args)
+    if args.plot:
+        _plot(cells, args.plot)
+
+
+def _write(result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot:
-        _plot(cells, args.plot)
 
 
 if __name__ == "__main__":

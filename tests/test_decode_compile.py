@@ -27,7 +27,7 @@ import torch
 from test_inference_engine import DROPLESS, prompts, sharp_model
 
 from launch.training.compile import use_cache_dir
-from moe.inference import InferenceEngine, SamplingParams, Segment, SlotKVCache
+from moe.inference import InferenceEngine, SamplingParams, Segment
 from moe.inference.decode import CompiledDecoder, DecodeCompileOptions, decode_logits
 from moe.inference.quant import quantize_experts
 from moe.inference.runner import ModelRunner
@@ -125,21 +125,12 @@ def inductor_model() -> Iterator[MoETransformer]:
 
 
 def runner_pair(model: MoETransformer) -> tuple[ModelRunner, ModelRunner, CompiledDecoder]:
-    """An eager runner and a compiled one (inductor, lazy) over caches of their own."""
-    config = model.config
-
-    def cache(slots: int) -> SlotKVCache:
-        return SlotKVCache(len(model.blocks), slots, config.n_kv_heads, config.max_seq_len,
-                           config.head_dim, torch.device("cpu"), torch.float32)  # fmt: skip
-
-    eager_cache, compiled_cache = cache(MAX_BATCH), cache(MAX_BATCH + 1)
-    decoder = CompiledDecoder(
-        model, compiled_cache.k_SGLC, compiled_cache.v_SGLC, max_batch=MAX_BATCH,
-        pad_slot=MAX_BATCH, options=DecodeCompileOptions(buckets=BUCKETS, warmup="lazy"),
-    )  # fmt: skip
-    eager = ModelRunner(model, eager_cache, needs_task=False)
-    compiled = ModelRunner(model, compiled_cache, needs_task=False, decoder=decoder)
-    return eager, compiled, decoder
+    """An eager runner and a compiled one (inductor, lazy), each with its own cache."""
+    options = DecodeCompileOptions(buckets=BUCKETS, warmup="lazy")
+    eager = ModelRunner(model, max_batch=MAX_BATCH)
+    compiled = ModelRunner(model, max_batch=MAX_BATCH, compile=True, compile_options=options)
+    assert compiled.decoder is not None
+    return eager, compiled, compiled.decoder
 
 
 def decode_and_compare(model: MoETransformer, poison: bool) -> CompiledDecoder:

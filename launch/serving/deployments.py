@@ -31,8 +31,10 @@ import torch
 from launch.serving.batching import BatchLoop, EngineShard, ReplicaUnavailable, local_step
 from launch.serving.ep_workers import EPWorkerGroup
 from launch.serving.model_info import describe_model, resident_bytes
+from launch.training.compile import use_cache_dir
 from moe.checkpoint import read_meta
 from moe.inference import InferenceEngine, LoadedModel, SamplingParams, load_model
+from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 from moe.inference.loading import configs_of, resolve_checkpoint
 from moe.transformer import MoETransformer
 
@@ -50,6 +52,19 @@ class ModelSpec:
     gpus_per_worker: float = 0.0
     timeout_s: float = 120.0
     probe: bool = False
+    compile: bool = False
+    compile_warmup: str = "start"
+    compile_cache_dir: str = ""
+
+    def engine_options(self) -> dict[str, Any]:
+        """The `InferenceEngine` keywords of the compiled decode step (`moe.inference.decode`);
+        inductor's kernels go to `compile_cache_dir` (kept across restarts) when given."""
+        if self.compile and self.compile_cache_dir:
+            use_cache_dir(self.compile_cache_dir)
+        return {
+            "compile": self.compile,
+            "compile_options": DecodeCompileOptions(warmup=CompileWarmup(self.compile_warmup)),
+        }
 
 
 def probe_model(checkpoint: str) -> LoadedModel:
@@ -77,16 +92,17 @@ class ModelServer:
         self.spec = spec
         self.workers: EPWorkerGroup | None = None
         if spec.ep_size > 1:
-            self.workers = EPWorkerGroup(
-                spec.checkpoint, spec.ep_size, spec.max_batch, spec.threads,
-                spec.cpus_per_worker, spec.gpus_per_worker, spec.timeout_s,
-            )  # fmt: skip
+            self.workers = EPWorkerGroup(spec)
             self.info = _merge(self.workers.descriptions)
             self.loop = BatchLoop(self.workers.step)
             return
         loaded = probe_model(spec.checkpoint) if spec.probe else load_model(spec.checkpoint)
-        engine = InferenceEngine(loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids)
+        engine = InferenceEngine(
+            loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids,
+            **spec.engine_options(),
+        )  # fmt: skip
         self.info = describe_model(loaded)
+        self.info["compile"] = engine.compile_report()
         self.loop = BatchLoop(local_step(EngineShard(engine)))
 
     @staticmethod

@@ -19,7 +19,7 @@ import asyncio
 import datetime
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -30,17 +30,18 @@ from launch.serving.batching import EngineShard, Event, Submission
 from launch.serving.model_info import describe_model, resident_bytes
 from moe.inference import InferenceEngine, load_model
 
+if TYPE_CHECKING:
+    from launch.serving.deployments import ModelSpec
+
 
 class EPWorker:
     """One expert-parallel rank (a Ray actor; see the module docstring)."""
 
-    def __init__(self, rank: int, world_size: int, checkpoint: str, max_batch: int,
-                 threads: int) -> None:  # fmt: skip
-        torch.set_num_threads(threads)
+    def __init__(self, rank: int, spec: ModelSpec) -> None:
+        torch.set_num_threads(spec.threads)
         self.rank = rank
-        self.world_size = world_size
-        self.checkpoint = checkpoint
-        self.max_batch = max_batch
+        self.world_size = spec.ep_size
+        self.spec = spec
         self.shard: EngineShard | None = None
         self.info: dict[str, Any] = {}
 
@@ -66,10 +67,13 @@ class EPWorker:
                           backend=Backend(backend), timeout_s=timeout_s)  # fmt: skip
         runtime = setup_runtime(comm, ProcessInfo(self.rank, self.world_size, 0, 1))
         loaded = load_model(
-            self.checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm),
+            self.spec.checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm),
             device=runtime.device,
         )  # fmt: skip
-        engine = InferenceEngine(loaded.model, max_batch=self.max_batch, task_ids=loaded.task_ids)
+        engine = InferenceEngine(
+            loaded.model, max_batch=self.spec.max_batch, task_ids=loaded.task_ids,
+            **self.spec.engine_options(),
+        )  # fmt: skip
         self.shard = EngineShard(engine)
         self.info = describe_model(loaded)
         return self.describe()
@@ -88,23 +92,21 @@ class EPWorker:
 class EPWorkerGroup:
     """The replica's handle on its workers: start them, step them, check them."""
 
-    def __init__(self, checkpoint: str, ep_size: int, max_batch: int, threads: int,
-                 cpus_per_worker: float, gpus_per_worker: float, timeout_s: float) -> None:  # fmt: skip
+    def __init__(self, spec: ModelSpec) -> None:
         import ray
 
+        timeout_s = spec.timeout_s
         actor = ray.remote(EPWorker).options(
-            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_concurrency=2,
+            num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_concurrency=2,
             max_restarts=0,
         )  # fmt: skip
-        self.workers = [
-            actor.remote(rank, ep_size, checkpoint, max_batch, threads) for rank in range(ep_size)
-        ]
+        self.workers = [actor.remote(rank, spec) for rank in range(spec.ep_size)]
         host, port = ray.get(self.workers[0].address.remote(), timeout=timeout_s)
         init_method = f"tcp://{host}:{port}"
         self.descriptions: list[dict[str, Any]] = ray.get(
             [w.setup.remote(init_method, timeout_s) for w in self.workers], timeout=timeout_s
         )
-        self.load = [0] * ep_size  # requests in flight per worker
+        self.load = [0] * spec.ep_size  # requests in flight per worker
         self._worker_of: dict[int, int] = {}
 
     async def step(self, submissions: list[Submission], cancels: list[int]) -> list[Event]:

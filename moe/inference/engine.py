@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from moe.inference.cache import Segment, SlotKVCache
-from moe.inference.decode import CompiledDecoder, CompileWarmup, DecodeCompileOptions
+from moe.inference.cache import Segment
+from moe.inference.decode import DecodeCompileOptions
 from moe.inference.runner import ModelRunner
 from moe.inference.sampling import SamplingParams, sample_tokens
 from moe.transformer import MoETransformer
@@ -160,13 +160,13 @@ class InferenceEngine:
         self.chunked_prefill = chunked_prefill
         self.task_ids = None if task_ids is None else sorted(set(task_ids))
         self.needs_task = model.routing is not None and model.routing.needs_task_ids
-        param = model.embed.weight
-        self.device = param.device
-        # A compiled step's padding rows write into one spare slot that no sequence gets.
-        self.cache = SlotKVCache(
-            len(model.blocks), max_batch + (1 if compile else 0), model.config.n_kv_heads,
-            self.max_len, model.config.head_dim, param.device, param.dtype,
+        self.device = model.embed.weight.device
+        self.runner = ModelRunner(
+            model, max_batch=max_batch, compile=compile, compile_options=compile_options,
+            pad_task=self.task_ids[0] if self.task_ids else 0,
         )  # fmt: skip
+        self.cache = self.runner.cache
+        self.decoder = self.runner.decoder
         # Held for the engine's life; `restore()` leaves it.
         self._override = contextlib.ExitStack()
         self._override.enter_context(model.capacity_override(override))
@@ -176,29 +176,7 @@ class InferenceEngine:
         self._running: list[_Sequence] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._next_id = 0
-        self.decoder: CompiledDecoder | None = None
-        if compile:
-            self.decoder = CompiledDecoder(
-                model, self.cache.k_SGLC, self.cache.v_SGLC, max_batch=max_batch,
-                pad_slot=max_batch, pad_task=self.task_ids[0] if self.task_ids else 0,
-                options=compile_options,
-            )  # fmt: skip
-        lockstep = any(layer.dispatcher.exchanges_rows for _, layer in model.moe_layers())
-        self.runner = ModelRunner(
-            model, self.cache, needs_task=self.needs_task, decoder=self.decoder, lockstep=lockstep
-        )
-        if warmup:
-            self._warmup()
-        if self.decoder is not None and self.decoder.options.warmup == CompileWarmup.START:
-            self.decoder.warm()
-
-    @torch.no_grad()
-    def _warmup(self) -> None:
-        tokens_11 = torch.zeros((1, 1), dtype=torch.int64, device=self.device)
-        task_ids_11 = torch.zeros_like(tokens_11) if self.needs_task else None
-        segments = [Segment(0, 0, 1)]
-        self.model(tokens_11, task_ids_11, self.cache.step(segments))
-        self.cache.reset(0)  # nothing committed: slot 0 is as empty as before
+        self.runner.warm_up(eager=warmup)
 
     # --- requests ----------------------------------------------------------------------
 
@@ -262,16 +240,11 @@ class InferenceEngine:
         budget = self.max_step_tokens - sum(1 for s in self._running if s.pending == 1)
         counts: dict[int, int] = {}
         for sequence in self._running:
-            if sequence.pending == 1:
-                counts[id(sequence)] = 1
-            else:
-                take = (
-                    min(sequence.pending, max(budget, 0))
-                    if self.chunked_prefill
-                    else (sequence.pending)
-                )
-                counts[id(sequence)] = take
-                budget -= take
+            take = sequence.pending
+            if take > 1 and self.chunked_prefill:
+                take = min(take, max(budget, 0))
+            counts[id(sequence)] = take
+            budget -= take if take > 1 else 0
         while self._waiting and self._free_slots:
             pending = self._waiting[0].pending
             take = min(pending, budget) if self.chunked_prefill else pending

@@ -1,17 +1,19 @@
 """The model calls of one engine step: segments in, each segment's last-token logits out.
 
+`ModelRunner` owns the engine's KV cache (`SlotKVCache`, one slot per sequence, plus a
+spare one for the compiled step's padding rows) and its compiled decoder.
 `ModelRunner.run(segments, tokens, tasks)` takes what the scheduler chose for a step (a
 `moe.inference.cache.Segment` per sequence: a decode token, a whole prompt, or a chunk of
 one) and returns the next-token logits after the last token of every segment.
 
-- Eager (`decoder=None`): one packed call over every segment (`SlotKVCache.step`).
-- Compiled (`decoder`, a `moe.inference.decode.CompiledDecoder`): the one-token
+- Eager: one packed call over every segment (`SlotKVCache.step`).
+- Compiled (`compile=True`, a `moe.inference.decode.CompiledDecoder`): the one-token
   segments go through the compiled decode step of their bucket, the others (prefill
   chunks) through one eager packed call. A long prompt thus shares its steps with the
   running decodes, which keep their compiled step.
-- `lockstep` (expert parallelism: every EP rank must call its MoE layers the same number
-  of times per step): a compiled step always makes both calls, an empty one where a
-  rank has nothing of that kind, so every rank makes them in the same order.
+- Under expert parallelism every EP rank must call its MoE layers the same number of
+  times per step (`lockstep`): a compiled step always makes both calls, an empty one
+  where a rank has nothing of that kind, so every rank makes them in the same order.
 
 Legend: S segments in the step, T packed tokens, V vocabulary.
 """
@@ -22,29 +24,54 @@ import torch
 from torch import Tensor
 
 from moe.inference.cache import Segment, SlotKVCache
-from moe.inference.decode import CompiledDecoder
+from moe.inference.decode import CompiledDecoder, CompileWarmup, DecodeCompileOptions
 from moe.transformer import MoETransformer
 
 
 class ModelRunner:
-    """Runs steps of `model` over `cache` (see the module docstring). `needs_task`: the
-    router reads task ids (every segment then names one)."""
+    """Runs steps of `model` for up to `max_batch` sequences (see the module docstring).
+    `pad_task`: the task id of a compiled step's padding rows (one the router accepts)."""
 
     def __init__(
         self,
         model: MoETransformer,
-        cache: SlotKVCache,
         *,
-        needs_task: bool,
-        decoder: CompiledDecoder | None = None,
-        lockstep: bool = False,
+        max_batch: int,
+        compile: bool = False,
+        compile_options: DecodeCompileOptions | None = None,
+        pad_task: int = 0,
     ) -> None:
         self.model = model
-        self.cache = cache
-        self.needs_task = needs_task
-        self.decoder = decoder
-        self.lockstep = lockstep
-        self.device = model.embed.weight.device
+        self.needs_task = model.routing is not None and model.routing.needs_task_ids
+        self.lockstep = any(layer.dispatcher.exchanges_rows for _, layer in model.moe_layers())
+        param = model.embed.weight
+        self.device = param.device
+        config = model.config
+        self.cache = SlotKVCache(
+            len(model.blocks), max_batch + (1 if compile else 0), config.n_kv_heads,
+            config.max_seq_len, config.head_dim, param.device, param.dtype,
+        )  # fmt: skip
+        self.decoder: CompiledDecoder | None = None
+        if compile:
+            self.decoder = CompiledDecoder(
+                model, self.cache.k_SGLC, self.cache.v_SGLC, max_batch=max_batch,
+                pad_slot=max_batch, pad_task=pad_task, options=compile_options,
+            )  # fmt: skip
+
+    @torch.no_grad()
+    def warm_up(self, eager: bool = True) -> None:
+        """Run one token through the model (`eager`: the first call of the model's custom
+        ops in a process imports `torch._dynamo`, seconds that would otherwise land in
+        the first request's time to first token), then compile the decoder's buckets
+        when it warms up at start."""
+        if eager:
+            zeros_11 = torch.zeros((1, 1), dtype=torch.int64, device=self.device)
+            segments = [Segment(0, 0, 1)]
+            caches: list = self.cache.step(segments)  # type: ignore[type-arg]
+            self.model(zeros_11, zeros_11 if self.needs_task else None, caches)
+            self.cache.reset(0)  # nothing committed: slot 0 is as empty as before
+        if self.decoder is not None and self.decoder.options.warmup == CompileWarmup.START:
+            self.decoder.warm()
 
     @torch.no_grad()
     def run(

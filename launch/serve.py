@@ -65,6 +65,8 @@ class ServeOptions:
     compile: bool = False
     compile_warmup: str = "start"
     compile_cache_dir: str = ""
+    # A stream sends its first text at once, later text at most this often (0: every step).
+    stream_interval_s: float = 0.05
 
     def __post_init__(self) -> None:
         self.tasks = [str(t) for t in self.tasks]
@@ -78,6 +80,10 @@ class ServeOptions:
         if self.compile_warmup not in ("start", "lazy"):
             raise ValueError(
                 f"serve.compile_warmup={self.compile_warmup!r} is invalid; accepted: start, lazy"
+            )
+        if self.stream_interval_s < 0:
+            raise ValueError(
+                f"serve.stream_interval_s={self.stream_interval_s} is invalid; accepted: >= 0"
             )
         if self.max_queued_requests < 0:
             raise ValueError(
@@ -184,7 +190,8 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
                   cpus_per_worker=options.cpus_per_replica,
                   gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s,
                   compile=options.compile, compile_warmup=options.compile_warmup,
-                  compile_cache_dir=options.compile_cache_dir)  # fmt: skip
+                  compile_cache_dir=options.compile_cache_dir,
+                  stream_interval_s=options.stream_interval_s)  # fmt: skip
     specs = {"full": ModelSpec("full", checkpoint, ep_size=options.ep_size, **common)}  # type: ignore[arg-type]
     for task_id, path in subsets.items():
         specs[f"task-{task_id}"] = ModelSpec(f"task-{task_id}", path, **common)  # type: ignore[arg-type]

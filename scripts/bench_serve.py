@@ -190,6 +190,7 @@ def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "clients": args.ratio_clients, "max_tokens": args.ratio_tokens, "task": args.task,
         "compile": args.compile, "threads": args.threads, "rounds": rounds,
+        "stream_interval_s": args.stream_interval_s,
         "in_process_tokens_per_s": medians["in_process"], "http_tokens_per_s": medians["http"],
         "ratio": medians["http"] / medians["in_process"], "target": 0.8,
     }  # fmt: skip
@@ -253,6 +254,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--compile", action="store_true", help="serve.compile (and in-process)")
+    parser.add_argument(
+        "--stream-interval-s",
+        type=float,
+        default=None,
+        help="serve.stream_interval_s (default: the service's)",
+    )
     parser.add_argument("--ratio-rounds", type=int, default=5, help="0: no ratio")
     parser.add_argument("--ratio-clients", type=int, default=32)
     parser.add_argument("--ratio-tokens", type=int, default=64)
@@ -267,6 +274,9 @@ def main() -> None:
         max_tokens=max(64, args.max_tokens, args.ratio_tokens), threads_per_replica=args.threads,
         compile=args.compile,
     )  # fmt: skip
+    if args.stream_interval_s is not None:
+        options.stream_interval_s = args.stream_interval_s
+    args.stream_interval_s = options.stream_interval_s  # recorded with the results
     config = ServeConfig(checkpoint=args.checkpoint, serve=options)
     try:
         url = start(config, probe=not args.ratio_only)

@@ -124,20 +124,25 @@ def inductor_model() -> Iterator[MoETransformer]:
         yield model
 
 
-def runner_pair(model: MoETransformer) -> tuple[ModelRunner, ModelRunner, CompiledDecoder]:
-    """An eager runner and a compiled one (inductor, lazy), each with its own cache."""
-    options = DecodeCompileOptions(buckets=BUCKETS, warmup="lazy")
+def runner_pair(
+    model: MoETransformer, warmup: str = "lazy"
+) -> tuple[ModelRunner, ModelRunner, CompiledDecoder]:
+    """An eager runner and a compiled one (inductor), each with its own cache."""
+    options = DecodeCompileOptions(buckets=BUCKETS, warmup=warmup)
     eager = ModelRunner(model, max_batch=MAX_BATCH)
     compiled = ModelRunner(model, max_batch=MAX_BATCH, compile=True, compile_options=options)
     assert compiled.decoder is not None
     return eager, compiled, compiled.decoder
 
 
-def decode_and_compare(model: MoETransformer, poison: bool) -> CompiledDecoder:
+def decode_and_compare(
+    model: MoETransformer, poison: bool, warmup: str = "lazy"
+) -> CompiledDecoder:
     """Prefill 4 sequences in shuffled slots on both runners, then decode greedily with
     the live rows shrinking 4 -> 3 -> 2 -> 1 (every bucket); compare the logits of every
     step (and, with `poison`, keep the padding extreme)."""
-    eager, compiled, decoder = runner_pair(model)
+    eager, compiled, decoder = runner_pair(model, warmup)
+    compiled.warm_up(eager=False)
     if poison:
         pad = decoder.pad_slot
         for k, v in zip(compiled.cache.k_SGLC, compiled.cache.v_SGLC):
@@ -256,3 +261,16 @@ def test_compilations_equal_the_buckets_used() -> None:
 def test_compile_needs_dropless_routing() -> None:
     with pytest.raises(ValueError, match="compile=True needs routing=dropless"):
         InferenceEngine(sharp_model(1), compile=True, routing="trained", warmup=False)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_the_compiled_step() -> None:
+    """On CUDA every bucket is captured as a CUDA graph at start; the replays give the
+    eager logits (the same comparison as on CPU)."""
+    use_cache_dir(CACHE_DIR)
+    model = sharp_model(11).cuda()
+    with model.capacity_override("dropless"):
+        decoder = decode_and_compare(model, poison=False, warmup="start")
+    report = decoder.report()
+    assert report["cuda_graphs"]
+    assert [r["cuda_graph"] for r in report["per_bucket"]] == [True] * len(BUCKETS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from test_inference_engine import prompts, sharp_model
@@ -226,6 +227,26 @@ def test_a_consumer_that_goes_away_frees_its_slot() -> None:
     assert asyncio.run(asyncio.wait_for(scenario(), 60)) == generate(
         model, b"xyz", 5, temperature=0
     )
+
+
+def test_merged_streams_send_the_first_text_at_once_and_the_end_without_waiting() -> None:
+    """interval_s=30: the first token alone, then the rest in one final event as soon as
+    it exists (not 30 s later); the pieces make up the completion."""
+    model = sharp_model(34)
+    engine = InferenceEngine(model, max_batch=2)
+
+    async def scenario() -> list:
+        loop = BatchLoop(local_step(EngineShard(engine)))
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        return [event async for event in loop.generate(b"abc", greedy, None, interval_s=30.0)]
+
+    started = time.perf_counter()
+    first, last = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert time.perf_counter() - started < 20
+    assert len(first.new_text) == 1 and first.completion is None
+    assert last.completion is not None
+    assert first.new_text + last.new_text == last.completion.text
+    assert last.completion.text == generate(model, b"abc", 12, temperature=0)
 
 
 def test_engine_refusals_reach_only_their_request() -> None:

@@ -55,6 +55,7 @@ class ModelSpec:
     compile: bool = False
     compile_warmup: str = "start"
     compile_cache_dir: str = ""
+    stream_interval_s: float = 0.0
 
     def engine_options(self) -> dict[str, Any]:
         """The `InferenceEngine` keywords of the compiled decode step (`moe.inference.decode`);
@@ -134,10 +135,14 @@ class ModelServer:
     async def stream(self, fields: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The completion in chunks: `{"text"}` per step that shows new text, then one
         `{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`. A multi-byte
-        character split across steps is given whole, in the later chunk."""
+        character split across steps is given whole, in the later chunk. After the
+        first chunk, the text of several steps may come as one (`stream_interval_s`,
+        `BatchLoop.generate`)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         params = self._params(fields)
-        async for event in self.loop.generate(fields["prompt"], params, fields["task"]):
+        interval_s = self.spec.stream_interval_s
+        async for event in self.loop.generate(fields["prompt"], params, fields["task"],
+                                              interval_s):  # fmt: skip
             if event.error is not None:
                 raise ValueError(event.error)
             done = event.completion

@@ -262,6 +262,34 @@ def test_compile_needs_dropless_routing() -> None:
         InferenceEngine(sharp_model(1), compile=True, routing="trained", warmup=False)
 
 
+def test_a_kv_length_ladder_reads_the_smallest_window_that_holds_the_rows() -> None:
+    """kv_lengths=(8, 16) in a 32-position window: each step reads the smallest of 8,
+    16, 32 holding its rows' positions, and gives the eager logits (aot_eager: what is
+    checked is which positions the step reads)."""
+    model = sharp_model(14)
+    options = DecodeCompileOptions(buckets=(1, 2), kv_lengths=(8, 16), backend="aot_eager",
+                                   warmup="lazy")  # fmt: skip
+    eager = ModelRunner(model, max_batch=2)
+    compiled = ModelRunner(model, max_batch=2, compile=True, compile_options=options)
+    assert compiled.decoder is not None
+    texts = [list(b"abcd"), list(b"0123456789")]
+    segments = [Segment(0, 0, 4), Segment(1, 0, 10)]
+    for runner in (eager, compiled):
+        runner.run(segments, texts, [None, None])
+    lengths, token = [4, 10], [5, 6]
+    for step in range(12):
+        live = [0] if step < 3 else [0, 1]  # slot 0 alone up to position 6, then both
+        segments = [Segment(i, lengths[i], 1) for i in live]
+        tokens = [[token[i]] for i in live]
+        want = eager.run(segments, tokens, [None] * len(live))
+        got = compiled.run(segments, tokens, [None] * len(live))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for i in live:
+            lengths[i] += 1
+    used = {(r["batch"], r["kv_len"]) for r in compiled.decoder.report()["per_bucket"]}
+    assert used == {(1, 8), (2, 16), (2, 32)}
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_replay_the_compiled_step() -> None:
     """On CUDA every bucket is captured as a CUDA graph at start; the replays give the

@@ -13,8 +13,11 @@ of that size reuses the graph.
   slot (`pad_slot`, never given to a sequence), so their keys land there and they attend
   only there; every other op of the model is row-wise (dropless routing: no capacity for
   padding to take). Their logits are dropped.
-- Attention reads a fixed maximum of positions per slot (the cache's `max_len`) with a
-  mask (keys at positions <= the row's own), not the longest live sequence.
+- Attention reads a fixed maximum of positions per slot with a mask (keys at positions
+  <= the row's own), not the longest live sequence: the cache's `max_len` by default,
+  or the smallest of `kv_lengths` that holds every row (then a bucket is a pair (rows,
+  positions) and compiles once per pair used): reading all of a long window for every
+  row of every step costs memory traffic that short sequences do not need.
 - The MoE layers use the padded layout (`moe.layer.ExpertLayout.PADDED`: batched
   products over all held experts, no host-side row counts, no custom op) by default, or
   the compact grouped matmul (`expert_layout="compact"`). Under expert parallelism
@@ -61,11 +64,14 @@ class CompileWarmup(str, Enum):
 @dataclass(frozen=True)
 class DecodeCompileOptions:
     """How `CompiledDecoder` compiles. `buckets`: batch sizes to pad to (sorted; empty:
-    `DEFAULT_LADDER` below `max_batch`, then `max_batch`); `backend`: a dynamo backend
-    (inductor; tests use cheaper ones); `expert_layout`: the MoE layers' layout in the
-    compiled step; `cuda_graphs`: capture each bucket as a CUDA graph on CUDA."""
+    `DEFAULT_LADDER` below `max_batch`, then `max_batch`); `kv_lengths`: positions the
+    attention reads (sorted; empty: the cache's whole window; the window is always the
+    last); `backend`: a dynamo backend (inductor; tests use cheaper ones);
+    `expert_layout`: the MoE layers' layout in the compiled step; `cuda_graphs`: capture
+    each bucket as a CUDA graph on CUDA."""
 
     buckets: tuple[int, ...] = ()
+    kv_lengths: tuple[int, ...] = ()
     warmup: CompileWarmup = CompileWarmup.START
     backend: str = "inductor"
     expert_layout: ExpertLayout = ExpertLayout.PADDED
@@ -76,10 +82,11 @@ class DecodeCompileOptions:
         object.__setattr__(
             self, "expert_layout", parse_enum(ExpertLayout, self.expert_layout, "expert_layout")
         )
-        buckets = tuple(self.buckets)
-        if any(not isinstance(b, int) or b < 1 for b in buckets):
-            raise ValueError(f"buckets={list(buckets)} is invalid; accepted: integers >= 1")
-        object.__setattr__(self, "buckets", tuple(sorted(set(buckets))))
+        for key in ("buckets", "kv_lengths"):
+            values = tuple(getattr(self, key))
+            if any(not isinstance(b, int) or b < 1 for b in values):
+                raise ValueError(f"{key}={list(values)} is invalid; accepted: integers >= 1")
+            object.__setattr__(self, key, tuple(sorted(set(values))))
 
 
 def bucket_ladder(max_batch: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:
@@ -94,23 +101,26 @@ class StaticDecodeAttention:
     sees the bucket's rows as one packed sequence of B tokens ([1, B]); row b is the
     next token of the sequence in slot `slots_B[b]` at position `positions_B[b]`."""
 
-    def __init__(self, k_SGLC: Tensor, v_SGLC: Tensor, slots_B: Tensor, positions_B: Tensor):
+    def __init__(
+        self, k_SGLC: Tensor, v_SGLC: Tensor, slots_B: Tensor, positions_B: Tensor, kv_len: int
+    ) -> None:
         self.k_SGLC = k_SGLC
         self.v_SGLC = v_SGLC
         self.slots_B = slots_B
         self.positions_B = positions_B
+        self.kv_len = kv_len
 
     def positions(self, num_new: int, device: torch.device) -> Tensor:
         return self.positions_B
 
     def attend(self, q_BNTC: Tensor, k_BGTC: Tensor, v_BGTC: Tensor) -> Tensor:
         """q [1, N, B, C], k/v [1, G, B, C] -> y [1, N, B, C]: store each row's key and
-        value at its slot and position, then attend each row over all L positions of
-        its slot, masked to positions <= its own."""
+        value at its slot and position, then attend each row over the first `kv_len`
+        positions of its slot, masked to positions <= its own."""
         self.k_SGLC[self.slots_B, :, self.positions_B] = k_BGTC[0].transpose(0, 1)
         self.v_SGLC[self.slots_B, :, self.positions_B] = v_BGTC[0].transpose(0, 1)
-        k_BGLC = self.k_SGLC[self.slots_B]
-        v_BGLC = self.v_SGLC[self.slots_B]
+        k_BGLC = self.k_SGLC[self.slots_B, :, : self.kv_len]
+        v_BGLC = self.v_SGLC[self.slots_B, :, : self.kv_len]
         q_BN1C = q_BNTC[0].transpose(0, 1).unsqueeze(2)
         key_L = torch.arange(k_BGLC.shape[2], device=q_BNTC.device)
         mask_B11L = (key_L[None, :] <= self.positions_B[:, None])[:, None, None, :]
@@ -126,13 +136,15 @@ def decode_logits(
     k_caches: list[Tensor],
     v_caches: list[Tensor],
     inputs_4B: Tensor,
+    kv_len: int,
     with_tasks: bool,
 ) -> Tensor:
     """The model on one decode row per sequence -> logits_BV. `inputs_4B` (int64): rows
-    of token, position, slot and task id."""
+    of token, position, slot and task id; attention reads `kv_len` positions."""
     tokens_B, positions_B, slots_B, tasks_B = inputs_4B.unbind(0)
     caches: list[Any] = [
-        StaticDecodeAttention(k, v, slots_B, positions_B) for k, v in zip(k_caches, v_caches)
+        StaticDecodeAttention(k, v, slots_B, positions_B, kv_len)
+        for k, v in zip(k_caches, v_caches)
     ]
     tasks_1B = tasks_B.unsqueeze(0) if with_tasks else None
     return model(tokens_B.unsqueeze(0), tasks_1B, caches).logits_BTV[0]
@@ -146,6 +158,7 @@ class BucketReport:
     (the rest of calls x batch were padding)."""
 
     batch: int
+    kv_len: int
     graphs: int = 0
     compile_s: float = 0.0
     first_call_s: float = 0.0
@@ -156,8 +169,7 @@ class BucketReport:
 
 @dataclass
 class _Bucket:
-    batch: int
-    inputs_4B: Tensor  # token, position, slot, task id of each row
+    inputs_4B: Tensor  # token, position, slot, task id of each row (shared by a batch)
     report: BucketReport
     compiled: bool = False
     graph: Any = None  # torch.cuda.CUDAGraph when captured
@@ -190,11 +202,13 @@ class CompiledDecoder:
         self.with_tasks = model.routing is not None and model.routing.needs_task_ids
         self.device = k_caches[0].device
         self.buckets = bucket_ladder(max_batch, self.options.buckets)
-        self._buckets = {
-            b: _Bucket(b, torch.zeros((4, b), dtype=torch.int64, device=self.device),
-                       BucketReport(b))
-            for b in self.buckets
-        }  # fmt: skip
+        window = k_caches[0].shape[2]
+        self.kv_lengths = (*[n for n in self.options.kv_lengths if n < window], window)
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        for batch in self.buckets:
+            inputs_4B = torch.zeros((4, batch), dtype=torch.int64, device=self.device)
+            for kv_len in self.kv_lengths:
+                self._buckets[batch, kv_len] = _Bucket(inputs_4B, BucketReport(batch, kv_len))
         # At EP=1 the step is one graph and a graph break is an error; under EP the
         # all-to-all runs eagerly between graphs (and CUDA graphs cannot hold it).
         exchanges = any(layer.dispatcher.exchanges_rows for _, layer in model.moe_layers())
@@ -208,7 +222,7 @@ class CompiledDecoder:
         )
         # Dynamo keeps one cache entry per (model, bucket) for the one code object of
         # `decode_logits`; its default limit (8) would fall back to eager silently.
-        self._recompile_limit = 8 * len(self.buckets) + 64
+        self._recompile_limit = 8 * len(self._buckets) + 64
 
     # --- compilation -------------------------------------------------------------------
 
@@ -227,17 +241,20 @@ class CompiledDecoder:
 
     def warm(self) -> None:
         """Compile (and on CUDA capture) every bucket now, with padding rows only."""
-        for batch in self.buckets:
-            self.run([], [], [], None, bucket=batch)
+        for batch, kv_len in self._buckets:
+            self.run([], [], [], None, bucket=batch, kv_len=kv_len)
 
     def report(self) -> dict[str, Any]:
-        """Compilations per bucket and in all: `compilations` counts the buckets that
-        compiled, `graphs` what the backend compiled (one per bucket at EP=1)."""
+        """Compilations per bucket and in all: `compiled_buckets` the batch sizes whose
+        graphs exist (compiled here, or found in dynamo's cache: a decoder built before
+        over the same model and shapes compiled them), `compilations` the buckets that
+        compiled here, `graphs` what the backend compiled (one per bucket at EP=1)."""
         used = [b.report for b in self._buckets.values() if b.compiled]
         return {
             "buckets": list(self.buckets),
-            "compiled_buckets": [r.batch for r in used],
-            "compilations": len(used),
+            "kv_lengths": list(self.kv_lengths),
+            "compiled_buckets": [r.batch for r in used],  # kv_len: see per_bucket
+            "compilations": sum(1 for r in used if r.graphs),
             "graphs": sum(r.graphs for r in used),
             "compile_s": sum(r.compile_s for r in used),
             "first_calls_s": sum(r.first_call_s for r in used),
@@ -249,12 +266,15 @@ class CompiledDecoder:
 
     # --- the step ------------------------------------------------------------------------
 
-    def bucket_for(self, rows: int) -> int:
-        """The smallest bucket holding `rows` rows."""
+    def bucket_for(self, rows: int, positions: int = 1) -> tuple[int, int]:
+        """The smallest bucket holding `rows` rows that read `positions` positions."""
         index = bisect.bisect_left(self.buckets, rows)
         if index == len(self.buckets):
             raise ValueError(f"{rows} decode rows exceed the largest bucket {self.buckets[-1]}")
-        return self.buckets[index]
+        kv_index = bisect.bisect_left(self.kv_lengths, positions)
+        if kv_index == len(self.kv_lengths):
+            raise ValueError(f"position {positions - 1} is outside the cache's window")
+        return self.buckets[index], self.kv_lengths[kv_index]
 
     def padding(self, rows: int) -> list[list[int]]:
         """The token, position, slot and task columns of `rows` padding rows."""
@@ -262,7 +282,7 @@ class CompiledDecoder:
 
     def _fill(self, entry: _Bucket, columns: list[list[int]]) -> None:
         """Write the live rows, then padding rows, into the bucket's static buffers."""
-        padding = self.padding(entry.batch - len(columns[0]))
+        padding = self.padding(entry.report.batch - len(columns[0]))
         values = [column + pad for column, pad in zip(columns, padding, strict=True)]
         entry.inputs_4B.copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
 
@@ -274,13 +294,15 @@ class CompiledDecoder:
         slots: list[int],
         tasks: list[int] | None,
         bucket: int | None = None,
+        kv_len: int | None = None,
     ) -> Tensor:
         """Logits [n, V] of n rows: token `tokens[i]` at `positions[i]` of slot
         `slots[i]` (its key and value are stored there) for task `tasks[i]` (None or
-        ignored when the model reads no task ids). `bucket`: pad to this bucket (default
-        the smallest that holds the n rows)."""
+        ignored when the model reads no task ids). `bucket`, `kv_len`: pad to these
+        (default the smallest that hold the rows)."""
         rows = len(tokens)
-        entry = self._buckets[bucket if bucket is not None else self.bucket_for(rows)]
+        chosen = self.bucket_for(rows, max(positions, default=0) + 1)
+        entry = self._buckets[bucket or chosen[0], kv_len or chosen[1]]
         if not self.with_tasks or tasks is None:
             tasks = [self.pad_task] * rows
         self._fill(entry, [list(tokens), list(positions), list(slots), list(tasks)])
@@ -309,8 +331,9 @@ class CompiledDecoder:
                 self.model.expert_layout(self.options.expert_layout),
             ):
                 logits_BV = self._compiled(
-                    self.model, self.k_caches, self.v_caches, entry.inputs_4B, self.with_tasks
-                )
+                    self.model, self.k_caches, self.v_caches, entry.inputs_4B,
+                    entry.report.kv_len, self.with_tasks,
+                )  # fmt: skip
         finally:
             self._compiling = None
         if first:

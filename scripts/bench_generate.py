@@ -6,7 +6,13 @@ Variants (one checkpoint, built three ways):
 - subset: a task subset checkpoint, `--subset`, or else written once into a temporary
           directory by `write_subset(checkpoint, --task, coverage=0.99)`; requests carry
           the task id;
-- int8:   `load_model(quantize="int8")`: int8 weight-only experts.
+- int8:   `load_model(quantize="int8")`: int8 weight-only experts;
+- compiled (`--compile`): the fp32 checkpoint decoding through the compiled step
+          (`InferenceEngine(compile=True)`, `moe.inference.decode`): one engine of
+          `max_batch` = the largest B, built (and its buckets compiled, timed and
+          reported under "compile") before the measurements, reused by every B. Its
+          floor is fp32's (same model, same routing); note its padded MoE layout reads
+          every expert of a layer, which the floor does not count.
 A variant whose module (`moe.inference.subset`, `moe.inference.quant`) does not import
 is skipped with the reason printed.
 
@@ -40,7 +46,7 @@ the step's size, read over and over (it stays cached as the weights do).
 
     python scripts/bench_generate.py [--checkpoint runs/demo_token] [--subset PATH]
         [--task 0] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64] [--repeats 3]
-        [--threads 2] [--json PATH] [--plot PATH] [--quick]
+        [--threads 2] [--json PATH] [--plot PATH] [--quick] [--compile]
 
 Shapes: B requests (batch), P prompt bytes, N new tokens per request, E experts of a
 layer, K experts per token.
@@ -71,10 +77,13 @@ from _bench_utils import MIB, interleaved_times, timed_runs
 from moe.data import DataConfig, build_corpus
 from moe.experts import Activation, expert_parameter_ids
 from moe.inference import InferenceEngine, LoadedModel, SamplingParams, load_model
+from moe.inference.decode import DecodeCompileOptions
 from moe.transformer import MoETransformer
 
-VARIANTS = ("fp32", "subset", "int8")
+VARIANTS = ("fp32", "subset", "int8", "compiled")
 TARGET_RATIO = 8.0
+# Compiled decode tokens/s over fp32's, by batch (issue 26's targets).
+COMPILED_TARGETS = {1: 4.0, 32: 3.0}
 SUBSET_COVERAGE = 0.99
 REQUIRED_KEYS = (
     "variant", "batch", "prefill_tokens_per_s", "decode_tokens_per_s", "floor_fraction"
@@ -86,6 +95,7 @@ class Variant:
     name: str
     loaded: LoadedModel
     task_id: int | None  # what every request names (None: the model needs none)
+    engine: InferenceEngine | None = None  # kept across measurements (compiled)
 
 
 @dataclass
@@ -146,7 +156,7 @@ def run_requests(
     `before_step(i)` runs untimed before step i."""
     model = variant.loaded.model
     batch = len(prompts)
-    engine = InferenceEngine(
+    engine = variant.engine or InferenceEngine(
         model,
         max_batch=batch,
         max_step_tokens=max(model.config.max_seq_len, sum(len(p) for p in prompts)),
@@ -166,7 +176,8 @@ def run_requests(
             if len(seconds) == 1:
                 assert len(events) == batch, "the first step must prefill every request"
     finally:
-        engine.restore()
+        if variant.engine is None:
+            engine.restore()
     assert len(seconds) == new_tokens, f"{len(seconds)} steps for {new_tokens} tokens"
     return Timing(prefill_s=seconds[0], decode_s=sum(seconds[1:]))
 
@@ -323,7 +334,29 @@ def build_variants(args: argparse.Namespace, workdir: Path) -> list[Variant]:
         print(f"skipping int8: {reason}")
     else:
         variants.append(Variant("int8", load_model(args.checkpoint, quantize="int8"), fp32_task))
+    if args.compile:
+        compiled = load_model(args.checkpoint)
+        model = compiled.model
+        engine = InferenceEngine(
+            model, max_batch=max(args.batches), task_ids=compiled.task_ids, compile=True,
+            max_step_tokens=max(model.config.max_seq_len, max(args.batches) * args.prompt_len),
+            compile_options=DecodeCompileOptions(backend=args.compile_backend),
+        )  # fmt: skip
+        variants.append(Variant("compiled", compiled, fp32_task, engine))
     return variants
+
+
+def compiled_speedups(rows: list[dict]) -> dict[str, dict]:
+    """Per batch: compiled decode tokens/s over fp32's, against COMPILED_TARGETS."""
+    by = {(r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
+    out = {}
+    for (variant, batch), speed in by.items():
+        if variant == "compiled" and ("fp32", batch) in by:
+            ratio = speed / by["fp32", batch]
+            target = COMPILED_TARGETS.get(batch)
+            out[str(batch)] = {"speedup": ratio, "target": target,
+                               "meets_target": None if target is None else ratio >= target}  # fmt: skip
+    return out
 
 
 # --- output ---------------------------------------------------------------------------
@@ -462,6 +495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of decode tokens/s")
     parser.add_argument("--quick", action="store_true", help="batches 1,4; 8 tokens; 1 round")
+    parser.add_argument("--compile", action="store_true", help="add the compiled variant")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="its dynamo backend (the smoke test: aot_eager)")  # fmt: skip
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"batches": [1, 4] if quick else [1, 8, 32], "prompt_len": 16 if quick else 64,
@@ -492,7 +528,11 @@ def main(argv: list[str] | None = None) -> None:
             measurements = {}
             for variant in variants:
                 for batch in args.batches:  # untimed: the warm-up, counting the routing
-                    traffic = count_traffic(variant, prompts[:batch], args.new_tokens)
+                    if variant.engine is not None:  # compiled: fp32's routing; no hooks
+                        run_requests(variant, prompts[:batch], args.new_tokens)
+                        traffic = measurements[f"fp32@{batch}"].traffic
+                    else:
+                        traffic = count_traffic(variant, prompts[:batch], args.new_tokens)
                     measurements[f"{variant.name}@{batch}"] = Measurement(variant, batch, traffic)
                     progress.update()
 
@@ -523,6 +563,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [make_row(m, args, machine) for m in measurements.values()]
     rows.sort(key=lambda r: (VARIANTS.index(r["variant"]), r["batch"]))
     ratios = decode_ratios(rows)
+    compiled = next((v.engine for v in variants if v.engine is not None), None)
+    compile_report = compiled.compile_report() if compiled is not None else None
+    speedups = compiled_speedups(rows)
     print(
         f"Generation, {args.checkpoint}, task {args.task}, prompt {args.prompt_len} B, "
         f"{args.new_tokens} new tokens, greedy, {args.threads} threads, median of "
@@ -531,10 +574,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{machine['matmul_flops'] / 1e9:.1f} GFLOP/s"
     )
     print(format_table(rows, ratios))
+    for batch, entry in speedups.items():
+        target = entry["target"]
+        verdict = (
+            ""
+            if target is None
+            else (f" ({'meets' if entry['meets_target'] else 'misses'} the {target:.0f}x target)")
+        )
+        print(f"compiled / fp32 decode tok/s at B={batch}: {entry['speedup']:.2f}x{verdict}")
+    if compile_report is not None:
+        for bucket in compile_report["per_bucket"]:
+            print(f"compiled bucket {bucket['batch']}: first call {bucket['first_call_s']:.1f} s "
+                  f"({bucket['graphs']} graphs, inductor {bucket['compile_s']:.1f} s)")  # fmt: skip
     if args.json:
         settings = {k: getattr(args, k) for k in ("checkpoint", "subset", "task", "batches",
                                                    "prompt_len", "new_tokens", "repeats")}  # fmt: skip
-        payload = {"machine": machine, "settings": settings, "rows": rows, "ratios": ratios}
+        payload = {"machine": machine, "settings": settings, "rows": rows, "ratios": ratios,
+                   "compiled_speedups": speedups, "compile": compile_report}  # fmt: skip
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.plot:
         plot_decode(rows, args.plot, machine)

@@ -27,7 +27,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy routing comm
+	$(VENV)/bin/mypy routing comm moe launch
 
 test: venv lint typecheck
 	$(VENV)/bin/pytest -m "not gpu" -q

@@ -13,19 +13,19 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ParamSpec
 
 USAGE_ERROR = 2
 
-F = TypeVar("F", bound=Callable[..., None])
+P = ParamSpec("P")
 
 
-def exits_on_bad_input(name: str) -> Callable[[F], F]:
+def exits_on_bad_input(name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
     """Decorate an entry point's `main(cfg)` (under `@hydra.main`)."""
 
-    def decorate(main: F) -> F:
+    def decorate(main: Callable[P, None]) -> Callable[P, None]:
         @functools.wraps(main)
-        def wrapped(*args: object, **kwargs: object) -> None:
+        def wrapped(*args: P.args, **kwargs: P.kwargs) -> None:
             try:
                 main(*args, **kwargs)
             except ValueError as error:
@@ -34,6 +34,6 @@ def exits_on_bad_input(name: str) -> Callable[[F], F]:
                 print(f"{name}: {error}", file=sys.stderr, flush=True)
                 sys.exit(USAGE_ERROR)
 
-        return wrapped  # type: ignore[return-value]
+        return wrapped
 
     return decorate

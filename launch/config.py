@@ -15,10 +15,10 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from comm.alltoall import Algorithm
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from moe.config import ModelConfig
 from moe.data import DataConfig
 from routing.config import RoutingConfig, parse_enum
@@ -263,9 +263,5 @@ def to_run_config(cfg: DictConfig | RunConfig | dict[str, Any]) -> RunConfig:
     """
     if isinstance(cfg, RunConfig):
         return cfg
-    if isinstance(cfg, DictConfig):
-        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        data = {key: value for key, value in data.items() if key != "hydra"}  # type: ignore[union-attr]
-    else:
-        data = cfg
+    data = plain_container(cfg, throw_on_missing=True) if isinstance(cfg, DictConfig) else cfg
     return build(RunConfig, data)

@@ -28,7 +28,7 @@ from typing import Any
 import hydra
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
 from launch.config import CommConfig
@@ -39,7 +39,7 @@ from launch.runtime import (
     setup_runtime,
     teardown_runtime,
 )
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from launch.training.compile import use_cache_dir
 from moe.inference import Completion, InferenceEngine, SamplingParams, load_model
 from moe.inference.decode import CompileWarmup, DecodeCompileOptions
@@ -98,6 +98,8 @@ class GenerateConfig:
             )
         if self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} is invalid; accepted: >= 1")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} is invalid; accepted: >= 1")
         self.sampling()  # validates max_tokens, temperature, top_k, top_p, stop
 
     def all_prompts(self) -> list[str]:
@@ -115,9 +117,7 @@ def register_generate_config() -> None:
 
 
 def to_generate_config(cfg: DictConfig | dict[str, Any]) -> GenerateConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(GenerateConfig, data)
+    return build(GenerateConfig, plain_container(cfg))
 
 
 def run_generate(

@@ -24,11 +24,11 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
 from launch.config import register_configs
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from moe.checkpoint import read_meta
 from moe.config import ModelConfig
 from moe.inference.loading import configs_of, resolve_checkpoint
@@ -87,7 +87,8 @@ class PlanOptions:
             activations = "fp32" if self.precision is Precision.FP32 else "bf16"
         return Workload(
             batch=self.batch if batch is None else batch, prompt_len=self.prompt_len,
-            gen_len=self.gen_len, weights=self.precision, activations=activations,
+            gen_len=self.gen_len, weights=self.precision,
+            activations=parse_precision(activations, "plan.activations"),
             int8_scope=self.int8_scope,
         )  # fmt: skip
 
@@ -126,9 +127,7 @@ def register_plan_configs() -> None:
 
 
 def to_plan_config(cfg: DictConfig | dict[str, Any]) -> PlanRunConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(PlanRunConfig, data)
+    return build(PlanRunConfig, plain_container(cfg))
 
 
 def model_shape(config: PlanRunConfig) -> ModelShape:

@@ -17,10 +17,16 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Mapping
 from enum import Enum
-from typing import Any, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
 
-T = TypeVar("T")
+from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -36,8 +42,8 @@ def _schema_type(annotation: Any) -> Any:
         return Optional[_schema_type(args[0])]  # noqa: UP045 (OmegaConf needs Optional)
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return str
-    if dataclasses.is_dataclass(annotation):
-        return hydra_schema(annotation)  # type: ignore[arg-type]
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return hydra_schema(annotation)
     return annotation
 
 
@@ -66,6 +72,20 @@ def hydra_schema(cls: type) -> type:
     return dataclasses.make_dataclass(cls.__name__, specs, namespace={"__doc__": cls.__doc__})
 
 
+def plain_container(
+    cfg: DictConfig | Mapping[str, Any], throw_on_missing: bool = False
+) -> dict[Any, Any]:
+    """`cfg` as the plain dict that `build` takes, without Hydra's own `hydra` node. A
+    composed config becomes plain containers with its interpolations resolved (with
+    `throw_on_missing`, a missing value `???` raises)."""
+    if isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=throw_on_missing)
+        assert isinstance(data, dict)  # the container of a DictConfig is a dict
+    else:
+        data = dict(cfg)
+    return {key: value for key, value in data.items() if key != "hydra"}
+
+
 def build(cls: type[T], data: Any, key: str = "") -> T:
     """Instantiate dataclass `cls` from a plain dict (nested dataclasses included).
 
@@ -74,7 +94,7 @@ def build(cls: type[T], data: Any, key: str = "") -> T:
     if not isinstance(data, dict):
         raise ValueError(f"{key or cls.__name__} must be a mapping, got {data!r}")
     hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(
@@ -84,7 +104,7 @@ def build(cls: type[T], data: Any, key: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            value = build(annotation, value, f"{key}.{name}".lstrip("."))  # type: ignore[arg-type]
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            value = build(annotation, value, f"{key}.{name}".lstrip("."))
         kwargs[name] = value
     return cls(**kwargs)

@@ -12,9 +12,12 @@ checkpoint: `serve.subsets` maps a task to one, the others are cut at start-up i
 (expert-parallel over `serve.ep_size` Ray workers when > 1), and the OpenAI-style
 gateway (`launch.serving.api`). Model ids: `full`, and `task-<id>` for every task of a
 task-aware checkpoint (served by its subset deployment when it has one, else by the full
-model). Bounds: `serve.max_body_bytes`, `serve.max_tokens`, and per deployment replica
-`serve.max_ongoing_requests` running plus `serve.max_queued_requests` waiting (then 503
-with `Retry-After`). See docs/SERVING.md.
+model). Bounds: `serve.max_body_bytes`, `serve.max_tokens`, `serve.max_n`,
+`serve.max_best_of`, `serve.max_logprobs`, `serve.max_prompts`,
+`serve.max_request_tokens`, and per deployment replica `serve.max_ongoing_requests`
+running plus `serve.max_queued_requests` waiting (then 503 with `Retry-After`).
+`serve.chat_template`: a Jinja2 file that replaces the checkpoint's chat template. See
+docs/SERVING.md.
 """
 
 from __future__ import annotations
@@ -23,16 +26,16 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 
 CONFIG_PATH = "../conf"
 
@@ -54,6 +57,13 @@ class ServeOptions:
     max_queued_requests: int = 64
     max_body_bytes: int = 65536
     max_tokens: int = 512
+    max_n: int = 8
+    max_best_of: int = 8
+    max_logprobs: int = 20
+    max_prompts: int = 64
+    max_request_tokens: int = 262144
+    chat_template: str = ""  # a Jinja2 file; "": the checkpoint's, else the plain template
+    metrics_stale_s: float = 30.0
     retry_after_s: int = 1
     threads_per_replica: int = 1
     cpus_per_replica: float = 0.5
@@ -89,6 +99,12 @@ class ServeOptions:
             raise ValueError(
                 f"serve.max_queued_requests={self.max_queued_requests}; accepted: >= 0 (a bound)"
             )
+        self.limits()  # validates max_n, max_best_of, max_logprobs, max_prompts, ...
+        if self.chat_template and not Path(self.chat_template).is_file():
+            raise ValueError(
+                f"serve.chat_template={self.chat_template!r} is not a file; accepted: a Jinja2 "
+                "template file, or empty (the checkpoint's template)"
+            )
         if self.max_replicas and self.max_replicas < self.replicas:
             raise ValueError(
                 f"serve.max_replicas={self.max_replicas} is below serve.replicas="
@@ -98,6 +114,16 @@ class ServeOptions:
             "MOE_SERVE_PUBLIC"
         ):
             print(f"[serve] warning: binding {self.host}, reachable beyond this machine")
+
+    def limits(self) -> Any:
+        """The request bounds (`launch.serving.protocol.Limits`)."""
+        from launch.serving.protocol import Limits
+
+        return Limits(
+            max_body_bytes=self.max_body_bytes, max_tokens=self.max_tokens, max_n=self.max_n,
+            max_best_of=self.max_best_of, max_logprobs=self.max_logprobs,
+            max_prompts=self.max_prompts, max_request_tokens=self.max_request_tokens,
+        )  # fmt: skip
 
 
 @dataclass
@@ -115,9 +141,7 @@ def register_serve_config() -> None:
 
 
 def to_serve_config(cfg: DictConfig | dict[str, Any]) -> ServeConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(ServeConfig, data)
+    return build(ServeConfig, plain_container(cfg))
 
 
 def _subset_checkpoints(config: ServeConfig) -> dict[int, str]:
@@ -178,25 +202,28 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
 
     from launch.serving.api import Gateway
     from launch.serving.deployments import ModelServer, ModelSpec
-    from launch.serving.validation import Limits, ModelEntry
+    from launch.serving.protocol import ModelEntry
     from moe.checkpoint import read_meta
-    from moe.inference.loading import configs_of, resolve_checkpoint
+    from moe.inference.loading import checkpoint_tokenizer, configs_of, resolve_checkpoint
 
     options = config.serve
     checkpoint = str(resolve_checkpoint(config.checkpoint).resolve())
-    model_config, routing = configs_of(read_meta(Path(checkpoint)))
+    meta = read_meta(Path(checkpoint))
+    model_config, routing = configs_of(meta)
+    tokenizer_files = checkpoint_tokenizer(Path(checkpoint), meta).files()
+    template = Path(options.chat_template).read_text() if options.chat_template else None
     subsets = _subset_checkpoints(config)
-    common = dict(max_batch=options.max_batch, threads=options.threads_per_replica,
-                  cpus_per_worker=options.cpus_per_replica,
-                  gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s,
-                  compile=options.compile, compile_warmup=options.compile_warmup,
-                  compile_cache_dir=options.compile_cache_dir,
-                  stream_interval_s=options.stream_interval_s)  # fmt: skip
-    specs = {"full": ModelSpec("full", checkpoint, ep_size=options.ep_size, **common)}  # type: ignore[arg-type]
+    full = ModelSpec("full", checkpoint, ep_size=options.ep_size, max_batch=options.max_batch,
+                     threads=options.threads_per_replica, cpus_per_worker=options.cpus_per_replica,
+                     gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s,
+                     compile=options.compile, compile_warmup=options.compile_warmup,
+                     compile_cache_dir=options.compile_cache_dir,
+                     stream_interval_s=options.stream_interval_s)  # fmt: skip
+    specs = {"full": full}
     for task_id, path in subsets.items():
-        specs[f"task-{task_id}"] = ModelSpec(f"task-{task_id}", path, **common)  # type: ignore[arg-type]
+        specs[f"task-{task_id}"] = replace(full, name=f"task-{task_id}", checkpoint=path, ep_size=1)
     if probe:
-        specs["probe"] = ModelSpec("probe", checkpoint, probe=True, **common)  # type: ignore[arg-type]
+        specs["probe"] = replace(full, name="probe", ep_size=1, probe=True)
     context = model_config.max_seq_len
     num_tasks = routing.num_tasks if routing is not None else 0
     needs_task = routing is not None and routing.needs_task_ids
@@ -207,18 +234,22 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
         catalog[f"task-{task_id}"] = ModelEntry(deployment, task_id, context)
     if probe:  # a task-routed probe answers as task 0 (any task runs the same code)
         catalog["probe"] = ModelEntry("probe", 0 if needs_task else None, context)
-    model_deployment = serve.deployment(ModelServer)
+    # `serve.deployment()(cls)` rather than `serve.deployment(cls)`: the same Deployment,
+    # in the decorator form that Ray's annotations describe.
+    model_deployment = serve.deployment()(ModelServer)
     handles = {
         name: model_deployment.options(**_deployment_options(options, name)).bind(spec)
         for name, spec in specs.items()
     }
-    limits = Limits(max_body_bytes=options.max_body_bytes, max_tokens=options.max_tokens)
-    gateway = serve.deployment(Gateway).options(
+    gateway = serve.deployment()(Gateway).options(
         name="gateway", num_replicas=1, max_ongoing_requests=4096, max_queued_requests=4096,
         ray_actor_options={"num_cpus": 0},
     )  # fmt: skip
     health_timeout_s = min(options.health_check_timeout_s, 10.0)
-    return gateway.bind(handles, catalog, limits, options.retry_after_s, health_timeout_s)
+    return gateway.bind(
+        handles, catalog, options.limits(), options.retry_after_s, health_timeout_s,
+        tokenizer_files, template, options.metrics_stale_s,
+    )  # fmt: skip
 
 
 def init_ray(config: ServeConfig) -> None:
@@ -267,8 +298,8 @@ def stop() -> None:
 def main(cfg: DictConfig) -> None:
     config = to_serve_config(cfg)
     url = start(config)
-    print(f"[serve] ready at {url} (POST /v1/completions, GET /v1/models, GET /healthz)",
-          flush=True)  # fmt: skip
+    print(f"[serve] ready at {url} (POST /v1/completions, POST /v1/chat/completions, "
+          "GET /v1/models, GET /health, GET /metrics)", flush=True)  # fmt: skip
     try:
         while True:
             time.sleep(3600)

@@ -20,11 +20,11 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
 from launch.generate import Quantization
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from moe.inference.subset import SubsetResult, weight_bytes, write_subset
 from moe.inference.task_usage import DEFAULT_MAX_WINDOWS, DEFAULT_SEED
 from routing.config import parse_enum
@@ -63,9 +63,7 @@ def register_subset_config() -> None:
 
 
 def to_subset_config(cfg: DictConfig | dict[str, Any]) -> SubsetConfig:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-    return build(SubsetConfig, data)
+    return build(SubsetConfig, plain_container(cfg))
 
 
 def run_subset(config: SubsetConfig) -> SubsetResult:

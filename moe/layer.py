@@ -98,6 +98,8 @@ class MoELayer(nn.Module):
             self.residual = DenseMLP(d_model, d_hidden, activation)
             self.residual_gate = nn.Linear(d_model, 2)
         self.last_stats: RoutingStats | None = None
+        # The last forward's chosen experts (global ids), for those who report them.
+        self.last_expert_ids_TK: Tensor | None = None
         # A stateful capacity policy's per-layer state (DynaMoE), None for the others.
         self.capacity_state: CapacityState | None = build_capacity_state(num_experts, routing)
         # `MoETransformer.override_capacity` sets it: DROPLESS bypasses the policy.
@@ -214,4 +216,5 @@ class MoELayer(nn.Module):
             coefficients_T2 = nn.functional.softmax(self.residual_gate(x_TD), dim=-1)
             y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
         self.last_stats = plan.stats
+        self.last_expert_ids_TK = plan.expert_ids_TK
         return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)

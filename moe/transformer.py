@@ -232,6 +232,16 @@ class MoETransformer(nn.Module):
             i: layer.last_stats for i, layer in self.moe_layers() if layer.last_stats is not None
         }
 
+    def take_comm_time(self) -> float:
+        """Seconds this rank spent in the MoE all-to-alls (counts and rows, forward and
+        backward) since the last call, over all layers; 0 without expert parallelism."""
+        total = 0.0
+        for _, layer in self.moe_layers():
+            timer = getattr(layer.dispatcher, "comm_timer", None)  # only EP dispatchers time
+            if timer is not None:
+                total += timer.take()
+        return total
+
     def init_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
         """Empty KV caches (one per block) for incremental decoding."""
         param = self.embed.weight

@@ -13,10 +13,19 @@ Legend: E experts of a layer (global ids).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-from routing import AllReduce
+from routing import AllReduce, RoutingStats
+
+
+class RoutedModel(Protocol):
+    """What `ExpertUsage` asks of a model (a `MoETransformer`): the routing statistics
+    of its last forward, by block index (blocks without routing statistics left out)."""
+
+    def routing_stats(self) -> dict[int, RoutingStats]: ...
 
 
 class ExpertUsage:
@@ -25,10 +34,10 @@ class ExpertUsage:
     def __init__(self) -> None:
         self.per_layer: dict[int, Tensor] = {}
 
-    def observe(self, model: torch.nn.Module) -> None:
+    def observe(self, model: RoutedModel) -> None:
         """Add `model`'s last forward (a `MoETransformer`; blocks without routing
         statistics are skipped)."""
-        for block, stats in model.routing_stats().items():  # type: ignore[operator]
+        for block, stats in model.routing_stats().items():
             load_E = stats.tokens_per_expert_E.detach().to(torch.float64, copy=True)
             previous = self.per_layer.get(block)
             self.per_layer[block] = load_E if previous is None else previous + load_E

@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmark and experiment scripts: interleaved timing, peak
-resident memory, and training runs of `launch.train` read back from their metrics.jsonl.
+"""Shared helpers of the benchmark scripts: interleaved and repeated timing, peak
+resident memory, and a free TCP port for a 1-rank rendezvous. (Training runs:
+`_runs.py`; the inference engine's step times: `_engine_timing.py`.)
 
 Timing: every implementation runs once per round, the rounds repeat, and the starting
 implementation rotates from round to round, so slow drifts of a shared machine hit all
@@ -17,17 +18,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
-import os
 import re
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 MIB = 1024 * 1024
 
@@ -70,11 +65,21 @@ def round_ratio_median(numerator: Sequence[float], denominator: Sequence[float])
     return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
-    assert match is not None, f"/proc/self/status has no {field}"
-    return int(match.group(1))
+def status_kib(field: str) -> int | None:
+    """`field` of /proc/self/status (VmRSS, VmHWM) in KiB; None where there is none
+    (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _required_status_kib(field: str) -> int:
+    kib = status_kib(field)
+    assert kib is not None, f"/proc/self/status has no {field}"
+    return kib
 
 
 def release_free_memory() -> None:
@@ -88,11 +93,11 @@ def release_free_memory() -> None:
 def peak_rss_above_baseline_mb(run: Callable[[], None]) -> float:
     """MiB of resident memory `run` adds at its peak over the resident set before it."""
     release_free_memory()
-    baseline_kib = _status_kib("VmRSS")
+    baseline_kib = _required_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset VmHWM to the current RSS
     run()
-    return (_status_kib("VmHWM") - baseline_kib) * 1024 / MIB
+    return (_required_status_kib("VmHWM") - baseline_kib) * 1024 / MIB
 
 
 def free_port() -> int:
@@ -100,56 +105,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of `run_dir/metrics.jsonl` by step (a resumed run may have logged a step
-    twice: the later record wins); [] when there is none yet."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[record["step"]] = record
-    return [records[step] for step in sorted(records)]
-
-
-def is_finished(run_dir: Path, steps: int) -> bool:
-    """Whether `run_dir` logged step `steps` and holds a checkpoint."""
-    return (
-        any(r["step"] == steps for r in read_metrics(run_dir))
-        and (run_dir / "checkpoints" / "latest").is_file()
-    )
-
-
-def run_demo_training(
-    ep: int, overrides: Sequence[str], run_dir: Path, root: Path | None = None
-) -> list[dict[str, Any]]:
-    """One `launch.train experiment=demo` run without checkpoints, samples or wandb:
-    EP=1 is one process with 2 threads (`comm=local`); EP=2 is `torchrun` with two
-    processes of 1 thread (`comm=ep2`). `root`: the source tree to run (default this
-    one; `scripts/bench_revisions.py` passes a checkout of another revision). Returns
-    its metrics.jsonl records."""
-    root = root or Path(__file__).resolve().parents[1]
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(root))
-    common = [
-        "experiment=demo", f"run_dir={run_dir}", "train.progress=false", "wandb.mode=disabled",
-        "train.eval_batches=1", "train.checkpoint_every=0", "train.sample_tokens=0",
-        "train.warmup_steps=5", *overrides,
-    ]  # fmt: skip
-    if ep == 1:
-        cmd = [sys.executable, "-m", "launch.train", *common, "comm=local"]
-        env["OMP_NUM_THREADS"] = "2"
-    elif ep == 2:
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, "--nproc-per-node", "2", "-m", "launch.train", *common, "comm=ep2"]
-        env["OMP_NUM_THREADS"] = "1"
-    else:
-        raise ValueError(f"ep={ep}: accepted 1 or 2 (this machine has 2 cores)")
-    subprocess.run(cmd, cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
-    return read_metrics(run_dir)
 
 
 def timed_runs(run: Callable[[], object], repeats: int) -> list[float]:
@@ -161,18 +116,3 @@ def timed_runs(run: Callable[[], object], repeats: int) -> list[float]:
         run()
         times.append(time.perf_counter() - start)
     return times
-
-
-def engine_step_seconds(engine: Any, prompts: Sequence[bytes], params: Any) -> list[float]:
-    """Submit every prompt to a fresh `moe.inference.InferenceEngine` with `params` and
-    step it until it has no work; wall seconds of each step (the first holds the packed
-    prefill, the rest are decode steps). The engine is restored afterwards."""
-    for prompt in prompts:
-        engine.submit(prompt, params)
-    steps = []
-    while engine.has_work():
-        start = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - start)
-    engine.restore()
-    return steps

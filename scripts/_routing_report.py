@@ -10,17 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from _routing_sweep import read_at
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value), min, max and the values."""
-    return {
-        "mean": statistics.mean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "values": values,
-    }
+from _runs import spread
 
 
 def summarise(

@@ -42,11 +42,11 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import run_demo_training
+from _runs import run_demo_training
 
 from moe.layer import MoELayer
 from routing import RoutingConfig
-from routing.dynamic.state import dynamic_scalars, end_dynamic_step, set_sample_ids
+from routing.state import PolicyState, model_policy_state
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES: dict[str, dict[str, Any]] = {
@@ -69,14 +69,6 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
 }
 
 
-class _Model:
-    def __init__(self, layer: MoELayer) -> None:
-        self.layer = layer
-
-    def moe_layers(self) -> list[tuple[int, MoELayer]]:
-        return [(0, self.layer)]
-
-
 def _padded_slots(layer: MoELayer, num_tokens: int, policy: dict[str, Any]) -> int:
     """Rows the experts process in a static-shape step (see the module docstring)."""
     last = layer.last_stats
@@ -86,8 +78,9 @@ def _padded_slots(layer: MoELayer, num_tokens: int, policy: dict[str, Any]) -> i
         capacity = max(1, math.floor(policy["capacity_factor"] * k * num_tokens / e + 0.5))
         return e * capacity
     if policy["capacity"] == "dynamic":
-        assert layer.dynamic is not None
-        return sum(layer.dynamic.controller.capacities(num_tokens))
+        dynamic: Any = layer.capacity_state
+        assert dynamic is not None
+        return sum(dynamic.controller.capacities(num_tokens))
     return int(last.tokens_per_expert_E.sum())
 
 
@@ -110,7 +103,7 @@ def run_zipf(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         layer.router.gate.weight.copy_(args.bias_scale * keys_ED)
     optimizer = torch.optim.Adam(layer.parameters(), lr=args.lr)
-    model = _Model(layer)
+    state = model_policy_state([(0, layer.capacity_state)])
     num_tokens = args.batch * args.seq
     slots, drops, times = [], [], []
     for step in range(steps):
@@ -119,45 +112,44 @@ def run_zipf(name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
         x = pool[ids] + 0.05 * torch.randn(
             args.batch, args.seq, d_model, generator=torch.Generator().manual_seed(10_000 + step)
         )
-        set_sample_ids(model, ids)
+        state.before_forward(ids, num_tokens)
         start = time.perf_counter()
         out = layer(x)
         loss = out.y.square().mean() + out.aux_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        end_dynamic_step(model)
+        state.end_step(None)
         times.append(time.perf_counter() - start)
         stats = layer.last_stats
         assert stats is not None
         slots.append(_padded_slots(layer, num_tokens, policy))
         drops.append(float(stats.dropped_fraction))
-    return _summary(layer, model, slots, drops, times, num_tokens * top_k)
+    return _summary(layer, state, slots, drops, times, num_tokens * top_k)
 
 
 def _summary(
     layer: MoELayer,
-    model: Any,
+    state: PolicyState,
     slots: list[int],
     drops: list[float],
     times: list[float],
     routed_slots: int,
 ) -> dict[str, Any]:
-    scalars = dynamic_scalars(model)
+    scalars = state.scalars()
+    dynamic: Any = layer.capacity_state
     warm = times[len(times) // 4 :]
     return {
         "padded_slots_per_forward": statistics.mean(slots),
         "padded_slots_over_routed": statistics.mean(slots) / routed_slots,
         "dropped_fraction": statistics.mean(drops),
         "step_time_ms_median": 1000 * statistics.median(warm),
-        "rebuilds": layer.dynamic.controller.rebuilds if layer.dynamic is not None else 0,
-        "reshuffles": layer.dynamic.controller.reshuffles if layer.dynamic is not None else 0,
-        "frozen": bool(layer.dynamic.controller.frozen) if layer.dynamic is not None else False,
+        "rebuilds": dynamic.controller.rebuilds if dynamic is not None else 0,
+        "reshuffles": dynamic.controller.reshuffles if dynamic is not None else 0,
+        "frozen": bool(dynamic.controller.frozen) if dynamic is not None else False,
         "cache_hit_rate": scalars.get("dynamic/cache_hit_rate"),
         "final_capacities": (
-            list(layer.dynamic.controller.bucket_vector or ())
-            if layer.dynamic is not None
-            else None
+            list(dynamic.controller.bucket_vector or ()) if dynamic is not None else None
         ),
     }
 

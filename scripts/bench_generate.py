@@ -11,8 +11,8 @@ Variants (one checkpoint, built three ways):
           (`InferenceEngine(compile=True)`, `moe.inference.decode`): one engine of
           `max_batch` = the largest B, built (and its buckets compiled, timed and
           reported under "compile") before the measurements, reused by every B. Its
-          floor is fp32's (same model, same routing); note its padded MoE layout reads
-          every expert of a layer, which the floor does not count.
+          floor is fp32's (same model, same routing); its padded MoE layout reads every
+          expert of a layer, which the floor does not count.
 A variant whose module (`moe.inference.subset`, `moe.inference.quant`) does not import
 is skipped with the reason printed.
 
@@ -28,7 +28,7 @@ Every (variant, B) runs once untimed first (warm-up; it also counts the routing,
 below); the timed rounds then run every (variant, B) once each, the first one rotating
 from round to round (`_bench_utils.interleaved_times`); figures are medians.
 
-Floor of a decode step (Pope et al. 2022; METHODS.md "Inference cost"):
+Floor of a decode step (Pope et al. 2022; docs/METHODS.md, "Inference cost"):
 - memory: bytes read / read bandwidth. Bytes = every non-expert parameter (tied
   embeddings once) + per MoE layer the experts the step touched x bytes per expert (the
   nbytes of the expert tensors: fp32 weights, or int8 weights + fp32 scales) + the KV
@@ -44,6 +44,10 @@ compute); `bound` names the larger. The demo model's weights fit in the L3 cache
 `cached_floor_fraction` repeats the memory floor with the read bandwidth of a buffer of
 the step's size, read over and over (it stays cached as the weights do).
 
+Here: the arguments, the run of every measurement, the rows, table, JSON and plot. The
+variants, prompts, timed runs and decode-step traffic are in
+`scripts/_generate_workloads.py`; the machine's figures in `scripts/_machine.py`.
+
     python scripts/bench_generate.py [--checkpoint runs/demo_token] [--subset PATH]
         [--task 0] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64] [--repeats 3]
         [--threads 2] [--json PATH] [--plot PATH] [--quick] [--compile]
@@ -56,15 +60,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,291 +73,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench_utils import MIB, interleaved_times, timed_runs
-
-from moe.data import DataConfig, build_corpus
-from moe.experts import Activation, expert_parameter_ids
-from moe.inference import InferenceEngine, LoadedModel, SamplingParams, load_model
-from moe.inference.decode import DecodeCompileOptions
-from moe.transformer import MoETransformer
+from _bench_utils import MIB, interleaved_times
+from _generate_workloads import (
+    Measurement,
+    build_variants,
+    count_traffic,
+    run_requests,
+    validation_prompts,
+)
+from _machine import copy_bandwidth, cpu_model, matmul_flops, read_bandwidth
 
 VARIANTS = ("fp32", "subset", "int8", "compiled")
 TARGET_RATIO = 8.0
 # Compiled decode tokens/s over fp32's, by batch (issue 26's targets).
 COMPILED_TARGETS = {1: 4.0, 32: 3.0}
-SUBSET_COVERAGE = 0.99
 REQUIRED_KEYS = (
     "variant", "batch", "prefill_tokens_per_s", "decode_tokens_per_s", "floor_fraction"
 )  # fmt: skip
-
-
-@dataclass
-class Variant:
-    name: str
-    loaded: LoadedModel
-    task_id: int | None  # what every request names (None: the model needs none)
-    engine: InferenceEngine | None = None  # kept across measurements (compiled)
-
-
-@dataclass
-class Timing:
-    prefill_s: float
-    decode_s: float
-
-
-@dataclass
-class Traffic:
-    """What one decode step reads, averaged over the decode steps of a measurement."""
-
-    bytes_per_step: float
-    experts_per_layer: float  # held by the model (a subset holds fewer)
-    experts_touched_per_layer: float  # counted from the routing
-    experts_expected_per_layer: float  # E * (1 - (1 - K/E)^B)
-    flops_per_step: float
-
-
-@dataclass
-class Measurement:
-    variant: Variant
-    batch: int
-    traffic: Traffic
-    timings: list[Timing] = field(default_factory=list)
-
-
-# --- requests ------------------------------------------------------------------------
-
-
-def validation_prompts(loaded: LoadedModel, task: int, count: int, prompt_len: int) -> list[bytes]:
-    """`count` distinct, non-overlapping windows of `prompt_len` bytes from task `task`'s
-    validation text (then its training text) in the checkpoint's own corpus."""
-    if not loaded.run_config.get("data"):
-        raise ValueError(f"checkpoint {loaded.checkpoint} has no data config to take prompts from")
-    corpus = build_corpus(DataConfig(**loaded.run_config["data"]))
-    if not 0 <= task < corpus.num_tasks:
-        raise ValueError(
-            f"--task={task} is not a task of the checkpoint's data; accepted: "
-            f"0..{corpus.num_tasks - 1} ({', '.join(corpus.task_names)})"
-        )
-    stream_N = torch.cat([corpus.val_N[task], corpus.train_N[task]])
-    if len(stream_N) < count * prompt_len:
-        raise ValueError(
-            f"task {task} has {len(stream_N)} bytes, fewer than {count} prompts of "
-            f"--prompt-len={prompt_len}"
-        )
-    return [bytes(stream_N[i * prompt_len : (i + 1) * prompt_len].tolist()) for i in range(count)]
-
-
-def run_requests(
-    variant: Variant,
-    prompts: list[bytes],
-    new_tokens: int,
-    before_step: Callable[[int], None] | None = None,
-) -> Timing:
-    """Serve `prompts` at once, greedy; the first step's time and the decode steps'.
-    `before_step(i)` runs untimed before step i."""
-    model = variant.loaded.model
-    batch = len(prompts)
-    engine = variant.engine or InferenceEngine(
-        model,
-        max_batch=batch,
-        max_step_tokens=max(model.config.max_seq_len, sum(len(p) for p in prompts)),
-        task_ids=variant.loaded.task_ids,
-    )
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
-    for prompt in prompts:
-        engine.submit(prompt, params, variant.task_id)
-    seconds: list[float] = []
-    try:
-        while engine.has_work():
-            if before_step is not None:
-                before_step(len(seconds))
-            start = time.perf_counter()
-            events = engine.step()
-            seconds.append(time.perf_counter() - start)
-            if len(seconds) == 1:
-                assert len(events) == batch, "the first step must prefill every request"
-    finally:
-        if variant.engine is None:
-            engine.restore()
-    assert len(seconds) == new_tokens, f"{len(seconds)} steps for {new_tokens} tokens"
-    return Timing(prefill_s=seconds[0], decode_s=sum(seconds[1:]))
-
-
-# --- bytes and FLOPs of a decode step -------------------------------------------------
-
-
-def non_expert_bytes(model: MoETransformer) -> int:
-    """Bytes of every non-expert parameter, once each. An untied input embedding counts
-    whole although a step reads B rows of it (an overestimate of 256 x D here)."""
-    experts = expert_parameter_ids(model)
-    return sum(p.nbytes for p in model.parameters() if id(p) not in experts)
-
-
-def count_traffic(variant: Variant, prompts: list[bytes], new_tokens: int) -> Traffic:
-    """Run the requests once, untimed, counting the experts each decode step routes to
-    (this is also the warm-up of the measurement)."""
-    model = variant.loaded.model
-    batch, config = len(prompts), model.config
-    layers = model.moe_layers()
-    expert_bytes = {
-        block: sum(t.nbytes for t in layer.experts.state_dict().values())
-        / layer.experts.num_experts
-        for block, layer in layers
-    }
-    touched: list[dict[int, int]] = []  # per decode step: block -> experts with tokens
-    decoding = [False]
-
-    def hook_for(block: int) -> Callable:
-        def hook(module: torch.nn.Module, args: object, plan: object) -> None:
-            if decoding[0]:
-                touched[-1][block] = int((plan.counts_E > 0).sum())  # type: ignore[attr-defined]
-
-        return hook
-
-    def before_step(index: int) -> None:
-        decoding[0] = index > 0
-        if decoding[0]:
-            touched.append({})
-
-    handles = [layer.router.register_forward_hook(hook_for(b)) for b, layer in layers]
-    try:
-        run_requests(variant, prompts, new_tokens, before_step)
-    finally:
-        for handle in handles:
-            handle.remove()
-    steps = new_tokens - 1
-    expert_read = sum(
-        count * expert_bytes[block] for step in touched for block, count in step.items()
-    ) / max(1, steps)
-    # Decode step j (1..N-1) attends P + j positions of every sequence's cache.
-    prompt_len = statistics.mean(len(p) for p in prompts)
-    kv_bytes_per_position = (
-        len(model.blocks) * 2 * config.n_kv_heads * config.head_dim
-        * model.embed.weight.element_size()
-    )  # fmt: skip
-    kv_read = batch * (prompt_len + new_tokens / 2) * kv_bytes_per_position
-    expected = [
-        layer.experts.num_experts
-        * (1 - (1 - layer.routing.top_k / layer.experts.num_experts) ** batch)
-        for _, layer in layers
-    ]
-    experts = expert_parameter_ids(model)
-    dense_params = sum(p.numel() for p in model.parameters() if id(p) not in experts)
-    active_expert_params = sum(
-        layer.routing.top_k
-        * (3 if layer.experts.activation == Activation.SWIGLU else 2)
-        * layer.experts.d_model
-        * layer.experts.d_hidden
-        for _, layer in layers
-    )
-    return Traffic(
-        bytes_per_step=non_expert_bytes(model) + expert_read + kv_read,
-        experts_per_layer=statistics.mean(layer.experts.num_experts for _, layer in layers)
-        if layers
-        else 0.0,
-        experts_touched_per_layer=sum(sum(s.values()) for s in touched)
-        / max(1, steps * len(layers)),
-        experts_expected_per_layer=statistics.mean(expected) if expected else 0.0,
-        flops_per_step=2.0 * (dense_params + active_expert_params) * batch,
-    )
-
-
-# --- the machine ----------------------------------------------------------------------
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    return statistics.median(timed_runs(run, repeats))
-
-
-def read_bandwidth_gbs(nbytes: int, repeats: int = 9) -> float:
-    """GB/s of `torch.sum` over an fp32 buffer of `nbytes`."""
-    buffer = torch.ones(max(1, nbytes // 4))
-    return buffer.nbytes / median_seconds(buffer.sum, repeats) / 1e9
-
-
-def copy_bandwidth_gbs(nbytes: int, repeats: int = 9) -> float:
-    """GB/s moved (read + written) by a copy of an fp32 buffer of `nbytes`."""
-    source, target = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    return 2 * source.nbytes / median_seconds(lambda: target.copy_(source), repeats) / 1e9
-
-
-def matmul_flops(size: int, repeats: int = 5) -> float:
-    """FLOP/s of an fp32 [size, size] @ [size, size] matmul."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2.0 * size**3 / median_seconds(lambda: a @ b, repeats)
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-# --- variants -------------------------------------------------------------------------
-
-
-def module_missing(module: str) -> str | None:
-    """Why `module` does not import, or None when it does."""
-    try:
-        importlib.import_module(module)
-    except ImportError as error:
-        return f"{module} is not importable yet ({error})"
-    return None
-
-
-def build_variants(args: argparse.Namespace, workdir: Path) -> list[Variant]:
-    fp32 = load_model(args.checkpoint)
-    max_len = fp32.model.config.max_seq_len
-    if args.prompt_len + args.new_tokens - 1 > max_len:
-        raise ValueError(
-            f"--prompt-len={args.prompt_len} + --new-tokens={args.new_tokens} - 1 exceeds "
-            f"the model's max_seq_len={max_len}: the cache slot would refill mid-decode"
-        )
-    fp32_task = args.task if fp32.task_ids is not None else None
-    variants = [Variant("fp32", fp32, fp32_task)]
-    reason = module_missing("moe.inference.subset")
-    if reason is not None:
-        print(f"skipping subset: {reason}")
-    else:
-        path = args.subset
-        if path is None:
-            from moe.inference.subset import write_subset
-
-            print(f"writing the task {args.task} subset (coverage {SUBSET_COVERAGE}) ...")
-            path = write_subset(args.checkpoint, args.task, workdir / "subset",
-                                coverage=SUBSET_COVERAGE).directory  # fmt: skip
-        variants.append(Variant("subset", load_model(path), args.task))
-    reason = module_missing("moe.inference.quant")
-    if reason is not None:
-        print(f"skipping int8: {reason}")
-    else:
-        variants.append(Variant("int8", load_model(args.checkpoint, quantize="int8"), fp32_task))
-    if args.compile:
-        compiled = load_model(args.checkpoint)
-        model = compiled.model
-        engine = InferenceEngine(
-            model, max_batch=max(args.batches), task_ids=compiled.task_ids, compile=True,
-            max_step_tokens=max(model.config.max_seq_len, max(args.batches) * args.prompt_len),
-            compile_options=DecodeCompileOptions(backend=args.compile_backend),
-        )  # fmt: skip
-        variants.append(Variant("compiled", compiled, fp32_task, engine))
-    return variants
-
-
-def compiled_speedups(rows: list[dict]) -> dict[str, dict]:
-    """Per batch: compiled decode tokens/s over fp32's, against COMPILED_TARGETS."""
-    by = {(r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
-    out = {}
-    for (variant, batch), speed in by.items():
-        if variant == "compiled" and ("fp32", batch) in by:
-            ratio = speed / by["fp32", batch]
-            target = COMPILED_TARGETS.get(batch)
-            out[str(batch)] = {"speedup": ratio, "target": target,
-                               "meets_target": None if target is None else ratio >= target}  # fmt: skip
-    return out
 
 
 # --- output ---------------------------------------------------------------------------
@@ -408,6 +141,19 @@ def decode_ratios(rows: list[dict]) -> dict[str, dict]:
             "target": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
         }  # fmt: skip
     return ratios
+
+
+def compiled_speedups(rows: list[dict]) -> dict[str, dict]:
+    """Per batch: compiled decode tokens/s over fp32's, against COMPILED_TARGETS."""
+    by = {(r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
+    out = {}
+    for (variant, batch), speed in by.items():
+        if variant == "compiled" and ("fp32", batch) in by:
+            ratio = speed / by["fp32", batch]
+            target = COMPILED_TARGETS.get(batch)
+            out[str(batch)] = {"speedup": ratio, "target": target,
+                               "meets_target": None if target is None else ratio >= target}  # fmt: skip
+    return out
 
 
 def format_table(rows: list[dict], ratios: dict[str, dict]) -> str:
@@ -550,9 +296,9 @@ def main(argv: list[str] | None = None) -> None:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "read_gbs": read_bandwidth_gbs((64 if args.quick else 512) * MIB),
-                "copy_gbs": copy_bandwidth_gbs((64 if args.quick else 512) * MIB),
-                "read_gbs_cached": read_bandwidth_gbs(int(largest_step), repeats=51),
+                "read_gbs": read_bandwidth((64 if args.quick else 512) * MIB) / 1e9,
+                "copy_gbs": copy_bandwidth((64 if args.quick else 512) * MIB) / 1e9,
+                "read_gbs_cached": read_bandwidth(int(largest_step), repeats=51) / 1e9,
                 "matmul_flops": matmul_flops(512 if args.quick else 1024),
             }
             interleaved_times(

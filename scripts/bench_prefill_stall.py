@@ -42,7 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_generate import cpu_model, validation_prompts
+from _generate_workloads import validation_prompts
+from _machine import cpu_model
 
 from moe.inference import InferenceEngine, SamplingParams, load_model
 from moe.inference.decode import DecodeCompileOptions

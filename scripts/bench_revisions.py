@@ -4,7 +4,7 @@
         [--json PATH] [-- extra Hydra overrides]
 
 Checks REV out into a temporary git worktree, then runs `launch.train experiment=demo`
-from each tree in turn (`_bench_utils.run_demo_training`: EP=1 one process with 2
+from each tree in turn (`_runs.run_demo_training`: EP=1 one process with 2
 threads, EP=2 torchrun with 1 thread each), the starting tree alternating per repeat,
 so that a change's effect is measured against its own baseline in the same spell of a
 shared machine. Tokens/s come from every metrics window after the first (warm-up);
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench_utils import run_demo_training
+from _runs import run_demo_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,14 +11,23 @@ prompts for `--duration-s`. Per cell: completion tokens/s, p50/p99 request laten
 time to first token (first server-sent event), errors. Every request is counted: the
 clients' count against the gateway's (`/v1/stats`), completion ids unique.
 
+API variants (`--variants`, at `--variant-clients` clients on the task deployment,
+interleaved over `--variant-rounds` rounds, medians): the same load as plain requests,
+with `logprobs=5` (each token's log-probability and 5 alternatives, computed in the
+sampling step), and with `n=4` (four sampled choices per request, 4x the sequences).
+Tokens/s counts every choice's tokens (the answers' `usage`); the target is logprobs
+costing under 10% of the plain tokens/s. `--variants-only` skips the concurrency sweep
+and the memory check.
+
 The serving path against the engine (`--ratio-rounds`, run first): the same
 `--ratio-clients` greedy requests of `--ratio-tokens` tokens each (prompts cycled from
 PROMPTS, task `--task`), answered (a) in this process by an `InferenceEngine` over the
 full checkpoint with the replica's settings (threads, max_batch, compile), all submitted
 at once and stepped to the end, and (b) over HTTP by the `full` deployment, one streaming
-client per request, all at once. Rounds alternate (a, b, a, b, ...); tokens/s per round
-= completion tokens / wall time; `ratio` = median HTTP / median in-process. The texts of
-both must be equal (greedy), else the script fails.
+client per request, all at once. Rounds alternate (a, b, a, b, ...) after one untimed
+round of each; tokens/s per round = completion tokens / wall time; `ratio` = median
+HTTP / median in-process. The texts of both must be equal (greedy), else the script
+fails. `--ratio-only` skips everything else.
 
 Memory: resident set size per deployment (the replica's process, and an EP model's
 workers), idle (after start-up) and after the load. The target: task RSS <= its dense
@@ -36,6 +45,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import date
@@ -47,6 +57,12 @@ import httpx
 from launch.serve import ServeConfig, ServeOptions, start, stop
 
 PROMPTS = ["In the beginning ", "And the LORD said unto ", "Blessed are the ", "And it came "]
+# The fields each API variant adds to a request (sampled: n > 1 needs temperature > 0).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"temperature": 1.0, "seed": 0},
+    "logprobs5": {"temperature": 1.0, "seed": 0, "logprobs": 5},
+    "n4": {"temperature": 1.0, "seed": 0, "n": 4},
+}
 
 
 async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -71,14 +87,14 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any
                 status = 599
                 break
             completion_id = chunk["id"]
-            if "usage" in chunk:
+            if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     return {"status": status, "latency_s": time.perf_counter() - started, "ttft_s": first,
             "tokens": tokens, "id": completion_id}  # fmt: skip
 
 
 async def _cell(url: str, model: str, task: int, clients: int, duration_s: float,
-                max_tokens: int) -> dict[str, Any]:  # fmt: skip
+                max_tokens: int, variant: str = "") -> dict[str, Any]:  # fmt: skip
     limits = httpx.Limits(max_connections=clients + 4)
     results: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
@@ -89,7 +105,9 @@ async def _cell(url: str, model: str, task: int, clients: int, duration_s: float
             sent = 0
             while time.perf_counter() < deadline:
                 body = {"model": model, "prompt": PROMPTS[(index + sent) % len(PROMPTS)],
-                        "max_tokens": max_tokens, "temperature": 0, "stream": True}  # fmt: skip
+                        "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True},
+                        **VARIANTS.get(variant, {})}  # fmt: skip
                 if model == "full":
                     body["task"] = task
                 results.append(await _one(client, body))
@@ -104,7 +122,8 @@ async def _cell(url: str, model: str, task: int, clients: int, duration_s: float
     ids = [r["id"] for r in ok]
     latencies = sorted(r["latency_s"] for r in ok)
     return {
-        "model": model, "clients": clients, "requests": len(results), "ok": len(ok),
+        "model": model, "variant": variant, "clients": clients, "requests": len(results),
+        "ok": len(ok),
         "errors": len(results) - len(ok), "gateway_answered": answered,
         "lost": len(results) - answered, "answered_twice": len(ids) - len(set(ids)),
         "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
@@ -135,7 +154,8 @@ async def _http_round(url: str, prompts: list[bytes], task: int, max_tokens: int
 
         async def one(prompt: bytes) -> tuple[int, str]:
             body = {"model": "full", "prompt": prompt.decode(), "max_tokens": max_tokens,
-                    "temperature": 0, "stream": True, "task": task}  # fmt: skip
+                    "temperature": 0, "stream": True, "task": task,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
             pieces, tokens = [], 0
             async with client.stream("POST", "/v1/completions", json=body) as answer:
                 answer.raise_for_status()
@@ -144,8 +164,9 @@ async def _http_round(url: str, prompts: list[bytes], task: int, max_tokens: int
                     if not line.startswith("data: ") or payload == "[DONE]":
                         continue
                     chunk = json.loads(payload)
-                    pieces.append(chunk["choices"][0]["text"])
-                    tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+                    pieces.extend(choice["text"] for choice in chunk["choices"])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
             return tokens, "".join(pieces)
 
         started = time.perf_counter()
@@ -157,8 +178,6 @@ async def _http_round(url: str, prompts: list[bytes], task: int, max_tokens: int
 def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """HTTP over in-process tokens/s for the same requests, alternated rounds (see the
     module docstring)."""
-    import statistics
-
     import torch
 
     from moe.inference import InferenceEngine, load_model
@@ -172,13 +191,11 @@ def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     prompts = [PROMPTS[i % len(PROMPTS)].encode() for i in range(args.ratio_clients)]
     rounds: dict[str, list[float]] = {"in_process": [], "http": []}
-    texts: dict[str, list[str]] = {}
     for index in range(args.ratio_rounds + 1):  # round 0 warms both paths up, untimed
-        speed, texts["in_process"] = _in_process_round(engine, prompts, args.task,
-                                                       args.ratio_tokens)  # fmt: skip
-        http_speed, texts["http"] = asyncio.run(_http_round(url, prompts, args.task,
-                                                            args.ratio_tokens))  # fmt: skip
-        if texts["http"] != texts["in_process"]:
+        speed, texts = _in_process_round(engine, prompts, args.task, args.ratio_tokens)
+        http_speed, http_texts = asyncio.run(_http_round(url, prompts, args.task,
+                                                         args.ratio_tokens))  # fmt: skip
+        if http_texts != texts:
             raise SystemExit("HTTP and in-process greedy texts differ: the comparison is void")
         if index:
             rounds["in_process"].append(speed)
@@ -218,6 +235,35 @@ def _memory(url: str) -> dict[str, Any]:
     return {"runtime_overhead_bytes": overhead, "probe": probe, "deployments": memory}
 
 
+def _variant_rounds(url: str, model: str, task: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant once per round, the order rotated each round; medians per variant
+    and each variant's tokens/s against plain's of the same round."""
+    cells: list[dict[str, Any]] = []
+    for round_index in range(args.variant_rounds):
+        shift = round_index % len(args.variants)
+        for variant in args.variants[shift:] + args.variants[:shift]:
+            cell = asyncio.run(_cell(url, model, task, args.variant_clients, args.duration_s,
+                                     args.max_tokens, variant))  # fmt: skip
+            cell["round"] = round_index
+            print(json.dumps(cell), flush=True)
+            cells.append(cell)
+    summary: dict[str, Any] = {}
+    for variant in args.variants:
+        mine = sorted(c["tokens_per_s"] for c in cells if c["variant"] == variant)
+        ratios = sorted(
+            c["tokens_per_s"] / plain["tokens_per_s"]
+            for c in cells if c["variant"] == variant
+            for plain in cells if plain["variant"] == "plain" and plain["round"] == c["round"]
+        )  # fmt: skip
+        summary[variant] = {
+            "tokens_per_s_median": statistics.median(mine), "tokens_per_s": mine,
+            "ratio_to_plain_median": statistics.median(ratios) if ratios else None,
+            "errors": sum(c["errors"] for c in cells if c["variant"] == variant),
+        }  # fmt: skip
+    return {"clients": args.variant_clients, "rounds": args.variant_rounds, "cells": cells,
+            "summary": summary}  # fmt: skip
+
+
 def _plot(cells: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -242,6 +288,24 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def _sweep(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The concurrency sweep (task against full, level by level), the probe cell, and
+    the memory check before and after."""
+    memory_idle = _memory(url)
+    cells = []
+    for clients in args.clients:
+        for model in (f"task-{args.task}", "full"):
+            cell = asyncio.run(_cell(url, model, args.task, clients, args.duration_s,
+                                     args.max_tokens))  # fmt: skip
+            print(json.dumps(cell), flush=True)
+            cells.append(cell)
+    probe_cell = asyncio.run(_cell(url, "probe", args.task, max(args.clients),
+                                   args.duration_s, args.max_tokens))  # fmt: skip
+    print(json.dumps(probe_cell), flush=True)
+    return {"cells": cells, "memory_idle": memory_idle, "probe_cell": probe_cell,
+            "memory_after_load": _memory(url)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="runs/demo_task")
@@ -252,75 +316,70 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variant-clients", type=int, default=32)
+    parser.add_argument("--variant-rounds", type=int, default=3)
+    parser.add_argument("--variants-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--compile", action="store_true", help="serve.compile (and in-process)")
-    parser.add_argument(
-        "--stream-interval-s",
-        type=float,
-        default=None,
-        help="serve.stream_interval_s (default: the service's)",
-    )
+    parser.add_argument("--stream-interval-s", type=float, default=None,
+                        help="serve.stream_interval_s (default: the service's)")  # fmt: skip
     parser.add_argument("--ratio-rounds", type=int, default=5, help="0: no ratio")
     parser.add_argument("--ratio-clients", type=int, default=32)
     parser.add_argument("--ratio-tokens", type=int, default=64)
-    parser.add_argument("--ratio-only", action="store_true", help="skip the load cells")
+    parser.add_argument("--ratio-only", action="store_true", help="only the ratio")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
+    if args.variants and "plain" not in args.variants:
+        parser.error("--variants needs plain: the others are measured against it")
+    most = max([*args.clients, args.variant_clients, args.ratio_clients])
     options = ServeOptions(
         port=args.port, tasks=[str(args.task)], ep_size=args.ep_size, max_batch=args.max_batch,
-        max_ongoing_requests=max(*args.clients, args.ratio_clients),
-        max_queued_requests=max(*args.clients, args.ratio_clients),
-        max_tokens=max(64, args.max_tokens, args.ratio_tokens), threads_per_replica=args.threads,
-        compile=args.compile,
+        max_ongoing_requests=most, max_queued_requests=most,
+        max_tokens=max(64, args.max_tokens, args.ratio_tokens),
+        threads_per_replica=args.threads, compile=args.compile,
     )  # fmt: skip
     if args.stream_interval_s is not None:
         options.stream_interval_s = args.stream_interval_s
     args.stream_interval_s = options.stream_interval_s  # recorded with the results
     config = ServeConfig(checkpoint=args.checkpoint, serve=options)
+    variants: dict[str, Any] | None = None
+    ratio: dict[str, Any] | None = None
+    sweep = None
     try:
         url = start(config, probe=not args.ratio_only)
-        ratio = _ratio(url, args) if args.ratio_rounds else None
-        if ratio is not None:
+        if args.ratio_rounds:
+            ratio = _ratio(url, args)
             print(json.dumps({k: v for k, v in ratio.items() if k != "rounds"}), flush=True)
-        if args.ratio_only:
-            _write({"date": str(date.today()), "command": " ".join(sys.argv), "ratio": ratio,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores"}, args)  # fmt: skip
-            return
-        memory_idle = _memory(url)
-        cells = []
-        for clients in args.clients:
-            for model in (f"task-{args.task}", "full"):
-                cell = asyncio.run(_cell(url, model, args.task, clients, args.duration_s,
-                                         args.max_tokens))  # fmt: skip
-                print(json.dumps(cell), flush=True)
-                cells.append(cell)
-        probe_cell = asyncio.run(_cell(url, "probe", args.task, max(args.clients),
-                                       args.duration_s, args.max_tokens))  # fmt: skip
-        print(json.dumps(probe_cell), flush=True)
-        memory = _memory(url)
+        if args.variants and not args.ratio_only:
+            variants = _variant_rounds(url, f"task-{args.task}", args.task, args)
+            print(json.dumps(variants["summary"], indent=1), flush=True)
+        if not (args.variants_only or args.ratio_only):
+            sweep = _sweep(url, args)
     finally:
         stop()
+    cells = sweep["cells"] if sweep else []
+    every = cells + (variants["cells"] if variants else [])  # each request counted
     result = {
         "date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "command": " ".join(sys.argv), "checkpoint": args.checkpoint, "task": args.task,
         "max_tokens": args.max_tokens, "max_batch": args.max_batch, "ep_size": args.ep_size,
-        "duration_s": args.duration_s, "cells": cells, "memory_idle": memory_idle,
-        "probe_cell": probe_cell, "memory_after_load": memory,
-        "lost": sum(c["lost"] for c in cells),
-        "answered_twice": sum(c["answered_twice"] for c in cells), "ratio": ratio,
+        "duration_s": args.duration_s, "cells": cells,
+        "memory_idle": sweep and sweep["memory_idle"], "probe_cell": sweep and sweep["probe_cell"],
+        "memory_after_load": sweep and sweep["memory_after_load"], "variants": variants,
+        "ratio": ratio,
+        "load_average": os.getloadavg(),
+        "lost": sum(c["lost"] for c in every),
+        "answered_twice": sum(c["answered_twice"] for c in every),
     }  # fmt: skip
     print(json.dumps({k: result[k] for k in ("lost", "answered_twice", "memory_after_load")},
                      indent=1))  # fmt: skip
-    _write(result, args)
-    if args.plot:
-        _plot(cells, args.plot)
-
-
-def _write(result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot and cells:
+        _plot(cells, args.plot)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from _bench_utils import round_ratio_median, run_demo_training  # noqa: E402
+from _bench_utils import round_ratio_median  # noqa: E402
+from _runs import run_demo_training  # noqa: E402
 
 from launch.config import RunConfig, register_configs, to_run_config  # noqa: E402
 from launch.training.allocator import reuse_heap  # noqa: E402

@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import engine_step_seconds, timed_runs
+from _bench_utils import timed_runs
+from _engine_timing import fastest_prefill_decode, random_prompts
+from _machine import matmul_flops, read_bandwidth
 
 from moe.config import ModelConfig
 from moe.inference import InferenceEngine, SamplingParams
@@ -65,8 +68,7 @@ def fastest_s(run: Callable[[], object], repeats: int) -> float:
 
 
 def matmul_peaks(size: int, repeats: int) -> dict[str, float]:
-    a32, b32 = torch.randn(size, size), torch.randn(size, size)
-    out = {"fp32": 2.0 * size**3 / fastest_s(lambda: a32 @ b32, repeats)}
+    out = {"fp32": matmul_flops(size, repeats, statistic=min)}
     # torch's CPU bf16 and int8 x int8 matmuls have no fast kernel on this CPU (~0.4 and
     # ~0.2 GFLOP/s at 256 and 512 alike): a smaller matrix keeps the measurement to seconds.
     small = min(size, 256)
@@ -79,11 +81,6 @@ def matmul_peaks(size: int, repeats: int) -> dict[str, float]:
         print(f"[calibrate] int8 matmul unavailable ({error}); using the bf16 figure")
         out["int8"] = out["bf16"]
     return out
-
-
-def read_bandwidth(nbytes: int, repeats: int) -> float:
-    buffer = torch.ones(nbytes // 4)
-    return buffer.nbytes / fastest_s(buffer.sum, repeats)
 
 
 def memory_total_bytes() -> float:
@@ -158,19 +155,16 @@ def engine_rows(hw: Hardware, repeats: int) -> list[dict[str, object]]:
                 quantize_experts(model)
             shape = shape_from_config(config, top_k=2)
             for batch in BATCHES:
-                gen = torch.Generator().manual_seed(batch)
-                prompts = [
-                    bytes(torch.randint(32, 127, (prompt_len,), generator=gen).tolist())
-                    for _ in range(batch)
-                ]
-                prefill, decode = [], []
-                for _ in range(repeats):
-                    engine = InferenceEngine(model, max_batch=batch, max_step_tokens=4096)
-                    params = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0)
-                    steps = engine_step_seconds(engine, prompts, params)
-                    prefill.append(steps[0])
-                    decode.append(statistics.median(steps[1:]))
                 # fastest repeat (the median of its decode steps): see fastest_s
+                new_engine = partial(InferenceEngine, model, max_batch=batch, max_step_tokens=4096)
+                params = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0)
+                prefill_s, decode_s = fastest_prefill_decode(
+                    new_engine,
+                    random_prompts(batch, prompt_len),
+                    params,
+                    repeats,
+                    statistics.median,
+                )
                 work = Workload(
                     batch=batch, prompt_len=prompt_len, gen_len=DECODE_STEPS,
                     weights=precision, activations="fp32", int8_scope="experts",
@@ -178,8 +172,8 @@ def engine_rows(hw: Hardware, repeats: int) -> list[dict[str, object]]:
                 est = estimate(shape, work, hw, "replicated", 1)
                 costs = Costs(shape, work)
                 for phase, seconds, tokens in (
-                    ("prefill", min(prefill), batch * prompt_len),
-                    ("decode", min(decode), batch),
+                    ("prefill", prefill_s, batch * prompt_len),
+                    ("decode", decode_s, batch),
                 ):
                     roof = est.prefill if phase == "prefill" else est.decode
                     run = costs.experts_run(tokens)
@@ -236,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     peaks = matmul_peaks(args.matmul_size, args.repeats)
-    bandwidth = read_bandwidth(512 << 20, args.repeats + 4)
+    bandwidth = read_bandwidth(512 << 20, args.repeats + 4, statistic=min)
     latency, link_bw, a2a = loopback_all_to_all(args.repeats + 4)
     print(f"[calibrate] matmul GFLOP/s {({k: round(v / 1e9, 1) for k, v in peaks.items()})}, "
           f"read {bandwidth / 1e9:.1f} GB/s, loopback a2a {1e6 * latency:.0f} us + "

@@ -38,13 +38,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +51,6 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench_utils import is_finished, read_metrics
 from _routing_report import literature, markdown, plot, summarise
 from _routing_sweep import (
     BY_NAME,
@@ -64,6 +60,7 @@ from _routing_sweep import (
     default_variants,
     measure_throughput,
 )
+from _runs import cached_json, is_finished, launch_runs, read_metrics
 
 from moe.data import ByteDataset, DataConfig, build_dataset
 from moe.inference import load_model
@@ -122,45 +119,28 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
     """Interleaved training tokens/s of every variant (`measure_throughput`), cached in
     `OUT/throughput.json` per variant list and repeat counts."""
     key = {"variants": args.variants, "rounds": args.speed_rounds, "steps": args.speed_steps}
-    cache = args.out / "throughput.json"
-    cached = json.loads(cache.read_text()) if cache.is_file() else {}
-    if cached.get("key") != key:
+
+    def measure() -> dict[str, Any]:
         print("[compare_routing] measuring throughput, interleaved", file=sys.stderr)
         rates = measure_throughput(
             compose_configs(args.variants), BATCH_SIZE, SEQ_LEN, args.speed_rounds,
             args.speed_steps,
         )  # fmt: skip
-        cached = {"key": key, "tokens_per_s": rates}
-        cache.write_text(json.dumps(cached, indent=1) + "\n")
-    return cached["tokens_per_s"]
+        return {"tokens_per_s": rates}
+
+    return cached_json(args.out / "throughput.json", key, measure)["tokens_per_s"]
 
 
 def launch(jobs: list[tuple[str, int, Path]], train: dict[str, Any], args: argparse.Namespace,
            desc: str) -> dict[str, float]:  # fmt: skip
-    """Run the `(variant, seed, run_dir)` jobs, `--parallel` at a time, with a progress bar;
-    returns each run's wall seconds and raises (naming the logs) when one failed."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    """Run the `(variant, seed, run_dir)` jobs, `--parallel` at a time, with a progress bar
+    (`_runs.launch_runs`); returns each run's wall seconds and reports (naming the logs)
+    the runs that failed."""
 
-    def one(job: tuple[str, int, Path]) -> tuple[int, float]:
-        variant, seed, run_dir = job
-        start = time.perf_counter()
-        command = [sys.executable, "-m", "launch.train", *overrides(variant, seed, train, run_dir)]
-        with open(logs / f"{run_dir.name}.log", "a") as log:
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        return done.returncode, time.perf_counter() - start
+    def command(variant: str, seed: int, run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "launch.train", *overrides(variant, seed, train, run_dir)]
 
-    walls, failed = {}, []
-    with ThreadPoolExecutor(args.parallel) as pool, tqdm(total=len(jobs), desc=desc) as bar:
-        futures = {pool.submit(one, job): job for job in jobs}
-        for future in as_completed(futures):
-            run_dir = futures[future][2]
-            code, walls[run_dir.name] = future.result()
-            if code:
-                failed.append(f"{run_dir.name} (exit {code}; log {logs / run_dir.name}.log)")
-            bar.set_postfix_str(f"{run_dir.name} {walls[run_dir.name]:.0f}s")
-            bar.update(1)
+    walls, failed = launch_runs(jobs, command, args.out / "logs", args.parallel, args.threads, desc)
     if failed:
         print("[compare_routing] runs failed: " + ", ".join(failed), file=sys.stderr)
     return walls
@@ -242,12 +222,11 @@ def evaluate_run(variant: str, seed: int, run_dir: Path, dataset: ByteDataset,
     """One run's row: its curve against tokens and seconds, the per-group evaluation of its
     final checkpoint (cached in `run_dir/group_eval.json`)."""
     records = read_metrics(run_dir)
-    cache = run_dir / "group_eval.json"
     key = {"step": records[-1]["step"], "group_windows": args.group_windows}
-    cached = json.loads(cache.read_text()) if cache.is_file() else {}
-    if cached.get("key") != key:
-        cached = {"key": key, **group_eval(load_model(run_dir).model, dataset, args.group_windows)}
-        cache.write_text(json.dumps(cached, indent=1) + "\n")
+    cached = cached_json(
+        run_dir / "group_eval.json", key,
+        lambda: group_eval(load_model(run_dir).model, dataset, args.group_windows),
+    )  # fmt: skip
     tokens_per_step = BATCH_SIZE * SEQ_LEN
     seconds = cumulative_seconds(records, tokens_per_step)
     return {

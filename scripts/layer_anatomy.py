@@ -7,7 +7,8 @@ Parts (each can be run alone with `--only`):
 - host:      fp32 matmul rate, 2048^3, at 1 and 2 threads (GFLOP/s).
 - slicing:   one grouped matmul forward + backward, E=64, 256 rows per expert, D=H=512:
              slicing the stacked weight per expert inside autograd (`x_e @ w[e]`) against
-             the `moe::grouped_mm` op (one [E, D, H] gradient). The DESIGN.md fact.
+             the `moe::grouped_mm` op (one [E, D, H] gradient): why the experts
+             are one op (docs/ARCHITECTURE.md, `moe.ops`).
 - profile:   torch.profiler of the bench_layer E=64 step (our dropless layer) and of its
              dense floor: self CPU time by op, and the matmul rate of the expert matmuls
              against the dense FFN's.

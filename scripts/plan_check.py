@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_utils import engine_step_seconds
+from _engine_timing import fastest_prefill_decode, random_prompts
 
 from moe.checkpoint import read_meta
 from moe.config import ModelConfig
@@ -78,8 +78,7 @@ def measure_now(
     the calibration's conditions (the caller's threads; the fastest of `repeats`, as
     `scripts/calibrate_hardware.py` takes them), in the shape of the benchmark JSON."""
     import statistics
-
-    import torch
+    from functools import partial
 
     from moe.inference import InferenceEngine, SamplingParams, load_model
 
@@ -87,19 +86,14 @@ def measure_now(
     for variant in ("fp32", "int8"):
         loaded = load_model(checkpoint, quantize="none" if variant == "fp32" else "int8")
         for batch in batches:
-            gen = torch.Generator().manual_seed(batch)
-            prompts = [bytes(torch.randint(32, 127, (prompt_len,), generator=gen).tolist())
-                       for _ in range(batch)]  # fmt: skip
-            prefill, decode = [], []
-            for _ in range(repeats):
-                engine = InferenceEngine(loaded.model, max_batch=batch, max_step_tokens=4096,
-                                         task_ids=loaded.task_ids)  # fmt: skip
-                params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
-                steps = engine_step_seconds(engine, prompts, params)
-                prefill.append(steps[0])
-                decode.append(statistics.mean(steps[1:]))
-            rows.append({"variant": variant, "batch": batch, "prefill_ms": 1e3 * min(prefill),
-                         "decode_step_ms": 1e3 * min(decode),
+            new_engine = partial(InferenceEngine, loaded.model, max_batch=batch,
+                                 max_step_tokens=4096, task_ids=loaded.task_ids)  # fmt: skip
+            params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+            prefill_s, decode_s = fastest_prefill_decode(
+                new_engine, random_prompts(batch, prompt_len), params, repeats, statistics.mean
+            )
+            rows.append({"variant": variant, "batch": batch, "prefill_ms": 1e3 * prefill_s,
+                         "decode_step_ms": 1e3 * decode_s,
                          "bytes_per_decode_step": float("nan")})  # fmt: skip
             print(f"[plan_check] measured now: {variant} B={batch} prefill "
                   f"{rows[-1]['prefill_ms']:.1f} ms, decode {rows[-1]['decode_step_ms']:.1f} ms",

@@ -27,11 +27,7 @@ The JSON holds `rows` (one per task and variant) and `full` (one per checkpoint)
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -42,11 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_utils import release_free_memory, status_kib
+from _task_eval import task_val_bpb
+
 from moe.data import ByteDataset, DataConfig, build_corpus
 from moe.inference import load_model, resolve_checkpoint
 from moe.inference.subset import weight_bytes, write_subset
-from moe.transformer import MoETransformer, bits_per_byte
-from routing import CapacityOverride
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -62,19 +61,8 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def _vm_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            match = re.search(r"^VmRSS:\s+(\d+) kB", status.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) * 1024 if match else None
-
-
-def _release_free_memory() -> None:
-    """Collect garbage and hand free heap pages back to the OS (glibc malloc_trim)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    kib = status_kib("VmRSS")
+    return None if kib is None else kib * 1024
 
 
 def measure_rss_here(checkpoint: str) -> dict[str, int | None]:
@@ -82,10 +70,10 @@ def measure_rss_here(checkpoint: str) -> dict[str, int | None]:
     The checkpoint is loaded and dropped once first, so that torch's one-time lazy
     initialisation (several MiB) is in the baseline and only the model counts."""
     load_model(checkpoint)  # warm-up; dropped at once
-    _release_free_memory()
+    release_free_memory()
     before = _vm_rss_bytes()
     model = load_model(checkpoint).model
-    _release_free_memory()
+    release_free_memory()
     after = _vm_rss_bytes()
     assert model is not None
     delta = after - before if after is not None and before is not None else None
@@ -101,34 +89,6 @@ def measure_rss(checkpoint: Path, enabled: bool) -> dict[str, int | None]:
         capture_output=True, text=True, check=True, timeout=600,
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@torch.no_grad()
-def task_val_bpb(
-    model: MoETransformer, dataset: ByteDataset, task: int, max_windows: int, batch_size: int = 16
-) -> float:
-    """Bits per byte of `model` on the first `max_windows` validation windows of `task`
-    (dropless routing, eval mode): mean cross entropy over every target byte."""
-    starts = dataset.val_starts[dataset.val_task_ids == task][:max_windows]
-    if len(starts) == 0:
-        raise ValueError(f"task {task} has no validation window of {dataset.seq_len + 1} bytes")
-    offsets = torch.arange(dataset.seq_len + 1)
-    model.eval()
-    total, count = 0.0, 0
-    with model.capacity_override(CapacityOverride.DROPLESS):
-        for begin in range(0, len(starts), batch_size):
-            chunk = starts[begin : begin + batch_size]
-            tokens_BT = dataset.val_bytes_N[chunk[:, None] + offsets].to(torch.int64)
-            task_ids_B = torch.full((len(chunk),), task, dtype=torch.int64)
-            logits_BTV = model(tokens_BT[:, :-1], task_ids_B).logits_BTV
-            targets = tokens_BT[:, 1:]
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits_BTV.flatten(0, 1).float(), targets.flatten(), reduction="sum"
-                )
-            )
-            count += targets.numel()
-    return bits_per_byte(total / count)
 
 
 def report_checkpoint(

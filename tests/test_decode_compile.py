@@ -104,7 +104,10 @@ def test_the_decode_step_traces_as_one_graph(kind: str, layout: ExpertLayout) ->
     with_tasks = model.routing is not None and model.routing.needs_task_ids
     torch._dynamo.reset()
     with model.capacity_override("dropless"), model.expert_layout(layout), torch.no_grad():
-        explanation = torch._dynamo.explain(decode_logits)(model, k, v, inputs_4B, with_tasks)
+        window = model.config.max_seq_len
+        explanation = torch._dynamo.explain(decode_logits)(
+            model, k, v, inputs_4B, window, with_tasks
+        )
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), [
         reason.reason for reason in explanation.break_reasons
     ]
@@ -159,7 +162,7 @@ def decode_and_compare(
     slots = [2, 0, 3, 1]
     texts = [list(p) for p in prompts(4, seed=4)]
     segments = [Segment(s, 0, len(t)) for s, t in zip(slots, texts)]
-    logits_e = eager.run(segments, texts, [None] * 4)
+    logits_e = eager.run(segments, texts, [None] * 4).last_SV
     compiled.run(segments, texts, [None] * 4)  # prefill is eager in both
     next_tokens = logits_e.argmax(-1).tolist()
     lengths = [len(t) for t in texts]
@@ -169,8 +172,8 @@ def decode_and_compare(
             live = live[1:]  # a sequence leaves
         segments = [Segment(slots[i], lengths[i], 1) for i in live]
         tokens = [[next_tokens[i]] for i in live]
-        want = eager.run(segments, tokens, [None] * len(live))
-        got = compiled.run(segments, tokens, [None] * len(live))
+        want = eager.run(segments, tokens, [None] * len(live)).last_SV
+        got = compiled.run(segments, tokens, [None] * len(live)).last_SV
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         for row, i in enumerate(live):
@@ -281,8 +284,8 @@ def test_a_kv_length_ladder_reads_the_smallest_window_that_holds_the_rows() -> N
         live = [0] if step < 3 else [0, 1]  # slot 0 alone up to position 6, then both
         segments = [Segment(i, lengths[i], 1) for i in live]
         tokens = [[token[i]] for i in live]
-        want = eager.run(segments, tokens, [None] * len(live))
-        got = compiled.run(segments, tokens, [None] * len(live))
+        want = eager.run(segments, tokens, [None] * len(live)).last_SV
+        got = compiled.run(segments, tokens, [None] * len(live)).last_SV
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         for i in live:
             lengths[i] += 1

@@ -24,8 +24,10 @@ SCRIPT = ROOT / "scripts" / "distill_experiment.py"
 VARIANTS = ["scratch", "kd_random", "kd_top", "kd_merge", "kd_top_alpha0"]
 
 
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("distill_experiment", SCRIPT)
+def _script(name: str = "distill_experiment") -> ModuleType:
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -86,7 +88,7 @@ def test_tiny_sweep_writes_rows_plot_and_table_and_resumes(teacher_dir: Path, tm
 
 
 def test_share_of_the_gain_kept_per_seed() -> None:
-    script = _script()
+    report = _script("_distill_report")
     tasks = {"a": 1.0}
     rows = [
         {"variant": variant, "seed": seed, "val_bpb": bpb, "val_bpb_per_task": tasks,
@@ -95,11 +97,11 @@ def test_share_of_the_gain_kept_per_seed() -> None:
             ("scratch", 0, 3.0), ("scratch", 1, 3.2), ("kd_top", 0, 2.5), ("kd_top", 1, 2.6),
         ]
     ]  # fmt: skip
-    summary = script.summarise(rows, {"val_bpb": 2.0})
+    summary = report.summarise(rows, {"val_bpb": 2.0})
     assert [row["gain_kept"] for row in rows[2:]] == pytest.approx([0.5, 0.5])
     assert summary["kd_top"]["gain_kept"]["mean"] == pytest.approx(0.5)
     assert summary["kd_top"]["val_bpb"]["std"] == pytest.approx(math.sqrt(0.005))
-    assert "not met" not in script.verdict(summary) and "32%" in script.verdict(summary)
+    assert "not met" not in report.verdict(summary) and "32%" in report.verdict(summary)
 
 
 @pytest.mark.parametrize(

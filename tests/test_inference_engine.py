@@ -269,7 +269,7 @@ def test_filters_against_hand_computed_distributions() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"max_tokens": 0}, "max_tokens=0"),
+        ({"max_tokens": -1}, "max_tokens=-1"),
         ({"temperature": -0.1}, "temperature=-0.1"),
         ({"top_p": 0.0}, r"top_p=0.0 is invalid; accepted: a number in \(0, 1\]"),
         ({"top_p": 1.5}, "top_p=1.5"),

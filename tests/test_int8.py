@@ -1,6 +1,6 @@
 """Int8 weight-only experts (`moe.inference.quant`) against references written here.
 
-The reference follows METHODS.md ("Int8 weight-only quantization") in float64 with its
+The reference follows docs/METHODS.md ("Int8 weight-only quantization") in float64 with its
 own per-expert loop: per output channel scale = max|w| / 127, q = round(w / scale),
 w ~ q * scale. The Triton kernel runs under the Triton interpreter in a fresh subprocess
 (this file run as a script), as in tests/test_triton_kernels.py: `TRITON_INTERPRET=1`
@@ -54,7 +54,7 @@ COUNTS = [5, 0, 1, INT8MM_MAX_ROWS + 7, 0, 3]
 
 
 def reference_quantize(w_KN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_KN, scale_N) per METHODS.md, as float64 tensors. The arithmetic is fp32, as
+    """(q_KN, scale_N) per docs/METHODS.md, as float64 tensors. The arithmetic is fp32, as
     stored: in float64 a weight whose w / scale lies within rounding of a half would
     round the other way (one step off) now and then."""
     w = w_KN.float()

@@ -233,3 +233,19 @@ def test_local_preset_is_measured() -> None:
     assert "written by" in text and "calibrate_hardware.py" in text
     local = load_hardware(ROOT / "conf/hardware/local.yaml")
     assert local.chips == 1 and math.isfinite(local.host_step_s)
+
+
+def test_the_planner_imports_no_torch() -> None:
+    """The planner is plain arithmetic: importing it (and the alpha-beta model it uses)
+    must not import torch, so it runs anywhere a Python does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import moe.planning.planner, moe.planning.hardware, moe.planning.model_costs\n"
+        "from comm.cost import CostModel\n"
+        "CostModel.projected_cluster()\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

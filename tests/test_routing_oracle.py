@@ -1,12 +1,14 @@
 """MoELayer against an end-to-end oracle that shares no code with routing/ or moe/.
 
 The oracle reads only the layer's parameters and config. With plain Python loops over
-tokens (METHODS.md) it computes the router logits, the probabilities (softmax) or gates
-(sigmoid), the top-K choices (lowest expert id first among equal scores), the slots each
-capacity policy keeps (fixed: choice-major, every token's first choice before any second
-choice; priority/BPR: tokens by descending max or sum score, ties in token order;
-capacity = round-half-up(C*K*T/E), at least min_capacity; dropless keeps all), and the
-output as the weighted sum of the kept experts' MLPs (plus the PR-MoE residual mix).
+tokens (docs/METHODS.md: "Capacity and token dropping", "Batch Priority Routing",
+"Softmax top-k routers and their losses", "sigma-MoE", "PR-MoE") it computes the router
+logits, the probabilities (softmax) or gates (sigmoid), the top-K choices (lowest expert
+id first among equal scores), the slots each capacity policy keeps (fixed: choice-major,
+every token's first choice before any second choice; priority/BPR: tokens by descending
+max or sum score, ties in token order; capacity = round-half-up(C*K*T/E), at least
+min_capacity; dropless keeps all), and the output as the weighted sum of the kept
+experts' MLPs (plus the PR-MoE residual mix).
 The layer's own plan (`layer.route`) is never read, so an error in the router or the
 capacity code cannot cancel out.
 """

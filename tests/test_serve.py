@@ -159,6 +159,45 @@ def test_overload_answers_503_with_retry_after_then_recovers(service: Any) -> No
     assert _complete(client, "task-1", "after").status_code == 200
 
 
+def _scrape(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_of_the_expert_parallel_deployment(service: Any) -> None:
+    """The full model's 2 EP workers report together: tokens routed per expert add up
+    over the workers to top-2 x the tokens the model read, and the all-to-all time is
+    there (EP only)."""
+    _, client = service
+    before = _scrape(client)
+    for prompt in PROMPTS:
+        assert _complete(client, "full", prompt, task=2).status_code == 200
+    after = _scrape(client)
+    full = (("deployment", "full"),)
+
+    def delta(name: str, labels: tuple[tuple[str, str], ...] = full) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    read = sum(len(p.encode()) + TOKENS - 1 for p in PROMPTS)
+    assert delta("moe_engine_tokens_total") == read
+    for layer in ("0", "1"):
+        routed = sum(
+            delta(
+                "moe_expert_tokens_total",
+                (("deployment", "full"), ("expert", str(e)), ("layer", layer)),
+            )
+            for e in range(8)
+        )
+        assert routed == 2 * read
+    assert delta("moe_alltoall_seconds_total") > 0 and delta("moe_engine_steps_total") > 0
+    assert after[("moe_kv_slots", full)] == 2 * 4  # max_batch slots on each worker
+
+
 def _send(client: httpx.Client, prompt: str, stream: bool) -> tuple[int, str]:
     """One task-1 request: (status, completion id). A stream that ends in an `error`
     event instead of [DONE] is the error's status (503: its replica died mid-stream)."""

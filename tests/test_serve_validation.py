@@ -15,6 +15,7 @@ import pytest
 from test_inference_engine import prompts, sharp_model
 
 from launch.serving.batching import BatchLoop, EngineShard, local_step
+from launch.serving.protocol import CompletionRequest
 from launch.serving.validation import (
     Limits,
     ModelEntry,
@@ -32,7 +33,7 @@ CATALOG = {
 }
 
 
-def parse(body: object, raw: bytes | None = None) -> object:
+def parse(body: object, raw: bytes | None = None) -> CompletionRequest:
     data = raw if raw is not None else json.dumps(body).encode()
     return parse_completion_request(data, CATALOG, LIMITS)
 
@@ -48,15 +49,19 @@ def test_a_full_request_is_parsed() -> None:
         "model": "task-1", "prompt": "In the beginning", "max_tokens": 12, "temperature": 0,
         "top_p": 0.5, "stop": ["\n", "."], "seed": 4, "stream": True,
     })  # fmt: skip
-    assert request.deployment == "task-1" and request.task == 1  # type: ignore[attr-defined]
-    assert request.prompt == b"In the beginning" and request.stop == (b"\n", b".")  # type: ignore[attr-defined]
-    assert request.stream and request.max_tokens == 12 and request.seed == 4  # type: ignore[attr-defined]
+    generation = request.generation
+    assert request.deployment == "task-1" and generation.task == 1
+    assert generation.prompts == (tuple(b"In the beginning"),)
+    assert request.prompt_texts == ("In the beginning",) and generation.stop == ("\n", ".")
+    assert request.stream and generation.max_tokens == 12 and generation.seed == 4
     other = parse({"model": "task-2", "prompt": "x", "stop": "ab"})
-    assert other.deployment == "full" and other.task == 2 and other.stop == (b"ab",)  # type: ignore[attr-defined]
+    assert other.deployment == "full" and other.generation.task == 2
+    assert other.generation.stop == ("ab",)
     defaults = parse({"model": "open", "prompt": "é"})
-    assert defaults.prompt == "é".encode() and defaults.temperature == 1.0  # type: ignore[attr-defined]
-    assert defaults.task is None and not defaults.stream  # type: ignore[attr-defined]
-    assert parse({"model": "full", "prompt": "x", "task": 2}).task == 2  # type: ignore[attr-defined]
+    assert defaults.generation.prompts == (tuple("é".encode()),)
+    assert defaults.generation.temperature == 1.0 and defaults.generation.task is None
+    assert not defaults.stream and defaults.generation.n == defaults.generation.best_of == 1
+    assert parse({"model": "full", "prompt": "x", "task": 2}).generation.task == 2
 
 
 @pytest.mark.parametrize(
@@ -66,12 +71,12 @@ def test_a_full_request_is_parsed() -> None:
         ({"model": 3, "prompt": "x"}, 422, "model"),
         ({"prompt": "x"}, 422, "model"),
         ({"model": "open"}, 422, "prompt"),
-        ({"model": "open", "prompt": ["x"]}, 422, "prompt"),
+        ({"model": "open", "prompt": ["x", 1]}, 422, "prompt"),
         ({"model": "open", "prompt": ""}, 422, "prompt"),
         ({"model": "open", "prompt": "x" * 33}, 400, "prompt"),  # longer than the context
         ({"model": "open", "prompt": "é" * 17}, 400, "prompt"),  # 34 bytes in UTF-8
         ({"model": "open", "prompt": "\ud800"}, 400, "prompt"),  # a lone surrogate
-        ({"model": "open", "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+        ({"model": "open", "prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
         ({"model": "open", "prompt": "x", "max_tokens": 65}, 422, "max_tokens"),
         ({"model": "open", "prompt": "x", "max_tokens": "5"}, 422, "max_tokens"),
         ({"model": "open", "prompt": "x", "max_tokens": 5.0}, 422, "max_tokens"),
@@ -89,7 +94,7 @@ def test_a_full_request_is_parsed() -> None:
         ({"model": "open", "prompt": "x", "seed": -1}, 422, "seed"),
         ({"model": "open", "prompt": "x", "seed": 2**64}, 422, "seed"),
         ({"model": "open", "prompt": "x", "stream": "yes"}, 422, "stream"),
-        ({"model": "open", "prompt": "x", "n": 2}, 422, "n"),
+        ({"model": "open", "prompt": "x", "n": 0}, 422, "n"),
         ({"model": "full", "prompt": "x"}, 422, "task"),  # a task-routed model needs one
         ({"model": "full", "prompt": "x", "task": 7}, 422, "task"),
         ({"model": "full", "prompt": "x", "task": "1"}, 422, "task"),
@@ -133,8 +138,8 @@ def test_failures_behind_the_gateway_become_http_errors() -> None:
     from ray.exceptions import ActorDiedError
     from ray.serve.exceptions import BackPressureError
 
-    from launch.serving.api import translate_error
     from launch.serving.batching import ReplicaUnavailable
+    from launch.serving.events import translate_error
 
     full = translate_error(BackPressureError(num_queued_requests=4, max_queued_requests=4), 2)
     assert full.status == 503 and full.headers == {"Retry-After": "2"}
@@ -149,7 +154,7 @@ def test_a_stream_counts_as_its_outcome_not_its_200_status_line() -> None:
 
     from ray.exceptions import ActorDiedError
 
-    from launch.serving.api import CLIENT_CLOSED, sse_events
+    from launch.serving.events import CLIENT_CLOSED, sse_events
 
     async def chunks(fail: bool) -> object:
         yield {"text": "b"}
@@ -159,7 +164,9 @@ def test_a_stream_counts_as_its_outcome_not_its_200_status_line() -> None:
 
     async def collect(fail: bool, take: int | None = None) -> tuple[list[str], Counter]:
         responses: Counter[int] = Counter()
-        events = sse_events({"text": "a"}, chunks(fail), dict, 1, responses)
+        events = sse_events(
+            {"text": "a"}, chunks(fail), dict, 1, lambda status: responses.update([status])
+        )
         lines = []
         async for line in events:
             lines.append(line)

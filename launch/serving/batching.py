@@ -12,6 +12,11 @@ once (`launch.serving.ep_workers`). An error from a step fails every request in 
 and breaks the loop for good (`broken`): the replica then reports unhealthy and Ray
 Serve replaces it.
 
+Every step also returns the engine's telemetry since the previous one
+(`moe.inference.telemetry`; summed over expert-parallel workers); the loop keeps the
+running totals (`BatchLoop.telemetry`) that the replica reports to the gateway's
+`/metrics`.
+
 A request's events can be merged (`generate(interval_s=...)`): its first text goes out
 at once, later text at most every `interval_s` (what arrived meanwhile in one event), and
 its final event as soon as it exists. Every event a stream yields costs a message per hop
@@ -23,10 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from moe.inference import Completion, InferenceEngine, SamplingParams
+from moe.inference.engine import GeneratedToken
+from moe.inference.sampling import TokenLogprob
+from moe.inference.telemetry import EngineTelemetry
 
 
 @dataclass(frozen=True)
@@ -34,28 +42,44 @@ class Submission:
     """A request as the step function sees it; `key` is the loop's request id."""
 
     key: int
-    prompt: bytes
+    prompt: bytes | Sequence[int]
     params: SamplingParams
     task: int | None
 
 
 @dataclass(frozen=True)
 class Event:
-    """What one step produced for one request: text it may show, its completion when it
-    finished, or the reason the engine refused it."""
+    """What one step produced for one request: text it may show, the token it sampled,
+    its prompt's scores (first event, when asked), its completion when it finished, or
+    the reason the engine refused it."""
 
     key: int
     new_text: bytes
     completion: Completion | None = None
     error: str | None = None
+    new_tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def final(self) -> bool:
         return self.completion is not None or self.error is not None
 
     def then(self, later: Event) -> Event:
-        """This event followed by `later` (same request) as one."""
-        return Event(self.key, self.new_text + later.new_text, later.completion, later.error)
+        """This event followed by `later` (same request) as one: the text and tokens of
+        both, the later's end, the prompt's scores of whichever carries them."""
+        return Event(
+            self.key, self.new_text + later.new_text, later.completion, later.error,
+            self.new_tokens + later.new_tokens,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One step: its events, and the engine's telemetry since the previous step."""
+
+    events: list[Event]
+    telemetry: EngineTelemetry = field(default_factory=EngineTelemetry)
 
 
 class ReplicaUnavailable(RuntimeError):
@@ -72,7 +96,7 @@ class EngineShard:
 
     def step(
         self, submissions: list[Submission], cancels: list[int], always: bool = False
-    ) -> list[Event]:
+    ) -> StepOutput:
         """Cancel, submit, then run one engine step (with `always`, also with no work:
         expert-parallel ranks call their MoE layers together)."""
         refused = []
@@ -92,24 +116,33 @@ class EngineShard:
             self._key_of[engine_id] = submission.key
             self._engine_id_of[submission.key] = engine_id
         if not (always or self.engine.has_work()):
-            return refused
+            return StepOutput(refused, self.engine.take_telemetry())
         events = refused
         for event in self.engine.step():
             key = self._key_of[event.request_id]
             if event.completion is not None:
                 del self._key_of[event.request_id]
                 del self._engine_id_of[key]
-            events.append(Event(key, event.new_text, event.completion))
-        return events
+            events.append(
+                Event(
+                    key,
+                    event.new_text,
+                    event.completion,
+                    None,
+                    event.new_tokens,
+                    event.prompt_logprobs,
+                )
+            )
+        return StepOutput(events, self.engine.take_telemetry())
 
 
-StepFunction = Callable[[list[Submission], list[int]], Awaitable[list[Event]]]
+StepFunction = Callable[[list[Submission], list[int]], Awaitable[StepOutput]]
 
 
 def local_step(shard: EngineShard) -> StepFunction:
     """Steps of an engine in this process, in a thread so the event loop keeps serving."""
 
-    async def step(submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    async def step(submissions: list[Submission], cancels: list[int]) -> StepOutput:
         return await asyncio.to_thread(shard.step, submissions, cancels)
 
     return step
@@ -130,13 +163,23 @@ class BatchLoop:
         self.broken: BaseException | None = None
         self.completed = 0
         self.steps = 0
+        self.telemetry = EngineTelemetry()  # running totals of the engine(s)
 
     @property
     def in_flight(self) -> int:
         return len(self._queues)
 
+    @property
+    def pending(self) -> int:
+        """Requests handed to the loop and not yet to the engine."""
+        return len(self._submissions)
+
     async def generate(
-        self, prompt: bytes, params: SamplingParams, task: int | None, interval_s: float = 0.0
+        self,
+        prompt: bytes | Sequence[int],
+        params: SamplingParams,
+        task: int | None,
+        interval_s: float = 0.0,
     ) -> AsyncIterator[Event]:
         """The events of one request, the last one final; with `interval_s` > 0, merged
         (see the module docstring); events already waiting are merged in any case.
@@ -205,17 +248,18 @@ class BatchLoop:
             self._in_engine -= cancelled
             self._in_engine |= {s.key for s in submissions}
             try:
-                events = await self._step(submissions, cancels)
+                output = await self._step(submissions, cancels)
             except Exception as error:  # every waiter gets it, then health fails
                 self.broken = error
                 for queue in self._queues.values():
                     queue.put_nowait(error)
                 return
             self.steps += 1
-            for event in events:
+            self.telemetry.accumulate(output.telemetry)
+            for event in output.events:
                 if event.final:
                     self._in_engine.discard(event.key)
                     self.completed += event.completion is not None
-                queue = self._queues.get(event.key)
-                if queue is not None:
-                    queue.put_nowait(event)
+                waiting = self._queues.get(event.key)
+                if waiting is not None:
+                    waiting.put_nowait(event)

@@ -6,8 +6,12 @@
   replica drives them in lockstep (`launch.serving.ep_workers`).
 
 Each replica runs one `BatchLoop` (iteration-level batching: the concurrent requests of
-the replica share every decode step). Ray Serve gives the rest: replicas, the bound on
-ongoing and queued requests, health checks (`check_health`) and replacement.
+the replica share every decode step). A request (`GenerationRequest`) becomes best_of
+engine sequences per prompt, all in the loop at once; `complete` returns the best n of
+each prompt's (`GenerationResult`), `stream` their pieces as they come (`ChoiceChunk`s,
+then a `StreamEnd`). Every answer carries the replica's `ReplicaReport` (its engine's
+telemetry) for the gateway's `/metrics`. Ray Serve gives the rest: replicas, the bound
+on ongoing and queued requests, health checks (`check_health`) and replacement.
 
 `probe=True` builds the checkpoint's architecture with one MoE layer of one expert (every
 other FFN a dense MLP; random weights, nothing loaded): the benchmark measures a
@@ -18,25 +22,39 @@ runtime that a probe without an MoE layer never pays (docs/BENCHMARKS.md, "Servi
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import dataclasses
 import os
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from launch.serving.batching import BatchLoop, EngineShard, ReplicaUnavailable, local_step
 from launch.serving.ep_workers import EPWorkerGroup
 from launch.serving.model_info import describe_model, resident_bytes
+from launch.serving.protocol import (
+    ChoiceChunk,
+    ChoiceResult,
+    GenerationRequest,
+    GenerationResult,
+    ReplicaReport,
+    StreamEnd,
+)
 from launch.training.compile import use_cache_dir
 from moe.checkpoint import read_meta
-from moe.inference import InferenceEngine, LoadedModel, SamplingParams, load_model
+from moe.inference import Completion, InferenceEngine, LoadedModel, load_model
 from moe.inference.decode import CompileWarmup, DecodeCompileOptions
+from moe.inference.engine import GeneratedToken
 from moe.inference.loading import configs_of, resolve_checkpoint
 from moe.transformer import MoETransformer
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,8 @@ class ModelServer:
     def __init__(self, spec: ModelSpec) -> None:
         torch.set_num_threads(spec.threads)
         self.spec = spec
+        self.replica = uuid.uuid4().hex[:12]
+        self.created = int(time.time())
         self.workers: EPWorkerGroup | None = None
         if spec.ep_size > 1:
             self.workers = EPWorkerGroup(spec)
@@ -106,57 +126,118 @@ class ModelServer:
         self.info["compile"] = engine.compile_report()
         self.loop = BatchLoop(local_step(EngineShard(engine)))
 
-    @staticmethod
-    def _params(fields: dict[str, Any]) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=fields["max_tokens"], temperature=fields["temperature"],
-            top_p=fields["top_p"], stop=tuple(fields["stop"]), seed=fields["seed"],
+    def report(self) -> ReplicaReport:
+        """This replica's telemetry so far (`launch.serving.metrics`)."""
+        return ReplicaReport(
+            self.spec.name, self.replica, self.spec.ep_size, self.loop.steps,
+            self.loop.telemetry.copy(), self.loop.pending,
         )  # fmt: skip
 
-    async def complete(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """One whole completion: text (UTF-8, invalid bytes replaced), finish reason,
-        token counts and timings."""
-        params = self._params(fields)
-        async for event in self.loop.generate(fields["prompt"], params, fields["task"]):
+    async def telemetry(self) -> ReplicaReport:
+        """`report()` as a remote call (the gateway asks at every scrape)."""
+        return self.report()
+
+    @staticmethod
+    def _result(done: Completion, index: int, prompt_index: int) -> ChoiceResult:
+        return ChoiceResult(
+            index=index, prompt_index=prompt_index,
+            text=done.text.decode("utf-8", errors="replace"), finish_reason=done.finish_reason,
+            completion_tokens=done.completion_tokens, tokens=done.tokens, prompt_logprobs=done.prompt_logprobs,
+            time_to_first_token_s=done.time_to_first_token_s,
+            per_token_latency_s=done.per_token_latency_s, total_time_s=done.total_time_s,
+        )  # fmt: skip
+
+    async def _sequence(self, request: GenerationRequest, prompt: int, choice: int) -> ChoiceResult:
+        params = request.params(choice, score_prompt=choice == 0)
+        ids = list(request.prompts[prompt])
+        async for event in self.loop.generate(ids, params, request.task):
             if event.error is not None:
                 raise ValueError(event.error)
             if event.completion is not None:
-                done = event.completion
-                return {
-                    "text": done.text.decode("utf-8", errors="replace"),
-                    "finish_reason": done.finish_reason,
-                    "prompt_tokens": done.prompt_tokens,
-                    "completion_tokens": done.completion_tokens,
-                    "time_to_first_token_s": done.time_to_first_token_s,
-                    "total_time_s": done.total_time_s,
-                }
+                return self._result(event.completion, choice, prompt)
         raise ReplicaUnavailable("the request ended without a completion")
 
-    async def stream(self, fields: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The completion in chunks: `{"text"}` per step that shows new text, then one
-        `{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`. A multi-byte
-        character split across steps is given whole, in the later chunk. After the
-        first chunk, the text of several steps may come as one (`stream_interval_s`,
-        `BatchLoop.generate`)."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        params = self._params(fields)
-        interval_s = self.spec.stream_interval_s
-        async for event in self.loop.generate(fields["prompt"], params, fields["task"],
-                                              interval_s):  # fmt: skip
-            if event.error is not None:
-                raise ValueError(event.error)
-            done = event.completion
-            text = decoder.decode(event.new_text, final=done is not None)
-            if done is None:
-                if text:
-                    yield {"text": text}
-                continue
-            yield {
-                "text": text, "finish_reason": done.finish_reason,
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens,
-            }  # fmt: skip
-            return
+    async def complete(self, request: GenerationRequest) -> GenerationResult:
+        """Every choice of every prompt (best_of sequences each, the best n kept: highest
+        mean log-probability first), in order; a prompt's scores (echo) on each of its
+        choices."""
+        best_of, n = request.best_of, request.n
+        results = await _all_or_none(
+            [self._sequence(request, p, j) for p in range(len(request.prompts)) for j in range(best_of)]
+        )  # fmt: skip
+        choices = []
+        for p in range(len(request.prompts)):
+            mine = results[p * best_of : (p + 1) * best_of]
+            scores = next((r.prompt_logprobs for r in mine if r.prompt_logprobs is not None), None)
+            if best_of > n:
+                mine = sorted(mine, key=lambda r: r.mean_logprob, reverse=True)[:n]
+            for rank, result in enumerate(mine):
+                choices.append(
+                    dataclasses.replace(result, index=p * n + rank, prompt_logprobs=scores)
+                )
+        return GenerationResult(
+            tuple(choices), tuple(len(ids) for ids in request.prompts),
+            sum(len(r.tokens) for r in results), self.report(),
+        )  # fmt: skip
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[ChoiceChunk | StreamEnd]:
+        """Every choice's pieces as they come, then a `StreamEnd`. A piece carries new
+        text (a multi-byte character split across steps comes whole, in the later
+        piece), the tokens sampled since the choice's last piece, and its prompt's scores
+        in its first piece when echo asked (every choice scores its prompt: the stream
+        does not wait for one choice to give the others theirs). Leaving the stream
+        cancels every sequence in the engine."""
+        if request.best_of != request.n:
+            raise ValueError(f"best_of={request.best_of} != n={request.n} cannot be streamed")
+        queue: asyncio.Queue[ChoiceChunk | BaseException] = asyncio.Queue()
+        wants_tokens = request.logprobs is not None or request.routed_experts
+        interval_s = self.spec.stream_interval_s  # a piece per interval (BatchLoop.generate)
+
+        async def run(prompt: int, choice: int) -> None:
+            index = prompt * request.n + choice
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            tokens: list[GeneratedToken] = []
+            params = request.params(choice, score_prompt=True)
+            try:
+                async for event in self.loop.generate(list(request.prompts[prompt]), params,
+                                                      request.task, interval_s):  # fmt: skip
+                    if event.error is not None:
+                        raise ValueError(event.error)
+                    tokens.extend(event.new_tokens)
+                    done = event.completion
+                    text = decoder.decode(event.new_text, final=done is not None)
+                    finished = None
+                    if done is not None:  # its pieces carried the tokens and the scores
+                        whole = self._result(done, index, prompt)
+                        finished = dataclasses.replace(whole, tokens=(), prompt_logprobs=None)
+                    if (
+                        text
+                        or finished
+                        or event.prompt_logprobs is not None
+                        or (tokens and wants_tokens)
+                    ):
+                        queue.put_nowait(ChoiceChunk(index, prompt, text, tuple(tokens),
+                                                     event.prompt_logprobs, finished))  # fmt: skip
+                        tokens = []
+            except Exception as error:  # the stream ends with it
+                queue.put_nowait(error)
+
+        jobs = [(p, j) for p in range(len(request.prompts)) for j in range(request.n)]
+        tasks = [asyncio.ensure_future(run(p, j)) for p, j in jobs]
+        try:
+            remaining, generated = len(tasks), 0
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished is not None:
+                    remaining -= 1
+                    generated += item.finished.completion_tokens
+                yield item
+            yield StreamEnd(tuple(len(ids) for ids in request.prompts), generated, self.report())
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def describe(self) -> dict[str, Any]:
         """What this replica holds and its resident memory (with its workers')."""
@@ -171,7 +252,7 @@ class ModelServer:
             resident += sum(w["resident_bytes"] for w in workers)
         return {
             **info, "name": self.spec.name, "ep_size": self.spec.ep_size, "pids": pids,
-            "replica_pid": os.getpid(), "resident_bytes": resident,
+            "replica_pid": os.getpid(), "resident_bytes": resident, "created": self.created,
             "completed": self.loop.completed, "steps": self.loop.steps,
             "in_flight": self.loop.in_flight,
         }  # fmt: skip
@@ -188,10 +269,23 @@ class ModelServer:
         return {"status": "ok", "replica_pid": os.getpid()}
 
     def __del__(self) -> None:
-        if getattr(self, "workers", None) is not None:
+        # `workers` is unset when __init__ failed before it.
+        workers: EPWorkerGroup | None = getattr(self, "workers", None)
+        if workers is not None:
             # Ray may already be down at interpreter exit; the workers then went with it.
             with contextlib.suppress(Exception):
-                self.workers.kill()  # type: ignore[union-attr]
+                workers.kill()
+
+
+async def _all_or_none(jobs: list[Awaitable[_T]]) -> list[_T]:
+    """Every job's result in order; when one fails, the others are cancelled (their
+    sequences leave the engine) and the failure is raised."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _merge(descriptions: list[dict[str, Any]]) -> dict[str, Any]:

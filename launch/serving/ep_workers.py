@@ -19,19 +19,26 @@ import asyncio
 import datetime
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from launch.config import Backend, CommConfig
 from launch.runtime import ProcessInfo, dispatcher_factory, resolve_backend, setup_runtime
-from launch.serving.batching import EngineShard, Event, Submission
+from launch.serving.batching import EngineShard, StepOutput, Submission
 from launch.serving.model_info import describe_model, resident_bytes
 from moe.inference import InferenceEngine, load_model
+from moe.inference.telemetry import EngineTelemetry
 
 if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
     from launch.serving.deployments import ModelSpec
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class EPWorker:
@@ -78,7 +85,7 @@ class EPWorker:
         self.info = describe_model(loaded)
         return self.describe()
 
-    def step(self, submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:
         assert self.shard is not None, "setup() first"
         return self.shard.step(submissions, cancels, always=True)
 
@@ -87,6 +94,30 @@ class EPWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+class RemoteMethod(Protocol[_P, _R]):
+    """An actor method as a Ray actor handle offers it: `.remote(...)` runs it in the
+    actor and returns a reference to its result."""
+
+    def remote(self, *args: _P.args, **kwargs: _P.kwargs) -> ObjectRef[_R]: ...
+
+
+class EPWorkerHandle(Protocol):
+    """What the group calls on a worker's Ray actor handle: `EPWorker`'s methods, run in
+    the actor."""
+
+    @property
+    def address(self) -> RemoteMethod[[], tuple[str, int]]: ...
+
+    @property
+    def setup(self) -> RemoteMethod[[str, float], dict[str, Any]]: ...
+
+    @property
+    def step(self) -> RemoteMethod[[list[Submission], list[int]], StepOutput]: ...
+
+    @property
+    def describe(self) -> RemoteMethod[[], dict[str, Any]]: ...
 
 
 class EPWorkerGroup:
@@ -100,7 +131,12 @@ class EPWorkerGroup:
             num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_concurrency=2,
             max_restarts=0,
         )  # fmt: skip
-        self.workers = [actor.remote(rank, spec) for rank in range(spec.ep_size)]
+        # Ray types a new actor as `ActorHandle[EPWorker] | type[EPWorker]`, whose methods
+        # have a typed `.remote` only when decorated with `@ray.method`: the handles are
+        # typed by what the group calls on them.
+        self.workers = [
+            cast(EPWorkerHandle, actor.remote(rank, spec)) for rank in range(spec.ep_size)
+        ]
         host, port = ray.get(self.workers[0].address.remote(), timeout=timeout_s)
         init_method = f"tcp://{host}:{port}"
         self.descriptions: list[dict[str, Any]] = ray.get(
@@ -109,7 +145,7 @@ class EPWorkerGroup:
         self.load = [0] * spec.ep_size  # requests in flight per worker
         self._worker_of: dict[int, int] = {}
 
-    async def step(self, submissions: list[Submission], cancels: list[int]) -> list[Event]:
+    async def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:
         per_worker_submissions: list[list[Submission]] = [[] for _ in self.workers]
         per_worker_cancels: list[list[int]] = [[] for _ in self.workers]
         for submission in submissions:
@@ -126,11 +162,11 @@ class EPWorkerGroup:
             for worker, subs, keys in zip(self.workers, per_worker_submissions, per_worker_cancels)
         ]
         results = await asyncio.gather(*refs)
-        events = [event for result in results for event in result]
+        events = [event for result in results for event in result.events]
         for event in events:
             if event.final:
                 self.load[self._worker_of.pop(event.key)] -= 1
-        return events
+        return StepOutput(events, EngineTelemetry.of_ranks(r.telemetry for r in results))
 
     async def check(self, timeout_s: float) -> list[dict[str, Any]]:
         """Every worker's description; raises if one is dead or does not answer."""
@@ -141,4 +177,4 @@ class EPWorkerGroup:
         import ray
 
         for worker in self.workers:
-            ray.kill(worker)
+            ray.kill(cast("ActorHandle[EPWorker]", worker))

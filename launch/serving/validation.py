@@ -1,258 +1,328 @@
-"""Checking an HTTP completion request before anything else sees it: plain code, no Ray.
+"""Checking an HTTP request before anything else sees it: plain code, no Ray.
 
-`parse_completion_request(body, catalog, limits)` turns the raw bytes of a
-`POST /v1/completions` body into a `CompletionRequest` or raises `RequestError` with the
-HTTP status and the OpenAI-style error (`message`, `type`, `param`, `code`) naming the
-offending field. The body is read as UTF-8 JSON with `json.loads` (never pickle or
-eval); NaN and Infinity are refused. Statuses: 413 a body over `limits.max_body_bytes`;
-400 a body that is not UTF-8, not JSON or not an object, or a prompt longer than the
-context; 404 a model the service does not serve; 422 a field of the wrong type, out of
-range, or unknown.
+`parse_completion_request(body, catalog, limits, tokenizer)` turns the raw bytes of a
+`POST /v1/completions` body into a `CompletionRequest` (`launch.serving.protocol`), its
+prompts tokenized with the model's tokenizer, or raises `RequestError` with the HTTP
+status and the OpenAI-style error (`message`, `type`, `param`, `code`) naming the
+offending field. `parse_tokenize_request` and `parse_detokenize_request` do the same
+for `/tokenize` and `/detokenize`; `launch.serving.chat` for chat, with the helpers here
+and the field readers of `launch.serving.fields`.
+
+The body is read as UTF-8 JSON with `json.loads` (never pickle or eval); NaN and
+Infinity are refused. Statuses: 413 a body over `limits.max_body_bytes`; 400 a body that
+is not UTF-8, not JSON or not an object, a prompt longer than the context, or a request
+over `limits.max_request_tokens`; 404 a model the service does not serve; 422 a field of
+the wrong type, out of range, unknown, or not supported (`suffix`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
+import secrets
 from typing import Any
 
-# The fields of an OpenAI-style completion request this service understands; `task` is
-# ours: the task id a request to the full model of a task-routed checkpoint runs as.
+from launch.serving.fields import (
+    boolean,
+    decode_body,
+    integer,
+    invalid,
+    model_entry,
+    number,
+    optional_integer,
+    refuse_unknown,
+    utf8,
+)
+from launch.serving.protocol import (
+    MAX_SEED,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationRequest,
+    Limits,
+    ModelEntry,
+    RequestError,
+    TokenizeRequest,
+)
+from moe.interop.tokenizer import ByteTokenizer, Tokenizer
+
+__all__ = [
+    "KNOWN_FIELDS",
+    "Limits",
+    "ModelEntry",
+    "RequestError",
+    "decode_body",
+    "parse_completion_request",
+    "parse_detokenize_request",
+    "parse_tokenize_request",
+]
+
+# The fields of an OpenAI completion request this service understands; `task` and
+# `return_routed_experts` are ours (the task id a request to the full model of a
+# task-routed checkpoint runs as; the experts of each generated token).
 KNOWN_FIELDS = (
-    "model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "task",
+    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "best_of", "logprobs",
+    "echo", "stop", "seed", "stream", "stream_options", "presence_penalty",
+    "frequency_penalty", "logit_bias", "user", "suffix", "task", "return_routed_experts",
 )  # fmt: skip
-MAX_SEED = 2**63 - 1
+# Fields every generation endpoint shares (`sampling_fields`).
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+    "logit_bias", "task", "return_routed_experts",
+)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on every request. `max_tokens` caps a completion's length; `max_stop` the
-    number of stop strings, `max_stop_bytes` each one's UTF-8 length."""
-
-    max_body_bytes: int = 64 * 1024
-    max_tokens: int = 512
-    max_stop: int = 4
-    max_stop_bytes: int = 64
-    max_temperature: float = 100.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_tokens", "max_stop", "max_stop_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"serve.{name}={value!r} is invalid; accepted: an integer >= 1")
-        if not self.max_temperature > 0:
-            raise ValueError(f"serve.max_temperature={self.max_temperature!r}; accepted: > 0")
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """What a model id means: the deployment that answers it, the task id its requests
-    run as (None: the request may give one), the context length in bytes, and whether a
-    task id is required (task-routed checkpoints)."""
-
-    deployment: str
-    task: int | None
-    context_bytes: int
-    needs_task: bool = False
-    task_ids: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    """A checked request; `prompt` as UTF-8 bytes, `stop` as byte strings."""
-
-    model: str
-    deployment: str
-    prompt: bytes
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[bytes, ...]
-    seed: int
-    stream: bool
-    task: int | None
-
-    def engine_fields(self) -> dict[str, Any]:
-        """What a model deployment needs, as plain data."""
-        return {
-            "prompt": self.prompt, "max_tokens": self.max_tokens,
-            "temperature": self.temperature, "top_p": self.top_p, "stop": list(self.stop),
-            "seed": self.seed, "task": self.task,
-        }  # fmt: skip
-
-
-@dataclass
-class RequestError(Exception):
-    """A request the service refuses: the HTTP status and the OpenAI-style error."""
-
-    status: int
-    message: str
-    param: str | None = None
-    type: str = "invalid_request_error"
-    code: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__init__(self.message)
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message, "type": self.type, "param": self.param,
-                "code": self.code,
-            }
-        }  # fmt: skip
-
-
-def _invalid(param: str, message: str, code: str = "invalid_value") -> RequestError:
-    return RequestError(422, f"{param}: {message}", param=param, code=code)
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def decode_body(body: bytes, limits: Limits) -> dict[str, Any]:
-    """The JSON object of a request body (413 / 400 otherwise)."""
-    if len(body) > limits.max_body_bytes:
-        raise RequestError(
-            413, f"the request body has {len(body)} bytes; accepted: at most "
-            f"{limits.max_body_bytes}", code="body_too_large",
-        )  # fmt: skip
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RequestError(
-            400, f"the request body is not valid UTF-8 (byte {error.start})", code="invalid_utf8"
-        ) from None
-    try:
-        data = json.loads(text, parse_constant=_refuse_constant)
-    except (json.JSONDecodeError, ValueError) as error:
-        raise RequestError(
-            400, f"the request body is not JSON: {error}", code="invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise RequestError(
-            400, f"the request body is a JSON {type(data).__name__}; accepted: an object",
-            code="invalid_json",
-        )  # fmt: skip
-    return data
-
-
-def _utf8(text: str, param: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON (\\ud800)
-        raise RequestError(
-            400,
-            f"{param}: not valid Unicode (a lone surrogate)",
-            param=param,
-            code="invalid_utf8",
-        ) from None
-
-
-def _integer(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(key, f"{value!r} is not an integer", "invalid_type")
-    if not low <= value <= high:
-        raise _invalid(key, f"{value} is out of range; accepted: {low}..{high}")
-    return value
-
-
-def _number(data: dict[str, Any], key: str, default: float) -> float:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(key, f"{value!r} is not a number", "invalid_type")
-    value = float(value)
-    if not math.isfinite(value):
-        raise _invalid(key, f"{value!r} is not finite")
-    return value
-
-
-def _stop(data: dict[str, Any], limits: Limits) -> tuple[bytes, ...]:
+def _stop(data: dict[str, Any], limits: Limits) -> tuple[str, ...]:
     value = data.get("stop")
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or any(not isinstance(s, str) for s in items):
-        raise _invalid("stop", f"{value!r} is not a string or a list of strings", "invalid_type")
+        raise invalid("stop", f"{value!r} is not a string or a list of strings", "invalid_type")
     if len(items) > limits.max_stop:
-        raise _invalid("stop", f"{len(items)} strings; accepted: at most {limits.max_stop}")
-    encoded = tuple(_utf8(s, "stop") for s in items)
-    if any(not 0 < len(s) <= limits.max_stop_bytes for s in encoded):
-        raise _invalid(
+        raise invalid("stop", f"{len(items)} strings; accepted: at most {limits.max_stop}")
+    if any(not 0 < len(utf8(s, "stop")) <= limits.max_stop_bytes for s in items):
+        raise invalid(
             "stop", f"each stop string must have 1..{limits.max_stop_bytes} bytes in UTF-8"
         )
-    return encoded
+    return tuple(items)
 
 
-def parse_completion_request(
-    body: bytes, catalog: dict[str, ModelEntry], limits: Limits
-) -> CompletionRequest:
-    """Check a `POST /v1/completions` body against `catalog` (model id -> entry) and
-    `limits`; raises `RequestError` (see the module docstring)."""
-    data = decode_body(body, limits)
-    unknown = sorted(set(data) - set(KNOWN_FIELDS))
-    if unknown:
-        raise _invalid(
-            unknown[0], f"unknown field; accepted: {', '.join(KNOWN_FIELDS)}", "unknown_field"
-        )
-    model = data.get("model")
-    if not isinstance(model, str):
-        raise _invalid("model", f"{model!r} is not a string (a model id)", "invalid_type")
-    if model not in catalog:
-        raise RequestError(
-            404, f"model {model!r} does not exist; accepted: {', '.join(sorted(catalog))}",
-            param="model", code="model_not_found",
-        )  # fmt: skip
-    entry = catalog[model]
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str):
-        raise _invalid("prompt", f"{type(prompt).__name__} is not a string", "invalid_type")
-    prompt_bytes = _utf8(prompt, "prompt")
-    if not prompt_bytes:
-        raise _invalid("prompt", "the prompt is empty; accepted: a non-empty string")
-    if len(prompt_bytes) > entry.context_bytes:
-        raise RequestError(
-            400, f"prompt: {len(prompt_bytes)} bytes (the model reads bytes) is longer than "
-            f"the context of {entry.context_bytes} bytes", param="prompt",
-            code="context_length_exceeded",
-        )  # fmt: skip
-    max_tokens = _integer(data, "max_tokens", min(16, limits.max_tokens), 1, limits.max_tokens)
-    temperature = _number(data, "temperature", 1.0)
-    if not 0.0 <= temperature <= limits.max_temperature:
-        raise _invalid(
-            "temperature", f"{temperature} is out of range; accepted: 0..{limits.max_temperature}"
-        )
-    top_p = _number(data, "top_p", 1.0)
-    if not 0.0 < top_p <= 1.0:
-        raise _invalid("top_p", f"{top_p} is out of range; accepted: (0, 1]")
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _invalid("stream", f"{stream!r} is not a boolean", "invalid_type")
-    task = _task(data, entry)
-    return CompletionRequest(
-        model=model, deployment=entry.deployment, prompt=prompt_bytes, max_tokens=max_tokens,
-        temperature=temperature, top_p=top_p, stop=_stop(data, limits),
-        seed=_integer(data, "seed", 0, 0, MAX_SEED), stream=stream, task=task,
-    )  # fmt: skip
+def _logit_bias(data: dict[str, Any], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: {"token id": bias in -100..100}."""
+    value = data.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise invalid("logit_bias", f"{value!r} is not an object", "invalid_type")
+    pairs = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid("logit_bias", f"key {key!r} is not a token id", "invalid_type") from None
+        if not 0 <= token < vocab_size:
+            raise invalid("logit_bias", f"token id {token} is outside 0..{vocab_size - 1}")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise invalid("logit_bias", f"the bias of {key} is {bias!r}; accepted: -100..100")
+        pairs.append((token, float(bias)))
+    return tuple(sorted(pairs))
 
 
 def _task(data: dict[str, Any], entry: ModelEntry) -> int | None:
     given = data.get("task")
     if given is not None and (isinstance(given, bool) or not isinstance(given, int)):
-        raise _invalid("task", f"{given!r} is not an integer task id", "invalid_type")
+        raise invalid("task", f"{given!r} is not an integer task id", "invalid_type")
     if entry.task is not None:
         if given is not None and given != entry.task:
-            raise _invalid("task", f"{given} differs from the model's task {entry.task}")
+            raise invalid("task", f"{given} differs from the model's task {entry.task}")
         return entry.task
     if given is None:
         if entry.needs_task:
             accepted = "" if entry.task_ids is None else f" in {list(entry.task_ids)}"
-            raise _invalid("task", f"this model routes by task: give task (an integer{accepted})")
+            raise invalid("task", f"this model routes by task: give task (an integer{accepted})")
         return None
     if entry.task_ids is not None and given not in entry.task_ids:
-        raise _invalid("task", f"{given} is not a task of this model; accepted: {entry.task_ids}")
+        raise invalid("task", f"{given} is not a task of this model; accepted: {entry.task_ids}")
     return given
+
+
+def sampling_fields(
+    data: dict[str, Any], entry: ModelEntry, limits: Limits, vocab_size: int
+) -> dict[str, Any]:
+    """The `GenerationRequest` fields every generation endpoint shares (`SAMPLING_FIELDS`).
+    An absent seed is a fresh random one: a request without a seed is not reproducible."""
+    seed = data.get("seed")
+    return {
+        "temperature": number(data, "temperature", 1.0, 0.0, limits.max_temperature),
+        "top_p": _top_p(data),
+        "stop": _stop(data, limits),
+        "seed": secrets.randbits(63) if seed is None else integer(data, "seed", 0, 0, MAX_SEED),
+        "presence_penalty": number(data, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": number(data, "frequency_penalty", 0.0, -2.0, 2.0),
+        "logit_bias": _logit_bias(data, vocab_size),
+        "routed_experts": boolean(data, "return_routed_experts"),
+        "task": _task(data, entry),
+    }
+
+
+def _top_p(data: dict[str, Any]) -> float:
+    top_p = number(data, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise invalid("top_p", f"{top_p} is out of range; accepted: (0, 1]")
+    return top_p
+
+
+def stream_fields(data: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage): `stream_options` only with `stream` (as OpenAI)."""
+    stream = boolean(data, "stream")
+    options = data.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise invalid("stream_options", "only with stream=true")
+    if not isinstance(options, dict):
+        raise invalid("stream_options", f"{options!r} is not an object", "invalid_type")
+    refuse_unknown({f"stream_options.{k}": v for k, v in options.items()},
+                   ("stream_options.include_usage",))  # fmt: skip
+    return stream, boolean({"stream_options": options.get("include_usage")}, "stream_options")
+
+
+def _user(data: dict[str, Any]) -> None:
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user", f"{user!r} is not a string", "invalid_type")
+
+
+def context_check(ids: list[int], entry: ModelEntry, param: str = "prompt") -> None:
+    if len(ids) > entry.context_bytes:
+        raise RequestError(
+            400, f"{param}: {len(ids)} tokens is longer than the model's context of "
+            f"{entry.context_bytes} tokens", param=param, code="context_length_exceeded",
+        )  # fmt: skip
+
+
+def request_tokens_check(
+    prompts: list[list[int]], best_of: int, max_tokens: int, limits: Limits
+) -> None:
+    total = sum(best_of * (len(ids) + max_tokens) for ids in prompts)
+    if total > limits.max_request_tokens:
+        raise RequestError(
+            400, f"the request needs {total} tokens (over its prompts, best_of x (prompt "
+            f"tokens + max_tokens)); accepted: at most {limits.max_request_tokens}",
+            param="prompt", code="too_many_tokens",
+        )  # fmt: skip
+
+
+def _prompts(
+    data: dict[str, Any], limits: Limits, tokenizer: Tokenizer
+) -> tuple[list[list[int]], list[str]]:
+    """OpenAI's `prompt`: a string, a list of strings, a list of token ids, or a list of
+    lists of token ids -> (token ids, text) of each prompt."""
+    value = data.get("prompt")
+
+    def is_ids(item: object) -> bool:
+        return isinstance(item, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in item
+        )
+
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif is_ids(value) and value:
+        items = [value]
+    elif (
+        isinstance(value, list)
+        and value
+        and (all(isinstance(i, str) for i in value) or all(is_ids(i) for i in value))
+    ):
+        items = value
+    else:
+        raise invalid(
+            "prompt", f"{type(value).__name__} is not a prompt; accepted: a string, a list of "
+            "strings, a list of token ids or a list of lists of token ids", "invalid_type",
+        )  # fmt: skip
+    if len(items) > limits.max_prompts:
+        raise invalid("prompt", f"{len(items)} prompts; accepted: at most {limits.max_prompts}")
+    ids_list, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            utf8(item, "prompt")
+            ids = tokenizer.encode(item, add_special_tokens=True)
+            text = item
+        else:
+            ids = list(item)
+            bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+            if bad:
+                raise invalid(
+                    "prompt", f"token ids {bad[:5]} are outside 0..{tokenizer.vocab_size - 1}"
+                )
+            text = tokenizer.decode(ids)
+        if not ids:
+            raise invalid("prompt", "the prompt is empty; accepted: a non-empty string or ids")
+        ids_list.append(ids)
+        texts.append(text)
+    return ids_list, texts
+
+
+def parse_completion_request(
+    body: bytes,
+    catalog: dict[str, ModelEntry],
+    limits: Limits,
+    tokenizer: Tokenizer | None = None,
+) -> CompletionRequest:
+    """Check a `POST /v1/completions` body against `catalog` (model id -> entry),
+    `limits` and the model's `tokenizer` (None: bytes); raises `RequestError` (see the
+    module docstring)."""
+    tokenizer = tokenizer or ByteTokenizer()
+    data = decode_body(body, limits)
+    refuse_unknown(data, KNOWN_FIELDS)
+    model, entry = model_entry(data, catalog)
+    if data.get("suffix") is not None:
+        raise invalid(
+            "suffix", "not supported: this service completes a prompt, it does not insert "
+            "text before a suffix; leave suffix out", "unsupported_field",
+        )  # fmt: skip
+    _user(data)
+    prompts, texts = _prompts(data, limits, tokenizer)
+    for ids in prompts:
+        context_check(ids, entry)
+    max_tokens = integer(data, "max_tokens", min(16, limits.max_tokens), 0, limits.max_tokens)
+    n = integer(data, "n", 1, 1, limits.max_n)
+    best_of = integer(data, "best_of", n, 1, limits.max_best_of)
+    if best_of < n:
+        raise invalid("best_of", f"{best_of} is below n={n}; accepted: best_of >= n")
+    stream, include_usage = stream_fields(data)
+    if stream and best_of > n:
+        raise invalid("best_of", f"best_of={best_of} > n={n} cannot be streamed")
+    request_tokens_check(prompts, best_of, max_tokens, limits)
+    generation = GenerationRequest(
+        prompts=tuple(tuple(ids) for ids in prompts), n=n, best_of=best_of,
+        max_tokens=max_tokens, logprobs=optional_integer(data, "logprobs", 0, limits.max_logprobs),
+        echo=boolean(data, "echo"),
+        **sampling_fields(data, entry, limits, tokenizer.vocab_size),
+    )  # fmt: skip
+    return CompletionRequest(
+        model=model, deployment=entry.deployment, generation=generation,
+        prompt_texts=tuple(texts), stream=stream, include_usage=include_usage,
+    )  # fmt: skip
+
+
+def parse_tokenize_request(
+    body: bytes, catalog: dict[str, ModelEntry], limits: Limits
+) -> tuple[dict[str, Any], TokenizeRequest | None]:
+    """`POST /tokenize` (vLLM): {"model"?, "prompt", "add_special_tokens" (default true)}
+    -> a `TokenizeRequest`; or {"model"?, "messages", "add_generation_prompt",
+    "add_special_tokens" (default false)}: returns the body for the chat renderer and None."""
+    data = decode_body(body, limits)
+    if "messages" in data:
+        refuse_unknown(data, ("model", "messages", "add_generation_prompt", "add_special_tokens"))
+        _optional_model(data, catalog)
+        return data, None
+    refuse_unknown(data, ("model", "prompt", "add_special_tokens"))
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str):
+        raise invalid("prompt", f"{type(prompt).__name__} is not a string", "invalid_type")
+    utf8(prompt, "prompt")
+    return data, TokenizeRequest(
+        _optional_model(data, catalog), prompt, boolean(data, "add_special_tokens", True)
+    )
+
+
+def parse_detokenize_request(
+    body: bytes, catalog: dict[str, ModelEntry], limits: Limits, vocab_size: int
+) -> DetokenizeRequest:
+    """`POST /detokenize` (vLLM): {"model"?, "tokens": [ids]}."""
+    data = decode_body(body, limits)
+    refuse_unknown(data, ("model", "tokens"))
+    tokens = data.get("tokens")
+    if not isinstance(tokens, list) or any(
+        isinstance(t, bool) or not isinstance(t, int) for t in tokens
+    ):
+        raise invalid("tokens", f"{tokens!r} is not a list of token ids", "invalid_type")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise invalid("tokens", f"token ids {bad[:5]} are outside 0..{vocab_size - 1}")
+    return DetokenizeRequest(_optional_model(data, catalog), tuple(tokens))
+
+
+def _optional_model(data: dict[str, Any], catalog: dict[str, ModelEntry]) -> str | None:
+    if data.get("model") is None:
+        return None
+    return model_entry(data, catalog)[0]

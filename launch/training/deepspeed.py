@@ -99,6 +99,8 @@ def deepspeed_param_groups(model: nn.Module, weight_decay: float, group_name: st
     expert_ids = expert_parameter_ids(model)
     for param in model.parameters():
         if id(param) in expert_ids:
+            # DeepSpeed's expert tags: attributes it reads on the Parameter, which torch's
+            # Parameter type does not declare.
             param.allreduce = False  # type: ignore[attr-defined]
             param.group_name = group_name  # type: ignore[attr-defined]
     groups = [

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.build import build_model
 from launch.config import (
@@ -46,7 +46,7 @@ from launch.runtime import (
     setup_runtime,
     teardown_runtime,
 )
-from launch.schema import build, hydra_schema
+from launch.schema import build, hydra_schema, plain_container
 from launch.training.checkpointing import plain
 from launch.training.loop import (
     CheckpointHook,
@@ -279,9 +279,5 @@ def to_distill_config(cfg: DictConfig | DistillRunConfig | dict[str, Any]) -> Di
     """A composed `conf/distill.yaml` (or a plain dict) as validated dataclasses."""
     if isinstance(cfg, DistillRunConfig):
         return cfg
-    if isinstance(cfg, DictConfig):
-        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        data = {key: value for key, value in data.items() if key != "hydra"}  # type: ignore[union-attr]
-    else:
-        data = cfg
+    data = plain_container(cfg, throw_on_missing=True) if isinstance(cfg, DictConfig) else cfg
     return build(DistillRunConfig, data)

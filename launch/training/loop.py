@@ -306,7 +306,7 @@ def run_training(
         # Resumed at (or past) train.steps: nothing was trained, but report where it stands.
         evaluation = evaluate(
             model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
-            info.rank, info.world_size, device,
+            info.rank, info.world_size, device, sum_over_ranks,
         )  # fmt: skip
         result.evaluations.append(
             {"step": start_step, "val_loss": evaluation.val_loss, "val_bpb": evaluation.val_bpb}

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe.distill import check_loss_settings, distillation_loss
-from moe.transformer import MoETransformer, lm_loss
+from moe.transformer import ModelOutput, MoETransformer, lm_loss
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class StepLoss:
     terms: dict[str, Tensor] = field(default_factory=dict)
 
 
+class TrainedModel(Protocol):
+    """What an objective calls: the trained model as the loop runs it (the engine's
+    module, or the `CompiledStep` in front of it): tokens and task ids in, its output out."""
+
+    def __call__(self, tokens_BT: Tensor, task_ids: Tensor | None, /) -> ModelOutput: ...
+
+
 class Objective(Protocol):
     """What the trainer loop minimises (see the module docstring)."""
 
@@ -46,7 +53,7 @@ class Objective(Protocol):
     name: str
 
     def __call__(
-        self, model: nn.Module, inputs_BT: Tensor, targets_BT: Tensor, task_ids_B: Tensor
+        self, model: TrainedModel, inputs_BT: Tensor, targets_BT: Tensor, task_ids_B: Tensor
     ) -> StepLoss:
         """The loss of `model` (the engine's module: the trained model) on one micro-batch."""
         ...
@@ -68,7 +75,7 @@ class LanguageModelling:
     name = "train"
 
     def __call__(
-        self, model: nn.Module, inputs_BT: Tensor, targets_BT: Tensor, task_ids_B: Tensor
+        self, model: TrainedModel, inputs_BT: Tensor, targets_BT: Tensor, task_ids_B: Tensor
     ) -> StepLoss:
         losses = lm_loss(model(inputs_BT, task_ids_B), targets_BT)
         return StepLoss(loss=losses.loss, ce=losses.ce)
@@ -101,7 +108,7 @@ class Distillation:
         self.record = record
 
     def __call__(
-        self, model: nn.Module, inputs_BT: Tensor, targets_BT: Tensor, task_ids_B: Tensor
+        self, model: TrainedModel, inputs_BT: Tensor, targets_BT: Tensor, task_ids_B: Tensor
     ) -> StepLoss:
         with torch.no_grad():
             teacher_logits_BTV = self.teacher(inputs_BT, task_ids_B).logits_BTV

@@ -67,14 +67,9 @@ class StepLosses:
 
 
 def take_comm_time(model: Any) -> float:
-    """Seconds this rank spent in the MoE all-to-alls (counts and rows, forward and
-    backward) since the last call, over all layers; 0 at EP=1."""
-    total = 0.0
-    for _, layer in model.moe_layers():
-        timer = getattr(layer.dispatcher, "comm_timer", None)
-        if timer is not None:
-            total += timer.take()
-    return total
+    """Seconds this rank spent in the MoE all-to-alls since the last call
+    (`MoETransformer.take_comm_time`); 0 at EP=1."""
+    return float(model.take_comm_time())
 
 
 class MoETimer:

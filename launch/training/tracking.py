@@ -14,7 +14,7 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,6 +22,12 @@ from launch.config import WandbConfig, WandbMode
 
 METRICS_FILE = "metrics.jsonl"
 HEATMAP_FILE = "plots/expert_load.png"
+# The wandb modes a run may take (from `WANDB_MODE` or `wandb.mode`).
+WANDB_RUN_MODES: tuple[Literal["online", "offline", "disabled"], ...] = (
+    "online",
+    "offline",
+    "disabled",
+)
 
 
 class Tracker:
@@ -44,9 +50,12 @@ class Tracker:
         env = os.environ if environ is None else environ
         if config.mode == WandbMode.DISABLED:
             return
-        mode = env.get("WANDB_MODE") or config.mode.value  # the environment decides sync
-        if mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"WANDB_MODE={mode!r} is not one of: online, offline, disabled")
+        requested = env.get("WANDB_MODE") or config.mode.value  # the environment decides sync
+        mode = next((m for m in WANDB_RUN_MODES if m == requested), None)
+        if mode is None:
+            raise ValueError(
+                f"WANDB_MODE={requested!r} is not one of: {', '.join(WANDB_RUN_MODES)}"
+            )
         import wandb  # slow to import; only the tracking rank pays for it
 
         id_file = self.run_dir / "wandb_run_id"
@@ -57,7 +66,7 @@ class Tracker:
             name=config.name or None,
             tags=list(config.tags),
             dir=str(self.run_dir),
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             id=run_id,
             resume="allow",
             config=dict(run_config),

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -138,16 +138,20 @@ def decode_logits(
     inputs_4B: Tensor,
     kv_len: int,
     with_tasks: bool,
-) -> Tensor:
-    """The model on one decode row per sequence -> logits_BV. `inputs_4B` (int64): rows
-    of token, position, slot and task id; attention reads `kv_len` positions."""
+) -> tuple[Tensor, list[Tensor]]:
+    """The model on one decode row per sequence -> (logits_BV, the experts each MoE layer
+    chose for each row, [B, K] per layer). `inputs_4B` (int64): rows of token, position,
+    slot and task id; attention reads `kv_len` positions."""
     tokens_B, positions_B, slots_B, tasks_B = inputs_4B.unbind(0)
     caches: list[Any] = [
         StaticDecodeAttention(k, v, slots_B, positions_B, kv_len)
         for k, v in zip(k_caches, v_caches)
     ]
     tasks_1B = tasks_B.unsqueeze(0) if with_tasks else None
-    return model(tokens_B.unsqueeze(0), tasks_1B, caches).logits_BTV[0]
+    logits_BV = model(tokens_B.unsqueeze(0), tasks_1B, caches).logits_BTV[0]
+    # Returned, not read from the layers afterwards: a CUDA graph replay runs no Python.
+    experts = [layer.last_expert_ids_TK for _, layer in model.moe_layers()]
+    return logits_BV, [ids for ids in experts if ids is not None]
 
 
 @dataclass
@@ -173,7 +177,7 @@ class _Bucket:
     report: BucketReport
     compiled: bool = False
     graph: Any = None  # torch.cuda.CUDAGraph when captured
-    graph_logits_BV: Tensor | None = None
+    graph_outputs: tuple[Tensor, list[Tensor]] | None = None
 
 
 class CompiledDecoder:
@@ -226,7 +230,7 @@ class CompiledDecoder:
 
     # --- compilation -------------------------------------------------------------------
 
-    def _backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    def _backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         from torch._dynamo import lookup_backend
         from torch._inductor.compile_fx import compile_fx
 
@@ -295,11 +299,11 @@ class CompiledDecoder:
         tasks: list[int] | None,
         bucket: int | None = None,
         kv_len: int | None = None,
-    ) -> Tensor:
-        """Logits [n, V] of n rows: token `tokens[i]` at `positions[i]` of slot
-        `slots[i]` (its key and value are stored there) for task `tasks[i]` (None or
-        ignored when the model reads no task ids). `bucket`, `kv_len`: pad to these
-        (default the smallest that hold the rows)."""
+    ) -> tuple[Tensor, list[Tensor]]:
+        """(logits [n, V], per MoE layer the experts chosen [n, K]) of n rows: token
+        `tokens[i]` at `positions[i]` of slot `slots[i]` (its key and value are stored
+        there) for task `tasks[i]` (None or ignored when the model reads no task ids).
+        `bucket`, `kv_len`: pad to these (default the smallest that hold the rows)."""
         rows = len(tokens)
         chosen = self.bucket_for(rows, max(positions, default=0) + 1)
         entry = self._buckets[bucket or chosen[0], kv_len or chosen[1]]
@@ -310,14 +314,15 @@ class CompiledDecoder:
         entry.report.rows += rows
         if entry.graph is not None:
             entry.graph.replay()
-            assert entry.graph_logits_BV is not None
-            return entry.graph_logits_BV[:rows].clone()
-        logits_BV = self._call(entry)
+            assert entry.graph_outputs is not None
+            logits_BV, experts = entry.graph_outputs
+            return logits_BV[:rows].clone(), [ids[:rows].clone() for ids in experts]
+        logits_BV, experts = self._call(entry)
         if self.use_cuda_graphs:
             self._capture(entry)
-        return logits_BV[:rows]
+        return logits_BV[:rows], [ids[:rows] for ids in experts]
 
-    def _call(self, entry: _Bucket) -> Tensor:
+    def _call(self, entry: _Bucket) -> tuple[Tensor, list[Tensor]]:
         first = not entry.compiled
         if first:
             self._compiling = entry
@@ -330,7 +335,7 @@ class CompiledDecoder:
                 ),
                 self.model.expert_layout(self.options.expert_layout),
             ):
-                logits_BV = self._compiled(
+                outputs = self._compiled(
                     self.model, self.k_caches, self.v_caches, entry.inputs_4B,
                     entry.report.kv_len, self.with_tasks,
                 )  # fmt: skip
@@ -339,7 +344,7 @@ class CompiledDecoder:
         if first:
             entry.compiled = True
             entry.report.first_call_s = time.perf_counter() - started
-        return logits_BV
+        return outputs
 
     def _capture(self, entry: _Bucket) -> None:
         """Capture the bucket's compiled step as a CUDA graph over its static buffers,
@@ -353,6 +358,6 @@ class CompiledDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            entry.graph_logits_BV = self._call(entry)
+            entry.graph_outputs = self._call(entry)
         entry.graph = graph
         entry.report.cuda_graph = True

@@ -5,7 +5,7 @@
     for completion in engine.run():  # or: while engine.has_work(): engine.step()
         print(completion.request_id, completion.text)
 
-Scheduling happens per model call, not per request: at every `step()` each running
+Scheduling happens per step, not per request: at every `step()` each running
 sequence decodes one token, waiting requests are admitted into free slots and prefilled
 in the same step, and a sequence that finishes (max tokens or a stop string) leaves and
 frees its slot for the next waiting request. A request never waits for the longest
@@ -31,6 +31,14 @@ change with its neighbours. The engine overrides the model's capacity policy wit
 included; `restore()` puts the trained one back); `routing="trained"` keeps the trained
 policy for those who want it.
 
+Log-probabilities and telemetry come from the step that samples: a request that asks
+(`SamplingParams.logprobs`) gets each sampled token's log-probability and alternatives
+from the logits the token was sampled from, and one that asks for `prompt_logprobs` gets
+its prompt scored from the logits of its prefill (`moe.inference.sampling`); neither
+costs a model call. `take_telemetry()` returns what the engine did since the last call
+(tokens, tokens per expert per layer, dropped slots, all-to-all time) and what it holds
+(`moe.inference.telemetry`).
+
 Context longer than `max_len` (the model's `max_seq_len`): a prompt keeps its last
 `max_len` bytes; a sequence whose slot fills up is re-prefilled with the last half
 window (positions restart at 0, as in training windows) and continues.
@@ -46,17 +54,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from moe.inference.cache import Segment
 from moe.inference.decode import DecodeCompileOptions
-from moe.inference.runner import ModelRunner
-from moe.inference.sampling import SamplingParams, sample_tokens
+from moe.inference.outputs import GeneratedToken, PromptSpan, generated_tokens, score_prompts
+from moe.inference.runner import ModelRunner, StepLogits
+from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
+from moe.inference.scheduler import Scheduler, SequenceState
+from moe.inference.telemetry import EngineTelemetry
 from moe.transformer import MoETransformer
 from routing import CapacityOverride
 from routing.config import parse_enum
@@ -66,7 +76,9 @@ from routing.config import parse_enum
 class Completion:
     """A finished request. Times are wall-clock seconds: `time_to_first_token_s` from
     submission to the first sampled token; `per_token_latency_s` the mean time between
-    later tokens (0 with one token)."""
+    later tokens (0 with one token). `tokens`: every sampled token (the tokens of a stop
+    string included). `prompt_logprobs`: when asked, the score of every prompt token
+    after the first (`SamplingParams.prompt_logprobs`)."""
 
     request_id: int
     prompt_tokens: int
@@ -76,33 +88,22 @@ class Completion:
     time_to_first_token_s: float
     per_token_latency_s: float
     total_time_s: float
+    tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
 class StepEvent:
     """What one step produced for one request: the bytes it may now show (held back
-    while they could still be the start of a stop string), and its completion if it
-    finished."""
+    while they could still be the start of a stop string), its completion if it
+    finished, the token it sampled, and (in its first event, when asked) its prompt's
+    scores."""
 
     request_id: int
     new_text: bytes
     completion: Completion | None
-
-
-@dataclass
-class _Sequence:
-    request_id: int
-    prompt: list[int]
-    params: SamplingParams
-    task_id: int | None
-    generator: torch.Generator
-    submitted: float
-    context: list[int] = field(default_factory=list)  # what the slot must hold
-    generated: list[int] = field(default_factory=list)
-    slot: int = -1
-    pending: int = 0  # how many tokens of `context` the slot does not hold yet
-    first_token_at: float = 0.0
-    shown: int = 0  # bytes of `generated` already given out as new_text
+    new_tokens: tuple[GeneratedToken, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class InferenceEngine:
@@ -166,29 +167,47 @@ class InferenceEngine:
             pad_task=self.task_ids[0] if self.task_ids else 0,
         )  # fmt: skip
         self.cache = self.runner.cache
-        self.decoder = self.runner.decoder
+        self.meter = self.runner.meter
         # Held for the engine's life; `restore()` leaves it.
         self._override = contextlib.ExitStack()
         self._override.enter_context(model.capacity_override(override))
         self._was_training = model.training
         model.eval()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self.scheduler = Scheduler(self.cache, max_batch, max_step_tokens, chunked_prefill)
         self._next_id = 0
         self.runner.warm_up(eager=warmup)
+        self.meter.take()  # the warm-up's calls are not the service's
 
     # --- requests ----------------------------------------------------------------------
 
     def submit(
-        self, prompt: bytes, params: SamplingParams | None = None, task_id: int | None = None
+        self,
+        prompt: bytes | Sequence[int],
+        params: SamplingParams | None = None,
+        task_id: int | None = None,
     ) -> int:
-        """Queue a request; returns its id. The prompt keeps its last `max_len` bytes."""
+        """Queue a request; returns its id. `prompt`: bytes or token ids; it keeps its
+        last `max_len` tokens."""
         params = params or SamplingParams()
-        if not isinstance(prompt, bytes | bytearray) or not prompt:
-            raise ValueError(f"prompt={prompt!r} is invalid; accepted: non-empty bytes")
+        vocab = self.model.config.vocab_size
+        if isinstance(prompt, bytes | bytearray):
+            ids = list(bytes(prompt))
+        elif isinstance(prompt, Sequence) and all(
+            isinstance(i, int) and 0 <= i < vocab for i in prompt
+        ):
+            ids = list(prompt)
+        else:
+            ids = []
+        if not ids:
+            raise ValueError(
+                f"prompt={prompt!r} is invalid; accepted: non-empty bytes or token ids in "
+                f"[0, {vocab})"
+            )
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params={params!r} is invalid; accepted: a SamplingParams")
+        bad_bias = [token for token, _ in params.logit_bias if token >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias names token ids {bad_bias}; accepted: [0, {vocab})")
         if task_id is None and self.needs_task:
             accepted = "" if self.task_ids is None else f", one of {self.task_ids}"
             raise ValueError(f"this model routes by task: give task_id{accepted}")
@@ -199,71 +218,35 @@ class InferenceEngine:
         request_id = self._next_id
         self._next_id += 1
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        tokens = list(bytes(prompt))[-self.max_len :]
-        self._waiting.append(
-            _Sequence(request_id, tokens, params, task_id, generator, time.perf_counter(),
+        tokens = ids[-self.max_len :]
+        self.scheduler.waiting.append(
+            SequenceState(request_id, tokens, params, task_id, generator, time.perf_counter(),
                       context=list(tokens), pending=len(tokens))
         )  # fmt: skip
         return request_id
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return self.scheduler.has_work()
 
     def compile_report(self) -> dict | None:
         """The compiled decode step's buckets, compilations and seconds (None when the
         engine runs eagerly); see `CompiledDecoder.report`."""
-        return None if self.decoder is None else self.decoder.report()
+        decoder = self.runner.decoder
+        return None if decoder is None else decoder.report()
 
     def cancel(self, request_id: int) -> bool:
         """Drop a waiting or running request (a client that went away) and free its
         slot; returns whether it was still there. Call it between steps."""
-        for sequence in self._waiting:
-            if sequence.request_id == request_id:
-                self._waiting.remove(sequence)
-                return True
-        for sequence in self._running:
-            if sequence.request_id == request_id:
-                self._running.remove(sequence)
-                self._free_slots.append(sequence.slot)
-                self.cache.reset(sequence.slot)
-                return True
-        return False
+        return self.scheduler.cancel(request_id)
 
     # --- the iteration -----------------------------------------------------------------
-
-    def _schedule(self) -> list[tuple[_Sequence, int]]:
-        """(sequence, tokens it adds) of the next call, in running order: every decoding
-        sequence its token, then prefills in arrival order within the rest of
-        `max_step_tokens` (chunks of it with `chunked_prefill`; otherwise a running
-        sequence's prefill goes whole and a waiting one is admitted only whole), waiting
-        requests admitted into free slots as the budget allows."""
-        budget = self.max_step_tokens - sum(1 for s in self._running if s.pending == 1)
-        counts: dict[int, int] = {}
-        for sequence in self._running:
-            take = sequence.pending
-            if take > 1 and self.chunked_prefill:
-                take = min(take, max(budget, 0))
-            counts[id(sequence)] = take
-            budget -= take if take > 1 else 0
-        while self._waiting and self._free_slots:
-            pending = self._waiting[0].pending
-            take = min(pending, budget) if self.chunked_prefill else pending
-            if take < 1 or take > budget:
-                break
-            sequence = self._waiting.popleft()
-            sequence.slot = self._free_slots.pop()
-            self.cache.reset(sequence.slot)
-            counts[id(sequence)] = take
-            budget -= take
-            self._running.append(sequence)
-        return [(s, counts[id(s)]) for s in self._running if counts[id(s)] > 0]
 
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
         """One step: prefill (chunks of) the admitted, decode the running; returns what
         each request produced. With nothing to do the model is still called with no
         tokens (EP ranks must call their MoE layers together)."""
-        scheduled = self._schedule()
+        scheduled = self.scheduler.schedule()
         segments, tokens, tasks = [], [], []
         for sequence, count in scheduled:
             start = len(sequence.context) - sequence.pending
@@ -271,26 +254,72 @@ class InferenceEngine:
             segments.append(Segment(sequence.slot, start, count))
             tokens.append(sequence.context[start : start + count])
             tasks.append(sequence.task_id)
-        logits_SV = self.runner.run(segments, tokens, tasks)
+        scoring = {  # segments of prompts that are scored, in their first prefill
+            i for i, (s, _) in enumerate(scheduled)
+            if s.params.prompt_logprobs is not None and not s.generated
+        }  # fmt: skip
         ready = []  # scheduled sequences whose context is now all in their slot
         for index, (sequence, count) in enumerate(scheduled):
-            sequence.pending -= count
-            if sequence.pending == 0:
+            if sequence.pending == count:
                 ready.append(index)
+        want_experts = any(scheduled[i][0].params.routed_experts for i in ready)
+        logits = self.runner.run(segments, tokens, tasks, want_rows=scoring,
+                                 want_experts=want_experts)  # fmt: skip
+        self._score_prompts(logits, scheduled, segments, scoring)
+        prompt_tokens = sum(count for s, count in scheduled if not s.generated)
+        for sequence, count in scheduled:
+            sequence.pending -= count
+        sampled = [scheduled[i][0] for i in ready]
+        generated = sum(1 for s in sampled if s.params.max_tokens > 0)
+        self.meter.record_step(sum(len(t) for t in tokens), prompt_tokens, generated)
         if not ready:
             return []
-        sampled = [scheduled[i][0] for i in ready]
+        last_BV = logits.last_SV[ready]
         next_tokens = sample_tokens(
-            logits_SV[ready], [s.params for s in sampled], [s.generator for s in sampled]
-        )
-        return self._advance(sampled, next_tokens)
+            last_BV, [s.params for s in sampled], [s.generator for s in sampled],
+            [s.generated for s in sampled],
+        )  # fmt: skip
+        experts = None if logits.experts is None else [logits.experts[i] for i in ready]
+        params = [s.params for s in sampled]
+        return self._advance(sampled, generated_tokens(last_BV, next_tokens, params, experts))
 
-    def _advance(self, sampled: list[_Sequence], next_tokens: list[int]) -> list[StepEvent]:
+    def _score_prompts(
+        self,
+        logits: StepLogits,
+        scheduled: list[tuple[SequenceState, int]],
+        segments: list[Segment],
+        scoring: set[int],
+    ) -> None:
+        """Score what this step's prefill read of the prompts that ask (`outputs`)."""
+        spans, owners, rows, offset = [], [], [], 0
+        for index in sorted(scoring):
+            sequence, segment = scheduled[index][0], segments[index]
+            top = sequence.params.prompt_logprobs
+            assert top is not None
+            spans.append(PromptSpan(offset, segment.start, segment.count, sequence.prompt, top))
+            owners.append(sequence)
+            rows.append(logits.rows(index))
+            offset += segment.count
+        if not spans:
+            return
+        for sequence, scores in zip(owners, score_prompts(torch.cat(rows), spans)):
+            sequence.prompt_scores.extend(scores)
+
+    def _advance(
+        self, sampled: list[SequenceState], outputs: list[GeneratedToken]
+    ) -> list[StepEvent]:
         now = time.perf_counter()
         events, finished = [], set()
-        for sequence, token in zip(sampled, next_tokens, strict=True):
-            if not sequence.generated:
+        for sequence, output in zip(sampled, outputs, strict=True):
+            if sequence.params.max_tokens == 0:  # the prompt was only to be read
+                events.append(self._finish(sequence, "length", now))
+                finished.add(id(sequence))
+                continue
+            token = output.id
+            first = not sequence.generated
+            if first:
                 sequence.first_token_at = now
+            sequence.outputs.append(output)
             sequence.generated.append(token)
             sequence.context.append(token)
             sequence.pending = 1
@@ -305,16 +334,14 @@ class InferenceEngine:
                 sequence.pending = len(sequence.context)
                 self.cache.reset(sequence.slot)
             visible = self._visible(sequence)
-            events.append(
-                StepEvent(
-                    sequence.request_id, bytes(sequence.generated[sequence.shown : visible]), None
-                )
-            )
+            new_text = bytes(sequence.generated[sequence.shown : visible])
+            scores = self._prompt_scores(sequence) if first else None
+            events.append(StepEvent(sequence.request_id, new_text, None, (output,), scores))
             sequence.shown = visible
-        self._running = [s for s in self._running if id(s) not in finished]
+        self.scheduler.retire(finished)
         return events
 
-    def _finish_reason(self, sequence: _Sequence) -> str | None:
+    def _finish_reason(self, sequence: SequenceState) -> str | None:
         text = bytes(sequence.generated)
         for stop in sequence.params.stop:
             # Only a stop string that ends in the newest token can be new.
@@ -324,7 +351,7 @@ class InferenceEngine:
             return "length"
         return None
 
-    def _visible(self, sequence: _Sequence) -> int:
+    def _visible(self, sequence: SequenceState) -> int:
         """Bytes of the completion that can be shown: all but a tail that may still
         become a stop string."""
         text = bytes(sequence.generated)
@@ -336,11 +363,19 @@ class InferenceEngine:
                     break
         return len(text) - hold
 
-    def _finish(self, sequence: _Sequence, reason: str, now: float) -> StepEvent:
+    @staticmethod
+    def _prompt_scores(sequence: SequenceState) -> tuple[TokenLogprob, ...] | None:
+        if sequence.params.prompt_logprobs is None:
+            return None
+        return tuple(sequence.prompt_scores)
+
+    def _finish(self, sequence: SequenceState, reason: str, now: float) -> StepEvent:
         text = bytes(sequence.generated)
         if reason == "stop":
             text = text[: min(i for s in sequence.params.stop if (i := text.find(s)) != -1)]
-        later = len(sequence.generated) - 1
+        if not sequence.generated:  # max_tokens=0: the prompt's prefill was all
+            sequence.first_token_at = now
+        later = max(0, len(sequence.generated) - 1)
         completion = Completion(
             request_id=sequence.request_id,
             prompt_tokens=len(sequence.prompt),
@@ -350,10 +385,15 @@ class InferenceEngine:
             time_to_first_token_s=sequence.first_token_at - sequence.submitted,
             per_token_latency_s=(now - sequence.first_token_at) / later if later else 0.0,
             total_time_s=now - sequence.submitted,
+            tokens=tuple(sequence.outputs),
+            prompt_logprobs=self._prompt_scores(sequence),
         )
-        self._free_slots.append(sequence.slot)
-        self.cache.reset(sequence.slot)
-        return StepEvent(sequence.request_id, text[sequence.shown :], completion)
+        self.scheduler.release(sequence)
+        last = sequence.outputs[-1:] if sequence.generated else []
+        return StepEvent(
+            sequence.request_id, text[sequence.shown :], completion, tuple(last),
+            self._prompt_scores(sequence) if len(sequence.generated) <= 1 else None,
+        )  # fmt: skip
 
     # --- driving -----------------------------------------------------------------------
 
@@ -371,6 +411,16 @@ class InferenceEngine:
             for event in self.step():
                 if event.completion is not None:
                     yield event.completion
+
+    def take_telemetry(self) -> EngineTelemetry:
+        """What the engine did since the last call, and what it holds now
+        (`moe.inference.telemetry`)."""
+        scheduler = self.scheduler
+        return self.meter.take(
+            running=len(scheduler.running), waiting=len(scheduler.waiting),
+            slots_in_use=self.max_batch - len(scheduler.free_slots), slots_total=self.max_batch,
+            kv_tokens=sum(self.cache.lengths), kv_capacity=self.max_batch * self.max_len,
+        )  # fmt: skip
 
     def restore(self) -> None:
         """Give the model back as it came: its capacity policy, training mode."""

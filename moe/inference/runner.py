@@ -1,10 +1,12 @@
-"""The model calls of one engine step: segments in, each segment's last-token logits out.
+"""The model calls of one engine step: segments in, their logits out.
 
 `ModelRunner` owns the engine's KV cache (`SlotKVCache`, one slot per sequence, plus a
-spare one for the compiled step's padding rows) and its compiled decoder.
-`ModelRunner.run(segments, tokens, tasks)` takes what the scheduler chose for a step (a
-`moe.inference.cache.Segment` per sequence: a decode token, a whole prompt, or a chunk of
-one) and returns the next-token logits after the last token of every segment.
+spare one for the compiled step's padding rows), its compiled decoder and its meter
+(`moe.inference.telemetry.EngineMeter`). `ModelRunner.run(segments, tokens, tasks)`
+takes what the scheduler chose for a step (a `moe.inference.cache.Segment` per sequence:
+a decode token, a whole prompt, or a chunk of one) and returns a `StepLogits`: the
+next-token logits after the last token of every segment, every token's logits where a
+prompt is scored, and the experts each segment's last token was routed to when asked.
 
 - Eager: one packed call over every segment (`SlotKVCache.step`).
 - Compiled (`compile=True`, a `moe.inference.decode.CompiledDecoder`): the one-token
@@ -14,18 +16,43 @@ one) and returns the next-token logits after the last token of every segment.
 - Under expert parallelism every EP rank must call its MoE layers the same number of
   times per step (`lockstep`): a compiled step always makes both calls, an empty one
   where a rank has nothing of that kind, so every rank makes them in the same order.
+- After each call the meter counts the tokens each expert got: from the layers' routing
+  stats after a packed call, from the live rows' chosen experts after a compiled one
+  (its padding rows are routed too, and must not count).
 
-Legend: S segments in the step, T packed tokens, V vocabulary.
+Legend: S segments in the step, T packed tokens, V vocabulary, n live rows, K experts per
+token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from moe.inference.cache import Segment, SlotKVCache
 from moe.inference.decode import CompiledDecoder, CompileWarmup, DecodeCompileOptions
+from moe.inference.outputs import routed_experts
+from moe.inference.telemetry import EngineMeter
 from moe.transformer import MoETransformer
+
+
+@dataclass
+class StepLogits:
+    """What one step's calls gave, per segment in the order given: `last_SV` the logits
+    after its last token; `experts` (when asked) the experts every MoE layer chose for
+    that token ([S][layer][K]); `rows(i)` the logits after each of segment i's tokens."""
+
+    last_SV: Tensor
+    experts: list[list[list[int]]] | None = None
+    _rows: dict[int, Tensor] = field(default_factory=dict)
+
+    def rows(self, index: int) -> Tensor:
+        """[count, V]: the logits after each token of segment `index`."""
+        if index in self._rows:
+            return self._rows[index]
+        return self.last_SV[index : index + 1]  # a one-token segment
 
 
 class ModelRunner:
@@ -51,6 +78,7 @@ class ModelRunner:
             len(model.blocks), max_batch + (1 if compile else 0), config.n_kv_heads,
             config.max_seq_len, config.head_dim, param.device, param.dtype,
         )  # fmt: skip
+        self.meter = EngineMeter(model)
         self.decoder: CompiledDecoder | None = None
         if compile:
             self.decoder = CompiledDecoder(
@@ -75,69 +103,120 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(
-        self, segments: list[Segment], tokens: list[list[int]], tasks: list[int | None]
-    ) -> Tensor:
-        """logits_SV after the last token of each segment (segment i adds `tokens[i]`,
-        `segments[i].count` of them, to its slot, for task `tasks[i]`); commits the
-        segments to the cache. With no segments the model is still called (with no
-        tokens): expert-parallel ranks call their MoE layers together."""
+        self,
+        segments: list[Segment],
+        tokens: list[list[int]],
+        tasks: list[int | None],
+        *,
+        want_rows: set[int] | None = None,
+        want_experts: bool = False,
+    ) -> StepLogits:
+        """The logits of a step in which segment i adds `tokens[i]` (its `count`
+        tokens) to its slot for task `tasks[i]`; commits the segments to the cache.
+        `want_rows`: segments whose every token's logits `StepLogits.rows` must give;
+        `want_experts`: fill `StepLogits.experts`. With no segments the model is still
+        called (with no tokens): expert-parallel ranks call their MoE layers together."""
+        wanted = want_rows or set()
         if self.decoder is None:
-            logits_SV = self._packed(segments, tokens, tasks)
+            out = self._packed(list(range(len(segments))), segments, tokens, tasks, wanted,
+                               want_experts)  # fmt: skip
         else:
-            logits_SV = self._split(segments, tokens, tasks)
+            out = self._split(segments, tokens, tasks, wanted, want_experts)
         self.cache.commit(segments)
-        return logits_SV
+        return out
 
     def _packed(
-        self, segments: list[Segment], tokens: list[list[int]], tasks: list[int | None]
-    ) -> Tensor:
-        """One eager call over every segment packed in one row -> logits_SV."""
+        self,
+        chosen: list[int],
+        segments: list[Segment],
+        tokens: list[list[int]],
+        tasks: list[int | None],
+        wanted: set[int],
+        want_experts: bool,
+    ) -> StepLogits:
+        """One eager call over the segments `chosen`, packed in one row: their
+        `StepLogits` (indexed in `chosen`'s order)."""
         flat_tokens: list[int] = []
         flat_tasks: list[int] = []
-        for segment, own, task in zip(segments, tokens, tasks, strict=True):
-            flat_tokens.extend(own)
-            flat_tasks.extend([task if task is not None else 0] * segment.count)
+        for i in chosen:
+            flat_tokens.extend(tokens[i])
+            task = tasks[i]
+            flat_tasks.extend([task if task is not None else 0] * segments[i].count)
         tokens_1T = torch.tensor([flat_tokens], dtype=torch.int64, device=self.device)
         task_ids_1T = None
-        if self.needs_task or any(task is not None for task in tasks):
+        if self.needs_task or any(tasks[i] is not None for i in chosen):
             task_ids_1T = torch.tensor([flat_tasks], dtype=torch.int64, device=self.device)
-        caches: list = self.cache.step(segments)  # type: ignore[type-arg]
-        logits_1TV = self.model(tokens_1T, task_ids_1T, caches).logits_BTV
-        ends, offset = [], 0
-        for segment in segments:
-            offset += segment.count
+        caches: list = self.cache.step([segments[i] for i in chosen])  # type: ignore[type-arg]
+        logits_TV = self.model(tokens_1T, task_ids_1T, caches).logits_BTV[0]
+        self.meter.record_routing(len(flat_tokens))
+        ends, starts, offset = [], [], 0
+        for i in chosen:
+            starts.append(offset)
+            offset += segments[i].count
             ends.append(offset - 1)
-        return logits_1TV[0, ends]
+        rows = {
+            index: logits_TV[start : start + segments[i].count]
+            for index, (i, start) in enumerate(zip(chosen, starts))
+            if i in wanted
+        }
+        experts = routed_experts(self.model, ends) if want_experts else None
+        return StepLogits(logits_TV[ends], experts, rows)
 
     def _split(
-        self, segments: list[Segment], tokens: list[list[int]], tasks: list[int | None]
-    ) -> Tensor:
-        """Decode rows compiled, prefill chunks in one eager call -> logits_SV."""
+        self,
+        segments: list[Segment],
+        tokens: list[list[int]],
+        tasks: list[int | None],
+        wanted: set[int],
+        want_experts: bool,
+    ) -> StepLogits:
+        """Decode rows compiled, prefill chunks in one eager call."""
         assert self.decoder is not None
         decode = [i for i, segment in enumerate(segments) if segment.count == 1]
         prefill = [i for i, segment in enumerate(segments) if segment.count != 1]
-        parts: list[tuple[list[int], Tensor]] = []
+        parts: list[tuple[list[int], StepLogits]] = []
         if prefill or self.lockstep:
-            logits = self._packed(
-                [segments[i] for i in prefill], [tokens[i] for i in prefill],
-                [tasks[i] for i in prefill],
-            )  # fmt: skip
-            parts.append((prefill, logits))
+            parts.append(
+                (prefill, self._packed(prefill, segments, tokens, tasks, wanted, want_experts))
+            )
         if decode:
-            logits = self.decoder.run(
+            logits_nV, experts_LnK = self.decoder.run(
                 [tokens[i][0] for i in decode],
                 [segments[i].start for i in decode],
                 [segments[i].slot for i in decode],
                 [task if (task := tasks[i]) is not None else 0 for i in decode],
             )
-            parts.append((decode, logits))
+            self.meter.record_routed(experts_LnK)
+            experts = None
+            if want_experts:
+                experts = (
+                    torch.stack(experts_LnK, dim=1).tolist()
+                    if experts_LnK
+                    else [[] for _ in decode]
+                )
+            parts.append((decode, StepLogits(logits_nV, experts)))
         elif self.lockstep:
-            self._packed([], [], [])
+            self._packed([], [], [], [], set(), False)
         if len(parts) == 1 and len(parts[0][0]) == len(segments):
             return parts[0][1]
-        vocab = self.model.config.vocab_size
-        logits_SV = torch.empty((len(segments), vocab), device=self.device, dtype=parts[0][1].dtype)
-        for indices, logits in parts:
-            if indices:
-                logits_SV[indices] = logits
-        return logits_SV
+        return _merged(parts, len(segments))
+
+
+def _merged(parts: list[tuple[list[int], StepLogits]], count: int) -> StepLogits:
+    """One `StepLogits` over `count` segments from parts over subsets of them."""
+    first = next(part for _, part in parts)
+    last_SV = first.last_SV.new_empty((count, first.last_SV.shape[1]))
+    experts: list[list[list[int]]] | None = None
+    if all(part.experts is not None for _, part in parts):
+        experts = [[] for _ in range(count)]
+    rows: dict[int, Tensor] = {}
+    for indices, part in parts:
+        if not indices:
+            continue
+        last_SV[indices] = part.last_SV
+        for local, index in enumerate(indices):
+            if experts is not None and part.experts is not None:
+                experts[index] = part.experts[local]
+            if local in part._rows:
+                rows[index] = part._rows[local]
+    return StepLogits(last_SV, experts, rows)

@@ -44,6 +44,9 @@ class Tokenizer(Protocol):
     def eos_token(self) -> str | None: ...
 
     @property
+    def bos_token(self) -> str | None: ...
+
+    @property
     def chat_template(self) -> str | None:
         """The Jinja2 chat template of the tokenizer files (None: none given)."""
         ...
@@ -65,6 +68,7 @@ class ByteTokenizer:
     vocab_size = 256
     eos_token_id = None
     eos_token = None
+    bos_token = None
     chat_template = None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -140,6 +144,10 @@ class HFTokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return None if self._eos is None else self._tokenizer.token_to_id(self._eos)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._bos
 
     @property
     def bos_token_id(self) -> int | None:

@@ -174,7 +174,7 @@ def _is_number(value: object) -> bool:
     )
 
 
-def hardware_from_dict(data: dict[str, object]) -> Hardware:
+def hardware_from_dict(data: object) -> Hardware:
     """A validated `Hardware` from a mapping; unknown keys name themselves."""
     if not isinstance(data, dict):
         raise ValueError(f"hardware must be a mapping of fields, got {type(data).__name__}")
@@ -184,7 +184,8 @@ def hardware_from_dict(data: dict[str, object]) -> Hardware:
         raise ValueError(
             f"unknown hardware key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))}"
         )
-    return Hardware(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]
+    # The values are as read (YAML); Hardware.__post_init__ checks their types.
+    return Hardware(**{k: v for k, v in data.items() if k in names})
 
 
 def load_hardware(path: str | Path) -> Hardware:

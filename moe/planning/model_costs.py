@@ -6,7 +6,7 @@ workload it serves, and the parameters, bytes and FLOPs that follow from the two
 - `Workload`: batch, prompt and generation lengths, weight and activation precisions.
 - `Costs(shape, workload)`: active parameters per block, weight bytes (int8 with its
   per-output scales), KV-cache bytes per token, the experts T tokens touch under uniform
-  routing (`experts_touched`, METHODS.md "Inference cost") and the FLOPs of a call.
+  routing (`experts_touched`, docs/METHODS.md, "Inference cost") and the FLOPs of a call.
 
 Shapes: T tokens, D model width, E experts of a layer, K experts per token.
 """
@@ -118,7 +118,8 @@ class Workload:
 
 def experts_touched(num_experts: int, top_k: int, tokens: float) -> float:
     """Expected distinct experts that `tokens` tokens pick, K each, uniformly:
-    E * (1 - (1 - K/E)^T) (METHODS.md). T = 1 gives K; large T gives E."""
+    E * (1 - (1 - K/E)^T) (docs/METHODS.md, "Inference cost"). T = 1 gives K; large T
+    gives E."""
     if num_experts == 0 or tokens <= 0:
         return 0.0
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)

@@ -7,8 +7,8 @@ For a model shape, a workload (batch B, prompt and generation lengths, precision
 - prefill time = max(compute, memory) + communication + host, and its MFU (matmul FLOPs
   of the parameters, 2 * N_active per token, over n * peak * time; Pope Sec. 2);
 - decode time per step (= per token of every sequence) with the same four terms
-  (METHODS.md "Inference cost"): compute = FLOPs / peak, memory = (weights read + KV
-  cache read) / bandwidth; the weights read per MoE layer are the experts the step's
+  (docs/METHODS.md, "Inference cost"): compute = FLOPs / peak, memory = (weights read
+  + KV cache read) / bandwidth; the weights read per MoE layer are the experts the step's
   tokens touch, E * (1 - (1 - K/E)^T) for T tokens under uniform routing;
 - the all-to-all of each MoE layer (dispatch and combine) from `comm.cost`, flat or
   hierarchical, whichever is cheaper; weight and KV memory per chip and whether it fits.

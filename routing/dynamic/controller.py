@@ -3,8 +3,9 @@ that shapes change rarely, and the pieces the assignment cache needs.
 
 `DynamicCapacityController` is collective-free: the caller hands it, once per training
 step, the slots that chose each expert *before* capacity was applied (the demand),
-summed over every rank and micro-batch of the step (one small all-reduce, done in `moe`),
-and the token count T of one forward on one rank.
+summed over every rank and micro-batch of the step (one small all-reduce, made by
+`routing.dynamic.state.DynamicPolicyState.end_step` with the function the training loop
+hands it), and the token count T of one forward on one rank.
 
 The statistic: the share of expert e in step s is p_e = demand_e / sum(demand); the
 controller keeps the moving maximum m_e of p_e over the last `dynamic_window` steps.

@@ -197,6 +197,9 @@ class ModelRunner:
             parts.append((decode, StepLogits(logits_nV, experts)))
         elif self.lockstep:
             self._packed([], [], [], [], set(), False)
+        if not parts:  # nothing to run (and no peers to keep in step)
+            vocab = self.model.config.vocab_size
+            return StepLogits(torch.empty((0, vocab), device=self.device))
         if len(parts) == 1 and len(parts[0][0]) == len(segments):
             return parts[0][1]
         return _merged(parts, len(segments))

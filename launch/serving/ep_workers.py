@@ -83,6 +83,7 @@ class EPWorker:
         )  # fmt: skip
         self.shard = EngineShard(engine)
         self.info = describe_model(loaded)
+        self.info["compile"] = engine.compile_report()
         return self.describe()
 
     def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:

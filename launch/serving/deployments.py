@@ -75,6 +75,10 @@ class ModelSpec:
     compile_cache_dir: str = ""
     stream_interval_s: float = 0.0
 
+    @property
+    def compile_warmup_at_start(self) -> bool:
+        return self.compile and self.compile_warmup == CompileWarmup.START.value
+
     def engine_options(self) -> dict[str, Any]:
         """The `InferenceEngine` keywords of the compiled decode step (`moe.inference.decode`);
         inductor's kernels go to `compile_cache_dir` (kept across restarts) when given."""

@@ -41,6 +41,10 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+# Added to the workers' set-up deadline when they compile their decode buckets at start.
+COMPILE_SETUP_S = 900.0
+
+
 class EPWorker:
     """One expert-parallel rank (a Ray actor; see the module docstring)."""
 
@@ -140,8 +144,11 @@ class EPWorkerGroup:
         ]
         host, port = ray.get(self.workers[0].address.remote(), timeout=timeout_s)
         init_method = f"tcp://{host}:{port}"
+        # Compiling every bucket at start (the workers together: the all-to-all runs between
+        # the compiled segments) takes minutes, not the seconds a load does.
+        setup_s = timeout_s + (COMPILE_SETUP_S if spec.compile_warmup_at_start else 0.0)
         self.descriptions: list[dict[str, Any]] = ray.get(
-            [w.setup.remote(init_method, timeout_s) for w in self.workers], timeout=timeout_s
+            [w.setup.remote(init_method, timeout_s) for w in self.workers], timeout=setup_s
         )
         self.load = [0] * spec.ep_size  # requests in flight per worker
         self._worker_of: dict[int, int] = {}

@@ -21,6 +21,7 @@ from comm.alltoall import Algorithm
 from launch.schema import build, hydra_schema, plain_container
 from moe.config import ModelConfig
 from moe.data import DataConfig
+from moe.pruning import PruneConfig
 from routing.config import RoutingConfig, parse_enum
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "CommConfig",
     "DataConfig",
     "ModelConfig",
+    "PruneConfig",
     "RayConfig",
     "ResumeMode",
     "RoutingConfig",
@@ -106,6 +108,10 @@ class TrainConfig:
     # Keep freed host memory in the heap instead of unmapping it (launch.training.allocator):
     # large per-step temporaries are reused rather than page-faulted in every step.
     reuse_heap: bool = True
+    # A checkpoint (step, checkpoints or run directory) whose weights a fresh run starts
+    # from (not its optimizer state or step: fine-tuning); "" = the model's own init.
+    # Its pruning masks, if any, are kept (moe.pruning.build_pruning).
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         self.engine = parse_enum(TrainingEngineKind, self.engine, "train.engine")
@@ -229,6 +235,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -244,6 +251,7 @@ _GROUPS: dict[str, type] = {
     "train": TrainConfig,
     "wandb": WandbConfig,
     "ray": RayConfig,
+    "prune": PruneConfig,
 }
 
 

@@ -22,6 +22,12 @@ CASES = [
     ("launch.generate", ["checkpoint=/nonexistent/run", "prompt=x"], "is not a checkpoint"),
     ("launch.generate", ["checkpoint=/x", "prompt=x", "top_p=1.5"], "top_p=1.5 is invalid"),
     ("launch.subset", ["checkpoint=/nonexistent/run", "task=0", "out=/tmp/x"], "not a checkpoint"),
+    ("launch.prune", ["checkpoint=/x", "out=/tmp/x"], "prune.method=magnitude needs prune."),
+    (
+        "launch.prune",
+        ["checkpoint=/nonexistent", "out=/y", "prune.sparsity=0.5"],
+        "not a checkpoint",
+    ),
 ]
 
 

@@ -4,10 +4,16 @@ A training checkpoint holds the model (dense file + one file per expert), every 
 optimizer state, the sampler state (`extra["sampler"]`), the state of stateful routing
 policies (`extra["routing_state"]`, `routing.PolicyState.state_dict`: DynaMoE's
 controllers and, in a one-process run, its assignment caches; a multi-rank run's
-caches are per rank and restart empty) and the run's config. Resuming
+caches are per rank and restart empty), the state of pruning (`extra["pruning"]`,
+`moe.pruning.PruningState.state_dict`: masks by parameter and global expert id, SR-STE's
+dense weights) and the run's config. Resuming
 loads the weights at any EP size but the optimizer state only with the layout it was
 saved with (same world size, same experts per rank): a resharded resume would change
 Adam's moments, so it is refused with the reason rather than done approximately.
+
+`initialise_from` starts a fresh run from another checkpoint's weights (`train.init_from`:
+fine-tuning), at any EP size, without its optimizer state or step; its model and routing
+must be the run's.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from launch.config import RunConfig
 from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
 from moe.config import ModelConfig
+from moe.inference.loading import resolve_checkpoint
+from moe.pruning import PRUNING_KEY, PruneConfig
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
 
@@ -32,6 +40,7 @@ class Resumed:
     directory: Path
     optimizer_state: dict[str, Any]
     routing_state: dict[str, Any] = field(default_factory=dict)  # routing.PolicyState
+    pruning_state: dict[str, Any] = field(default_factory=dict)  # moe.pruning.PruningState
 
 
 def plain(value: Any) -> Any:
@@ -53,13 +62,17 @@ def config_dict(config: RunConfig) -> dict[str, Any]:
     return result
 
 
-_SCHEMAS: dict[str, type] = {"model": ModelConfig, "routing": RoutingConfig}
+_SCHEMAS: dict[str, type] = {"model": ModelConfig, "routing": RoutingConfig, "prune": PruneConfig}
+# Sections added after checkpoints were written: absent means the schema's defaults.
+_LATER_SECTIONS = ("prune",)
 
 
 def _canonical(key: str, value: Any) -> Any:
-    """A saved `model` / `routing` section with the defaults of keys added since it was
-    written (an older checkpoint lacks them), so that only real differences count."""
+    """A saved `model` / `routing` / `prune` section with the defaults of keys added since
+    it was written (an older checkpoint lacks them), so that only real differences count."""
     schema = _SCHEMAS.get(key)
+    if value is None and key in _LATER_SECTIONS:
+        value = {}
     if schema is None or not isinstance(value, dict):
         return value
     try:
@@ -88,12 +101,16 @@ class CheckpointManager:
         sampler_state: dict[str, Any],
         record: dict[str, Any],
         routing_state: dict[str, Any] | None = None,
+        pruning_state: dict[str, Any] | None = None,
     ) -> Path:
         """Save step `step`; `record` is the run's config as plain data (meta.json);
-        `routing_state`: the routing policies' state (rank 0's)."""
+        `routing_state`: the routing policies' state (rank 0's); `pruning_state`: the
+        pruning state (gathered over the ranks)."""
         extra: dict[str, Any] = {"sampler": sampler_state}
         if routing_state:
             extra["routing_state"] = routing_state
+        if pruning_state:
+            extra[PRUNING_KEY] = pruning_state
         groups = self.runtime.groups
         return save_checkpoint(
             self.directory,
@@ -119,13 +136,7 @@ class CheckpointManager:
         in a `compared` section (model, routing, and the objective's settings), and a
         corrupt or missing file (named by `moe.checkpoint`)."""
         info = self.runtime.info
-        saved = read_meta(path)["config"]
-        for key in compared:
-            if _canonical(key, saved.get(key)) != record[key]:
-                raise ValueError(
-                    f"checkpoint {path} was written with {key}={saved.get(key)} but "
-                    f"this run has {key}={record[key]}; use another run_dir or the same {key}"
-                )
+        _check_sections(path, record, compared, "use another run_dir or the same")
         loaded = load_checkpoint(
             path, model, load_optimizer=True, rank=info.rank, world_size=info.world_size
         )
@@ -139,7 +150,38 @@ class CheckpointManager:
             directory=path,
             optimizer_state=loaded.optimizer_state,
             routing_state=_routing_state(loaded.extra),
+            pruning_state=dict(loaded.extra.get(PRUNING_KEY) or {}),
         )
+
+    def initialise_from(
+        self, checkpoint: str | Path, model: MoETransformer, record: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Load the weights of `checkpoint` (a step, checkpoints or run directory) into
+        `model`, for a fresh run; returns that checkpoint's pruning state (empty when it
+        has none). Refuses (ValueError) a checkpoint whose model or routing differs from
+        the run's `record`."""
+        try:
+            path = resolve_checkpoint(checkpoint)
+        except ValueError as error:
+            raise ValueError(f"train.init_from={str(checkpoint)!r}: {error}") from None
+        _check_sections(
+            path, record, ("model", "routing"), "set train.init_from to a run of the same"
+        )
+        loaded = load_checkpoint(path, model)
+        return dict(loaded.extra.get(PRUNING_KEY) or {})
+
+
+def _check_sections(
+    path: Path, record: dict[str, Any], compared: Iterable[str], advice: str
+) -> None:
+    """ValueError when checkpoint `path`'s config differs from `record` in a section."""
+    saved = read_meta(path)["config"]
+    for key in compared:
+        if _canonical(key, saved.get(key)) != record[key]:
+            raise ValueError(
+                f"checkpoint {path} was written with {key}={saved.get(key)} but "
+                f"this run has {key}={record[key]}; {advice} {key}"
+            )
 
 
 def _routing_state(extra: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,12 @@ student when the run starts fresh (`distill.init`; usage measured on the run's f
 `distill.usage_batches` global training batches, summed over the ranks) and hands both
 to `launch.training.loop.run_training` with the `Distillation` objective.
 
-The student is replicated on every rank (data parallel); its one-expert FFNs are dense
+With `distill.init=checkpoint` the student is instead the model of `train.init_from`
+(its own shape, routing and weights; an MoE student is expert-parallel like a training
+model): a pruned MoE (`launch.prune`) distilled from its unpruned self keeps its masks
+through the run (`prune`, `moe.pruning`).
+
+A dense student is replicated on every rank (data parallel); its one-expert FFNs are dense
 parameters for the optimizer and the gradient reduction. Its checkpoints are ordinary
 checkpoints (`moe.inference.load_model`, `launch.generate`); their config records the
 student's `model`, plus `teacher` (the resolved step directory) and `distill`, which a
@@ -67,6 +72,7 @@ from moe.distill import (
     student_config,
 )
 from moe.inference.loading import configs_of, load_model, resolve_checkpoint
+from moe.pruning import PruneConfig
 from moe.transformer import MoETransformer
 from moe.usage import ExpertUsage
 from routing import CapacityOverride
@@ -117,6 +123,7 @@ class DistillRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     run_dir: str = "runs/distill"
 
     def __post_init__(self) -> None:
@@ -124,6 +131,14 @@ class DistillRunConfig:
             raise ValueError("teacher is required: teacher=RUN_DIR or teacher=STEP_DIR")
         if not self.run_dir:
             raise ValueError("run_dir must be a non-empty path")
+        from_checkpoint = self.distill.init == StudentInit.CHECKPOINT
+        if from_checkpoint != bool(self.train.init_from):
+            raise ValueError(
+                f"distill.init={self.distill.init.value} with train.init_from="
+                f"{self.train.init_from!r}; accepted: distill.init=checkpoint together with "
+                "train.init_from=STUDENT_CHECKPOINT (the student is that checkpoint's model), "
+                "or another distill.init without train.init_from"
+            )
 
 
 @dataclass(frozen=True)
@@ -136,26 +151,38 @@ class Teacher:
     routing: RoutingConfig | None
 
 
-def read_teacher(path: str) -> Teacher:
-    """Resolve and read the teacher checkpoint (ValueError naming `path` when it is not
-    one)."""
+def read_teacher(path: str, key: str = "teacher") -> Teacher:
+    """Resolve and read the teacher checkpoint (ValueError naming `key`=`path` when it
+    is not one); `key="train.init_from"` reads a checkpoint student the same way."""
     try:
         checkpoint = resolve_checkpoint(path)
         meta = read_meta(checkpoint)
         model, routing = configs_of(meta)
     except ValueError as error:
-        raise ValueError(f"teacher={path!r} cannot be read: {error}") from None
+        raise ValueError(f"{key}={path!r} cannot be read: {error}") from None
     return Teacher(checkpoint, meta, model, routing)
 
 
 def student_run_config(config: DistillRunConfig, teacher: Teacher) -> RunConfig:
-    """The student's run: its model from the teacher; comm, data, train... from `config`.
-    Its `routing` is unused (the student has no MoE layer): the defaults."""
-    model = student_config(teacher.model, teacher.routing, config.distill.width)
-    check_init(teacher.model, model.ffn_hidden, config.distill.init)
+    """The student's run: its model from the teacher (`distill.init=checkpoint`: the
+    model and routing of `train.init_from`); comm, data, train... from `config`. A dense
+    student's `routing` is unused: the defaults."""
+    if config.distill.init == StudentInit.CHECKPOINT:
+        student = read_teacher(config.train.init_from, "train.init_from")
+        model, routing = student.model, student.routing or RoutingConfig()
+        if model.vocab_size != teacher.model.vocab_size:
+            raise ValueError(
+                f"the student train.init_from={config.train.init_from!r} has vocab_size="
+                f"{model.vocab_size} but the teacher has {teacher.model.vocab_size}"
+            )
+    else:
+        model = student_config(teacher.model, teacher.routing, config.distill.width)
+        routing = RoutingConfig()
+        check_init(teacher.model, model.ffn_hidden, config.distill.init)
     return RunConfig(
-        model=model, routing=RoutingConfig(), comm=config.comm, data=config.data,
-        train=config.train, wandb=config.wandb, ray=config.ray, run_dir=config.run_dir,
+        model=model, routing=routing, comm=config.comm, data=config.data,
+        train=config.train, wandb=config.wandb, ray=config.ray, prune=config.prune,
+        run_dir=config.run_dir,
     )  # fmt: skip
 
 
@@ -240,6 +267,8 @@ def distill(
 
         def initialise() -> None:
             init = config.distill.init
+            if init == StudentInit.CHECKPOINT:
+                return  # the loop loads train.init_from
             usage = {}
             if init != StudentInit.RANDOM and teacher_model.moe_layers():
                 usage = teacher_usage(teacher_model, dataset, config, runtime)

@@ -12,6 +12,12 @@ dispatchers) passes `LanguageModelling`; `launch.training.distillation.distill` 
 Exact resumption: the batch of a step is a pure function of (seed, step), and the
 global RNG is reseeded from (seed, step, rank) before every step, so a resumed run
 draws exactly what the uninterrupted one drew.
+
+Two kinds of state plug in through protocols, so the loop names neither a routing
+policy nor a pruning method: stateful routing (`routing.PolicyState`, from
+`model.policy_state()`) and pruning (`moe.pruning.PruningState`, from `prune` and the
+masks of the checkpoint the run resumes or starts from: `train.init_from`), which
+hooks around the optimizer step (`begin_step`, `before_update`, `after_update`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from launch.training.tracking import Tracker
 from moe.data import ByteDataset, build_dataset
 from moe.inference import generate
 from moe.params import count_parameters
+from moe.pruning import build_pruning
 from moe.transformer import MoETransformer
 
 EVENTS_FILE = "events.jsonl"
@@ -71,6 +78,18 @@ def check_compatible(config: RunConfig, num_tasks: int) -> None:
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
     config.routing.validate_for_data(num_tasks)
+    check_engine_prunes(config.prune.active, config)
+
+
+def check_engine_prunes(pruning: bool, config: RunConfig) -> None:
+    """Pruning needs the torch engine (ValueError otherwise)."""
+    if pruning and config.train.engine != TrainingEngineKind.TORCH:
+        raise ValueError(
+            f"pruning (prune.method={config.prune.method.value}, or the masks of "
+            f"train.init_from) needs train.engine=torch (got {config.train.engine.value}): "
+            "the masks act on the gradients and weights around the optimizer step, which "
+            "DeepSpeed keeps in its own buffers"
+        )
 
 
 def train(
@@ -140,8 +159,9 @@ def run_training(
     minimise `objective` (see the module docstring); every rank calls it.
 
     `on_fresh_start` runs when the run starts without a checkpoint, before the optimizer
-    is built (the distillation student's initialisation); a resumed run loads its
-    weights from the checkpoint instead. Nothing is written under `run_dir` before it."""
+    is built (the distillation student's initialisation), then `train.init_from`'s
+    weights load; a resumed run loads its weights from the checkpoint instead. Nothing
+    is written under `run_dir` before it."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
     if train_cfg.reuse_heap:
         reuse_heap()
@@ -149,8 +169,11 @@ def run_training(
     run_record = config_dict(config) | objective.config_record()
     checkpoints = CheckpointManager(run_dir / "checkpoints", runtime, train_cfg.keep_last)
     resume_path = _resume_path(checkpoints, config, resume_from)
+    initial_pruning: dict[str, Any] = {}
     if resume_path is None and on_fresh_start is not None:
         on_fresh_start()
+    if resume_path is None and train_cfg.init_from:
+        initial_pruning = checkpoints.initialise_from(train_cfg.init_from, model, run_record)
     model.train()
     # The state of stateful routing policies (DynaMoE); the loop knows only the protocol.
     policy_state = model.policy_state()
@@ -163,12 +186,18 @@ def run_training(
     start_step = 0
     resumed = None
     if resume_path is not None:
-        compared = ("model", "routing", *objective.config_record())
+        compared = ("model", "routing", "prune", *objective.config_record())
         resumed = checkpoints.load(resume_path, model, run_record, compared)
         start_step = resumed.step
         sampler.load_state_dict(resumed.sampler_state)
         policy_state.load_state_dict(resumed.routing_state)
         engine.load_optimizer_state(resumed.optimizer_state)
+    # Masks and pruning schedules; the loop knows only the protocol.
+    pruning = build_pruning(
+        config.prune, model, resumed.pruning_state if resumed is not None else initial_pruning,
+        rank=info.rank, world_size=info.world_size,
+    )  # fmt: skip
+    check_engine_prunes(pruning.active, config)  # the masks of train.init_from, too
     counts = count_parameters(model)
     tracker = Tracker(run_dir, config.wandb, run_record, enabled=info.is_main)
     name = objective.name
@@ -193,6 +222,8 @@ def run_training(
             + (f" (resumed from step {start_step})" if resumed is not None else ""),
             flush=True,
         )
+        if pruning.describe():
+            print(f"[{name}] {pruning.describe()}", flush=True)
     monitor = RoutingMonitor()
     routed = objective.routed_model(model)
     result = TrainResult(start_step=start_step, final_step=start_step, run_dir=str(run_dir))
@@ -210,6 +241,7 @@ def run_training(
         torch.manual_seed(train_cfg.seed * 1_000_003 + step * 1009 + info.rank)
         lr = learning_rate(step, train_cfg)
         engine.begin_step(lr)
+        pruning.begin_step(step)
         for _ in range(train_cfg.grad_accum):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
@@ -223,7 +255,9 @@ def run_training(
             step_losses.add(parts, 1 / train_cfg.grad_accum)
             monitor.observe(routed)
         step_losses.end_step()
+        pruning.before_update()
         grad_norm = engine.finish_step()
+        pruning.after_update()
         if compiled is not None and step == start_step:
             compiled.report_first_step(time.perf_counter() - window_start, info.is_main)
         policy_state.end_step(sum_over_ranks)
@@ -244,7 +278,7 @@ def run_training(
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if log_due:
             elapsed = time.perf_counter() - window_start
-            last_policy = policy_state.scalars()
+            last_policy = policy_state.scalars() | pruning.scalars()
             scalars = {
                 "train/loss": loss,
                 "train/ce": ce,
@@ -293,9 +327,10 @@ def run_training(
         if checkpoint_due or done == train_cfg.steps:
             # Per-rank routing state (DynaMoE's caches) is kept only in a one-process run.
             routing_state = policy_state.state_dict(per_rank=info.world_size == 1)
+            pruning_state = pruning.state_dict(sum_over_ranks)  # collective
             path = checkpoints.save(
                 done, model, engine.optimizer_state(), sampler.state_dict(), run_record,
-                routing_state,
+                routing_state, pruning_state,
             )  # fmt: skip
             if on_checkpoint is not None:
                 on_checkpoint(done, path, result.evaluations[-1] if result.evaluations else {})

@@ -17,7 +17,13 @@ the teacher's active width `top_k * expert_hidden`. Its initialisation (`init`):
   dealt by usage rank into m groups (rank r into group r mod m), each group is merged
   into one slice, and each slice's down-projection is scaled by its group's usage share.
 
-Unless `random`, attention, embeddings, norms (and the output head) copy from the
+- `checkpoint`: the student is not derived from the teacher at all: it is the model of
+  another checkpoint (`train.init_from`), its shape and weights, an MoE student
+  included. This is how a pruned MoE recovers from its unpruned self: the teacher is
+  the unpruned checkpoint, the student the pruned one (`launch.prune`), whose masks the
+  run keeps (`moe.pruning`).
+
+Under `top` and `merge`, attention, embeddings, norms (and the output head) copy from the
 teacher, as does the FFN of a teacher block that is dense when its shape fits the
 student's. PR-MoE residual MLPs are not carried over.
 
@@ -47,6 +53,7 @@ class StudentInit(str, Enum):
     RANDOM = "random"
     TOP = "top"
     MERGE = "merge"
+    CHECKPOINT = "checkpoint"
 
 
 # --- the student's shape -----------------------------------------------------------------
@@ -80,7 +87,7 @@ def student_config(teacher: ModelConfig, routing: RoutingConfig | None, width: i
 def check_init(teacher: ModelConfig, width: int, init: StudentInit) -> None:
     """`top` and `merge` build the student's FFN from whole experts: its width must be a
     multiple m of expert_hidden, with m no more than the experts of any MoE layer."""
-    if init == StudentInit.RANDOM or not teacher.moe_layer_indices():
+    if init in (StudentInit.RANDOM, StudentInit.CHECKPOINT) or not teacher.moe_layer_indices():
         return
     hidden = teacher.expert_hidden
     fewest = min(n for n in teacher.experts_per_block() if n)
@@ -170,7 +177,7 @@ def initialise_student(
     `usage`: block -> the teacher's expert usage by global id (`moe.usage.ExpertUsage`,
     summed over the ranks); `experts`: the teacher's float experts. Only the experts
     `top` chooses are read. Returns, per block, what its FFN was initialised from."""
-    if init == StudentInit.RANDOM:
+    if init in (StudentInit.RANDOM, StudentInit.CHECKPOINT):
         return {}
     teacher_state = teacher.state_dict()
     for name, tensor in student.state_dict().items():

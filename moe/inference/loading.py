@@ -6,7 +6,10 @@ config it was saved with), never from the user. A subset checkpoint (its meta li
 per MoE layer, the global ids of the experts it holds) builds each MoE layer with only
 those experts (a `LocalDispatcher` over the ids) and restricts the layer's router to
 them. A checkpoint stored int8 builds int8 experts; `quantize="int8"` quantizes a float
-checkpoint's experts after loading.
+checkpoint's experts after loading. A checkpoint pruned 2:4 (`launch.prune`) runs its
+experts on sparse tensor cores (`moe.pruning.semi_structured`) when it is loaded onto a
+CUDA device of compute capability 8.0 or more (`semi_structured`: None = then, True =
+always, or fail, False = never).
 """
 
 from __future__ import annotations
@@ -93,10 +96,12 @@ def load_model(
     quantize: str = "none",
     dispatcher_factory: DispatcherFactory | None = None,
     device: torch.device | str = "cpu",
+    semi_structured: bool | None = None,
 ) -> LoadedModel:
     """Build the checkpoint's model (dispatchers from `dispatcher_factory` for expert
     parallelism; a subset's own dispatchers otherwise), load it, and quantize its experts
-    when asked or when the checkpoint stores them int8. Eval mode."""
+    when asked or when the checkpoint stores them int8; 2:4 experts go semi-structured
+    (module docstring). Eval mode."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is invalid; accepted: {', '.join(QUANTIZATIONS)}")
     directory = resolve_checkpoint(checkpoint)
@@ -123,6 +128,15 @@ def load_model(
     if quantize == "int8" and stored == {"none"}:
         _quantize(model)
     model.to(device).eval()
+    pruned = loaded.extra.get("pruning") or {}
+    if semi_structured is None:
+        from moe.pruning.semi_structured import semi_structured_available
+
+        semi_structured = pruned.get("pattern") == "2:4" and semi_structured_available(device)
+    if semi_structured:
+        from moe.pruning.semi_structured import use_semi_structured
+
+        use_semi_structured(model)
     subset = loaded.extra.get("subset")
     task_ids: list[int] | None = None
     if subset is not None and subset.get("task") is not None:

@@ -10,6 +10,7 @@
   change no live row's logits or keys; compiled greedy text equals eager greedy text with
   requests joining and leaving mid-run, each bucket used.
 - Compilations equal the buckets used (lazy warm-up), and none happen again.
+- A bf16 model: the compiled step is as close to the fp32 model as the eager bf16 step.
 
 The eager references here are the engine's own eager path, itself tested against a full
 recomputation of every sequence (tests/test_inference_engine.py).
@@ -291,6 +292,47 @@ def test_a_kv_length_ladder_reads_the_smallest_window_that_holds_the_rows() -> N
             lengths[i] += 1
     used = {(r["batch"], r["kv_len"]) for r in compiled.decoder.report()["per_bucket"]}
     assert used == {(1, 8), (2, 16), (2, 32)}
+
+
+def test_bf16_compiled_decode_is_as_close_to_fp32_as_eager_bf16() -> None:
+    """A bf16 model (parameters and KV cache in bf16): the compiled step's logits (inductor)
+    are no further from the fp32 model's than the eager bf16 step's are (within 2x, plus
+    one bf16 step of the logits' scale), and choose the same greedy tokens; one bucket
+    (4 rows, then 3 and a padding row: one compile)."""
+    use_cache_dir(CACHE_DIR)
+    reference = sharp_model(11)
+    model = sharp_model(11).to(torch.bfloat16)
+    options = DecodeCompileOptions(buckets=(4,), warmup="lazy")
+    with reference.capacity_override("dropless"), model.capacity_override("dropless"):
+        fp32 = ModelRunner(reference, max_batch=4)
+        eager = ModelRunner(model, max_batch=4)
+        compiled = ModelRunner(model, max_batch=4, compile=True, compile_options=options)
+        assert compiled.cache.k_SGLC[0].dtype == torch.bfloat16
+        slots = [2, 0, 3, 1]
+        texts = [list(p) for p in prompts(4, seed=4)]
+        segments = [Segment(s, 0, len(t)) for s, t in zip(slots, texts)]
+        for runner in (fp32, eager, compiled):
+            runner.run(segments, texts, [None] * 4)
+        next_tokens = [len(t) % 97 + 32 for t in texts]
+        lengths = [len(t) for t in texts]
+        live = [0, 1, 2, 3]
+        for step in range(4):
+            if step == 2:
+                live = live[1:]
+            segments = [Segment(slots[i], lengths[i], 1) for i in live]
+            tokens = [[next_tokens[i]] for i in live]
+            want = fp32.run(segments, tokens, [None] * len(live)).last_SV
+            plain = eager.run(segments, tokens, [None] * len(live)).last_SV.float()
+            got = compiled.run(segments, tokens, [None] * len(live)).last_SV.float()
+            assert torch.isfinite(got).all()
+            allowed = 2 * (plain - want).abs().max() + want.abs().max() * 2**-8
+            assert (got - want).abs().max() <= allowed
+            assert got.argmax(-1).tolist() == plain.argmax(-1).tolist()
+            for row, i in enumerate(live):
+                lengths[i] += 1
+                next_tokens[i] = int(want[row].argmax())
+    assert compiled.decoder is not None
+    assert compiled.decoder.report()["compiled_buckets"] == [4]
 
 
 @pytest.mark.gpu

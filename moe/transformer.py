@@ -328,7 +328,7 @@ def lm_loss(output: ModelOutput, targets_BT: torch.Tensor, ignore_index: int = -
     return LMLoss(loss=ce + output.aux_loss, ce=ce, aux_loss=output.aux_loss)
 
 
-def bits_per_byte(ce_nats: float) -> float:
-    """Bits per byte of a byte-level model from its mean cross entropy in nats per token
-    (one token = one byte, so bpb = ce / ln 2)."""
-    return ce_nats / math.log(2)
+def bits_per_byte(ce_nats: float, tokens_per_byte: float = 1.0) -> float:
+    """Bits per byte from a mean cross entropy in nats per token: ce / ln 2 bits per token
+    times the text's tokens per byte (1 for a byte-level model; about 1/4 for a BPE)."""
+    return ce_nats / math.log(2) * tokens_per_byte

@@ -2,7 +2,7 @@
 `scripts/subset_report.py` (a task subset beside the full model) and
 `scripts/distill_experiment.py` (the teacher and every student, per task) share.
 
-The windows are the first `max_windows` of the task in `ByteDataset`'s fixed shuffled
+The windows are the first `max_windows` of the task in `TokenDataset`'s fixed shuffled
 validation sequence, in batches of `batch_size`; the model runs in eval mode with
 dropless routing; the figure is the mean cross entropy over every target byte, in bits.
 """
@@ -11,26 +11,24 @@ from __future__ import annotations
 
 import torch
 
-from moe.data import ByteDataset
+from moe.data import TokenDataset
 from moe.transformer import MoETransformer, bits_per_byte
 from routing import CapacityOverride
 
 
 @torch.no_grad()
 def task_cross_entropy(
-    model: MoETransformer, dataset: ByteDataset, task: int, max_windows: int, batch_size: int
+    model: MoETransformer, dataset: TokenDataset, task: int, max_windows: int, batch_size: int
 ) -> tuple[float, int]:
     """The summed cross entropy (nats) over every target byte of the first `max_windows`
     validation windows of `task`, and the number of those bytes (0: the task has none)."""
-    starts = dataset.val_starts[dataset.val_task_ids == task][:max_windows]
-    offsets = torch.arange(dataset.seq_len + 1)
+    windows_NT = dataset.task_validation_windows(task, max_windows)
     model.eval()
     total, count = 0.0, 0
     with model.capacity_override(CapacityOverride.DROPLESS):
-        for begin in range(0, len(starts), batch_size):
-            chunk = starts[begin : begin + batch_size]
-            tokens_BT = dataset.val_bytes_N[chunk[:, None] + offsets].to(torch.int64)
-            task_ids_B = torch.full((len(chunk),), task, dtype=torch.int64)
+        for begin in range(0, len(windows_NT), batch_size):
+            tokens_BT = windows_NT[begin : begin + batch_size]
+            task_ids_B = torch.full((len(tokens_BT),), task, dtype=torch.int64)
             logits_BTV = model(tokens_BT[:, :-1], task_ids_B).logits_BTV
             targets = tokens_BT[:, 1:]
             total += float(
@@ -43,7 +41,7 @@ def task_cross_entropy(
 
 
 def task_val_bpb(
-    model: MoETransformer, dataset: ByteDataset, task: int, max_windows: int, batch_size: int = 16
+    model: MoETransformer, dataset: TokenDataset, task: int, max_windows: int, batch_size: int = 16
 ) -> float:
     """Bits per byte of `model` on the first `max_windows` validation windows of `task`;
     a task without a validation window is refused."""

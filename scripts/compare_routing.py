@@ -62,7 +62,7 @@ from _routing_sweep import (
 )
 from _runs import cached_json, is_finished, launch_runs, read_metrics
 
-from moe.data import ByteDataset, DataConfig, build_dataset
+from moe.data import DataConfig, TokenDataset, build_dataset
 from moe.inference import load_model
 from moe.transformer import MoETransformer, bits_per_byte
 
@@ -189,19 +189,19 @@ def calibrate(args: argparse.Namespace, num_runs: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def group_eval(model: MoETransformer, dataset: ByteDataset, windows: int) -> dict[str, Any]:
+def group_eval(model: MoETransformer, dataset: TokenDataset, windows: int) -> dict[str, Any]:
     """bpb per book group on its first `windows` validation windows, the groups interleaved
     row by row in batches of the training batch size, and the mean dropped fraction."""
     model.eval()
-    names = dataset.corpus.task_names
-    chosen = [dataset.val_starts[dataset.val_task_ids == task] for task in range(len(names))]
-    count = min(windows, *(len(starts) for starts in chosen))
-    starts_N = torch.stack([starts[:count] for starts in chosen], dim=1).flatten()
+    names = dataset.task_names
+    chosen = [dataset.task_validation_windows(task, windows) for task in range(len(names))]
+    count = min(len(rows) for rows in chosen)
+    # Row i*G + g is group g's i-th window: the groups interleaved row by row.
+    windows_NT = torch.stack([rows[:count] for rows in chosen], dim=1).flatten(0, 1)
     tasks_N = torch.arange(len(names)).repeat(count)
-    offsets = torch.arange(dataset.seq_len + 1)
     totals, dropped = torch.zeros(len(names), dtype=torch.float64), []
-    for begin in range(0, len(starts_N), BATCH_SIZE):
-        tokens_BT = dataset.val_bytes_N[starts_N[begin : begin + BATCH_SIZE, None] + offsets].long()
+    for begin in range(0, len(windows_NT), BATCH_SIZE):
+        tokens_BT = windows_NT[begin : begin + BATCH_SIZE]
         task_ids_B = tasks_N[begin : begin + BATCH_SIZE]
         logits_BTV = model(tokens_BT[:, :-1], task_ids_B).logits_BTV
         ce_BT = torch.nn.functional.cross_entropy(
@@ -217,7 +217,7 @@ def group_eval(model: MoETransformer, dataset: ByteDataset, windows: int) -> dic
             "group_windows": count}  # fmt: skip
 
 
-def evaluate_run(variant: str, seed: int, run_dir: Path, dataset: ByteDataset,
+def evaluate_run(variant: str, seed: int, run_dir: Path, dataset: TokenDataset,
                  args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     """One run's row: its curve against tokens and seconds, the per-group evaluation of its
     final checkpoint (cached in `run_dir/group_eval.json`)."""

@@ -58,18 +58,18 @@ from _task_eval import task_cross_entropy
 
 from launch.training.distillation import Teacher, read_teacher
 from launch.training.evaluation import evaluate
-from moe.data import ByteDataset, DataConfig, build_dataset
+from moe.data import DataConfig, TokenDataset, build_dataset
 from moe.inference import load_model
 from moe.transformer import MoETransformer, bits_per_byte
 from routing import CapacityOverride
 
 
-def task_bpb(model: MoETransformer, dataset: ByteDataset, windows: int) -> dict[str, Any]:
+def task_bpb(model: MoETransformer, dataset: TokenDataset, windows: int) -> dict[str, Any]:
     """Bits per byte per task on the first `windows` validation windows of each task
     (`_task_eval`: dropless routing, eval mode), and the forward tokens/s of the whole
     evaluation."""
     per_task, tokens, start = {}, 0, time.perf_counter()
-    for task, name in enumerate(dataset.corpus.task_names):
+    for task, name in enumerate(dataset.task_names):
         total, count = task_cross_entropy(model, dataset, task, windows, batch_size=32)
         per_task[name] = bits_per_byte(total / max(count, 1))
         tokens += count
@@ -80,7 +80,7 @@ def task_bpb(model: MoETransformer, dataset: ByteDataset, windows: int) -> dict[
 
 
 def evaluate_teacher(
-    teacher: Teacher, dataset: ByteDataset, settings: dict[str, Any], args: argparse.Namespace
+    teacher: Teacher, dataset: TokenDataset, settings: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
     """The teacher's row: the trainer's validation batches (dropless and with its trained
     capacity), per-task bpb, and the training tokens/s of its own run when known."""
@@ -99,7 +99,7 @@ def evaluate_teacher(
 
 
 def evaluate_run(
-    variant: str, seed: int, run_dir: Path, dataset: ByteDataset, args: argparse.Namespace
+    variant: str, seed: int, run_dir: Path, dataset: TokenDataset, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One run's row: its curve and final figures, and the per-task evaluation of its
     latest checkpoint (cached in `run_dir/task_eval.json`)."""

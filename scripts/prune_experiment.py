@@ -55,7 +55,7 @@ from _runs import cached_json, is_finished, launch_runs, read_metrics
 from launch.training.distillation import Teacher, read_teacher
 from launch.training.evaluation import evaluate
 from moe.checkpoint import resolve_latest
-from moe.data import ByteDataset, DataConfig, build_dataset
+from moe.data import DataConfig, TokenDataset, build_dataset
 from moe.inference import load_model
 from moe.pruning import PruneConfig, write_pruned
 
@@ -143,7 +143,7 @@ def start_of(name: str, teacher: Teacher, reports: dict[str, Any]) -> Path:
 
 
 def evaluation(
-    checkpoint: Path, dataset: ByteDataset, args: argparse.Namespace, cache: Path, int8: bool
+    checkpoint: Path, dataset: TokenDataset, args: argparse.Namespace, cache: Path, int8: bool
 ) -> dict[str, Any]:
     """Validation bpb of `checkpoint` (float, and int8 experts when `int8`), cached."""
     key = {"checkpoint": str(checkpoint), "batches": args.eval_batches, "int8": int8}

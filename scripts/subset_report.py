@@ -15,7 +15,7 @@ and reports, next to the full model:
   set (VmRSS) of a fresh process right after `load_model` (one subprocess per variant;
   `rss_model_bytes` is the part above the same process's RSS before loading);
 - validation bits per byte on the task's validation windows (the fixed shuffled
-  validation sequence of `ByteDataset`, the first `--eval-windows` of the task), dropless
+  validation sequence of `TokenDataset`, the first `--eval-windows` of the task), dropless
   routing for both models.
 Token-level subsets are chosen on training windows, so even at coverage 1.0 a
 validation token may need an expert the subset lacks (its router then picks among the
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_utils import release_free_memory, status_kib
 from _task_eval import task_val_bpb
 
-from moe.data import ByteDataset, DataConfig, build_corpus
+from moe.data import DataConfig, TokenDataset, build_corpus
 from moe.inference import load_model, resolve_checkpoint
 from moe.inference.subset import weight_bytes, write_subset
 
@@ -107,7 +107,7 @@ def report_checkpoint(
         )
     data = DataConfig(**loaded.run_config["data"])
     corpus = build_corpus(data)
-    dataset = ByteDataset(corpus, min(data.seq_len, loaded.model.config.max_seq_len))
+    dataset = TokenDataset.from_corpus(corpus, min(data.seq_len, loaded.model.config.max_seq_len))
     full = {
         "checkpoint": str(source), "routing": routing,
         "checkpoint_bytes": weight_bytes(source), "param_bytes": model_bytes(loaded.model),

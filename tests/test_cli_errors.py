@@ -22,6 +22,8 @@ CASES = [
     ("launch.generate", ["checkpoint=/nonexistent/run", "prompt=x"], "is not a checkpoint"),
     ("launch.generate", ["checkpoint=/x", "prompt=x", "top_p=1.5"], "top_p=1.5 is invalid"),
     ("launch.subset", ["checkpoint=/nonexistent/run", "task=0", "out=/tmp/x"], "not a checkpoint"),
+    ("launch.tokenizer", ["out=/tmp/x", "tokenizer.vocab_size=100"], "vocab_size=100 is invalid"),
+    ("launch.train", ["data.tokenizer=/nonexistent/tok"], "holds no tokenizer.json"),
     ("launch.prune", ["checkpoint=/x", "out=/tmp/x"], "prune.method=magnitude needs prune."),
     (
         "launch.prune",

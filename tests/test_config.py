@@ -133,7 +133,8 @@ def test_every_group_preset_composes(group: str) -> None:
     presets = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
     assert presets
     for preset in presets:
-        extra = ["data.path=/tmp/texts"] if (group, preset) == ("data", "folder") else []
+        needs_path = group == "data" and preset in ("folder", "jsonl", "parquet")
+        extra = ["data.path=/tmp/texts"] if needs_path else []
         run = to_run_config(_compose(f"{group}={preset}", *extra))
         section = getattr(run, group)
         assert isinstance(section, type(getattr(RunConfig(), group)))

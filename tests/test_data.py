@@ -13,9 +13,9 @@ import torch
 from moe.data import (
     KJV_TASK_NAMES,
     KJV_VALIDATION_BOOKS,
-    ByteDataset,
     DataConfig,
     TaskCorpus,
+    TokenDataset,
     build_dataset,
     entropy_rate_bits,
     load_kjv,
@@ -33,11 +33,11 @@ def kjv() -> TaskCorpus:
 
 
 @pytest.fixture(scope="module")
-def synthetic() -> ByteDataset:
+def synthetic() -> TokenDataset:
     corpus = make_synthetic_corpus(
         num_tasks=3, train_bytes_per_task=3000, val_bytes_per_task=700, seed=11
     )
-    return ByteDataset(corpus, seq_len=16)
+    return TokenDataset.from_corpus(corpus, seq_len=16)
 
 
 def _contains(stream_N: torch.Tensor, row: torch.Tensor) -> bool:
@@ -91,7 +91,7 @@ def test_kjv_text_is_clean_and_in_its_task(kjv: TaskCorpus) -> None:
 
 
 def test_kjv_dataset_batches_hold_text_of_their_task(kjv: TaskCorpus) -> None:
-    dataset = ByteDataset(kjv, seq_len=32)
+    dataset = TokenDataset.from_corpus(kjv, seq_len=32)
     assert dataset.num_tasks == 6 and dataset.vocab_size == 256
     batch = dataset.sampler(batch_size=12, seed=3).next_batch()
     assert batch.tokens_BT.dtype == torch.int64 and batch.tokens_BT.shape == (12, 33)
@@ -121,7 +121,7 @@ def test_folder_loader_tasks_are_sorted_subfolders(tmp_path: Path) -> None:
     assert len(corpus.val_N[0]) == round(0.25 * len(code))
     poems = bytes(corpus.train_N[1].tolist()) + bytes(corpus.val_N[1].tolist())
     assert poems == ("roses are red\n" * 20).encode()
-    batch = ByteDataset(corpus, seq_len=8).sampler(batch_size=6, seed=0).next_batch()
+    batch = TokenDataset.from_corpus(corpus, seq_len=8).sampler(batch_size=6, seed=0).next_batch()
     for row, task in zip(batch.tokens_BT, batch.task_ids_B.tolist()):
         assert _contains(corpus.train_N[task], row)
 
@@ -170,13 +170,13 @@ def test_folder_loader_errors(tmp_path: Path) -> None:
 
 def test_too_short_task_is_an_error() -> None:
     corpus = make_synthetic_corpus(num_tasks=2, train_bytes_per_task=10, val_bytes_per_task=10)
-    with pytest.raises(ValueError, match=r"task 0 .* 10 training bytes.*seq_len\+1=17"):
-        ByteDataset(corpus, seq_len=16)
+    with pytest.raises(ValueError, match=r"task 0 .* 10 training tokens.*seq_len\+1=17"):
+        TokenDataset.from_corpus(corpus, seq_len=16)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_rank_batches_concatenate_to_the_global_batch(
-    synthetic: ByteDataset, world_size: int
+    synthetic: TokenDataset, world_size: int
 ) -> None:
     single = synthetic.sampler(batch_size=8, seed=5)
     ranks = [synthetic.sampler(8, 5, rank, world_size) for rank in range(world_size)]
@@ -188,14 +188,14 @@ def test_rank_batches_concatenate_to_the_global_batch(
         assert torch.equal(torch.cat([p.task_ids_B for p in parts]), expected.task_ids_B)
 
 
-def test_batches_are_windows_of_their_task_and_vary(synthetic: ByteDataset) -> None:
+def test_batches_are_windows_of_their_task_and_vary(synthetic: TokenDataset) -> None:
     sampler = synthetic.sampler(batch_size=16, seed=1)
     first, second = sampler.next_batch(), sampler.next_batch()
     assert not torch.equal(first.tokens_BT, second.tokens_BT)
     assert set(torch.cat([first.task_ids_B, second.task_ids_B]).tolist()) == {0, 1, 2}
     for batch in (first, second):
         for row, task in zip(batch.tokens_BT, batch.task_ids_B.tolist()):
-            assert _contains(synthetic.corpus.train_N[task], row)
+            assert _contains(synthetic.streams.train_N[task], row)
     other_seed = synthetic.sampler(batch_size=16, seed=2).next_batch()
     assert not torch.equal(other_seed.tokens_BT, first.tokens_BT)
 
@@ -210,7 +210,7 @@ def test_balance_tasks_draws_tasks_uniformly() -> None:
         train_documents=corpus.train_documents,
         val_documents=corpus.val_documents,
     )
-    dataset = ByteDataset(lopsided, seq_len=8)
+    dataset = TokenDataset.from_corpus(lopsided, seq_len=8)
     proportional = dataset.sampler(2000, seed=0).next_batch().task_ids_B.float().mean()
     balanced = dataset.sampler(2000, seed=0, balance_tasks=True).next_batch()
     assert proportional > 0.95  # task 1 holds ~40/41 of the window starts
@@ -219,7 +219,7 @@ def test_balance_tasks_draws_tasks_uniformly() -> None:
         assert _contains(lopsided.train_N[task], row)
 
 
-def test_resume_gives_the_same_next_batches(synthetic: ByteDataset) -> None:
+def test_resume_gives_the_same_next_batches(synthetic: TokenDataset) -> None:
     uninterrupted = synthetic.sampler(batch_size=4, seed=9)
     for _ in range(5):
         uninterrupted.next_batch()
@@ -239,7 +239,7 @@ def test_resume_gives_the_same_next_batches(synthetic: ByteDataset) -> None:
 
 
 def test_validation_batches_are_fixed_sharded_and_cover_each_window_once(
-    synthetic: ByteDataset,
+    synthetic: TokenDataset,
 ) -> None:
     full = list(synthetic.validation_batches(batch_size=4))
     assert len(full) == synthetic.num_validation_windows // 4
@@ -256,16 +256,16 @@ def test_validation_batches_are_fixed_sharded_and_cover_each_window_once(
     for batch in every:
         task = int(batch.task_ids_B[0])
         row = bytes(batch.tokens_BT[0].tolist())
-        stream = bytes(synthetic.corpus.val_N[task].tolist())
+        stream = bytes(synthetic.streams.val_N[task].tolist())
         assert stream.find(row) >= 0
         seen.add((task, row))
     expected = {
         (task, bytes(stream[k * 16 : k * 16 + 17].tolist()))
-        for task, stream in enumerate(synthetic.corpus.val_N)
+        for task, stream in enumerate(synthetic.streams.val_N)
         for k in range((len(stream) - 1) // 16)
     }
     assert seen == expected and len(every) == sum(
-        (len(s) - 1) // 16 for s in synthetic.corpus.val_N
+        (len(s) - 1) // 16 for s in synthetic.streams.val_N
     )
     assert len(list(synthetic.validation_batches(4, max_batches=2))) == 2
     with pytest.raises(ValueError, match="multiple of world_size=3"):
@@ -299,7 +299,9 @@ def test_synthetic_entropy_rate_matches_the_empirical_conditional_entropy() -> N
 
 
 def test_data_config_validation(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"DataConfig\.source='tweets'.*kjv, folder, synthetic"):
+    with pytest.raises(
+        ValueError, match=r"DataConfig\.source=.tweets.*kjv, folder, jsonl, parquet, synthetic"
+    ):
         DataConfig(source="tweets")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"DataConfig\.path=None"):
         DataConfig(source="folder")  # type: ignore[arg-type]

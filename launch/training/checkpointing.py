@@ -6,14 +6,14 @@ policies (`extra["routing_state"]`, `routing.PolicyState.state_dict`: DynaMoE's
 controllers and, in a one-process run, its assignment caches; a multi-rank run's
 caches are per rank and restart empty), the state of pruning (`extra["pruning"]`,
 `moe.pruning.PruningState.state_dict`: masks by parameter and global expert id, SR-STE's
-dense weights) and the run's config. Resuming
+dense weights), the data's tokenizer files (none for bytes) and the run's config. Resuming
 loads the weights at any EP size but the optimizer state only with the layout it was
 saved with (same world size, same experts per rank): a resharded resume would change
 Adam's moments, so it is refused with the reason rather than done approximately.
 
 `initialise_from` starts a fresh run from another checkpoint's weights (`train.init_from`:
-fine-tuning), at any EP size, without its optimizer state or step; its model and routing
-must be the run's.
+fine-tuning), at any EP size, without its optimizer state or step; its model, routing
+and tokenizer files must be the run's.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from typing import Any
 from launch.config import RunConfig
 from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
+from moe.checkpoint.files import sha256_hex
 from moe.config import ModelConfig
 from moe.inference.loading import resolve_checkpoint
+from moe.interop.tokenizer import TOKENIZER_FILES, ByteTokenizer, Tokenizer
 from moe.pruning import PRUNING_KEY, PruneConfig
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
@@ -84,10 +86,18 @@ def _canonical(key: str, value: Any) -> Any:
 class CheckpointManager:
     """Save and resume the checkpoints of one run (every rank makes the same calls)."""
 
-    def __init__(self, directory: Path, runtime: Runtime, keep_last: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        runtime: Runtime,
+        keep_last: int,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.runtime = runtime
         self.keep_last = keep_last
+        # The data's tokenizer: every checkpoint carries its files (none for bytes).
+        self.tokenizer = tokenizer or ByteTokenizer()
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (ValueError if the `latest` pointer dangles)."""
@@ -121,6 +131,7 @@ class CheckpointManager:
             extra=extra,
             group=groups.world if groups is not None else None,
             keep_last=self.keep_last,
+            attachments=self.tokenizer.files(),
         )
 
     def load(
@@ -133,9 +144,11 @@ class CheckpointManager:
         """Load checkpoint `path` into `model` and read this rank's optimizer state.
 
         Refuses (ValueError) a checkpoint whose config differs from this run's `record`
-        in a `compared` section (model, routing, and the objective's settings), and a
+        in a `compared` section (model, routing, and the objective's settings), one whose
+        tokenizer files differ from this run's (the ids would mean other text), and a
         corrupt or missing file (named by `moe.checkpoint`)."""
         info = self.runtime.info
+        check_same_tokenizer(path, read_meta(path), self.tokenizer)
         _check_sections(path, record, compared, "use another run_dir or the same")
         loaded = load_checkpoint(
             path, model, load_optimizer=True, rank=info.rank, world_size=info.world_size
@@ -159,11 +172,12 @@ class CheckpointManager:
         """Load the weights of `checkpoint` (a step, checkpoints or run directory) into
         `model`, for a fresh run; returns that checkpoint's pruning state (empty when it
         has none). Refuses (ValueError) a checkpoint whose model or routing differs from
-        the run's `record`."""
+        the run's `record`, or whose tokenizer files are not this run's."""
         try:
             path = resolve_checkpoint(checkpoint)
         except ValueError as error:
             raise ValueError(f"train.init_from={str(checkpoint)!r}: {error}") from None
+        check_same_tokenizer(path, read_meta(path), self.tokenizer, "another train.init_from")
         _check_sections(
             path, record, ("model", "routing"), "set train.init_from to a run of the same"
         )
@@ -182,6 +196,25 @@ def _check_sections(
                 f"checkpoint {path} was written with {key}={saved.get(key)} but "
                 f"this run has {key}={record[key]}; {advice} {key}"
             )
+
+
+def check_same_tokenizer(
+    path: Path, meta: dict[str, Any], tokenizer: Tokenizer, instead: str = "another run_dir"
+) -> None:
+    """ValueError unless checkpoint `path` (its `meta`) carries exactly `tokenizer`'s files
+    (none: bytes): a model's ids mean text only through the tokenizer it was trained on.
+    `instead`: the other way out the message offers."""
+    mine = {name: sha256_hex(data) for name, data in tokenizer.files().items()}
+    files = meta.get("files", {})
+    saved = {name: files[name] for name in TOKENIZER_FILES if name in files}
+    if mine != saved:
+        theirs = "bytes" if not saved else f"the tokenizer files {sorted(saved)}"
+        ours = "bytes" if not mine else repr(tokenizer)
+        raise ValueError(
+            f"checkpoint {path} was trained on {theirs}, but this run's data is tokenized by "
+            f"{ours} (other files or contents); use the checkpoint's tokenizer (data.tokenizer="
+            f"{path}) or {instead}"
+        )
 
 
 def _routing_state(extra: dict[str, Any]) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from launch.runtime import (
     teardown_runtime,
 )
 from launch.schema import build, hydra_schema, plain_container
-from launch.training.checkpointing import plain
+from launch.training.checkpointing import check_same_tokenizer, plain
 from launch.training.loop import (
     CheckpointHook,
     TrainResult,
@@ -63,7 +63,7 @@ from launch.training.loop import (
 from launch.training.objectives import Distillation
 from moe.checkpoint import read_meta
 from moe.checkpoint.experts import CheckpointExperts
-from moe.data import ByteDataset, build_dataset
+from moe.data import TokenDataset, build_dataset
 from moe.distill import (
     StudentInit,
     check_init,
@@ -186,7 +186,7 @@ def student_run_config(config: DistillRunConfig, teacher: Teacher) -> RunConfig:
     )  # fmt: skip
 
 
-def check_teacher_fits(teacher: Teacher, dataset: ByteDataset, config: DistillRunConfig) -> None:
+def check_teacher_fits(teacher: Teacher, dataset: TokenDataset, config: DistillRunConfig) -> None:
     """The teacher against the data: the same vocabulary, windows it can read, a task id
     for every task when it routes by task."""
     vocab = teacher.model.vocab_size
@@ -196,6 +196,7 @@ def check_teacher_fits(teacher: Teacher, dataset: ByteDataset, config: DistillRu
             f"{config.data.source.value} has a vocabulary of {dataset.vocab_size}; distill on "
             "data with the teacher's vocabulary"
         )
+    check_same_tokenizer(teacher.checkpoint, teacher.meta, dataset.tokenizer)
     if teacher.routing is not None:
         teacher.routing.validate_for_data(dataset.num_tasks)
 
@@ -215,7 +216,7 @@ def load_teacher(teacher: Teacher, runtime: Runtime, config: DistillRunConfig) -
 
 def teacher_usage(
     teacher: MoETransformer,
-    dataset: ByteDataset,
+    dataset: TokenDataset,
     config: DistillRunConfig,
     runtime: Runtime,
 ) -> dict[int, torch.Tensor]:
@@ -251,9 +252,9 @@ def distill(
         config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
     try:
-        dataset = build_dataset(config.data)
+        dataset = build_dataset(config.data, progress=info.is_main and config.train.progress)
         check_teacher_fits(teacher, dataset, config)
-        check_compatible(run_config, dataset.num_tasks)
+        check_compatible(run_config, dataset)
         check_batch(run_config, info.world_size)
         teacher_model = load_teacher(teacher, runtime, config)
         student = build_model(run_config, runtime)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moe.data import ByteDataset
+from moe.data import TokenDataset
 from moe.transformer import MoETransformer, bits_per_byte, lm_loss
 from moe.usage import ExpertUsage
 from routing import AllReduce
@@ -22,8 +22,8 @@ from routing import AllReduce
 
 @dataclass(frozen=True)
 class Evaluation:
-    val_loss: float  # mean next-byte cross entropy in nats over the validation batches
-    val_bpb: float
+    val_loss: float  # mean next-token cross entropy in nats over the validation batches
+    val_bpb: float  # bits per byte of validation text (per token times tokens per byte)
 
 
 def mean_over_ranks(
@@ -38,7 +38,7 @@ def mean_over_ranks(
 @torch.no_grad()
 def evaluate(
     model: MoETransformer,
-    dataset: ByteDataset,
+    dataset: TokenDataset,
     batch_size: int,
     max_batches: int,
     rank: int,
@@ -61,7 +61,9 @@ def evaluate(
     finally:
         model.train(was_training)
     (mean_loss,) = mean_over_ranks([total / max(count, 1)], world_size, all_reduce)
-    return Evaluation(val_loss=mean_loss, val_bpb=bits_per_byte(mean_loss))
+    return Evaluation(
+        val_loss=mean_loss, val_bpb=bits_per_byte(mean_loss, dataset.val_tokens_per_byte)
+    )
 
 
 class RoutingMonitor:

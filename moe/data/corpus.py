@@ -1,9 +1,11 @@
 """A text corpus as byte streams per task, split into train and validation; folder loader.
 
-`TaskCorpus` is what every data source produces (the KJV Bible, a user's folder of text
-files, the synthetic generator) and what `ByteDataset` consumes: for each task, one
-uint8 stream of training bytes and one of validation bytes, plus the names of the
-documents that went into each (so that tests and users can see the split).
+`TaskCorpus` is what the byte sources read into memory produce (the KJV Bible, a user's
+folder of text files, the synthetic generator) and what `TokenStreams.from_corpus` reads:
+for each task, one uint8 stream of training bytes and one of validation bytes, plus the
+names of the documents that went into each (so that tests and users can see the split).
+Corpora with a tokenizer, or larger than memory, go through `moe.data.shards` instead;
+`task_folders` and `read_utf8` are the folder rules both share.
 
 Shape legend: N bytes in a stream.
 """
@@ -83,7 +85,31 @@ def _text_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_utf8(path: Path) -> str:
+def task_folders(path: str | Path) -> list[tuple[str, list[Path]]]:
+    """A folder's tasks as (name, files): each immediate subfolder is a task, in sorted
+    order (hidden entries, starting with '.', are skipped), its files read recursively in
+    sorted path order; a folder without subfolders is a single task (named after the
+    folder) made of its files. With subfolders, a file directly in the root is an error
+    (it belongs to no task)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"data folder {str(root)!r} is not a directory; accepted: a folder")
+    entries = [entry for entry in sorted(root.iterdir()) if not _is_hidden(entry)]
+    subfolders = [entry for entry in entries if entry.is_dir()]
+    if not subfolders:
+        return [(root.name, [entry for entry in entries if entry.is_file()])]
+    loose = [entry for entry in entries if entry.is_file()]
+    if loose:
+        raise ValueError(
+            f"data folder {str(root)!r} has task subfolders and also the file "
+            f"{str(loose[0])!r} directly in it; accepted: every file inside a task "
+            "subfolder (or no subfolders at all, for a single task)"
+        )
+    return [(folder.name, _text_files(folder)) for folder in subfolders]
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (ValueError naming the file otherwise)."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -93,48 +119,34 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def load_text_folder(path: str | Path, val_fraction: float = 0.1) -> TaskCorpus:
-    """Load a folder of UTF-8 text files; each immediate subfolder is a task.
+def tail_split_size(num_tokens: int, val_fraction: float) -> int:
+    """How many of a task stream's last tokens (bytes) are its validation stream: a
+    contiguous tail, at least one when the stream is not empty."""
+    return max(1, round(num_tokens * val_fraction)) if num_tokens else 0
 
-    Task ids follow the sorted subfolder names (hidden entries, starting with '.', are
-    skipped); a task's files are read recursively in sorted path order and joined. A
-    folder without subfolders is a single task 0 made of its files. With subfolders, a
-    file directly in the root is an error (it belongs to no task).
+
+def load_text_folder(path: str | Path, val_fraction: float = 0.1) -> TaskCorpus:
+    """Load a folder of UTF-8 text files (tasks: see `task_folders`) into memory.
 
     The last `val_fraction` of each task's bytes is its validation stream (a contiguous
     tail, so no text is shared between the splits).
     """
     root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"data folder {str(root)!r} is not a directory; accepted: a folder")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction!r} is invalid; accepted: 0 < x < 1")
-    entries = [entry for entry in sorted(root.iterdir()) if not _is_hidden(entry)]
-    task_folders = [entry for entry in entries if entry.is_dir()]
-    if task_folders:
-        loose = [entry for entry in entries if entry.is_file()]
-        if loose:
-            raise ValueError(
-                f"data folder {str(root)!r} has task subfolders and also the file "
-                f"{str(loose[0])!r} directly in it; accepted: every file inside a task "
-                "subfolder (or no subfolders at all, for a single task)"
-            )
-    else:
-        task_folders = [root]
-
+    tasks = task_folders(root)
     train_N, val_N, train_documents, val_documents = [], [], [], []
     total_bytes = 0
-    for folder in task_folders:
-        files = _text_files(folder) if folder != root else [e for e in entries if e.is_file()]
-        texts = [_read_utf8(file) for file in files]
+    for name, files in tasks:
+        texts = [read_utf8(file) for file in files]
         data = join_documents(texts)
         total_bytes += len(data)
-        if task_folders != [root] and len(data) == 0:
+        if len(tasks) > 1 and len(data) == 0:
             raise ValueError(
-                f"task folder {str(folder)!r} holds no text; accepted: at least one "
+                f"task folder {str(root / name)!r} holds no text; accepted: at least one "
                 "non-empty UTF-8 file per task subfolder"
             )
-        num_val = max(1, round(len(data) * val_fraction)) if data else 0
+        num_val = tail_split_size(len(data), val_fraction)
         train_N.append(bytes_to_stream(data[: len(data) - num_val]))
         val_N.append(bytes_to_stream(data[len(data) - num_val :]))
         names = tuple(str(file.relative_to(root)) for file in files)
@@ -147,7 +159,7 @@ def load_text_folder(path: str | Path, val_fraction: float = 0.1) -> TaskCorpus:
         )
     return TaskCorpus(
         name=f"folder:{root}",
-        task_names=tuple(folder.name for folder in task_folders),
+        task_names=tuple(name for name, _ in tasks),
         train_N=tuple(train_N),
         val_N=tuple(val_N),
         train_documents=tuple(train_documents),

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 REPLACEMENT = "\ufffd"
@@ -53,6 +55,11 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """The ids of each text (no special tokens) as an integer array each: what the
+        data loader tokenizes corpora with (no Python int per token)."""
+        ...
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
     def files(self) -> dict[str, bytes]:
@@ -73,6 +80,9 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         bad = [i for i in ids if not 0 <= int(i) < 256]
@@ -163,6 +173,11 @@ class HFTokenizer:
         if add_special_tokens and self.add_bos and bos is not None:
             ids = [bos, *ids]
         return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # The Rust library encodes a batch on its own thread pool.
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         size = self.vocab_size

@@ -40,8 +40,9 @@ from moe.transformer import MoETransformer
 
 @dataclass
 class StepLogits:
-    """What one step's calls gave, per segment in the order given: `last_SV` the logits
-    after its last token; `experts` (when asked) the experts every MoE layer chose for
+    """What one step's calls gave, per segment in the order given (logits in float32
+    whatever the model's dtype: the sampler and the log-probabilities read them so);
+    `last_SV` the logits after its last token; `experts` (when asked) the experts every MoE layer chose for
     that token ([S][layer][K]); `rows(i)` the logits after each of segment i's tokens."""
 
     last_SV: Tensor
@@ -155,12 +156,12 @@ class ModelRunner:
             offset += segments[i].count
             ends.append(offset - 1)
         rows = {
-            index: logits_TV[start : start + segments[i].count]
+            index: logits_TV[start : start + segments[i].count].float()
             for index, (i, start) in enumerate(zip(chosen, starts))
             if i in wanted
         }
         experts = routed_experts(self.model, ends) if want_experts else None
-        return StepLogits(logits_TV[ends], experts, rows)
+        return StepLogits(logits_TV[ends].float(), experts, rows)
 
     def _split(
         self,
@@ -194,12 +195,12 @@ class ModelRunner:
                     if experts_LnK
                     else [[] for _ in decode]
                 )
-            parts.append((decode, StepLogits(logits_nV, experts)))
+            parts.append((decode, StepLogits(logits_nV.float(), experts)))
         elif self.lockstep:
             self._packed([], [], [], [], set(), False)
         if not parts:  # nothing to run (and no peers to keep in step)
             vocab = self.model.config.vocab_size
-            return StepLogits(torch.empty((0, vocab), device=self.device))
+            return StepLogits(torch.empty((0, vocab), device=self.device))  # float32
         if len(parts) == 1 and len(parts[0][0]) == len(segments):
             return parts[0][1]
         return _merged(parts, len(segments))

@@ -21,6 +21,10 @@ Operations (`--ops`) and their algorithms:
   plus row exchange, `raw` / `flat` / `hierarchical`. Size is the mean bytes per rank.
 - allreduce: `raw` `all_reduce` (sum) over all ranks.
 
+`--dtype` (float32, bfloat16, float16) is the element type moved: bf16 is what the MoE
+layer's all-to-all carries under mixed precision (`train.precision=bf16`), half the
+bytes of a float32 row. Sizes stay in bytes, so a bf16 row is `--row-bytes` long.
+
 The backend is NCCL when CUDA is present, else gloo (`--backend` overrides). This module
 is the command line and the report; `comm.bench_measure` measures and `comm.spawn` starts
 the ranks. The JSON records the command line, the date and the host next to the rows.
@@ -40,7 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from comm.bench_measure import OPS, Sweep, measure
+from comm.bench_measure import DTYPES, OPS, Sweep, measure
 from comm.spawn import default_backend, run_on_ranks
 from comm.topology import Topology, build_process_groups
 
@@ -85,7 +89,8 @@ def _print_table(rows: list[dict[str, object]]) -> None:
 def _report(opts: Options, rows: list[dict[str, object]], world: int) -> None:
     print(
         f"# comm.bench: nproc={world} ranks_per_node={opts.ranks_per_node} "
-        f"backend={opts.backend} iters={opts.sweep.iters} warmup={opts.sweep.warmup}"
+        f"backend={opts.backend} dtype={opts.sweep.dtype} iters={opts.sweep.iters} "
+        f"warmup={opts.sweep.warmup}"
     )
     _print_table(rows)
     if not opts.json_path:
@@ -159,6 +164,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default="auto",
         help="auto: nccl when CUDA is available, else gloo",
     )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32",
+        help="element type moved (bfloat16: the all-to-all under mixed precision)",
+    )  # fmt: skip
     parser.add_argument("--json", dest="json_path", default=None, help="write the rows here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args(argv)
@@ -174,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
             warmup=args.warmup,
             row_bytes=args.row_bytes,
             skew=args.skew,
+            dtype=args.dtype,
         )
     except ValueError as err:
         parser.error(str(err))

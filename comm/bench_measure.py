@@ -19,6 +19,10 @@ import torch.distributed as dist
 from comm.alltoall import FlatAllToAll, HierarchicalAllToAll, exchange_counts
 from comm.topology import ProcessGroups
 
+# The element types the benchmark moves: the model's activations in fp32, and in bf16 or
+# fp16 under mixed precision (half the bytes per row).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 OPS = {
     "alltoall": ["raw", "raw_alloc", "flat", "hierarchical", "memcpy"],
     "dispatch": ["raw", "flat", "hierarchical"],
@@ -29,7 +33,7 @@ OPS = {
 @dataclass(frozen=True)
 class Sweep:
     """Sizes from `min_bytes` to `max_bytes` by `factor`; per size `warmup` untimed and
-    `iters` timed rounds of every case of `ops` in turn."""
+    `iters` timed rounds of every case of `ops` in turn, moving `dtype` elements."""
 
     min_bytes: int = 1024
     max_bytes: int = 4 << 20
@@ -39,8 +43,11 @@ class Sweep:
     warmup: int = 5
     row_bytes: int = 1024
     skew: float = 1.0
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid; accepted: {', '.join(DTYPES)}")
         unknown = [op for op in self.ops if op not in OPS]
         if unknown:
             raise ValueError(f"ops: unknown {unknown}; accepted: {', '.join(OPS)}")
@@ -69,10 +76,16 @@ class Case:
     wrong: int = 0
 
 
-def _pattern(src: int, count: int, device: torch.device) -> torch.Tensor:
-    """Distinct, exactly representable float32 values per source rank."""
-    base = torch.arange(count, device=device, dtype=torch.int64) * 7 + src * 1_000_003
-    return (base % 16_777_213).to(torch.float32)
+def _pattern(
+    src: int, count: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Exactly representable values that differ between source ranks: distinct integers
+    in float32; in bf16/fp16 (8 and 11 significant bits) integers in [-125, 125], each
+    source rank's sequence shifted (a misplaced row or chunk still shows)."""
+    index = torch.arange(count, device=device, dtype=torch.int64)
+    if dtype == torch.float32:
+        return ((index * 7 + src * 1_000_003) % 16_777_213).to(dtype)
+    return ((index * 7 + src * 61) % 251 - 125).to(dtype)
 
 
 def _dispatch_counts(size: int, rows: int, skew: float, seed: int) -> torch.Tensor:
@@ -101,13 +114,18 @@ def make_cases(
     """Every (op, algo) case of `sweep` at one size, with the result each must return."""
     rank, size = groups.rank, groups.topology.world_size
     cases: list[Case] = []
-    count = max(size, (nbytes // 4) // size * size)
+    dtype = DTYPES[sweep.dtype]
+    itemsize = dtype.itemsize
+    count = max(size, (nbytes // itemsize) // size * size)
     chunk = count // size
     split = [chunk] * size
     if "alltoall" in sweep.ops:
-        x = _pattern(rank, count, device)
+        x = _pattern(rank, count, device, dtype)
         expected = torch.cat(
-            [_pattern(src, count, device)[rank * chunk : (rank + 1) * chunk] for src in range(size)]
+            [
+                _pattern(src, count, device, dtype)[rank * chunk : (rank + 1) * chunk]
+                for src in range(size)
+            ]
         )
         out = torch.empty_like(x)
         flat = FlatAllToAll(groups.ep)
@@ -129,7 +147,7 @@ def make_cases(
             "hierarchical": lambda: hier.exchange(x, split, split),
         }
         for algo, run in runs.items():
-            cases.append(Case("alltoall", algo, count * 4, count, run, expected))
+            cases.append(Case("alltoall", algo, count * itemsize, count, run, expected))
         copy_out = torch.empty_like(x)
 
         def memcpy() -> torch.Tensor | None:
@@ -138,16 +156,18 @@ def make_cases(
                 return copy_out
             return None
 
-        cases.append(Case("alltoall", "memcpy", count * 4, count, memcpy, x if rank == 0 else None))
+        cases.append(
+            Case("alltoall", "memcpy", count * itemsize, count, memcpy, x if rank == 0 else None)
+        )
     if "dispatch" in sweep.ops:
-        row_elems = max(1, sweep.row_bytes // 4)
-        rows = max(1, nbytes // (row_elems * 4))
+        row_elems = max(1, sweep.row_bytes // itemsize)
+        rows = max(1, nbytes // (row_elems * itemsize))
         counts_PP = _dispatch_counts(size, rows, sweep.skew, seed=nbytes)
-        x_RD = _pattern(rank, rows * row_elems, device).view(rows, row_elems)
+        x_RD = _pattern(rank, rows * row_elems, device, dtype).view(rows, row_elems)
         pieces = []
         for src in range(size):
             start = int(counts_PP[src, :rank].sum())
-            src_rows = _pattern(src, rows * row_elems, device).view(rows, row_elems)
+            src_rows = _pattern(src, rows * row_elems, device, dtype).view(rows, row_elems)
             pieces.append(src_rows[start : start + int(counts_PP[src, rank])])
         expected_rows = torch.cat(pieces)
         send_P1 = counts_PP[rank].view(size, 1).to(device)
@@ -167,7 +187,7 @@ def make_cases(
 
             return run
 
-        mean_bytes = rows * row_elems * 4
+        mean_bytes = rows * row_elems * itemsize
         for algo, run in {
             "raw": dispatch_raw,
             "flat": via(flat),
@@ -175,10 +195,12 @@ def make_cases(
         }.items():
             cases.append(Case("dispatch", algo, mean_bytes, rows * row_elems, run, expected_rows))
     if "allreduce" in sweep.ops:
-        # Small integers, so every partial sum is exact in float32 whatever the order.
-        source = _pattern(rank, count, device) % 4093
+        # Small integers, so every partial sum is exact whatever the order (bf16 holds
+        # integers exactly up to 256: 8 ranks of values below 32).
+        modulus = 4093 if dtype == torch.float32 else 31
+        source = (_pattern(rank, count, device).to(torch.float64) % modulus).to(dtype)
         buffer = source.clone()
-        total = sum(_pattern(src, count, device).to(torch.float64) % 4093 for src in range(size))
+        total = sum(_pattern(src, count, device).to(torch.float64) % modulus for src in range(size))
         assert isinstance(total, torch.Tensor)
 
         def allreduce() -> torch.Tensor:
@@ -189,7 +211,7 @@ def make_cases(
             buffer.copy_(source)
 
         cases.append(
-            Case("allreduce", "raw", count * 4, count, allreduce, total.to(torch.float32), reset)
+            Case("allreduce", "raw", count * itemsize, count, allreduce, total.to(dtype), reset)
         )
     return cases
 
@@ -244,7 +266,7 @@ def measure(sweep: Sweep, groups: ProcessGroups, device: torch.device) -> list[d
                     "algo": case.algo,
                     "bytes": case.nbytes,
                     "count": case.count,
-                    "type": "float32",
+                    "type": sweep.dtype,
                     "time_us": time_s * 1e6,
                     "algbw_GBps": algbw,
                     "busbw_GBps": algbw * factor,

@@ -21,6 +21,7 @@ from comm.alltoall import Algorithm
 from launch.schema import build, hydra_schema, plain_container
 from moe.config import ModelConfig
 from moe.data import DataConfig
+from moe.precision import ComputePrecision, parse_precision
 from moe.pruning import PruneConfig
 from routing.config import RoutingConfig, parse_enum
 
@@ -77,6 +78,9 @@ class TrainConfig:
 
     The learning rate rises linearly from 0 over `warmup_steps`, then follows a cosine
     from `lr` down to `min_lr` at `steps`. One step is `grad_accum` micro-batches.
+    `precision` (`moe.precision`): fp32, bf16 (autocast over fp32 master weights), fp16
+    (CUDA, with loss scaling) or auto (bf16 where the device multiplies bf16 natively,
+    fp32 elsewhere; the run prints and records which and why).
     """
 
     steps: int = 1000
@@ -108,6 +112,7 @@ class TrainConfig:
     # Keep freed host memory in the heap instead of unmapping it (launch.training.allocator):
     # large per-step temporaries are reused rather than page-faulted in every step.
     reuse_heap: bool = True
+    precision: ComputePrecision = ComputePrecision.AUTO
     # A checkpoint (step, checkpoints or run directory) whose weights a fresh run starts
     # from (not its optimizer state or step: fine-tuning); "" = the model's own init.
     # Its pruning masks, if any, are kept (moe.pruning.build_pruning).
@@ -115,6 +120,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.engine = parse_enum(TrainingEngineKind, self.engine, "train.engine")
+        self.precision = parse_precision(self.precision, "train.precision")
         self.resume = parse_enum(ResumeMode, self.resume, "train.resume")
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
             _at_least(getattr(self, key), 1, f"train.{key}")

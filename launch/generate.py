@@ -2,13 +2,15 @@
 
     python -m launch.generate checkpoint=runs/demo prompt='And God said, '
     python -m launch.generate checkpoint=runs/demo prompt='In the beginning' \\
-        temperature=0 max_tokens=200 quantize=int8
+        temperature=0 max_tokens=200 quantize=int8 precision=bf16
     python -m launch.generate checkpoint=runs/subset_task2 prompt='Blessed are' task=2
     torchrun --nproc-per-node 2 -m launch.generate checkpoint=runs/demo \\
         'prompts=[In the beginning,And God said]'   # experts split over 2 ranks
 
 `checkpoint` is a step directory or a run directory (its latest step); the model's
-shape comes from the checkpoint. `compile=true` decodes through the compiled step
+shape comes from the checkpoint. `precision=bf16` computes with bf16 weights and a bf16
+KV cache, sampling in fp32 (`moe.precision`; fp32 by default, `auto` is bf16 where the
+device multiplies bf16 natively). `compile=true` decodes through the compiled step
 (`moe.inference.decode`: one inductor graph per batch-size bucket, compiled at start or,
 with `compile_warmup=lazy`, on first use; `compile_cache_dir` keeps inductor's kernels
 for the next run); off by default here, since a few completions rarely repay the compile
@@ -43,6 +45,7 @@ from launch.schema import build, hydra_schema, plain_container
 from launch.training.compile import use_cache_dir
 from moe.inference import Completion, InferenceEngine, SamplingParams, load_model
 from moe.inference.decode import CompileWarmup, DecodeCompileOptions
+from moe.precision import ComputePrecision, parse_precision
 from routing import CapacityOverride
 from routing.config import parse_enum
 
@@ -73,6 +76,7 @@ class GenerateConfig:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     quantize: Quantization = Quantization.NONE
+    precision: ComputePrecision = ComputePrecision.FP32
     routing: CapacityOverride = CapacityOverride.DROPLESS
     max_batch: int = 32
     compile: bool = False
@@ -82,6 +86,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         self.quantize = parse_enum(Quantization, self.quantize, "quantize")
+        self.precision = parse_precision(self.precision, "precision")
         self.routing = parse_enum(CapacityOverride, self.routing, "routing")
         self.compile_warmup = parse_enum(CompileWarmup, self.compile_warmup, "compile_warmup")
         if self.compile and self.routing != CapacityOverride.DROPLESS:
@@ -141,6 +146,7 @@ def run_generate(
             quantize=config.quantize.value,
             dispatcher_factory=dispatcher_factory(runtime, comm),
             device=runtime.device,
+            precision=config.precision,
         )
         if config.compile and config.compile_cache_dir:
             use_cache_dir(config.compile_cache_dir)

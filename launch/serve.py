@@ -3,6 +3,7 @@
     python -m launch.serve checkpoint=runs/demo_task                     # 127.0.0.1:8000
     python -m launch.serve checkpoint=runs/demo_task 'serve.tasks=[law,2]' serve.port=8080
     python -m launch.serve checkpoint=runs/demo_task serve.ep_size=2 serve.replicas=2
+    python -m launch.serve checkpoint=runs/demo serve.precision=bf16     # bf16 weights
     RAY_ADDRESS=ray://head:10001 python -m launch.serve checkpoint=/shared/run ...
 
 A Ray Serve application (an embedded local Ray unless `RAY_ADDRESS` names a cluster):
@@ -16,7 +17,9 @@ model). Bounds: `serve.max_body_bytes`, `serve.max_tokens`, `serve.max_n`,
 `serve.max_best_of`, `serve.max_logprobs`, `serve.max_prompts`,
 `serve.max_request_tokens`, and per deployment replica `serve.max_ongoing_requests`
 running plus `serve.max_queued_requests` waiting (then 503 with `Retry-After`).
-`serve.chat_template`: a Jinja2 file that replaces the checkpoint's chat template. See
+`serve.chat_template`: a Jinja2 file that replaces the checkpoint's chat template.
+`serve.precision` (fp32 by default; bf16, auto, fp16 on CUDA) is the weights' and the KV
+cache's dtype in every deployment (`moe.precision`). See
 docs/SERVING.md.
 """
 
@@ -57,6 +60,7 @@ class ServeOptions:
     max_queued_requests: int = 64
     max_body_bytes: int = 65536
     max_tokens: int = 512
+    precision: str = "fp32"
     max_n: int = 8
     max_best_of: int = 8
     max_logprobs: int = 20
@@ -79,6 +83,9 @@ class ServeOptions:
     stream_interval_s: float = 0.05
 
     def __post_init__(self) -> None:
+        from moe.precision import parse_precision
+
+        self.precision = parse_precision(self.precision, "serve.precision").value
         self.tasks = [str(t) for t in self.tasks]
         self.subsets = {str(k): str(v) for k, v in self.subsets.items()}
         if not 0 <= self.port <= 65535:
@@ -198,6 +205,7 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     """The Ray Serve application of `config`. `probe` adds the deployment `probe`: the
     same architecture with one MoE layer of one expert (the benchmark's runtime-overhead
     baseline, `launch.serving.deployments.probe_model`)."""
+    import torch
     from ray import serve
 
     from launch.serving.api import Gateway
@@ -205,8 +213,14 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     from launch.serving.protocol import ModelEntry
     from moe.checkpoint import read_meta
     from moe.inference.loading import checkpoint_tokenizer, configs_of, resolve_checkpoint
+    from moe.precision import resolve_precision
 
     options = config.serve
+    # Refused here, not in a replica: fp16 where the model would run on CPU. Replicas
+    # hold their model on CPU; expert-parallel workers on a GPU when given one.
+    on_gpu = options.ep_size > 1 and options.gpus_per_worker > 0
+    device = torch.device("cuda" if on_gpu else "cpu")
+    resolve_precision(options.precision, device, key="serve.precision")
     checkpoint = str(resolve_checkpoint(config.checkpoint).resolve())
     meta = read_meta(Path(checkpoint))
     model_config, routing = configs_of(meta)
@@ -218,7 +232,8 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
                      gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s,
                      compile=options.compile, compile_warmup=options.compile_warmup,
                      compile_cache_dir=options.compile_cache_dir,
-                     stream_interval_s=options.stream_interval_s)  # fmt: skip
+                     stream_interval_s=options.stream_interval_s,
+                     precision=options.precision)  # fmt: skip
     specs = {"full": full}
     for task_id, path in subsets.items():
         specs[f"task-{task_id}"] = replace(full, name=f"task-{task_id}", checkpoint=path, ep_size=1)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from moe.dispatchers import Dispatcher, LocalDispatcher
 from moe.experts import Activation, DenseMLP, Experts, GroupedExperts
 from moe.permute import capacity_padded_permutation, permute, sort_by_expert, unpermute
+from moe.precision import compute_dtype
 from routing import (
     CapacityOverride,
     CapacityState,
@@ -182,7 +183,10 @@ class MoELayer(nn.Module):
             permutation = capacity_padded_permutation(plan, slots_E)
         else:
             permutation = sort_by_expert(plan)
-        x_RD = permute(x_TD, permutation)
+        # The routed rows travel and are multiplied in the compute dtype (bf16 under
+        # autocast: half the bytes through the permute and the all-to-all); the router
+        # above read x_TD as it came (fp32 logits, `routing.routers.router_logits`).
+        x_RD = permute(x_TD.to(compute_dtype(x_TD)), permutation)
         dispatch, combine = self.dispatcher.dispatch, self.dispatcher.combine
         if self.dispatcher.exchanges_rows:
             # The EP all-to-all runs eagerly between compiled graphs (launch.training.compile):
@@ -213,7 +217,10 @@ class MoELayer(nn.Module):
     def _finish(self, x: Tensor, x_TD: Tensor, y_TD: Tensor, plan: RoutingPlan) -> MoEOutput:
         """The residual MLP (PR-MoE), the stats, the output in x's shape."""
         if self.residual is not None and self.residual_gate is not None:
-            coefficients_T2 = nn.functional.softmax(self.residual_gate(x_TD), dim=-1)
+            gate_T2 = self.residual_gate(x_TD)
+            # In at least fp32 (autocast would leave a bf16 softmax; float64 stays float64).
+            dtype = torch.promote_types(gate_T2.dtype, torch.float32)
+            coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=dtype)
             y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
         self.last_stats = plan.stats
         self.last_expert_ids_TK = plan.expert_ids_TK

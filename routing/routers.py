@@ -52,6 +52,15 @@ def _router_dtype(x_TD: Tensor) -> torch.dtype:
     return torch.promote_types(x_TD.dtype, torch.float32)
 
 
+def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """logits_TE = x W^T in at least fp32, under `torch.autocast` too (which would run
+    the linear in bf16): the softmax/sigmoid, the top-k choice and the aux and z losses
+    all read these logits. A [T, D] x [D, E] matmul: a small part of the layer's FLOPs."""
+    dtype = _router_dtype(x_TD)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return nn.functional.linear(x_TD.to(dtype), weight_ED.to(dtype))
+
+
 class Router(nn.Module):
     """What every router shares: its expert count, config, and an optional restriction
     to a subset of experts (`allowed_E`, a bool buffer; None = all)."""
@@ -206,8 +215,7 @@ class TopKRouter(Router):
             # Switch Transformer: multiplicative noise on the router input.
             eps = self.config.jitter_noise
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        dtype = _router_dtype(x_TD)
-        logits_TE = nn.functional.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
+        logits_TE = router_logits(x_TD, self.gate.weight)
         return softmax_topk_plan(self.mask(logits_TE), self.config)
 
 
@@ -240,8 +248,7 @@ class SigmaRouter(Router):
 
     def forward(self, x_TD: Tensor, task_ids_T: Tensor | None = None) -> RoutingPlan:
         validate_tokens(x_TD, self.d_model, self.config.check_finite)
-        dtype = _router_dtype(x_TD)
-        logits_TE = nn.functional.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
+        logits_TE = router_logits(x_TD, self.gate.weight)
         gates_TE = torch.sigmoid(logits_TE)
         selection_TE = self.mask(gates_TE.detach())
         if self.training and self.config.expert_dropout > 0:

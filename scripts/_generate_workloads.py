@@ -3,11 +3,12 @@ prompts, one timed serving of a batch of requests, and what its decode steps rea
 
 - `build_variants`: fp32 (`load_model`), a task subset (`--subset`, else written by
   `write_subset(checkpoint, --task, coverage=0.99)` into the benchmark's temporary
-  directory), int8 experts (`load_model(quantize="int8")`) and, with `--compile`, the
-  fp32 checkpoint decoding through the compiled step (`InferenceEngine(compile=True)`:
-  one engine of `max_batch` = the largest B, its buckets compiled when it is built,
-  kept for every measurement); a variant whose module does not import is skipped with
-  the reason printed;
+  directory) and int8 experts (`load_model(quantize="int8")`); with `--precision` bf16
+  also the bf16 model and its int8-expert twin (`load_model(precision="bf16")`); with
+  `--compile`, the fp32 checkpoint decoding through the compiled step
+  (`InferenceEngine(compile=True)`: one engine of `max_batch` = the largest B, its
+  buckets compiled when it is built, kept for every measurement); a variant whose module
+  does not import is skipped with the reason printed;
 - `validation_prompts`: distinct windows of the task's validation text;
 - `run_requests`: B prompts submitted at once to a fresh `InferenceEngine(max_batch=B)`,
   greedy, each step timed (`_engine_timing.engine_step_seconds`): the first step
@@ -47,6 +48,11 @@ class Variant:
     loaded: LoadedModel
     task_id: int | None  # what every request names (None: the model needs none)
     engine: InferenceEngine | None = None  # kept across measurements (compiled)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The matmul dtype of this variant's compute floor ("fp32" or "bf16")."""
+        return self.loaded.precision.precision.value
 
 
 @dataclass
@@ -240,6 +246,14 @@ def build_variants(args: argparse.Namespace, workdir: Path) -> list[Variant]:
         print(f"skipping int8: {reason}")
     else:
         variants.append(Variant("int8", load_model(args.checkpoint, quantize="int8"), fp32_task))
+        if "bf16" in args.precision:
+            int8_bf16 = load_model(args.checkpoint, quantize="int8", precision="bf16")
+            variants.append(Variant("int8_bf16", int8_bf16, fp32_task))
+    if "bf16" in args.precision:
+        bf16 = Variant("bf16", load_model(args.checkpoint, precision="bf16"), fp32_task)
+        variants.insert(1, bf16)
+    if "fp32" not in args.precision:
+        variants = [v for v in variants if v.name not in ("fp32", "subset", "int8")]
     if args.compile:
         compiled = load_model(args.checkpoint)
         engine = InferenceEngine(

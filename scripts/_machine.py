@@ -4,7 +4,7 @@
   larger than the last-level cache for the memory's figure; `scripts/bench_generate.py`
   also reads a buffer of a decode step's size over and over: data that stays cached);
 - copy bandwidth: bytes read + written / time of a copy between two such buffers;
-- matmul FLOP/s: 2 N^3 / time of an fp32 [N, N] @ [N, N] matmul;
+- matmul FLOP/s: 2 N^3 / time of an [N, N] @ [N, N] matmul (fp32, or another dtype);
 - the CPU's model name (/proc/cpuinfo, else `platform`).
 
 Each time is `statistic` over `repeats` runs after one untimed run
@@ -41,9 +41,14 @@ def copy_bandwidth(
     return 2 * source.nbytes / statistic(timed_runs(lambda: target.copy_(source), repeats))
 
 
-def matmul_flops(size: int, repeats: int = 5, statistic: Statistic = statistics.median) -> float:
-    """FLOP/s of an fp32 [size, size] @ [size, size] matmul."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops(
+    size: int,
+    repeats: int = 5,
+    statistic: Statistic = statistics.median,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """FLOP/s of a [size, size] @ [size, size] matmul in `dtype`."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     return 2.0 * size**3 / statistic(timed_runs(lambda: a @ b, repeats))
 
 

@@ -13,6 +13,9 @@ Variants (one checkpoint, built three ways):
           reported under "compile") before the measurements, reused by every B. Its
           floor is fp32's (same model, same routing); its padded MoE layout reads every
           expert of a layer, which the floor does not count.
+With `--precision fp32,bf16` (or `bf16` alone), also:
+- bf16:      `load_model(precision="bf16")`: bf16 weights and KV cache, fp32 sampling;
+- int8_bf16: int8 experts with bf16 activations in an otherwise bf16 model.
 A variant whose module (`moe.inference.subset`, `moe.inference.quant`) does not import
 is skipped with the reason printed.
 
@@ -31,12 +34,14 @@ from round to round (`_bench_utils.interleaved_times`); figures are medians.
 Floor of a decode step (Pope et al. 2022; docs/METHODS.md, "Inference cost"):
 - memory: bytes read / read bandwidth. Bytes = every non-expert parameter (tied
   embeddings once) + per MoE layer the experts the step touched x bytes per expert (the
-  nbytes of the expert tensors: fp32 weights, or int8 weights + fp32 scales) + the KV
-  cache read (each sequence's length x blocks x 2 x kv heads x head width x 4 bytes),
+  nbytes of the expert tensors: fp32 or bf16 weights, or int8 weights + fp32 scales) +
+  the KV cache read (each sequence's length x blocks x 2 x kv heads x head width x the
+  bytes of the model's dtype: 4, or 2 in bf16),
   averaged over the decode steps. Experts touched are counted from the routing of each
   decode step (a forward hook on the routers, in the untimed run); the uniform-routing
   expectation E * (1 - (1 - K/E)^B) is reported beside them.
-- compute: 2 * active parameters * B FLOPs over the FLOP/s of a large fp32 matmul.
+- compute: 2 * active parameters * B FLOPs over the FLOP/s of a large matmul in the
+  variant's dtype (fp32, or bf16 for the bf16 variants).
 Bandwidth is measured in the same run: the median time of `torch.sum` over a buffer far
 larger than the last-level cache (and of a copy, reported). `floor_fraction` = memory
 floor / measured step (1.0 = at the floor); `roofline_fraction` uses max(memory,
@@ -50,7 +55,8 @@ variants, prompts, timed runs and decode-step traffic are in
 
     python scripts/bench_generate.py [--checkpoint runs/demo_token] [--subset PATH]
         [--task 0] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64] [--repeats 3]
-        [--threads 2] [--json PATH] [--plot PATH] [--quick] [--compile]
+        [--threads 2] [--json PATH] [--plot PATH] [--quick] [--precision fp32,bf16]
+        [--compile] [--compile-backend inductor]
 
 Shapes: B requests (batch), P prompt bytes, N new tokens per request, E experts of a
 layer, K experts per token.
@@ -83,7 +89,8 @@ from _generate_workloads import (
 )
 from _machine import copy_bandwidth, cpu_model, matmul_flops, read_bandwidth
 
-VARIANTS = ("fp32", "subset", "int8", "compiled")
+VARIANTS = ("fp32", "bf16", "subset", "int8", "int8_bf16", "compiled")
+PRECISIONS = ("fp32", "bf16")
 TARGET_RATIO = 8.0
 # Compiled decode tokens/s over fp32's, by batch (issue 26's targets).
 COMPILED_TARGETS = {1: 4.0, 32: 3.0}
@@ -102,7 +109,8 @@ def make_row(m: Measurement, args: argparse.Namespace, machine: dict) -> dict:
     step_s = decode_s / steps
     memory_s = m.traffic.bytes_per_step / (machine["read_gbs"] * 1e9)
     cached_s = m.traffic.bytes_per_step / (machine["read_gbs_cached"] * 1e9)
-    compute_s = m.traffic.flops_per_step / machine["matmul_flops"]
+    flops = machine["matmul_flops_bf16" if m.variant.compute_dtype == "bf16" else "matmul_flops"]
+    compute_s = m.traffic.flops_per_step / flops
     return {
         "variant": m.variant.name,
         "batch": m.batch,
@@ -244,7 +252,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="add the compiled variant")
     parser.add_argument("--compile-backend", default="inductor",
                         help="its dynamo backend (the smoke test: aot_eager)")  # fmt: skip
+    parser.add_argument(
+        "--precision", default="fp32",
+        help="comma-separated among fp32, bf16: the variants' weights and KV cache",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        parser.error(f"--precision={args.precision!r} is invalid; accepted: fp32, bf16 or both")
+    args.precision = precisions
     quick = args.quick
     defaults = {"batches": [1, 4] if quick else [1, 8, 32], "prompt_len": 16 if quick else 64,
                 "new_tokens": 8 if quick else 64, "repeats": 1 if quick else 3}  # fmt: skip
@@ -300,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
                 "copy_gbs": copy_bandwidth((64 if args.quick else 512) * MIB) / 1e9,
                 "read_gbs_cached": read_bandwidth(int(largest_step), repeats=51) / 1e9,
                 "matmul_flops": matmul_flops(512 if args.quick else 1024),
+                "matmul_flops_bf16": matmul_flops(
+                    512 if args.quick else 1024, dtype=torch.bfloat16
+                ),
             }
             interleaved_times(
                 {name: measure(m) for name, m in measurements.items()},
@@ -334,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"({bucket['graphs']} graphs, inductor {bucket['compile_s']:.1f} s)")  # fmt: skip
     if args.json:
         settings = {k: getattr(args, k) for k in ("checkpoint", "subset", "task", "batches",
-                                                   "prompt_len", "new_tokens", "repeats")}  # fmt: skip
+                                                   "prompt_len", "new_tokens", "repeats",
+                                                   "precision")}  # fmt: skip
         payload = {"machine": machine, "settings": settings, "rows": rows, "ratios": ratios,
                    "compiled_speedups": speedups, "compile": compile_report}  # fmt: skip
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""Benchmark of one MoE layer on CPU: forward + backward, fp32, side by side in one run.
+"""Benchmark of one MoE layer on CPU: forward + backward, side by side in one run, in
+fp32 or (`--dtype bf16`) in mixed precision.
 
 Implementations (same input, same upstream gradient, gradients dropped between steps):
 - moe:          our `MoELayer`, top-2 softmax router, dropless;
@@ -8,12 +9,20 @@ Implementations (same input, same upstream gradient, gradients dropped between s
 - deepspeed:    `deepspeed.moe.layer.MoE` (k=2, capacity_factor=1.25, ep_size=1) with an
                 expert of the same shape, on CPU (`DS_ACCELERATOR=cpu`, a 1-rank gloo group).
 
+`--dtype bf16` runs every implementation as a bf16 training step runs
+(`train.precision=bf16`): fp32 parameters (the master weights), the forward under
+`torch.autocast("cpu", torch.bfloat16)`, fp32 input and upstream gradient. It adds
+- moe_bf16_params: our layer with bf16 parameters and a bf16 input, no autocast: the
+                other way to train in bf16 (bf16 parameter copies beside fp32 masters,
+                the copy and the master update not timed), measured against autocast;
+- moe_fp32:     our layer in fp32 (no autocast), the same run: bf16's speed-up.
+
 Times are medians over interleaved rounds (each round runs every implementation once; the
 starting one rotates). Peak memory is the peak resident set size above the resident set
 after setup, one implementation per subprocess (see `scripts/_bench_utils.py`).
 
     python scripts/bench_layer.py [--quick] [--json PATH] [--plot PATH] [--repeats N]
-        [--allocator reuse|default]
+        [--allocator reuse|default] [--dtype fp32|bf16]
 
 `--allocator reuse` (the default) sets glibc's malloc the way a training run does
 (`train.reuse_heap`, `launch.training.allocator`): freed blocks stay in the heap instead of
@@ -55,10 +64,16 @@ from _bench_utils import (
 from launch.training.allocator import reuse_heap
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
+from moe.precision import BF16_CPU_FLAGS, cpu_flags
 from routing import RoutingConfig
 
 IMPLEMENTATIONS = ("moe", "moe_capacity", "dense", "deepspeed")
+BF16_ONLY = ("moe_bf16_params", "moe_fp32")
 CAPACITY_FACTOR = 1.25
+
+
+def implementations(dtype: str) -> list[str]:
+    return list(IMPLEMENTATIONS) + (list(BF16_ONLY) if dtype == "bf16" else [])
 
 
 @dataclass(frozen=True)
@@ -82,15 +97,23 @@ QUICK_CONFIGS = (
 
 
 class Runner:
-    """One implementation on one config: `step()` runs forward + backward."""
+    """One implementation on one config: `step()` runs forward + backward (the forward
+    under bf16 autocast when `autocast`; the input and upstream gradient in `dtype`)."""
 
     def __init__(
-        self, module: nn.Module, forward: Callable[[Tensor], list[Tensor]], cfg: BenchConfig
+        self,
+        module: nn.Module,
+        forward: Callable[[Tensor], list[Tensor]],
+        cfg: BenchConfig,
+        autocast: bool = False,
+        dtype: torch.dtype = torch.float32,
     ):
         generator = torch.Generator().manual_seed(1)
         self.module = module.train()
         self.forward = forward
-        self.x_TD = torch.randn(cfg.T, cfg.D, generator=generator, requires_grad=True)
+        self.autocast = autocast
+        x_TD = torch.randn(cfg.T, cfg.D, generator=generator)
+        self.x_TD = x_TD.to(dtype).requires_grad_(True)
         self.dy_TD = torch.randn(cfg.T, cfg.D, generator=generator)
 
     def zero_grad(self) -> None:
@@ -98,9 +121,10 @@ class Runner:
         self.x_TD.grad = None
 
     def step(self) -> None:
-        outputs = self.forward(self.x_TD)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            outputs = self.forward(self.x_TD)
         # The output gets a fixed random upstream gradient; auxiliary losses get 1.
-        grads = [self.dy_TD] + [torch.ones_like(aux) for aux in outputs[1:]]
+        grads = [self.dy_TD.to(outputs[0].dtype)] + [torch.ones_like(aux) for aux in outputs[1:]]
         torch.autograd.backward(outputs, grads)
 
 
@@ -121,12 +145,13 @@ def init_deepspeed_single_rank() -> None:
         )
 
 
-def build_runner(implementation: str, cfg: BenchConfig) -> Runner:
+def build_runner(implementation: str, cfg: BenchConfig, dtype: str = "fp32") -> Runner:
     torch.manual_seed(0)
-    if implementation in ("moe", "moe_capacity"):
+    autocast = dtype == "bf16"
+    if implementation in ("moe", "moe_capacity", "moe_bf16_params", "moe_fp32"):
         routing = RoutingConfig(
             top_k=cfg.K,
-            capacity="dropless" if implementation == "moe" else "fixed",
+            capacity="fixed" if implementation == "moe_capacity" else "dropless",
             capacity_factor=CAPACITY_FACTOR,
         )
         layer = MoELayer(cfg.D, cfg.H, cfg.E, routing, activation="gelu")
@@ -135,10 +160,12 @@ def build_runner(implementation: str, cfg: BenchConfig) -> Runner:
             out = layer(x_TD)
             return [out.y, out.aux_loss]
 
-        return Runner(layer, moe_forward, cfg)
+        if implementation == "moe_bf16_params":
+            return Runner(layer.to(torch.bfloat16), moe_forward, cfg, dtype=torch.bfloat16)
+        return Runner(layer, moe_forward, cfg, autocast and implementation != "moe_fp32")
     if implementation == "dense":
         mlp = DenseMLP(cfg.D, cfg.K * cfg.H, activation="gelu")
-        return Runner(mlp, lambda x_TD: [mlp(x_TD)], cfg)
+        return Runner(mlp, lambda x_TD: [mlp(x_TD)], cfg, autocast)
     if implementation == "deepspeed":
         init_deepspeed_single_rank()
         from deepspeed.moe.layer import MoE
@@ -157,15 +184,19 @@ def build_runner(implementation: str, cfg: BenchConfig) -> Runner:
             y_TD, aux_loss, _ = ds_moe(x_TD)
             return [y_TD, aux_loss]
 
-        return Runner(ds_moe, ds_forward, cfg)
-    raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
+        return Runner(ds_moe, ds_forward, cfg, autocast)
+    raise ValueError(f"implementation={implementation!r} is not one of {implementations(dtype)}")
 
 
 def time_config(
-    cfg: BenchConfig, implementations: list[str], repeats: int, progress: Callable[[], None] | None
+    cfg: BenchConfig,
+    names: list[str],
+    repeats: int,
+    progress: Callable[[], None] | None,
+    dtype: str = "fp32",
 ) -> dict[str, list[float]]:
     """ms of forward + backward of each implementation in every round, interleaved."""
-    runners = {name: build_runner(name, cfg) for name in implementations}
+    runners = {name: build_runner(name, cfg, dtype) for name in names}
     times = interleaved_times(
         {name: runner.step for name, runner in runners.items()},
         repeats=repeats,
@@ -176,21 +207,21 @@ def time_config(
     return {name: [s * 1e3 for s in seconds] for name, seconds in times.items()}
 
 
-def peak_memory_here(implementation: str, cfg: BenchConfig) -> float:
+def peak_memory_here(implementation: str, cfg: BenchConfig, dtype: str = "fp32") -> float:
     """Peak MiB one forward + backward adds over the state after setup and a warm-up step
     (parameters and input in the baseline; gradients, activations and temporaries above)."""
-    runner = build_runner(implementation, cfg)
+    runner = build_runner(implementation, cfg, dtype)
     runner.step()  # lazy initialisations and thread pools belong to setup
     runner.zero_grad()
     return peak_rss_above_baseline_mb(runner.step)
 
 
 def peak_memory_subprocess(
-    implementation: str, cfg: BenchConfig, threads: int, allocator: str
+    implementation: str, cfg: BenchConfig, threads: int, allocator: str, dtype: str = "fp32"
 ) -> float:
     command = [
         sys.executable, __file__, "--threads", str(threads), "--allocator", allocator,
-        "--peak-of", implementation, "--peak-config", json.dumps(asdict(cfg)),
+        "--peak-of", implementation, "--peak-config", json.dumps(asdict(cfg)), "--dtype", dtype,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -217,10 +248,21 @@ def format_table(rows: list[dict]) -> str:
             f"{row['deepspeed_ms'] / row['moe_ms']:>7.2f} | {row['moe_peak_mb']:>7.1f} "
             f"{row['dense_peak_mb']:>8.1f} {row['deepspeed_peak_mb']:>7.1f}"
         )
+    if all("moe_bf16_params_ms" in row for row in rows):
+        lines.append("bf16: autocast over fp32 parameters (moe) against bf16 parameters:")
+        for row in rows:
+            lines.append(
+                f"  {row['name']}: moe_bf16_params {row['moe_bf16_params_ms']:.1f} ms, "
+                f"moe (autocast) {row['moe_ms']:.1f} ms, ratio autocast / bf16 params "
+                f"{row['moe_ms'] / row['moe_bf16_params_ms']:.2f}; moe_fp32 "
+                f"{row['moe_fp32_ms']:.1f} ms: fp32 / bf16 autocast "
+                f"{row['moe_fp32_ms'] / row['moe_ms']:.2f} (per round "
+                f"{row['fp32_over_bf16_round_median']:.2f})"
+            )
     return "\n".join(lines)
 
 
-def plot_ratios(rows: list[dict], path: str) -> None:
+def plot_ratios(rows: list[dict], path: str, dtype: str = "fp32") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,7 +283,8 @@ def plot_ratios(rows: list[dict], path: str) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), [f"{r['name']}\nE={r['E']} T={r['T']}" for r in rows])
     ax.set_ylabel("ratio (forward + backward time, or peak memory)")
-    ax.set_title("MoE layer on CPU, fp32, 2 threads")
+    mode = "fp32" if dtype == "fp32" else "bf16 autocast, fp32 parameters"
+    ax.set_title(f"MoE layer on CPU, {mode}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -261,8 +304,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--allocator", choices=("reuse", "default"), default="reuse",
         help="glibc malloc: keep freed blocks (as train.reuse_heap does) or its default",
     )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default="fp32",
+        help="fp32, or bf16 mixed precision (autocast over fp32 parameters)",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--peak-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-of", choices=IMPLEMENTATIONS + BF16_ONLY, help=argparse.SUPPRESS)
     parser.add_argument("--peak-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -278,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     heap_reused = args.allocator == "reuse" and reuse_heap()
     if args.peak_of is not None:  # child process of peak_memory_subprocess
         cfg = BenchConfig(**json.loads(args.peak_config))
-        print(json.dumps({"peak_mb": peak_memory_here(args.peak_of, cfg)}))
+        print(json.dumps({"peak_mb": peak_memory_here(args.peak_of, cfg, args.dtype)}))
         return
     configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
     repeats = args.repeats or (5 if args.quick else 9)
@@ -288,26 +335,30 @@ def main(argv: list[str] | None = None) -> None:
 
         progress_bar = tqdm(total=len(configs) * repeats, desc="timing rounds", file=sys.stderr)
     rows = []
+    names = implementations(args.dtype)
     for cfg in configs:
         rounds = time_config(
-            cfg, list(IMPLEMENTATIONS), repeats, progress_bar.update if progress_bar else None
+            cfg, names, repeats, progress_bar.update if progress_bar else None, args.dtype
         )
-        row = asdict(cfg) | {
-            f"{name}_ms": statistics.median(rounds[name]) for name in IMPLEMENTATIONS
-        }
+        row = asdict(cfg) | {f"{name}_ms": statistics.median(rounds[name]) for name in names}
         row["moe_over_dense_round_median"] = round_ratio_median(rounds["moe"], rounds["dense"])
+        if "moe_fp32" in rounds:
+            row["fp32_over_bf16_round_median"] = round_ratio_median(
+                rounds["moe_fp32"], rounds["moe"]
+            )
         row["round_ms"] = rounds
         for name in ("moe", "dense", "deepspeed"):
             row[f"{name}_peak_mb"] = (
                 float("nan")
                 if args.no_memory
-                else peak_memory_subprocess(name, cfg, args.threads, args.allocator)
+                else peak_memory_subprocess(name, cfg, args.threads, args.allocator, args.dtype)
             )
         rows.append(row)
     if progress_bar is not None:
         progress_bar.close()
+    mode = "fp32" if args.dtype == "fp32" else "bf16 autocast over fp32 parameters"
     print(
-        f"MoE layer, forward + backward, fp32, {args.threads} threads, median of {repeats}, "
+        f"MoE layer, forward + backward, {mode}, {args.threads} threads, median of {repeats}, "
         f"allocator: {'heap reuse' if heap_reused else 'glibc default'}"
     )
     print(format_table(rows))
@@ -319,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         meta = {
             "threads": args.threads,
             "repeats": repeats,
+            "dtype": args.dtype,
+            "cpu_flags_bf16": sorted(set(cpu_flags()) & set(BF16_CPU_FLAGS)),
             "torch": torch.__version__,
             "capacity_factor": CAPACITY_FACTOR,
             "allocator": "reuse_heap" if heap_reused else "glibc default",
@@ -327,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         Path(args.json).write_text(json.dumps({"meta": meta, "configs": rows}, indent=2) + "\n")
     if args.plot:
-        plot_ratios(rows, args.plot)
+        plot_ratios(rows, args.plot, args.dtype)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 What it measures (torch on CPU, `--threads` threads, the fastest of `--repeats`: the
 machine is shared, and the minimum is the figure least disturbed by other jobs):
 - peak matmul FLOP/s: an [N, N] @ [N, N] matmul in fp32 and bf16, and `torch._int_mm`
-  (int8 x int8 -> int32); bf16 and int8 at N <= 256 (slow on this CPU) where this torch has it;
+  (int8 x int8 -> int32) where this torch has it; bf16 at the full N on a CPU with native
+  bf16 matmuls (`moe.precision.bf16_matmul_support`: amx_bf16 or avx512_bf16), else, like
+  int8, at N <= 256 (emulated there, too slow for more);
 - memory: read bandwidth of `torch.sum` over a buffer far larger than the last-level
   cache; memory size from /proc/meminfo;
 - interconnect: an all-to-all between 2 gloo processes on loopback at several sizes,
@@ -51,6 +53,7 @@ from moe.inference import InferenceEngine, SamplingParams
 from moe.planning.hardware import HOST_FIELDS, Hardware
 from moe.planning.model_costs import Costs, Workload, shape_from_config
 from moe.planning.planner import estimate
+from moe.precision import bf16_matmul_support
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
 
@@ -69,11 +72,14 @@ def fastest_s(run: Callable[[], object], repeats: int) -> float:
 
 def matmul_peaks(size: int, repeats: int) -> dict[str, float]:
     out = {"fp32": matmul_flops(size, repeats, statistic=min)}
-    # torch's CPU bf16 and int8 x int8 matmuls have no fast kernel on this CPU (~0.4 and
+    # Without native bf16 (and for int8 x int8 on CPU) torch has no fast kernel (~0.4 and
     # ~0.2 GFLOP/s at 256 and 512 alike): a smaller matrix keeps the measurement to seconds.
     small = min(size, 256)
-    a16 = torch.randn(small, small).bfloat16()
-    out["bf16"] = 2.0 * small**3 / fastest_s(lambda: a16 @ a16, repeats)
+    native_bf16, why = bf16_matmul_support(torch.device("cpu"))
+    print(f"[calibrate] bf16 matmul: {'native' if native_bf16 else 'emulated'} ({why})")
+    out["bf16"] = matmul_flops(
+        size if native_bf16 else small, repeats, statistic=min, dtype=torch.bfloat16
+    )
     a8 = torch.randint(-127, 127, (small, small), dtype=torch.int8)
     try:
         out["int8"] = 2.0 * small**3 / fastest_s(lambda: torch._int_mm(a8, a8), repeats)

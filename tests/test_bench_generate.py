@@ -65,7 +65,8 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     # The compiled variant with aot_eager: the script's plumbing, not inductor's compile.
     done = run_script("--quick", "--threads", "1", "--checkpoint", str(tmp_path / "run"),
                       "--json", str(json_path), "--plot", str(plot_path), "--compile",
-                      "--compile-backend", "aot_eager", timeout=300)  # fmt: skip
+                      "--compile-backend", "aot_eager", "--precision", "fp32,bf16",
+                      timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert "decode tok/s" in done.stdout and "fp32" in done.stdout
 
@@ -75,11 +76,17 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert result["machine"]["read_gbs"] > 0 and result["machine"]["matmul_flops"] > 0
     rows = result["rows"]
     variants = {row["variant"] for row in rows}
-    assert {"fp32", "compiled"} <= variants
+    assert {"fp32", "bf16", "compiled"} <= variants
     assert set(result["compiled_speedups"]) == {"1", "4"}
     assert result["compile"]["compiled_buckets"] == [1, 2, 4]
     if importlib.util.find_spec("moe.inference.quant") is not None:
-        assert "int8" in variants
+        assert {"int8", "int8_bf16"} <= variants
+    by_variant = {r["variant"]: r for r in rows if r["batch"] == 1}
+    # bf16 weights and KV cache: about half the bytes of an fp32 decode step.
+    ratio = (
+        by_variant["bf16"]["bytes_per_decode_step"] / by_variant["fp32"]["bytes_per_decode_step"]
+    )
+    assert ratio == pytest.approx(0.5, abs=0.01)
     if importlib.util.find_spec("moe.inference.subset") is not None:
         assert "subset" in variants
     for variant in variants:
@@ -107,6 +114,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
         (["--new-tokens", "1"], "--new-tokens=1 must be >= 2"),
         (["--repeats", "0"], "--repeats=0 must be >= 1"),
         (["--prompt-len", "0"], "--prompt-len=0 must be >= 1"),
+        (["--precision", "fp8"], "--precision='fp8' is invalid"),
     ],
 )
 def test_bad_arguments_are_rejected(

@@ -34,12 +34,13 @@ CONFIG_KEYS = {
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path, dtype: str) -> None:
     json_path = tmp_path / "bench.json"
     plot_path = tmp_path / "bench.png"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     command = [
-        sys.executable, str(ROOT / "scripts" / "bench_layer.py"), "--quick",
+        sys.executable, str(ROOT / "scripts" / "bench_layer.py"), "--quick", "--dtype", dtype,
         "--threads", "1", "--repeats", "2", "--json", str(json_path), "--plot", str(plot_path),
     ]  # fmt: skip
     done = subprocess.run(
@@ -49,6 +50,11 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert "moe/dense" in done.stdout and "quick-E8" in done.stdout
 
     result = json.loads(json_path.read_text())
+    assert result["meta"]["dtype"] == dtype
+    implementations = {"moe", "moe_capacity", "dense", "deepspeed"}
+    if dtype == "bf16":
+        implementations |= {"moe_bf16_params", "moe_fp32"}
+        assert "autocast / bf16 params" in done.stdout
     configs = result["configs"]
     assert [c["name"] for c in configs] == ["quick-E8", "quick-E32"]
     for config in configs:
@@ -59,7 +65,8 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
             assert math.isfinite(config[key]) and config[key] > 0, (key, config[key])
         for key in ("moe_peak_mb", "dense_peak_mb", "deepspeed_peak_mb"):
             assert math.isfinite(config[key]) and config[key] >= 0, (key, config[key])
-        assert set(config["round_ms"]) == {"moe", "moe_capacity", "dense", "deepspeed"}
+        assert set(config["round_ms"]) == implementations
+        assert all(math.isfinite(config[f"{name}_ms"]) for name in implementations)
         assert all(len(times) == 2 for times in config["round_ms"].values())
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -89,3 +89,22 @@ def test_bench_cli_runs_checks_and_calibrates(tmp_path: Path) -> None:
         assert r["busbw_GBps"] == pytest.approx(expected)
     model = calibrate(bench)
     assert all(value >= 0 for value in vars(model).values())
+
+
+@pytest.mark.distributed
+def test_bench_moves_bf16(tmp_path: Path) -> None:
+    """`--dtype bfloat16`: the same checked cases with 2-byte elements (twice the count
+    per byte), every result exact."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "comm.bench", "--nproc", "2", "--ranks-per-node", "1",
+               "--min-bytes", "4096", "--max-bytes", "4096", "--iters", "2", "--warmup", "1",
+               "--dtype", "bfloat16", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["type"] == "bfloat16" and r["wrong"] == 0 for r in rows)
+    for r in rows:
+        if r["op"] == "alltoall":
+            assert r["bytes"] == 4096 and r["count"] == 2048
+    bad = subprocess.run([*command[:-2], "--dtype", "fp8"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr

@@ -316,9 +316,15 @@ def test_distillation_loss_falls_and_the_student_is_an_ordinary_checkpoint(
     assert completions[0].completion_tokens == 6
 
 
-def test_resume_continues_exactly(teacher_dir: Path, tmp_path: Path) -> None:
-    overrides = ("train.steps=8", "train.checkpoint_every=4", "train.eval_every=4")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_continues_exactly(teacher_dir: Path, tmp_path: Path, precision: str) -> None:
+    """Also in bf16: teacher and student under the run's autocast, the student's fp32
+    masters in the checkpoint."""
+    overrides = ("train.steps=8", "train.checkpoint_every=4", "train.eval_every=4",
+                 f"train.precision={precision}")  # fmt: skip
     full = distill(distill_config(tmp_path / "full", teacher_dir, *overrides))
+    meta = read_meta(tmp_path / "full" / "checkpoints" / "step_8")
+    assert meta["config"]["train"]["precision"] == precision
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_4", resumed_dir / "step_4")

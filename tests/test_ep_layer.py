@@ -248,3 +248,90 @@ def test_signatures_ride_in_the_counts_exchange() -> None:
         assert value["gathers"] == 1, value
         assert value["rows"][:2] == [value["expected"]] * 2, value
         assert "different MoE dispatch inputs" in value["rows"][2], value
+
+
+def _bf16_case(rank: int, world_size: int, capacity: str) -> dict[str, float]:
+    """EP=2 under bf16 autocast against the EP=1 reference under the same autocast (fp32
+    parameters, each shard routed on its own). Returns the largest relative differences
+    and the dtype of the rows the dispatcher exchanged."""
+    groups = build_process_groups(Topology(world_size, 1, world_size))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"bf16{capacity}".encode()))
+    x_global = torch.randn(world_size * T_BF16, D_BF16, generator=gen)
+    probe_global = torch.randn(world_size * T_BF16, D_BF16, generator=gen)
+    shard = slice(rank * T_BF16, (rank + 1) * T_BF16)
+    routing = RoutingConfig(top_k=2, aux_loss_weight=0.05, z_loss_weight=0.01,
+                            **CAPACITIES[capacity])  # type: ignore[arg-type]  # fmt: skip
+    torch.manual_seed(1234)
+    ref = MoELayer(D_BF16, H_BF16, E, routing)
+    ref_x = x_global.clone().requires_grad_(True)
+    ref_losses, ref_y = [], []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for r in range(world_size):
+            rows = slice(r * T_BF16, (r + 1) * T_BF16)
+            out = ref(ref_x[rows])
+            ref_y.append(out.y.detach())
+            ref_losses.append((out.y.float() * probe_global[rows]).sum() / T_BF16 + out.aux_loss)
+    (sum(ref_losses) / world_size).backward()  # type: ignore[operator]
+    ref_grads = _grads(ref)
+
+    dispatcher = ExpertParallelDispatcher(E, groups, "flat")
+    exchanged: list[torch.dtype] = []
+    dispatch = dispatcher.dispatch
+
+    def recording_dispatch(x_RD, *args, **kwargs):  # type: ignore[no-untyped-def]
+        exchanged.append(x_RD.dtype)
+        return dispatch(x_RD, *args, **kwargs)
+
+    dispatcher.dispatch = recording_dispatch  # type: ignore[method-assign]
+    ep_layer = MoELayer(D_BF16, H_BF16, E, routing, dispatcher=dispatcher)
+    _copy_weights(ep_layer, ref)
+    x = x_global[shard].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ep_layer(x)
+        loss = (out.y.float() * probe_global[shard]).sum() / T_BF16 + out.aux_loss
+    loss.backward()
+    reduce_gradients(ep_layer, groups)
+
+    def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.float() - want.float()).norm() / want.float().norm())
+
+    assert out.y.dtype == torch.bfloat16 and x.grad is not None and ref_x.grad is not None
+    report = {
+        "y": relative(out.y, ref_y[rank]),
+        "y_equal": float(torch.equal(out.y, ref_y[rank])),
+        "loss": relative(loss.detach(), ref_losses[rank].detach()),
+        "x_grad": relative(x.grad / world_size, ref_x.grad[shard]),
+        "exchanged_bf16": float(exchanged == [torch.bfloat16]),
+    }
+    offset, local = ep_layer.experts.expert_ids[0], ep_layer.experts.num_experts
+    for name, grad in _grads(ep_layer).items():
+        want = ref_grads[name]
+        if name.startswith("experts."):
+            want = want[offset : offset + local]
+        assert grad.dtype == torch.float32, name  # fp32 gradients of fp32 masters
+        report[name] = relative(grad, want)
+    return report
+
+
+D_BF16, H_BF16, T_BF16 = 32, 48, 40
+
+
+def test_ep2_equals_ep1_in_bf16() -> None:
+    """Under bf16 autocast the dispatcher exchanges bf16 rows (half the bytes), and EP=2
+    computes what EP=1 computes: the forward and the input gradient exactly (each row's
+    products and sums are the same; only which rows share a matmul call differs), the
+    weight gradients within bf16 rounding (EP=1 rounds each shard's expert gradient to
+    bf16 and adds the two in fp32, EP=2 rounds the two shards' sum once)."""
+    values = values_or_raise(run_distributed(_bf16_cases, 2, ["dropless", "fixed"], timeout_s=180))
+    for reports in values:
+        for report in reports:
+            assert report.pop("exchanged_bf16") == 1.0, "the rows were not exchanged in bf16"
+            assert report.pop("y_equal") == 1.0, report
+            assert report.pop("y") == 0.0 and report.pop("x_grad") == 0.0, report
+            assert report.pop("loss") < 1e-6, report
+            for name, difference in report.items():
+                assert difference < 2**-8, (name, difference)
+
+
+def _bf16_cases(rank: int, world_size: int, capacities: list[str]) -> list[dict[str, float]]:
+    return [_bf16_case(rank, world_size, capacity) for capacity in capacities]

@@ -76,8 +76,10 @@ def test_tiny_model_trains_and_writes_its_run_dir(tmp_path: Path) -> None:
         # DynaMoE: the controllers (and the assignment cache) are part of the checkpoint;
         # rebuilds every 2 steps, so the capacities at step 8 are not the initial ones.
         ("routing=dynamic", "routing.dynamic_rebuild_interval=2", "routing.dynamic_window=4"),
+        # Mixed precision: autocast over fp32 masters; the checkpoint holds the masters.
+        ("train.precision=bf16",),
     ],
-    ids=["topk", "dynamic"],
+    ids=["topk", "dynamic", "bf16"],
 )
 def test_resume_continues_exactly(tmp_path: Path, routing: tuple[str, ...]) -> None:
     overrides = ("train.steps=16", "train.checkpoint_every=8", "train.eval_every=8", *routing)

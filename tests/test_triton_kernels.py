@@ -193,7 +193,37 @@ def check_combine(device: str) -> None:
             torch.testing.assert_close(dweights_TK.cpu().double(), w_leaf.grad, **tolerance)
 
 
+def check_half_precision_adapters(device: str) -> None:
+    """What the ops' autocast rule hands the CUDA kernels (`moe.ops.cuda`): half-precision
+    operands (fp16 under the interpreter, whose bf16 `tl.dot` is wrong; bf16 on CUDA).
+    The result keeps that dtype and is accumulated in fp32: at K = 1024 its largest error
+    is about one rounding of the largest output (relative 2^-11 in fp16), where an fp16
+    accumulator would be off by about sqrt(K) roundings of the running sum."""
+    from moe.ops import cuda
+
+    counts = [5, 0, 11]
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    rounding = 2**-11 if dtype == torch.float16 else 2**-8  # half a unit in the last place
+
+    def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.cpu().float() - want).abs().max() / want.abs().max())
+
+    x_RD = torch.randn(sum(counts), 1024, device=device).to(dtype)
+    w_EDH = torch.randn(len(counts), 1024, 24, device=device).to(dtype)
+    counts_E = torch.tensor(counts, device=device)
+    y_RH = cuda.grouped_mm(x_RD, w_EDH, counts_E)
+    assert y_RH.dtype == dtype
+    error = relative_error(y_RH, reference_grouped_mm(x_RD.cpu(), w_EDH.cpu(), counts))
+    assert error < 2 * rounding, error
+    dy_RH = torch.randn(sum(counts), 24, device=device).to(dtype)
+    dw_EDH = cuda.grouped_mm_wgrad(x_RD, dy_RH, counts_E)
+    assert dw_EDH.dtype == dtype
+    error = relative_error(dw_EDH, reference_wgrad(x_RD.cpu(), dy_RH.cpu(), counts))
+    assert error < 2 * rounding, error
+
+
 CHECKS: dict[str, Callable[[str], None]] = {
+    "half_precision_adapters": check_half_precision_adapters,
     "grouped_mm": check_grouped_mm,
     "grouped_mm_wgrad": check_grouped_mm_wgrad,
     "gather": check_gather,

@@ -51,7 +51,8 @@ from moe.checkpoint import read_meta
 from moe.inference import Completion, InferenceEngine, LoadedModel, load_model
 from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 from moe.inference.engine import GeneratedToken
-from moe.inference.loading import configs_of, resolve_checkpoint
+from moe.inference.loading import cast_parameters, configs_of, resolve_checkpoint
+from moe.precision import resolve_precision
 from moe.transformer import MoETransformer
 
 _T = TypeVar("_T")
@@ -70,6 +71,7 @@ class ModelSpec:
     gpus_per_worker: float = 0.0
     timeout_s: float = 120.0
     probe: bool = False
+    precision: str = "fp32"  # weights and KV cache (moe.precision)
     compile: bool = False
     compile_warmup: str = "start"
     compile_cache_dir: str = ""
@@ -90,21 +92,23 @@ class ModelSpec:
         }
 
 
-def probe_model(checkpoint: str) -> LoadedModel:
+def probe_model(checkpoint: str, precision: str = "fp32") -> LoadedModel:
     """The checkpoint's architecture with its last block's FFN an MoE layer of one expert
     (top-1, the checkpoint's router kind) and every other FFN dense; random weights,
-    nothing loaded. A dense checkpoint stays dense."""
+    nothing loaded, in `precision`. A dense checkpoint stays dense."""
     directory = resolve_checkpoint(checkpoint)
     meta = read_meta(directory)
     model_config, routing = configs_of(meta)
+    resolved = resolve_precision(precision, torch.device("cpu"), key="serve.precision")
     if routing is None:
-        return LoadedModel(MoETransformer(model_config, None).eval(), directory, -1,
-                           meta["config"], None, None)  # fmt: skip
-    one_expert = dataclasses.replace(
-        model_config, moe_every=model_config.n_layers, expert_schedule=[1]
-    )
-    model = MoETransformer(one_expert, dataclasses.replace(routing, top_k=1)).eval()
-    return LoadedModel(model, directory, -1, meta["config"], None, None)
+        model = MoETransformer(model_config, None).eval()
+    else:
+        one_expert = dataclasses.replace(
+            model_config, moe_every=model_config.n_layers, expert_schedule=[1]
+        )
+        model = MoETransformer(one_expert, dataclasses.replace(routing, top_k=1)).eval()
+    cast_parameters(model, resolved.dtype)
+    return LoadedModel(model, directory, -1, meta["config"], None, None, precision=resolved)
 
 
 class ModelServer:
@@ -121,7 +125,11 @@ class ModelServer:
             self.info = _merge(self.workers.descriptions)
             self.loop = BatchLoop(self.workers.step)
             return
-        loaded = probe_model(spec.checkpoint) if spec.probe else load_model(spec.checkpoint)
+        loaded = (
+            probe_model(spec.checkpoint, spec.precision)
+            if spec.probe
+            else load_model(spec.checkpoint, precision=spec.precision)
+        )
         engine = InferenceEngine(
             loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids,
             **spec.engine_options(),

@@ -79,7 +79,7 @@ class EPWorker:
         runtime = setup_runtime(comm, ProcessInfo(self.rank, self.world_size, 0, 1))
         loaded = load_model(
             self.spec.checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm),
-            device=runtime.device,
+            device=runtime.device, precision=self.spec.precision,
         )  # fmt: skip
         engine = InferenceEngine(
             loaded.model, max_batch=self.spec.max_batch, task_ids=loaded.task_ids,

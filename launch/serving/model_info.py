@@ -26,6 +26,7 @@ def describe_model(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "checkpoint": str(loaded.checkpoint),
         "step": loaded.step,
+        "precision": loaded.precision.precision.value,
         "experts": {name: list(module.expert_ids) for name, module in experts},
         "weight_bytes": state_bytes(model),
         "expert_bytes": expert_bytes,

@@ -21,6 +21,16 @@ How our experts become DeepSpeed experts (DeepSpeed 0.19 knows only its own
   group, and the rank-0 weight broadcast leaves each rank's experts alone) only when it
   finds an `MoE` instance. The marker is never called: our dispatchers do the all-to-all.
 
+Precision (`train.precision`, `moe.precision`): bf16 and fp16 become DeepSpeed's
+`torch_autocast` section in that dtype, with no module's gradients reduced in it. So the
+module keeps its fp32 parameters (the master weights: checkpoints hold them, resumption
+is exact), the forward runs under `torch.autocast` as the torch engine's does, and the
+gradients are reduced in fp32: the torch engine's numerics. fp16 adds DeepSpeed's loss
+scaling (torch's GradScaler inside its ZeRO optimizer; CUDA only, like fp16 itself).
+DeepSpeed's other mode, its `bf16` section, would cast the module to bf16 and hold the
+fp32 masters only in its optimizer partitions, so a checkpoint's model files would be
+bf16.
+
 Dense parameters use DeepSpeed's data-parallel group, its copy of the world group: the
 same ranks as our dense data-parallel group (dense weights are replicated on every rank).
 Gradient convention: DeepSpeed divides every gradient by the world size and sums over
@@ -40,10 +50,23 @@ from launch.config import TrainConfig
 from launch.runtime import Runtime
 from launch.training.optim import param_groups
 from moe.experts import expert_parameter_ids
+from moe.precision import FULL_PRECISION, ResolvedPrecision
 
 
-def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config of a run (fp32; ZeRO stage `config.zero_stage`)."""
+def deepspeed_config(
+    config: TrainConfig, world_size: int, precision: ResolvedPrecision = FULL_PRECISION
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a run (ZeRO stage `config.zero_stage`; the
+    precision as the module docstring says)."""
+    autocast: dict[str, Any] = {}
+    if precision.mixed:
+        autocast = {
+            "torch_autocast": {
+                "enabled": True,
+                "dtype": str(precision.dtype).removeprefix("torch."),
+                "lower_precision_safe_modules": [],  # every gradient reduced in fp32
+            }
+        }
     return {
         "train_micro_batch_size_per_gpu": config.batch_size // world_size,
         "gradient_accumulation_steps": config.grad_accum,
@@ -53,6 +76,7 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **autocast,
     }
 
 
@@ -155,7 +179,13 @@ def _num_experts(model: nn.Module) -> int:
 class DeepSpeedEngine:
     """`launch.training.engines.TrainingEngine` on top of `deepspeed.initialize`."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        runtime: Runtime,
+        precision: ResolvedPrecision = FULL_PRECISION,
+    ) -> None:
         import deepspeed
 
         # DeepSpeed insists on reading the launcher's variables; we are the launcher.
@@ -185,7 +215,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
-            config=deepspeed_config(config, info.world_size),
+            config=deepspeed_config(config, info.world_size, precision),
         )
         self.module: nn.Module = self.engine
 
@@ -199,9 +229,18 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
         self.engine.step()
 
+    def gradient_scale(self) -> float:
+        """1.0: DeepSpeed steps inside `backward` (fp16: with its own loss scale), so no
+        caller sees its gradients between the backward and the update (pruning, which
+        would, is refused with this engine)."""
+        return 1.0
+
     def finish_step(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def scalars(self) -> dict[str, float]:
+        return {}
 
     def optimizer_state(self) -> dict[str, Any]:
         """This rank's ZeRO partition of the optimizer state, without its loss-scaler

@@ -20,6 +20,11 @@ parameters for the optimizer and the gradient reduction. Its checkpoints are ord
 checkpoints (`moe.inference.load_model`, `launch.generate`); their config records the
 student's `model`, plus `teacher` (the resolved step directory) and `distill`, which a
 resumed run must match.
+
+Precision: teacher and student compute in the run's `train.precision`. The teacher
+keeps its checkpoint's fp32 weights and runs inside the loop's autocast with the
+student (the objective calls both), and its expert usage is measured under the same
+autocast; the student's fp32 parameters are the master weights.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from moe.distill import (
     student_config,
 )
 from moe.inference.loading import configs_of, load_model, resolve_checkpoint
+from moe.precision import resolve_precision
 from moe.pruning import PruneConfig
 from moe.transformer import MoETransformer
 from moe.usage import ExpertUsage
@@ -227,7 +233,9 @@ def teacher_usage(
         train.batch_size, train.seed, info.rank, info.world_size, config.data.balance_tasks
     )
     usage = ExpertUsage()
-    with torch.no_grad():
+    # The usage the run's forward would see: the teacher in the run's precision.
+    precision = resolve_precision(train.precision, runtime.device)
+    with torch.no_grad(), precision.autocast(runtime.device):
         for _ in range(config.distill.usage_batches):
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT[:, :-1].to(runtime.device)

@@ -18,6 +18,12 @@ policy nor a pruning method: stateful routing (`routing.PolicyState`, from
 `model.policy_state()`) and pruning (`moe.pruning.PruningState`, from `prune` and the
 masks of the checkpoint the run resumes or starts from: `train.init_from`), which
 hooks around the optimizer step (`begin_step`, `before_update`, `after_update`).
+
+Precision: `train.precision` is resolved on the run's device (`moe.precision`: `auto` is
+bf16 where the device multiplies bf16 natively); the forward of every step and the
+evaluations run under that autocast, the parameters stay fp32. The choice and its reason
+are printed, written to events.jsonl and recorded in the run's config (meta.json of every
+checkpoint, wandb): `train.precision` resolved, `precision` with what was asked and why.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from launch.training.tracking import Tracker
 from moe.data import TokenDataset, build_dataset
 from moe.inference import generate
 from moe.params import count_parameters
+from moe.precision import resolve_precision
 from moe.pruning import build_pruning
 from moe.transformer import MoETransformer
 
@@ -177,7 +184,10 @@ def run_training(
     if train_cfg.reuse_heap:
         reuse_heap()
     run_dir = Path(config.run_dir)
+    precision = resolve_precision(train_cfg.precision, device)
     run_record = config_dict(config) | objective.config_record()
+    run_record["train"]["precision"] = precision.precision.value
+    run_record["precision"] = precision.record()
     checkpoints = CheckpointManager(
         run_dir / "checkpoints", runtime, train_cfg.keep_last, dataset.tokenizer
     )
@@ -191,7 +201,7 @@ def run_training(
     # The state of stateful routing policies (DynaMoE); the loop knows only the protocol.
     policy_state = model.policy_state()
     sum_over_ranks = runtime.sum_over_ranks()
-    engine = build_engine(model, train_cfg, runtime)
+    engine = build_engine(model, train_cfg, runtime, precision)
     compiled = training_step(engine.module, policy_state, train_cfg)
     sampler = dataset.sampler(
         train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size, config.data.balance_tasks
@@ -226,12 +236,14 @@ def run_training(
                 "world_size": info.world_size,
                 "ep_size": runtime.ep_size,
                 "workers": workers,
+                "precision": precision.record(),
             },
         )
         print(
             f"[{name}] {counts.total:,} parameters ({counts.active:,} active non-embedding, "
             f"{counts.expert:,} in experts), world={info.world_size} ep={runtime.ep_size} "
-            f"device={device}, steps {start_step}->{train_cfg.steps}"
+            f"device={device} precision={precision.describe()}, "
+            f"steps {start_step}->{train_cfg.steps}"
             + (f" (resumed from step {start_step})" if resumed is not None else ""),
             flush=True,
         )
@@ -259,16 +271,17 @@ def run_training(
             batch = sampler.next_batch()
             tokens_BT = batch.tokens_BT.to(device)
             policy_state.before_forward(batch.sample_ids_B, tokens_BT[:, :-1].numel())
-            losses = objective(
-                compiled or engine.module,
-                tokens_BT[:, :-1], tokens_BT[:, 1:], batch.task_ids_B.to(device),
-            )  # fmt: skip
+            with precision.autocast(device):
+                losses = objective(
+                    compiled or engine.module,
+                    tokens_BT[:, :-1], tokens_BT[:, 1:], batch.task_ids_B.to(device),
+                )  # fmt: skip
             engine.backward(losses.loss)
             parts = {"loss": losses.loss, "ce": losses.ce, **losses.terms}
             step_losses.add(parts, 1 / train_cfg.grad_accum)
             monitor.observe(routed)
         step_losses.end_step()
-        pruning.before_update()
+        pruning.before_update(engine.gradient_scale())
         grad_norm = engine.finish_step()
         pruning.after_update()
         if compiled is not None and step == start_step:
@@ -303,15 +316,17 @@ def run_training(
                 "train/alltoall_time_s": take_comm_time(routed) / window_steps,
                 **monitor.scalars(routed),
                 **(compiled.scalars() if compiled is not None else {}),
+                **{f"train/{key}": value for key, value in engine.scalars().items()},
                 **last_policy,
             }
             tracker.log(done, scalars)
         if eval_due:
             elapsed = time.perf_counter() - window_start
-            evaluation = evaluate(
-                model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
-                info.rank, info.world_size, device, sum_over_ranks,
-            )  # fmt: skip
+            with precision.autocast(device):
+                evaluation = evaluate(
+                    model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
+                    info.rank, info.world_size, device, sum_over_ranks,
+                )  # fmt: skip
             record = {
                 "step": done,
                 "train_loss": last_loss,
@@ -320,6 +335,7 @@ def run_training(
                 "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                 "lr": lr,
                 **last_terms,
+                **engine.scalars(),  # fp16: loss_scale, skipped_steps
                 **{
                     k.replace("/", "_"): v
                     # The routing scalars of this step (not of the last log: a resumed
@@ -352,10 +368,11 @@ def run_training(
     moe_time.remove()
     if not result.evaluations:
         # Resumed at (or past) train.steps: nothing was trained, but report where it stands.
-        evaluation = evaluate(
-            model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
-            info.rank, info.world_size, device, sum_over_ranks,
-        )  # fmt: skip
+        with precision.autocast(device):
+            evaluation = evaluate(
+                model, dataset, train_cfg.batch_size, train_cfg.eval_batches,
+                info.rank, info.world_size, device, sum_over_ranks,
+            )  # fmt: skip
         result.evaluations.append(
             {"step": start_step, "val_loss": evaluation.val_loss, "val_bpb": evaluation.val_bpb}
         )

@@ -31,6 +31,10 @@ change with its neighbours. The engine overrides the model's capacity policy wit
 included; `restore()` puts the trained one back); `routing="trained"` keeps the trained
 policy for those who want it.
 
+Precision: the engine computes in the model's parameter dtype (bf16 weights from
+`load_model(precision="bf16")`): the KV cache is kept in it (`kv_dtype`), and the
+sampler and the log-probabilities read the logits in fp32.
+
 Log-probabilities and telemetry come from the step that samples: a request that asks
 (`SamplingParams.logprobs`) gets each sampled token's log-probability and alternatives
 from the logits the token was sampled from, and one that asks for `prompt_logprobs` gets
@@ -167,6 +171,7 @@ class InferenceEngine:
             pad_task=self.task_ids[0] if self.task_ids else 0,
         )  # fmt: skip
         self.cache = self.runner.cache
+        self.kv_dtype = self.cache.k_SGLC[0].dtype  # the model's dtype (bf16 weights: bf16)
         self.meter = self.runner.meter
         # Held for the engine's life; `restore()` leaves it.
         self._override = contextlib.ExitStack()
@@ -274,7 +279,7 @@ class InferenceEngine:
         self.meter.record_step(sum(len(t) for t in tokens), prompt_tokens, generated)
         if not ready:
             return []
-        last_BV = logits.last_SV[ready]
+        last_BV = logits.last_SV[ready]  # float32 (`StepLogits`)
         next_tokens = sample_tokens(
             last_BV, [s.params for s in sampled], [s.generator for s in sampled],
             [s.generated for s in sampled],

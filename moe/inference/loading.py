@@ -6,10 +6,14 @@ config it was saved with), never from the user. A subset checkpoint (its meta li
 per MoE layer, the global ids of the experts it holds) builds each MoE layer with only
 those experts (a `LocalDispatcher` over the ids) and restricts the layer's router to
 them. A checkpoint stored int8 builds int8 experts; `quantize="int8"` quantizes a float
-checkpoint's experts after loading. A checkpoint pruned 2:4 (`launch.prune`) runs its
-experts on sparse tensor cores (`moe.pruning.semi_structured`) when it is loaded onto a
-CUDA device of compute capability 8.0 or more (`semi_structured`: None = then, True =
-always, or fail, False = never).
+checkpoint's experts after loading. `precision="bf16"` casts the parameters to bf16
+(half the weight memory and half the bytes a decode step reads; the engine then keeps
+its KV cache in bf16 and samples from fp32 logits); the int8 experts' scales are
+buffers and stay fp32, their activations are bf16. A checkpoint pruned 2:4
+(`launch.prune`) runs its experts on sparse tensor cores (`moe.pruning.semi_structured`)
+when it is loaded onto a CUDA device of compute capability 8.0 or more
+(`semi_structured`: None = then, True = always, or fail, False = never), in the
+precision's half type (fp16 for fp16, bf16 otherwise: the sparse kernels take no fp32).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest
 from moe.checkpoint.files import read_verified
 from moe.config import ModelConfig
 from moe.dispatchers import Dispatcher, LocalDispatcher
 from moe.interop.tokenizer import TOKENIZER_FILES, ByteTokenizer, Tokenizer, tokenizer_from_files
+from moe.precision import FULL_PRECISION, ComputePrecision, ResolvedPrecision, resolve_precision
 from moe.transformer import DispatcherFactory, MoETransformer
 from routing import RoutingConfig
 
@@ -46,6 +52,7 @@ class LoadedModel:
     subset: dict[str, Any] | None
     task_ids: list[int] | None
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
+    precision: ResolvedPrecision = FULL_PRECISION
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -96,14 +103,17 @@ def load_model(
     quantize: str = "none",
     dispatcher_factory: DispatcherFactory | None = None,
     device: torch.device | str = "cpu",
+    precision: ComputePrecision | str = ComputePrecision.FP32,
     semi_structured: bool | None = None,
 ) -> LoadedModel:
     """Build the checkpoint's model (dispatchers from `dispatcher_factory` for expert
-    parallelism; a subset's own dispatchers otherwise), load it, and quantize its experts
-    when asked or when the checkpoint stores them int8; 2:4 experts go semi-structured
-    (module docstring). Eval mode."""
+    parallelism; a subset's own dispatchers otherwise), load it, quantize its experts
+    when asked or when the checkpoint stores them int8, and cast its parameters to
+    `precision` (`moe.precision`: fp32, bf16, fp16 on CUDA, or auto); 2:4 experts go
+    semi-structured (module docstring). Eval mode."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is invalid; accepted: {', '.join(QUANTIZATIONS)}")
+    resolved = resolve_precision(precision, torch.device(device), key="precision")
     directory = resolve_checkpoint(checkpoint)
     meta = read_meta(directory)
     model_config, routing = configs_of(meta)
@@ -128,6 +138,7 @@ def load_model(
     if quantize == "int8" and stored == {"none"}:
         _quantize(model)
     model.to(device).eval()
+    cast_parameters(model, resolved.dtype)
     pruned = loaded.extra.get("pruning") or {}
     if semi_structured is None:
         from moe.pruning.semi_structured import semi_structured_available
@@ -136,7 +147,7 @@ def load_model(
     if semi_structured:
         from moe.pruning.semi_structured import use_semi_structured
 
-        use_semi_structured(model)
+        use_semi_structured(model, resolved.dtype if resolved.mixed else torch.bfloat16)
     subset = loaded.extra.get("subset")
     task_ids: list[int] | None = None
     if subset is not None and subset.get("task") is not None:
@@ -144,7 +155,19 @@ def load_model(
     elif routing is not None and routing.needs_task_ids:
         task_ids = list(range(routing.num_tasks))
     tokenizer = checkpoint_tokenizer(directory, meta)
-    return LoadedModel(model, directory, loaded.step, meta["config"], subset, task_ids, tokenizer)
+    return LoadedModel(
+        model, directory, loaded.step, meta["config"], subset, task_ids, tokenizer, resolved
+    )
+
+
+@torch.no_grad()
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter of `model` to `dtype`, in place, for inference. Buffers keep their
+    dtype: the int8 experts' per-channel scales are buffers and stay fp32 (bf16 scales
+    would add a rounding error of up to 2^-9 to every output channel)."""
+    for param in model.parameters():
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def checkpoint_tokenizer(directory: Path, meta: dict[str, Any]) -> Tokenizer:

@@ -6,7 +6,8 @@ and `torch.compile`): `grouped_mm`, `grouped_mm_wgrad`, `gather_rows`,
   kernel), with the CPU block workers;
 - `moe.ops.cuda`: the CUDA implementations, registered here when Triton is installed;
 - `moe.ops.kernels`: the Triton kernels behind them;
-- `moe.ops.int8`: the int8-weight grouped matmul of the int8 experts.
+- `moe.ops.int8`: the int8-weight grouped matmul of the int8 experts;
+- `moe.ops.autocast`: the ops' rules under `torch.autocast` (registered here).
 """
 
 from moe.ops import kernels
@@ -27,8 +28,12 @@ if kernels.triton_available():
 
     cuda.register()
 
+# Registers the ops' rules under torch.autocast (moe.ops.autocast), once the ops exist.
+from moe.ops import autocast
+
 __all__ = [
     "POOL_MIN_BLOCKS",
+    "autocast",
     "combine",
     "combine_backward",
     "gather_rows",

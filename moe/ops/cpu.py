@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from moe.ops.row_buckets import bucketed_rows, zero_padded
+
 Block = tuple[int, int, int]  # (expert, start row, stop row)
 
 
@@ -179,7 +181,12 @@ def grouped_mm_torch(
 
     def work(block: Block) -> None:
         expert, start, stop = block
-        torch.mm(x_RD[start:stop], w_EDH[expert], out=y_RH[start:stop])
+        rows = bucketed_rows(stop - start, x_RD.dtype, x_RD.device)
+        if rows == stop - start:
+            torch.mm(x_RD[start:stop], w_EDH[expert], out=y_RH[start:stop])
+        else:  # the padding rows' products are computed and dropped
+            y_MH = torch.mm(zero_padded(x_RD[start:stop], rows), w_EDH[expert])
+            y_RH[start:stop] = y_MH[: stop - start]
 
     _block_runner.run(layout.blocks, work, x_RD.device)
     return y_RH
@@ -213,7 +220,10 @@ def grouped_mm_wgrad_torch(
 
     def work(block: Block) -> None:
         expert, start, stop = block
-        torch.mm(x_RD[start:stop].t(), dy_RH[start:stop], out=dw_EDH[expert])
+        rows = bucketed_rows(stop - start, x_RD.dtype, x_RD.device)
+        # Zero rows add exact zeros to the sum over rows.
+        x_MD = zero_padded(x_RD[start:stop], rows)
+        torch.mm(x_MD.t(), zero_padded(dy_RH[start:stop], rows), out=dw_EDH[expert])
 
     _block_runner.run(layout.blocks, work, x_RD.device)
     return dw_EDH

@@ -3,8 +3,9 @@ run whose weights are pruned (`MaskedTraining`), built by `build_pruning`.
 
 The loop's calls, in order, every step: `begin_step(step)` before the step's first
 forward (the schedule prunes here: `moe.pruning.schedule`); the forwards and backwards;
-`before_update()` after the last backward, before the optimizer engine reduces, clips
-and applies the gradients; the engine's step; `after_update()`. With checkpoints:
+`before_update(grad_scale)` after the last backward, before the optimizer engine reduces,
+clips and applies the gradients (`grad_scale`: the factor the gradients carry then, the
+loss scale under fp16, 1 otherwise); the engine's step; `after_update()`. With checkpoints:
 `state_dict(all_reduce)` (collective: every rank calls it) and, when a run resumes or
 starts from a checkpoint, `build_pruning(config, model, saved_state)`. `scalars()` when
 it logs. The loop names no method.
@@ -18,7 +19,8 @@ Each constrained weight follows one rule:
   W~ = W * mask(W) between steps, so forwards, evaluations and checkpoints see the
   sparse model; the dense W is kept here. `before_update` adds the sparse-refined term
   `sr_ste_decay * (1 - mask) * W` to the gradient (which autograd computed at W~: the
-  straight-through estimator) and puts W back into the parameter, so the optimizer
+  straight-through estimator; times `grad_scale`, so that the term is the same after
+  the engine unscales an fp16 run's gradients) and puts W back into the parameter, so the optimizer
   updates the dense weights (AdamW's decoupled decay included); `after_update` keeps the
   updated W, recomputes the N:M mask from it, and writes W~ back.
 
@@ -59,7 +61,7 @@ class PruningState(Protocol):
 
     def begin_step(self, step: int) -> None: ...
 
-    def before_update(self) -> None: ...
+    def before_update(self, grad_scale: float | Tensor = 1.0) -> None: ...
 
     def after_update(self) -> None: ...
 
@@ -82,7 +84,7 @@ class NoPruning:
     def begin_step(self, step: int) -> None:
         return None
 
-    def before_update(self) -> None:
+    def before_update(self, grad_scale: float | Tensor = 1.0) -> None:
         return None
 
     def after_update(self) -> None:
@@ -165,7 +167,7 @@ class MaskedTraining:
             self._apply(item)
 
     @torch.no_grad()
-    def before_update(self) -> None:
+    def before_update(self, grad_scale: float | Tensor = 1.0) -> None:
         for item in self.constrained:
             param, mask = item.weight.param, item.mask
             if mask is None:
@@ -174,7 +176,8 @@ class MaskedTraining:
                 assert item.dense is not None
                 if param.grad is not None:
                     decay = self.config.sr_ste_decay
-                    param.grad.add_(torch.where(mask, 0.0, item.dense * decay))
+                    term = torch.where(mask, 0.0, item.dense * decay)
+                    param.grad.add_(term * grad_scale)  # exact: the scale is a power of 2
                 # Also without a gradient: `after_update` reads the dense weights back.
                 param.copy_(item.dense)
             elif param.grad is not None:
@@ -226,7 +229,7 @@ class MaskedTraining:
     def describe(self) -> str:
         rules: dict[str, int] = {}
         for item in self.constrained:
-            rules[item.rule] = rules.get(item.rule, 0) + 1
+            rules[item.rule.value] = rules.get(item.rule.value, 0) + 1
         parts = ", ".join(f"{count} {rule}" for rule, count in sorted(rules.items()))
         config = self.config
         if not config.active:

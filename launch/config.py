@@ -78,6 +78,14 @@ class TrainConfig:
 
     The learning rate rises linearly from 0 over `warmup_steps`, then follows a cosine
     from `lr` down to `min_lr` at `steps`. One step is `grad_accum` micro-batches.
+
+    `init_from`: a checkpoint (e.g. an imported HF model) to fine-tune: a fresh run starts
+    from its weights (any EP size; a fresh optimizer), its model config replaces `model`
+    and its router (kind, top_k, weight normalisation, tasks) the router fields of
+    `routing`; capacity and routing losses stay the run's; its pruning masks are kept and
+    its tokenizer goes into the run's checkpoints. A resumed run loads its own checkpoint
+    instead (`launch.training.checkpointing.InitialWeights`).
+
     `precision` (`moe.precision`): fp32, bf16 (autocast over fp32 master weights), fp16
     (CUDA, with loss scaling) or auto (bf16 where the device multiplies bf16 natively,
     fp32 elsewhere; the run prints and records which and why).
@@ -113,9 +121,8 @@ class TrainConfig:
     # large per-step temporaries are reused rather than page-faulted in every step.
     reuse_heap: bool = True
     precision: ComputePrecision = ComputePrecision.AUTO
-    # A checkpoint (step, checkpoints or run directory) whose weights a fresh run starts
-    # from (not its optimizer state or step: fine-tuning); "" = the model's own init.
-    # Its pruning masks, if any, are kept (moe.pruning.build_pruning).
+    # A checkpoint (step, checkpoints or run directory) a fresh run starts from: see the
+    # class docstring. Its pruning masks, if any, are kept (moe.pruning.build_pruning).
     init_from: str = ""
 
     def __post_init__(self) -> None:

@@ -8,16 +8,20 @@
         'prompts=[In the beginning,And God said]'   # experts split over 2 ranks
 
 `checkpoint` is a step directory or a run directory (its latest step); the model's
-shape comes from the checkpoint. `precision=bf16` computes with bf16 weights and a bf16
-KV cache, sampling in fp32 (`moe.precision`; fp32 by default, `auto` is bf16 where the
-device multiplies bf16 natively). `compile=true` decodes through the compiled step
-(`moe.inference.decode`: one inductor graph per batch-size bucket, compiled at start or,
-with `compile_warmup=lazy`, on first use; `compile_cache_dir` keeps inductor's kernels
-for the next run); off by default here, since a few completions rarely repay the compile
-(docs/INFERENCE.md). Routing is dropless unless `routing=trained` (see
-`moe.inference.engine`). Under torchrun every rank holds 1/N of every layer's experts
-(expert parallelism over all N ranks, the same dispatchers as training) and decodes
-its share of the prompts (round-robin); rank 0 prints every completion in order.
+shape and tokenizer come from the checkpoint (bytes when it carries none; an imported
+HF model carries its own): prompts are text, `max_tokens` counts the model's tokens, stop
+strings match on the text, and the tokenizer's eos ends a completion. `max_len` (0: the
+model's max_seq_len) bounds the context of each KV-cache slot. `precision=bf16` computes
+with bf16 weights and a bf16 KV cache, sampling in fp32 (`moe.precision`; fp32 by
+default, `auto` is bf16 where the device multiplies bf16 natively). `compile=true`
+decodes through the compiled step (`moe.inference.decode`: one inductor graph per
+batch-size bucket, compiled at start or, with `compile_warmup=lazy`, on first use;
+`compile_cache_dir` keeps inductor's kernels for the next run); off by default here,
+since a few completions rarely repay the compile (docs/INFERENCE.md). Routing is
+dropless unless `routing=trained` (see `moe.inference.engine`). Under torchrun every
+rank holds 1/N of every layer's experts (expert parallelism over all N ranks, the same
+dispatchers as training) and decodes its share of the prompts (round-robin); rank 0
+prints every completion in order.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class GenerateConfig:
     compile: bool = False
     compile_warmup: CompileWarmup = CompileWarmup.START
     compile_cache_dir: str = ""
+    max_len: int = 0
     comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self) -> None:
@@ -103,6 +108,10 @@ class GenerateConfig:
             )
         if self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} is invalid; accepted: >= 1")
+        if self.max_len < 0:
+            raise ValueError(
+                f"max_len={self.max_len} is invalid; accepted: 0 (the model's) or >= 1"
+            )
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} is invalid; accepted: >= 1")
         self.sampling()  # validates max_tokens, temperature, top_k, top_p, stop
@@ -113,7 +122,7 @@ class GenerateConfig:
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, stop=tuple(s.encode("utf-8") for s in self.stop), seed=self.seed,
+            top_p=self.top_p, stop=tuple(self.stop), seed=self.seed,
         )  # fmt: skip
 
 
@@ -152,7 +161,8 @@ def run_generate(
             use_cache_dir(config.compile_cache_dir)
         engine = InferenceEngine(
             loaded.model, max_batch=config.max_batch, task_ids=loaded.task_ids,
-            routing=config.routing, compile=config.compile,
+            routing=config.routing, tokenizer=loaded.tokenizer, max_len=config.max_len or None,
+            compile=config.compile,
             compile_options=compile_options or DecodeCompileOptions(warmup=config.compile_warmup),
         )  # fmt: skip
         report = engine.compile_report()
@@ -160,10 +170,7 @@ def run_generate(
             print(f"[compile] {describe_compilation(report)}", file=sys.stderr, flush=True)
         prompts = config.all_prompts()
         mine = list(range(info.rank, len(prompts), info.world_size))
-        by_request = {
-            engine.submit(prompts[i].encode("utf-8"), config.sampling(), config.task): i
-            for i in mine
-        }
+        by_request = {engine.submit(prompts[i], config.sampling(), config.task): i for i in mine}
         group = runtime.groups.ep if runtime.groups is not None else None
         done = {by_request[c.request_id]: c for c in engine.run(group)}
         if runtime.groups is None:
@@ -195,8 +202,7 @@ def main(cfg: DictConfig) -> None:
     completions = run_generate(config, info)
     if info.is_main:
         for prompt, completion in zip(config.all_prompts(), completions):
-            text = completion.text.decode("utf-8", errors="replace")
-            print(f"{prompt}{text}", flush=True)
+            print(f"{prompt}{completion.text}", flush=True)
             print(
                 f"[generate] {completion.completion_tokens} tokens, {completion.finish_reason}, "
                 f"first token {completion.time_to_first_token_s * 1e3:.1f} ms, "

@@ -103,8 +103,17 @@ def build(cls: type[T], data: Any, key: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
-        annotation = hints[name]
+        annotation = _optional_inner(hints[name]) if value is not None else None
         if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             value = build(annotation, value, f"{key}.{name}".lstrip("."))
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _optional_inner(annotation: Any) -> Any:
+    """X of `X | None` (an optional config group), else `annotation` itself."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation

@@ -3,14 +3,16 @@
     python -m launch.subset checkpoint=runs/demo task=law out=runs/subset_law
     python -m launch.subset checkpoint=runs/demo task=3 out=runs/subset_3 coverage=0.9
     python -m launch.subset checkpoint=runs/task_moe task=2 out=runs/sub2 quantize=int8
+    python -m launch.subset checkpoint=checkpoints/imported task=law out=runs/sub +data=kjv
 
 `checkpoint` is a step directory or a run directory (its latest step); `task` a task id
 or a task name of the run's data (the KJV book groups: law, history, wisdom_poetry,
 prophets, gospels_acts, epistles_revelation). Task-level routing keeps each layer's K
 experts of the task; token-level routing keeps the experts that carry `coverage` of the
 task's routed token-slots, measured on `max_windows` of its training windows
-(`moe.inference.subset`). The subset loads alone:
-`python -m launch.generate checkpoint=Q prompt=... task=T`.
+(`moe.inference.subset`). `+data=PRESET` (with `data.*` overrides) measures on that
+corpus instead of the checkpoint's own (an imported model has none). The subset loads
+alone: `python -m launch.generate checkpoint=Q prompt=... task=T`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from launch.cli import exits_on_bad_input
+from launch.config import register_configs
 from launch.generate import Quantization
 from launch.schema import build, hydra_schema, plain_container
+from moe.data import DataConfig
 from moe.inference.subset import SubsetResult, weight_bytes, write_subset
 from moe.inference.task_usage import DEFAULT_MAX_WINDOWS, DEFAULT_SEED
 from routing.config import parse_enum
@@ -36,7 +40,8 @@ CONFIG_PATH = "../conf"
 class SubsetConfig:
     """What `launch.subset` writes: the subset of `checkpoint` for `task` into `out`.
     `coverage` in (0, 1] (token-level routing only); `max_windows` training windows of
-    the task, drawn with `seed`, measure the experts' use."""
+    the task, drawn with `seed`, measure the experts' use; `data`: the corpus they come
+    from (None: the checkpoint's own data config)."""
 
     checkpoint: str = ""
     task: str = ""
@@ -45,6 +50,7 @@ class SubsetConfig:
     quantize: Quantization = Quantization.NONE
     max_windows: int = DEFAULT_MAX_WINDOWS
     seed: int = DEFAULT_SEED
+    data: DataConfig | None = None
 
     def __post_init__(self) -> None:
         self.quantize = parse_enum(Quantization, self.quantize, "quantize")
@@ -59,6 +65,7 @@ class SubsetConfig:
 
 
 def register_subset_config() -> None:
+    register_configs()  # the `data` group's schema (`+data=kjv`)
     ConfigStore.instance().store(name="base_subset", node=hydra_schema(SubsetConfig))
 
 
@@ -70,6 +77,7 @@ def run_subset(config: SubsetConfig) -> SubsetResult:
     return write_subset(
         config.checkpoint, config.task, config.out, coverage=config.coverage,
         quantize=config.quantize.value, max_windows=config.max_windows, seed=config.seed,
+        data=config.data,
     )  # fmt: skip
 
 

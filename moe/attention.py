@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.config import QKNorm
+from routing.config import parse_enum
+
 
 class AttentionCache(Protocol):
     """Keys and values of one attention layer across calls (see the module docstring)."""
@@ -140,6 +143,11 @@ class CausalSelfAttention(nn.Module):
 
     Uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU) with
     `enable_gqa`, so key/value heads are never materialised N/G times.
+
+    Options (`moe.config.ModelConfig` documents them; all off by default): `head_dim`
+    (default d_model // n_heads), `qkv_bias` / `out_bias`, `qk_norm` (RMSNorm of q and k
+    per head or over the whole projection, epsilon `norm_eps`) and `clip_qkv`. Order, as
+    the HF families compute it: project, q/k norm, clip, split into heads, RoPE.
     """
 
     def __init__(
@@ -149,34 +157,78 @@ class CausalSelfAttention(nn.Module):
         n_kv_heads: int,
         rope_theta: float = 10000.0,
         dropout: float = 0.0,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: QKNorm | str = QKNorm.NONE,
+        norm_eps: float = 1e-6,
+        clip_qkv: float = 0.0,
     ) -> None:
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        if head_dim is None and d_model % n_heads != 0:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model} (or give head_dim)")
         if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.rope_theta = rope_theta
         self.dropout = dropout
-        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.clip_qkv = clip_qkv
+        self.qk_norm = parse_enum(QKNorm, qk_norm, "qk_norm")
+        C = self.head_dim
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * C, bias=qkv_bias)
+        self.out_proj = nn.Linear(n_heads * C, d_model, bias=out_bias)
+        self.q_norm: nn.RMSNorm | None = None
+        self.k_norm: nn.RMSNorm | None = None
+        if self.qk_norm == QKNorm.HEAD:
+            self.q_norm = nn.RMSNorm(C, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(C, eps=norm_eps)
+        elif self.qk_norm == QKNorm.PROJECTION:
+            self.q_norm = nn.RMSNorm(n_heads * C, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(n_kv_heads * C, eps=norm_eps)
 
-    def forward(self, x_BTD: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
-        """x_BTD -> y_BTD. With a cache, the new positions follow the cached ones."""
+    def _project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q_BTNC, k_BTGC, v_BTGC: projected, normalised and clipped (no RoPE yet)."""
         B, T, _ = x_BTD.shape
         N, G, C = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv_proj(x_BTD)
-        q_BNTC = qkv[..., : N * C].view(B, T, N, C).transpose(1, 2)
-        k_BGTC = qkv[..., N * C : (N + G) * C].view(B, T, G, C).transpose(1, 2)
-        v_BGTC = qkv[..., (N + G) * C :].view(B, T, G, C).transpose(1, 2)
+        q, k, v = qkv[..., : N * C], qkv[..., N * C : (N + G) * C], qkv[..., (N + G) * C :]
+        if self.q_norm is not None and self.k_norm is not None:
+            if self.qk_norm == QKNorm.HEAD:
+                q = self.q_norm(q.reshape(B, T, N, C))
+                k = self.k_norm(k.reshape(B, T, G, C))
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv > 0:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        return q.reshape(B, T, N, C), k.reshape(B, T, G, C), v.reshape(B, T, G, C)
 
+    def rotary(
+        self, num_new: int, cache: AttentionCache | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_TC, sin_TC of the new tokens' positions (after the cached ones)."""
         if cache is None:
-            positions_T = torch.arange(T, device=x_BTD.device)
+            positions_T = torch.arange(num_new, device=device)
         else:
-            positions_T = cache.positions(T, x_BTD.device)
-        cos_TC, sin_TC = rotary_cos_sin(positions_T, C, self.rope_theta)
+            positions_T = cache.positions(num_new, device)
+        return rotary_cos_sin(positions_T, self.head_dim, self.rope_theta)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cache: AttentionCache | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x_BTD -> y_BTD. With a cache, the new positions follow the cached ones.
+        `rotary`: (cos_TC, sin_TC) of those positions, computed once by the caller for
+        every layer (None: computed here, `rotary()`)."""
+        B, T, _ = x_BTD.shape
+        N, G, C = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BTNC, k_BTGC, v_BTGC = self._project(x_BTD)
+        q_BNTC, k_BGTC, v_BGTC = (t.transpose(1, 2) for t in (q_BTNC, k_BTGC, v_BTGC))
+        cos_TC, sin_TC = rotary if rotary is not None else self.rotary(T, cache, x_BTD.device)
         q_BNTC = apply_rotary(q_BNTC, cos_TC, sin_TC)
         k_BGTC = apply_rotary(k_BGTC, cos_TC, sin_TC)
         if cache is not None:

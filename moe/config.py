@@ -17,13 +17,34 @@ The dense FFNs (`moe_every = 0`, or the blocks between MoE layers) are `ffn_kind
            (`GroupedExperts(num_experts=1)` over all tokens), the same class and
            parameter layout as one expert of an MoE layer (the distillation student).
 
+`dense_layers` forces the listed blocks dense whatever `moe_every` says (Qwen-MoE's
+`mlp_only_layers`; `decoder_sparse_step` is `moe_every`).
+
 PR-MoE (DeepSpeed-MoE): `expert_schedule` lists the expert count of each MoE layer in
 order (empty = `num_experts` everywhere); a pyramid puts more experts in later layers
 (`pyramid_schedule`). `residual_mlp` turns on the MoE layer's dense residual MLP.
+
+The options the HuggingFace MoE families need (docs/MODELS.md has the table per family);
+every default is the model this project trained before they existed:
+    norm_eps             epsilon of every RMSNorm;
+    head_dim             query/key/value head width (0: d_model // n_heads, resolved at
+                         construction; Qwen3-MoE sets it explicitly);
+    qkv_bias, out_bias   biases on the q/k/v projections and on the output projection;
+    qk_norm              RMSNorm of queries and keys before RoPE: `head` over each head's
+                         C channels, one gain shared by the heads (Qwen3-MoE), or
+                         `projection` over the whole q (N*C) and k (G*C) projections
+                         (OLMoE);
+    clip_qkv             clamp q, k and v to [-clip, clip] after the q/k norm (OLMoE);
+                         0 = off;
+    shared_expert_hidden a dense SwiGLU/… MLP of this width beside the routed experts of
+                         every MoE layer, every token through it (0 = none);
+                         `shared_expert_gate` scales it by sigmoid(x w_g) per token
+                         (Qwen2-MoE).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -41,6 +62,14 @@ class FFNKind(str, Enum):
 def _require(condition: bool, key: str, value: object, accepted: str) -> None:
     if not condition:
         raise ValueError(f"ModelConfig.{key}={value!r} is invalid; accepted: {accepted}")
+
+
+class QKNorm(str, Enum):
+    """RMSNorm of queries and keys before RoPE (see the module docstring)."""
+
+    NONE = "none"
+    HEAD = "head"  # over each head's C channels, one gain of C shared by the heads
+    PROJECTION = "projection"  # over the whole projection: N*C for q, G*C for k
 
 
 class Activation(str, Enum):
@@ -79,6 +108,15 @@ class ModelConfig:
     dropout: float = 0.0
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    norm_eps: float = 1e-6
+    head_dim: int = 0
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: QKNorm = QKNorm.NONE
+    clip_qkv: float = 0.0
+    shared_expert_hidden: int = 0
+    shared_expert_gate: bool = True
+    dense_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         positive = "an integer >= 1"
@@ -89,16 +127,30 @@ class ModelConfig:
             value = getattr(self, key)
             _require(isinstance(value, int) and value >= 1, key, value, positive)
         _require(
-            self.d_model % self.n_heads == 0,
-            "n_heads",
-            self.n_heads,
-            f"a divisor of d_model={self.d_model}",
+            isinstance(self.head_dim, int) and self.head_dim >= 0,
+            "head_dim",
+            self.head_dim,
+            "0 (d_model // n_heads) or an even integer >= 2",
         )
+        if self.head_dim == 0:
+            _require(
+                self.d_model % self.n_heads == 0,
+                "n_heads",
+                self.n_heads,
+                f"a divisor of d_model={self.d_model} (or set head_dim)",
+            )
+            _require(
+                (self.d_model // self.n_heads) % 2 == 0,
+                "d_model",
+                self.d_model,
+                f"a multiple of 2 * n_heads={2 * self.n_heads} (RoPE rotates pairs of channels)",
+            )
+            self.head_dim = self.d_model // self.n_heads
         _require(
-            (self.d_model // self.n_heads) % 2 == 0,
-            "d_model",
-            self.d_model,
-            f"a multiple of 2 * n_heads={2 * self.n_heads} (RoPE rotates pairs of channels)",
+            self.head_dim % 2 == 0,
+            "head_dim",
+            self.head_dim,
+            "an even integer (RoPE rotates pairs of channels)",
         )
         _require(
             isinstance(self.n_kv_heads, int)
@@ -113,6 +165,13 @@ class ModelConfig:
             "moe_every",
             self.moe_every,
             f"0 (dense) or 1..n_layers={self.n_layers} (block i is MoE when (i+1) % N == 0)",
+        )
+        self.dense_layers = sorted({int(i) for i in self.dense_layers})
+        _require(
+            all(0 <= i < self.n_layers for i in self.dense_layers),
+            "dense_layers",
+            self.dense_layers,
+            f"block indices in [0, {self.n_layers - 1}]",
         )
         self.expert_schedule = list(self.expert_schedule)
         num_moe = len(self.moe_layer_indices())
@@ -152,16 +211,32 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a float in [0, 1)")
         _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a float > 0")
         _require(self.init_std > 0, "init_std", self.init_std, "a float > 0")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "a float > 0")
+        _require(self.clip_qkv >= 0, "clip_qkv", self.clip_qkv, "0 (off) or a float > 0")
+        if not isinstance(self.qk_norm, QKNorm):
+            accepted = ", ".join(k.value for k in QKNorm)
+            _require(self.qk_norm in {k.value for k in QKNorm}, "qk_norm", self.qk_norm, accepted)
+            self.qk_norm = QKNorm(self.qk_norm)
+        _require(
+            isinstance(self.shared_expert_hidden, int) and self.shared_expert_hidden >= 0,
+            "shared_expert_hidden",
+            self.shared_expert_hidden,
+            "0 (no shared expert) or an integer >= 1",
+        )
+        _require(
+            not self.shared_expert_hidden or num_moe > 0,
+            "shared_expert_hidden",
+            self.shared_expert_hidden,
+            "0 when the model has no MoE layer",
+        )
 
     def moe_layer_indices(self) -> list[int]:
-        """Indices of the blocks whose FFN is an MoE layer: (i + 1) % moe_every == 0."""
+        """Indices of the blocks whose FFN is an MoE layer: (i + 1) % moe_every == 0 and
+        not in `dense_layers`."""
         if self.moe_every == 0:
             return []
-        return [i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0]
+        dense = set(self.dense_layers)
+        return [i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0 and i not in dense]
 
     def experts_per_block(self) -> list[int]:
         """Expert count of every block's FFN, 0 for a dense block."""
@@ -191,7 +266,8 @@ def dense_equivalent(config: ModelConfig, top_k: int) -> ModelConfig:
     """The dense model with (about) the active parameters per token of an MoE model.
 
     Each MoE layer activates K experts of width H (plus the residual MLP of width H when
-    `residual_mlp`), i.e. an FFN of width K*H (+H); a dense block activates `ffn_hidden`.
+    `residual_mlp`, plus the shared expert), i.e. an FFN of width K*H (+H, +shared); a
+    dense block activates `ffn_hidden`.
     The dense model gets one width for all blocks: the mean of those widths, rounded, so
     that with `moe_every=1` it is exactly K*H (+H). Router weights (D*E per layer) and the
     PR-MoE combine gate (a D x 2 linear) have no dense counterpart and are not matched.
@@ -199,24 +275,17 @@ def dense_equivalent(config: ModelConfig, top_k: int) -> ModelConfig:
     if top_k < 1:
         raise ValueError(f"top_k={top_k} is invalid; accepted: an integer >= 1")
     moe_width = top_k * config.expert_hidden + (config.expert_hidden if config.residual_mlp else 0)
+    moe_width += config.shared_expert_hidden
     widths = [moe_width if n else config.ffn_hidden for n in config.experts_per_block()]
     ffn_hidden = max(1, math.floor(sum(widths) / len(widths) + 0.5))
-    return ModelConfig(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        n_layers=config.n_layers,
-        n_heads=config.n_heads,
-        n_kv_heads=config.n_kv_heads,
-        max_seq_len=config.max_seq_len,
+    # Everything outside the FFNs (attention options included) stays the MoE model's.
+    return dataclasses.replace(
+        config,
         ffn_hidden=ffn_hidden,
-        expert_hidden=config.expert_hidden,
-        num_experts=config.num_experts,
         expert_schedule=[],
         moe_every=0,
         residual_mlp=False,
-        activation=config.activation,
-        tie_embeddings=config.tie_embeddings,
-        dropout=config.dropout,
-        rope_theta=config.rope_theta,
-        init_std=config.init_std,
+        ffn_kind=FFNKind.MLP,
+        shared_expert_hidden=0,
+        dense_layers=[],
     )

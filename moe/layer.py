@@ -1,7 +1,10 @@
 """The MoE layer: router -> capacity policy -> permute -> (all-to-all) -> experts ->
 (all-to-all back) -> unpermute and weighted combine, plus the optional dense residual
 MLP of PR-MoE (DeepSpeed-MoE: out = expert_out * c0 + mlp_out * c1 with c = softmax of a
-learned 2-way projection of x).
+learned 2-way projection of x), and the optional shared expert (Qwen2-MoE: out =
+expert_out + sigmoid(x w_g) * shared_mlp(x), or without the gate expert_out +
+shared_mlp(x)). The shared expert is a dense MLP of the layer, replicated like every dense
+weight (not sharded over the expert-parallel group).
 
 Two layouts of the expert computation when every slot is kept (dropless) and the
 experts are local (`ExpertLayout`): `compact`, the routed rows sorted by expert (T*K
@@ -72,6 +75,8 @@ class MoELayer(nn.Module):
         activation: Activation | str = Activation.GELU,
         residual_mlp: bool = False,
         dispatcher: Dispatcher | None = None,
+        shared_expert_hidden: int = 0,
+        shared_expert_gate: bool = True,
     ) -> None:
         super().__init__()
         routing.validate_for(num_experts)
@@ -98,6 +103,13 @@ class MoELayer(nn.Module):
         if residual_mlp:
             self.residual = DenseMLP(d_model, d_hidden, activation)
             self.residual_gate = nn.Linear(d_model, 2)
+        self.shared_expert: DenseMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if shared_expert_hidden:
+            self.shared_expert = DenseMLP(d_model, shared_expert_hidden, activation)
+            if shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
+                nn.init.normal_(self.shared_expert_gate.weight, std=d_model**-0.5)
         self.last_stats: RoutingStats | None = None
         # The last forward's chosen experts (global ids), for those who report them.
         self.last_expert_ids_TK: Tensor | None = None
@@ -222,6 +234,11 @@ class MoELayer(nn.Module):
             dtype = torch.promote_types(gate_T2.dtype, torch.float32)
             coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=dtype)
             y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         self.last_stats = plan.stats
         self.last_expert_ids_TK = plan.expert_ids_TK
         return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)

@@ -11,7 +11,7 @@ A final RMSNorm precedes the output head, which reuses the embedding matrix when
 Initialisation (deterministic given `seed`): the embedding, the attention projections
 and the untied output head ~ N(0, init_std^2), except the attention `out_proj`, which
 writes into the residual stream, ~ N(0, init_std^2 / (2 * n_layers)) (GPT-2); RMSNorm
-gains 1. Each of those parameters draws from its own generator seeded by (seed,
+gains 1 (the q/k norms included), biases 0. Each of those parameters draws from its own generator seeded by (seed,
 parameter name). Every FFN, dense or MoE, keeps its own initialisation (`moe.experts`: a
 dense MLP is initialised like one expert, so the dense baseline starts like the MoE) and
 is built under the global RNG forked and seeded by (seed, block index); so the weights
@@ -55,11 +55,14 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, ffn: DenseMLP | ExpertFFN | MoELayer) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(
-            config.d_model, config.n_heads, config.n_kv_heads, config.rope_theta, config.dropout
-        )
-        self.ffn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+            config.d_model, config.n_heads, config.n_kv_heads, config.rope_theta,
+            config.dropout, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
+            out_bias=config.out_bias, qk_norm=config.qk_norm, norm_eps=config.norm_eps,
+            clip_qkv=config.clip_qkv,
+        )  # fmt: skip
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = ffn
         self.residual_dropout = nn.Dropout(config.dropout)
 
@@ -68,9 +71,12 @@ class Block(nn.Module):
         x_BTD: torch.Tensor,
         task_ids_BT: torch.Tensor | None,
         cache: AttentionCache | None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new residual stream and the MoE aux loss (None for a dense FFN)."""
-        x_BTD = x_BTD + self.residual_dropout(self.attn(self.attn_norm(x_BTD), cache))
+        """Returns the new residual stream and the MoE aux loss (None for a dense FFN).
+        `rotary`: the positions' (cos, sin), shared by every block of one call."""
+        y_BTD = self.attn(self.attn_norm(x_BTD), cache, rotary)
+        x_BTD = x_BTD + self.residual_dropout(y_BTD)
         h_BTD = self.ffn_norm(x_BTD)
         aux_loss = None
         if isinstance(self.ffn, MoELayer):
@@ -130,7 +136,7 @@ class MoETransformer(nn.Module):
                 self._build_block(index, num_experts, dispatcher_factory, seed)
                 for index, num_experts in enumerate(config.experts_per_block())
             )
-            self.final_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+            self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
             self.lm_head = (
                 None
                 if config.tie_embeddings
@@ -162,6 +168,8 @@ class MoETransformer(nn.Module):
                 activation=config.activation,
                 residual_mlp=config.residual_mlp,
                 dispatcher=(dispatcher_factory(index, num_experts) if dispatcher_factory else None),
+                shared_expert_hidden=config.shared_expert_hidden,
+                shared_expert_gate=config.shared_expert_gate,
             )
         return Block(config, ffn)
 
@@ -170,10 +178,14 @@ class MoETransformer(nn.Module):
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
-            if ".ffn." in name:
+            # A model built on the meta device (a checkpoint's skeleton) has no values.
+            if ".ffn." in name or param.is_meta:
                 continue
             if "norm." in name:
                 param.fill_(1.0)
+                continue
+            if name.endswith(".bias"):
+                param.zero_()
                 continue
             scale = residual_std if name.endswith("out_proj.weight") else std
             generator = torch.Generator().manual_seed(_derived_seed(seed, name))
@@ -292,8 +304,14 @@ class MoETransformer(nn.Module):
                 )
         x_BTD = self.embed(tokens_BT)
         aux_loss = x_BTD.new_zeros(())
+        # Every block's cache holds the same positions: the rotary angles once per call
+        # (one sin and cos instead of one per block; as transformers does).
+        first = self.blocks[0]
+        assert isinstance(first, Block)
+        rotary = first.attn.rotary(T, caches[0] if caches else None, tokens_BT.device)
         for index, block in enumerate(self.blocks):
-            x_BTD, block_aux = block(x_BTD, task_ids_BT, caches[index] if caches else None)
+            cache = caches[index] if caches else None
+            x_BTD, block_aux = block(x_BTD, task_ids_BT, cache, rotary)
             if block_aux is not None:
                 aux_loss = aux_loss + block_aux
         h_BTD = self.final_norm(x_BTD)

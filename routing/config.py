@@ -51,7 +51,9 @@ class RoutingConfig:
     (before capacity is applied; a dropped slot is not re-spread over the others) when
     top_k > 1; a top-1 weight stays the expert's probability (Switch), since a weight
     renormalised to 1 would cut the router off from the loss. Sigma-MoE weights are never
-    renormalised.
+    renormalised. `normalize_top1` renormalises a top-1 weight as well (it becomes 1): the
+    HuggingFace MoE families divide by the kept sum whatever K is (Mixtral always, Qwen-MoE
+    and OLMoE when `norm_topk_prob`), so an imported top-1 model needs it.
     """
 
     router: RouterKind = RouterKind.TOPK
@@ -61,6 +63,7 @@ class RoutingConfig:
     min_capacity: int = 1
     priority: PriorityKind = PriorityKind.MAX
     normalize_weights: bool = True
+    normalize_top1: bool = False
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     jitter_noise: float = 0.0

@@ -160,8 +160,8 @@ def softmax_topk_plan(logits_TE: Tensor, config: RoutingConfig) -> RoutingPlan:
     scores_TK, expert_ids_TK = topk_lowest_id(probs_TE, config.top_k)
     weights_TK = scores_TK
     # Top-1 keeps its probability (Switch): renormalised it would be 1, and the router
-    # would get no gradient from the output.
-    if config.normalize_weights and config.top_k > 1:
+    # would get no gradient from the output (unless the config asks: the HF families).
+    if config.normalize_weights and (config.top_k > 1 or config.normalize_top1):
         weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True)
     balance = load_balancing_loss(probs_TE, expert_ids_TK)
     z_loss = router_z_loss(logits_TE)

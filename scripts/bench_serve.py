@@ -143,7 +143,7 @@ def _in_process_round(engine: Any, prompts: list[bytes], task: int, max_tokens: 
     done = {c.request_id: c for c in engine.run()}
     wall = time.perf_counter() - started
     tokens = sum(c.completion_tokens for c in done.values())
-    return tokens / wall, [done[i].text.decode("utf-8", errors="replace") for i in ids]
+    return tokens / wall, [done[i].text for i in ids]
 
 
 async def _http_round(url: str, prompts: list[bytes], task: int, max_tokens: int,

@@ -83,11 +83,11 @@ def test_engine_routes_dropless_and_batched_equals_alone(capacity: str) -> None:
     ]
     params = SamplingParams(max_tokens=12, temperature=0.0)
 
-    def run(prompts: list[bytes]) -> list[bytes]:
+    def run(prompts: list[bytes]) -> list[tuple[int, ...]]:
         engine = InferenceEngine(model, max_batch=8)
         try:
             ids = [engine.submit(p, params) for p in prompts]
-            done = {c.request_id: c.text for c in engine.run()}
+            done = {c.request_id: c.token_ids for c in engine.run()}
         finally:
             engine.restore()
         return [done[i] for i in ids]

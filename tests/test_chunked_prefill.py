@@ -21,7 +21,7 @@ def test_chunked_prompts_generate_what_the_full_forward_does() -> None:
     texts = [bytes(range(65, 65 + n)) for n in (23, 9, 40)] + prompts(3, seed=31)
     engine = InferenceEngine(model, max_batch=3, max_step_tokens=5)
     ids = [engine.submit(t, SamplingParams(max_tokens=8, temperature=0)) for t in texts]
-    done = {c.request_id: c.text for c in engine.run()}
+    done = {c.request_id: bytes(c.token_ids) for c in engine.run()}
     engine.restore()
     for request_id, text in zip(ids, texts):
         assert done[request_id] == greedy_by_recomputation(model, text, 8)
@@ -42,7 +42,7 @@ def test_running_decodes_do_not_stall_while_a_long_prompt_prefills() -> None:
         events = {e.request_id for e in engine.step()}
         assert set(running) <= events, f"a running sequence stalled at step {step}"
         assert (long_id in events) == (step == 9)
-    done = {c.request_id: c.text for c in engine.run()}
+    done = {c.request_id: bytes(c.token_ids) for c in engine.run()}
     engine.restore()
     assert done[long_id] == greedy_by_recomputation(model, long_prompt, 5)
 

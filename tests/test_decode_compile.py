@@ -11,6 +11,9 @@
   requests joining and leaving mid-run, each bucket used.
 - Compilations equal the buckets used (lazy warm-up), and none happen again.
 - A bf16 model: the compiled step is as close to the fp32 model as the eager bf16 step.
+- The options of imported HF models (separate head_dim, biases, q/k norm, clip_qkv, a
+  gated shared expert, a dense block, SwiGLU) trace as one graph and compile to the
+  eager logits, with a KV window (`max_len`) below the model's.
 
 The eager references here are the engine's own eager path, itself tested against a full
 recomputation of every sequence (tests/test_inference_engine.py).
@@ -206,13 +209,13 @@ def test_compiled_greedy_text_equals_eager(inductor_model: MoETransformer) -> No
     texts = prompts(7, seed=12)
     options = DecodeCompileOptions(buckets=BUCKETS, warmup="lazy")
 
-    def run(compile: bool) -> tuple[dict[int, bytes], dict | None]:
+    def run(compile: bool) -> tuple[dict[int, tuple[int, ...]], dict | None]:
         # A budget of 6 tokens a step: prompts are prefilled in chunks beside the decodes.
         engine = InferenceEngine(inductor_model, max_batch=MAX_BATCH, max_step_tokens=6,
                                  compile=compile, compile_options=options, warmup=False)  # fmt: skip
         for i, text in enumerate(texts[:5]):
             engine.submit(text, SamplingParams(max_tokens=3 + 2 * i, temperature=0))
-        done: dict[int, bytes] = {}
+        done: dict[int, tuple[int, ...]] = {}
         steps = 0
         while engine.has_work():
             if steps == 4:  # two more join mid-run
@@ -220,7 +223,7 @@ def test_compiled_greedy_text_equals_eager(inductor_model: MoETransformer) -> No
                     engine.submit(text, SamplingParams(max_tokens=6, temperature=0))
             for event in engine.step():
                 if event.completion is not None:
-                    done[event.request_id] = event.completion.text
+                    done[event.request_id] = event.completion.token_ids
             steps += 1
         engine.restore()
         return done, engine.compile_report()
@@ -329,6 +332,70 @@ def test_bf16_compiled_decode_is_as_close_to_fp32_as_eager_bf16() -> None:
             allowed = 2 * (plain - want).abs().max() + want.abs().max() * 2**-8
             assert (got - want).abs().max() <= allowed
             assert got.argmax(-1).tolist() == plain.argmax(-1).tolist()
+            for row, i in enumerate(live):
+                lengths[i] += 1
+                next_tokens[i] = int(want[row].argmax())
+    assert compiled.decoder is not None
+    assert compiled.decoder.report()["compiled_buckets"] == [4]
+
+
+def imported_options_model() -> MoETransformer:
+    """A model with the options HF imports bring (`moe.interop.hf_import`): head_dim apart
+    from d_model / n_heads, q/k/v and output biases, per-head q/k RMSNorm, clip_qkv, a
+    gated shared expert, a dense first block, SwiGLU; biases and norm gains drawn away
+    from their 0 and 1 starts so that each of them matters."""
+    model = sharp_model(
+        17, n_layers=3, head_dim=12, qkv_bias=True, out_bias=True, qk_norm="head",
+        clip_qkv=1.5, norm_eps=1e-5, shared_expert_hidden=24, dense_layers=[0],
+        activation="swiglu",
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or ("norm" in name and name != "final_norm.weight"):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model
+
+
+def test_imported_model_options_compile_to_the_eager_logits() -> None:
+    """An imported family's options trace as one graph (both layouts) and the compiled
+    step (inductor, one bucket: 4 rows, then 3 and a padding row; a KV window of
+    `max_len` 24 below the model's 32) gives the eager logits within 1e-5."""
+    use_cache_dir(CACHE_DIR)
+    model = imported_options_model()
+    assert [block for block, _ in model.moe_layers()] == [1, 2]  # block 0 is dense
+    k, v, inputs_4B = decode_inputs(model, 3)
+    with model.capacity_override("dropless"):
+        for layout in ExpertLayout:
+            torch._dynamo.reset()
+            with model.expert_layout(layout), torch.no_grad():
+                explanation = torch._dynamo.explain(decode_logits)(
+                    model, k, v, inputs_4B, model.config.max_seq_len, False
+                )
+            assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), [
+                reason.reason for reason in explanation.break_reasons
+            ]
+        options = DecodeCompileOptions(buckets=(4,), warmup="lazy")
+        eager = ModelRunner(model, max_batch=4, max_len=24)
+        compiled = ModelRunner(model, max_batch=4, max_len=24, compile=True,
+                               compile_options=options)  # fmt: skip
+        assert compiled.cache.k_SGLC[0].shape[2] == 24
+        slots = [2, 0, 3, 1]
+        texts = [list(p) for p in prompts(4, seed=5)]
+        segments = [Segment(s, 0, len(t)) for s, t in zip(slots, texts)]
+        logits = eager.run(segments, texts, [None] * 4).last_SV
+        compiled.run(segments, texts, [None] * 4)  # prefill is eager in both
+        next_tokens = logits.argmax(-1).tolist()
+        lengths = [len(t) for t in texts]
+        live = [0, 1, 2, 3]
+        for step in range(4):
+            if step == 2:
+                live = live[1:]
+            segments = [Segment(slots[i], lengths[i], 1) for i in live]
+            tokens = [[next_tokens[i]] for i in live]
+            want = eager.run(segments, tokens, [None] * len(live)).last_SV
+            got = compiled.run(segments, tokens, [None] * len(live)).last_SV
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             for row, i in enumerate(live):
                 lengths[i] += 1
                 next_tokens[i] = int(want[row].argmax())

@@ -105,14 +105,14 @@ def test_packed_cache_logits_equal_full_recomputation() -> None:
 def test_greedy_generation_equals_recomputation(kv_heads: int) -> None:
     model = sharp_model(2, n_kv_heads=kv_heads)
     prompt = b"In the beginning"
-    assert generate(model, prompt, 12, temperature=0.0) == greedy_by_recomputation(
-        model, prompt, 12
-    )
+    completion = generate(model, prompt, 12, temperature=0.0)
+    assert bytes(completion.token_ids) == greedy_by_recomputation(model, prompt, 12)
+    assert completion.text == bytes(completion.token_ids).decode("utf-8", errors="replace")
 
 
 def test_generation_past_the_window_reprefills_the_last_half() -> None:
     model = sharp_model(3, max_seq_len=16)
-    out = generate(model, b"abcdefghij", 40, temperature=0.0)
+    out = bytes(generate(model, b"abcdefghij", 40, temperature=0.0).token_ids)
     assert len(out) == 40
     # Oracle: slide as the engine documents (full window, then the last half, refilled).
     context, start_new = list(b"abcdefghij"), []
@@ -136,17 +136,18 @@ def test_batch_of_32_equals_each_request_alone() -> None:
     ]  # fmt: skip
     engine = InferenceEngine(model, max_batch=32)
     ids = [engine.submit(p, params) for p, params in requests]
-    together = {c.request_id: c.text for c in engine.run()}
+    together = {c.request_id: c.token_ids for c in engine.run()}
     engine.restore()
     for request_id, (prompt, params) in zip(ids, requests):
         alone = InferenceEngine(model, max_batch=1)
         alone.submit(prompt, params)
         (completion,) = list(alone.run())
-        assert together[request_id] == completion.text, request_id
+        assert together[request_id] == completion.token_ids, request_id
     greedy = [i for i, (_, params) in enumerate(requests) if params.temperature == 0]
     for i in greedy[:4]:
         prompt, params = requests[i]
-        assert together[ids[i]] == greedy_by_recomputation(model, prompt, params.max_tokens)
+        expected = greedy_by_recomputation(model, prompt, params.max_tokens)
+        assert bytes(together[ids[i]]) == expected
 
 
 def test_finished_sequences_free_their_slot_for_waiting_requests() -> None:
@@ -172,10 +173,16 @@ def test_finished_sequences_free_their_slot_for_waiting_requests() -> None:
 def test_completion_fields_stop_strings_and_streamed_text() -> None:
     model = sharp_model(6)
     free = generate(model, b"The ", 20, temperature=0.0)
-    stop = free[5:7]
+    # A stop string of two whole characters of the free text, not at its start.
+    start = next(k for k in range(2, len(free.text) - 1) if "\ufffd" not in free.text[k : k + 2])
+    stop = free.text[start : start + 2]
+    # The stop string is complete after the first prefix of ids whose text holds it.
+    ends = next(
+        n for n in range(1, 21) if stop in bytes(free.token_ids[:n]).decode("utf-8", "replace")
+    )
     engine = InferenceEngine(model)
     request = engine.submit(b"The ", SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))
-    streamed = b""
+    streamed = ""
     completion = None
     while engine.has_work():
         for event in engine.step():
@@ -183,15 +190,16 @@ def test_completion_fields_stop_strings_and_streamed_text() -> None:
             streamed += event.new_text
             completion = event.completion or completion
     assert completion is not None and completion.finish_reason == "stop"
-    assert completion.text == free[: free.find(stop)] == streamed
-    assert completion.prompt_tokens == 4 and completion.completion_tokens == free.find(stop) + 2
+    assert completion.text == free.text[: free.text.find(stop)] == streamed
+    assert completion.prompt_tokens == 4 and completion.completion_tokens == ends
+    assert completion.token_ids == free.token_ids[:ends]
     assert (
         completion.time_to_first_token_s > 0
         and completion.total_time_s >= completion.time_to_first_token_s
     )
     engine.submit(b"The ", SamplingParams(max_tokens=3, temperature=0))
     (done,) = list(engine.run())
-    assert done.finish_reason == "length" and done.text == free[:3]
+    assert done.finish_reason == "length" and done.token_ids == free.token_ids[:3]
 
 
 def test_dropless_by_default_and_restore() -> None:
@@ -202,10 +210,10 @@ def test_dropless_by_default_and_restore() -> None:
     batch = prompts(8, seed=3)
     params = SamplingParams(max_tokens=6, temperature=0)
 
-    def run(routing: str, requests: list[bytes]) -> list[bytes]:
+    def run(routing: str, requests: list[bytes]) -> list[tuple[int, ...]]:
         engine = InferenceEngine(model, routing=routing)
         ids = [engine.submit(p, params) for p in requests]
-        out = {c.request_id: c.text for c in engine.run()}
+        out = {c.request_id: c.token_ids for c in engine.run()}
         engine.restore()
         return [out[i] for i in ids]
 
@@ -225,7 +233,7 @@ def test_task_router_requests_need_a_known_task() -> None:
         engine.submit(b"a", task_id=5)
     a = engine.submit(b"same prompt", SamplingParams(max_tokens=6, temperature=0), task_id=0)
     b = engine.submit(b"same prompt", SamplingParams(max_tokens=6, temperature=0), task_id=2)
-    out = {c.request_id: c.text for c in engine.run()}
+    out = {c.request_id: bytes(c.token_ids) for c in engine.run()}
     context = list(b"same prompt")
     with torch.no_grad():
         for task, rid in ((0, a), (2, b)):
@@ -241,12 +249,12 @@ def test_sampling_is_seeded_per_request() -> None:
     with torch.no_grad():
         model.final_norm.weight.div_(30.0)  # flat distributions: samples differ by seed
     params = SamplingParams(max_tokens=20, temperature=1.0, top_k=50, seed=11)
-    a = generate(model, b"abc", 20, temperature=1.0, top_k=50, seed=11)
+    a = generate(model, b"abc", 20, temperature=1.0, top_k=50, seed=11).token_ids
     engine = InferenceEngine(model)
     first = engine.submit(b"abc", params)
     engine.submit(b"zzzz", dataclasses.replace(params, seed=12))
     second = engine.submit(b"abc", dataclasses.replace(params, seed=13))
-    out = {c.request_id: c.text for c in engine.run()}
+    out = {c.request_id: c.token_ids for c in engine.run()}
     assert out[first] == a and out[second] != a
 
 
@@ -275,6 +283,7 @@ def test_filters_against_hand_computed_distributions() -> None:
         ({"top_p": 1.5}, "top_p=1.5"),
         ({"top_k": -1}, "top_k=-1"),
         ({"stop": (b"",)}, "stop="),
+        ({"stop": (b"\xff",)}, "not UTF-8"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict, match: str) -> None:
@@ -305,8 +314,8 @@ def test_load_model_from_a_run_directory(tmp_path: Path) -> None:
     loaded = load_model(tmp_path)
     assert loaded.step == 3 and loaded.checkpoint.name == "step_3"
     prompt = b"Let there be"
-    expected = generate(model, prompt, 10, temperature=0)
-    assert generate(loaded.model, prompt, 10, temperature=0) == expected
+    expected = generate(model, prompt, 10, temperature=0).token_ids
+    assert generate(loaded.model, prompt, 10, temperature=0).token_ids == expected
     with pytest.raises(ValueError, match="is not a checkpoint"):
         load_model(tmp_path / "nothing")
     with pytest.raises(ValueError, match="quantize='int4'"):
@@ -330,7 +339,7 @@ def test_launch_generate_prints_the_engines_greedy_text(tmp_path: Path) -> None:
     model = sharp_model(13)
     _save(model, tmp_path, DROPLESS)
     prompt = "In the beginning"
-    expected = generate(model, prompt.encode(), 12, temperature=0).decode("utf-8", "replace")
+    expected = generate(model, prompt, 12, temperature=0).text
     command = [sys.executable, "-m", "launch.generate", f"checkpoint={tmp_path}",
                f"prompt='{prompt}'", "temperature=0", "max_tokens=12"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,

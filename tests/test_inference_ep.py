@@ -38,12 +38,12 @@ def _config(
 
 def _ep_rank(
     rank: int, world_size: int, checkpoint: str, texts: list[bytes], compile: bool = False
-) -> list[bytes]:
+) -> list[tuple[int, ...]]:
     torch.set_num_threads(1)
     info = ProcessInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=2)
     config = _config(Path(checkpoint), texts, 10, compile)
     completions = run_generate(config, info, COMPILED if compile else None)
-    return [c.text for c in completions]
+    return [c.token_ids for c in completions]
 
 
 def test_ep2_greedy_texts_equal_ep1(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_ep2_greedy_texts_equal_ep1(tmp_path: Path) -> None:
     # 5 prompts, 2 slots per rank: rank 0 decodes 3 (one waits for a slot: 20 steps),
     # rank 1 decodes 2 (10 steps), then calls its MoE layers with no tokens.
     texts = prompts(5, seed=9)
-    ep1 = [c.text for c in run_generate(_config(tmp_path, texts, 10), ProcessInfo())]
+    ep1 = [c.token_ids for c in run_generate(_config(tmp_path, texts, 10), ProcessInfo())]
     ranks = values_or_raise(run_distributed(_ep_rank, 2, str(tmp_path), texts, timeout_s=180.0))
     assert ranks[0] == ranks[1] == ep1
     assert len(set(ep1)) > 1
@@ -62,9 +62,9 @@ def test_ep2_compiled_equals_ep1_compiled(tmp_path: Path) -> None:
     model = sharp_model(22)
     _save(model, tmp_path, DROPLESS)
     texts = prompts(5, seed=10)
-    ep1 = [c.text for c in run_generate(_config(tmp_path, texts, 10), ProcessInfo())]
+    ep1 = [c.token_ids for c in run_generate(_config(tmp_path, texts, 10), ProcessInfo())]
     ep1_compiled = run_generate(_config(tmp_path, texts, 10, True), ProcessInfo(), COMPILED)
-    assert [c.text for c in ep1_compiled] == ep1
+    assert [c.token_ids for c in ep1_compiled] == ep1
     ranks = values_or_raise(
         run_distributed(_ep_rank, 2, str(tmp_path), texts, True, timeout_s=300.0)
     )

@@ -53,7 +53,7 @@ def test_sampled_tokens_logprobs_equal_the_full_forward() -> None:
     for completion in engine.run():
         prompt = list(ids[completion.request_id])
         sampled = [t.id for t in completion.tokens]
-        assert sampled == list(completion.text) and len(sampled) == 9
+        assert sampled == list(completion.token_ids) and len(sampled) == 9
         reference = full_logprobs(model, prompt + sampled)
         for i, token in enumerate(completion.tokens):
             row = reference[len(prompt) - 1 + i]
@@ -78,7 +78,11 @@ def test_echo_scores_equal_the_teacher_forced_likelihood_and_max_tokens_zero_gen
     plain = engine.submit(b"unscored", SamplingParams(max_tokens=0))
     done = {c.request_id: c for c in engine.run()}
     assert done[plain].tokens == () and done[plain].prompt_logprobs is None
-    assert done[plain].text == b"" and done[plain].finish_reason == "length"
+    assert (
+        done[plain].text == ""
+        and done[plain].token_ids == ()
+        and done[plain].finish_reason == "length"
+    )
     for request_id, prompt in scored.items():
         completion = done[request_id]
         assert completion.tokens == () and completion.completion_tokens == 0
@@ -125,7 +129,7 @@ def test_greedy_with_penalties_and_bias_equals_a_hand_written_loop() -> None:
     engine = InferenceEngine(model, max_batch=2)
     request = engine.submit(bytes(prompt), params)
     engine.submit(b"a neighbour", SamplingParams(max_tokens=12, temperature=0))
-    got = {c.request_id: c for c in engine.run()}[request].text
+    got = {c.request_id: c for c in engine.run()}[request].token_ids
     context, counts = list(prompt), [0] * 256
     for _ in range(12):
         with torch.no_grad():
@@ -136,10 +140,10 @@ def test_greedy_with_penalties_and_bias_equals_a_hand_written_loop() -> None:
         choice = max(range(256), key=lambda t: logits[t])
         counts[choice] += 1
         context.append(choice)
-    assert got == bytes(context[len(prompt) :])
+    assert got == tuple(context[len(prompt) :])
     unpenalised = InferenceEngine(model, max_batch=1)
     unpenalised.submit(bytes(prompt), SamplingParams(max_tokens=12, temperature=0))
-    assert next(iter(unpenalised.run())).text != got  # the penalties changed something
+    assert next(iter(unpenalised.run())).token_ids != got  # the penalties changed something
 
 
 def _route_reference(model: MoETransformer, tokens: list[int]) -> list[list[list[int]]]:

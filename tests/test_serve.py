@@ -77,7 +77,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def _offline(checkpoint: Path, task: int) -> list[str]:
     config = GenerateConfig(checkpoint=str(checkpoint), prompts=PROMPTS, task=task,
                             max_tokens=TOKENS, temperature=0.0)  # fmt: skip
-    return [c.text.decode("utf-8", "replace") for c in run_generate(config, ProcessInfo())]
+    return [c.text for c in run_generate(config, ProcessInfo())]
 
 
 def _complete(client: httpx.Client, model: str, prompt: str, **extra: Any) -> httpx.Response:

@@ -322,7 +322,7 @@ def test_generation_request_params_carry_every_field() -> None:
     )  # fmt: skip
     params = generation.params(0, score_prompt=True)
     assert (params.max_tokens, params.temperature, params.top_p) == (3, 0.5, 0.9)
-    assert params.stop == ("é".encode(),) and params.seed == 4
+    assert params.stop == ("é",) and params.seed == 4  # matched on text
     assert (params.presence_penalty, params.frequency_penalty) == (1.0, -1.0)
     assert params.logit_bias == ((3, 2.0),) and params.logprobs == 2
     assert params.prompt_logprobs == 2 and params.routed_experts

@@ -187,12 +187,12 @@ def test_a_stream_counts_as_its_outcome_not_its_200_status_line() -> None:
 # --- the batching loop, without Ray ----------------------------------------------------
 
 
-async def _run_loop(engine: InferenceEngine, texts: list[bytes], tokens: int) -> list[bytes]:
+async def _run_loop(engine: InferenceEngine, texts: list[bytes], tokens: int) -> list[str]:
     loop = BatchLoop(local_step(EngineShard(engine)))
     greedy = SamplingParams(max_tokens=tokens, temperature=0)
 
-    async def one(prompt: bytes) -> bytes:
-        shown, final = b"", b""
+    async def one(prompt: bytes) -> str:
+        shown, final = "", ""
         async for event in loop.generate(prompt, greedy, None):
             shown += event.new_text
             if event.completion is not None:
@@ -209,7 +209,7 @@ async def _run_loop(engine: InferenceEngine, texts: list[bytes], tokens: int) ->
 def test_concurrent_requests_share_steps_and_equal_one_at_a_time() -> None:
     model = sharp_model(31)
     texts = prompts(6, seed=3)
-    expected = [generate(model, p, 9, temperature=0) for p in texts]
+    expected = [generate(model, p, 9, temperature=0).text for p in texts]
     engine = InferenceEngine(model, max_batch=4)
     assert asyncio.run(_run_loop(engine, texts, 9)) == expected
 
@@ -218,12 +218,12 @@ def test_a_consumer_that_goes_away_frees_its_slot() -> None:
     model = sharp_model(32)
     engine = InferenceEngine(model, max_batch=1)
 
-    async def scenario() -> bytes:
+    async def scenario() -> str:
         loop = BatchLoop(local_step(EngineShard(engine)))
         stream = loop.generate(b"abc", SamplingParams(max_tokens=50, temperature=0), None)
         await stream.__anext__()
         await stream.aclose()  # the client left after one token
-        final = b""
+        final = ""
         async for event in loop.generate(b"xyz", SamplingParams(max_tokens=5, temperature=0), None):
             if event.completion is not None:
                 final = event.completion.text
@@ -231,8 +231,9 @@ def test_a_consumer_that_goes_away_frees_its_slot() -> None:
         return final
 
     # With one slot, the second request can only run if the first was cancelled.
-    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == generate(
-        model, b"xyz", 5, temperature=0
+    assert (
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+        == generate(model, b"xyz", 5, temperature=0).text
     )
 
 

@@ -66,7 +66,7 @@ def test_tiny_model_trains_and_writes_its_run_dir(tmp_path: Path) -> None:
     ]
     assert (run_dir / "plots" / "expert_load.png").stat().st_size > 0
     assert list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(result.sample) == 8
+    assert result.sample  # 8 sampled bytes, as text
 
 
 @pytest.mark.parametrize(

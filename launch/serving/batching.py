@@ -54,7 +54,7 @@ class Event:
     the reason the engine refused it."""
 
     key: int
-    new_text: bytes
+    new_text: str
     completion: Completion | None = None
     error: str | None = None
     new_tokens: tuple[GeneratedToken, ...] = ()
@@ -111,7 +111,7 @@ class EngineShard:
                     submission.prompt, submission.params, submission.task
                 )
             except ValueError as error:
-                refused.append(Event(submission.key, b"", error=str(error)))
+                refused.append(Event(submission.key, "", error=str(error)))
                 continue
             self._key_of[engine_id] = submission.key
             self._engine_id_of[submission.key] = engine_id

@@ -23,7 +23,6 @@ runtime that a probe without an MoE layer never pays (docs/BENCHMARKS.md, "Servi
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import dataclasses
 import os
@@ -51,7 +50,12 @@ from moe.checkpoint import read_meta
 from moe.inference import Completion, InferenceEngine, LoadedModel, load_model
 from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 from moe.inference.engine import GeneratedToken
-from moe.inference.loading import cast_parameters, configs_of, resolve_checkpoint
+from moe.inference.loading import (
+    cast_parameters,
+    checkpoint_tokenizer,
+    configs_of,
+    resolve_checkpoint,
+)
 from moe.precision import resolve_precision
 from moe.transformer import MoETransformer
 
@@ -95,20 +99,24 @@ class ModelSpec:
 def probe_model(checkpoint: str, precision: str = "fp32") -> LoadedModel:
     """The checkpoint's architecture with its last block's FFN an MoE layer of one expert
     (top-1, the checkpoint's router kind) and every other FFN dense; random weights,
-    nothing loaded, in `precision`. A dense checkpoint stays dense."""
+    nothing loaded, in `precision`. A dense checkpoint stays dense. The checkpoint's
+    tokenizer."""
     directory = resolve_checkpoint(checkpoint)
     meta = read_meta(directory)
     model_config, routing = configs_of(meta)
+    tokenizer = checkpoint_tokenizer(directory, meta)
     resolved = resolve_precision(precision, torch.device("cpu"), key="serve.precision")
     if routing is None:
         model = MoETransformer(model_config, None).eval()
     else:
         one_expert = dataclasses.replace(
-            model_config, moe_every=model_config.n_layers, expert_schedule=[1]
+            model_config, moe_every=model_config.n_layers, expert_schedule=[1], dense_layers=[]
         )
         model = MoETransformer(one_expert, dataclasses.replace(routing, top_k=1)).eval()
     cast_parameters(model, resolved.dtype)
-    return LoadedModel(model, directory, -1, meta["config"], None, None, precision=resolved)
+    return LoadedModel(
+        model, directory, -1, meta["config"], None, None, tokenizer, precision=resolved
+    )
 
 
 class ModelServer:
@@ -132,7 +140,7 @@ class ModelServer:
         )
         engine = InferenceEngine(
             loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids,
-            **spec.engine_options(),
+            tokenizer=loaded.tokenizer, **spec.engine_options(),
         )  # fmt: skip
         self.info = describe_model(loaded)
         self.info["compile"] = engine.compile_report()
@@ -153,7 +161,7 @@ class ModelServer:
     def _result(done: Completion, index: int, prompt_index: int) -> ChoiceResult:
         return ChoiceResult(
             index=index, prompt_index=prompt_index,
-            text=done.text.decode("utf-8", errors="replace"), finish_reason=done.finish_reason,
+            text=done.text, finish_reason=done.finish_reason,
             completion_tokens=done.completion_tokens, tokens=done.tokens, prompt_logprobs=done.prompt_logprobs,
             time_to_first_token_s=done.time_to_first_token_s,
             per_token_latency_s=done.per_token_latency_s, total_time_s=done.total_time_s,
@@ -207,7 +215,6 @@ class ModelServer:
 
         async def run(prompt: int, choice: int) -> None:
             index = prompt * request.n + choice
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             tokens: list[GeneratedToken] = []
             params = request.params(choice, score_prompt=True)
             try:
@@ -217,7 +224,7 @@ class ModelServer:
                         raise ValueError(event.error)
                     tokens.extend(event.new_tokens)
                     done = event.completion
-                    text = decoder.decode(event.new_text, final=done is not None)
+                    text = event.new_text  # the engine's text never splits a character
                     finished = None
                     if done is not None:  # its pieces carried the tokens and the scores
                         whole = self._result(done, index, prompt)

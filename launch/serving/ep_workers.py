@@ -83,7 +83,7 @@ class EPWorker:
         )  # fmt: skip
         engine = InferenceEngine(
             loaded.model, max_batch=self.spec.max_batch, task_ids=loaded.task_ids,
-            **self.spec.engine_options(),
+            tokenizer=loaded.tokenizer, **self.spec.engine_options(),
         )  # fmt: skip
         self.shard = EngineShard(engine)
         self.info = describe_model(loaded)

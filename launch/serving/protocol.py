@@ -141,7 +141,7 @@ class GenerationRequest:
         prompt_logprobs = self.logprobs if echo_scores else None
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            stop=tuple(s.encode("utf-8") for s in self.stop), seed=self.choice_seed(choice),
+            stop=self.stop, seed=self.choice_seed(choice),
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=self.logit_bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             routed_experts=self.routed_experts,

@@ -11,15 +11,16 @@ loads the weights at any EP size but the optimizer state only with the layout it
 saved with (same world size, same experts per rank): a resharded resume would change
 Adam's moments, so it is refused with the reason rather than done approximately.
 
-`initialise_from` starts a fresh run from another checkpoint's weights (`train.init_from`:
-fine-tuning), at any EP size, without its optimizer state or step; its model, routing
-and tokenizer files must be the run's.
+`InitialWeights` is the checkpoint a fresh run starts from (`train.init_from`:
+fine-tuning, e.g. an imported HF model or a pruned one): the run takes its model config
+and router, loads its weights at any EP size and keeps its pruning masks; not its
+optimizer state or step. Its tokenizer files must be the data's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from launch.runtime import Runtime
 from moe.checkpoint import load_checkpoint, read_meta, resolve_latest, save_checkpoint
 from moe.checkpoint.files import sha256_hex
 from moe.config import ModelConfig
-from moe.inference.loading import resolve_checkpoint
+from moe.inference.loading import configs_of, resolve_checkpoint, subset_ids
 from moe.interop.tokenizer import TOKENIZER_FILES, ByteTokenizer, Tokenizer
 from moe.pruning import PRUNING_KEY, PruneConfig
 from moe.transformer import MoETransformer
@@ -84,7 +85,8 @@ def _canonical(key: str, value: Any) -> Any:
 
 
 class CheckpointManager:
-    """Save and resume the checkpoints of one run (every rank makes the same calls)."""
+    """Save and resume the checkpoints of one run (every rank makes the same calls).
+    `attachments`: files every checkpoint carries beside meta.json (the tokenizer's)."""
 
     def __init__(
         self,
@@ -166,24 +168,6 @@ class CheckpointManager:
             pruning_state=dict(loaded.extra.get(PRUNING_KEY) or {}),
         )
 
-    def initialise_from(
-        self, checkpoint: str | Path, model: MoETransformer, record: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Load the weights of `checkpoint` (a step, checkpoints or run directory) into
-        `model`, for a fresh run; returns that checkpoint's pruning state (empty when it
-        has none). Refuses (ValueError) a checkpoint whose model or routing differs from
-        the run's `record`, or whose tokenizer files are not this run's."""
-        try:
-            path = resolve_checkpoint(checkpoint)
-        except ValueError as error:
-            raise ValueError(f"train.init_from={str(checkpoint)!r}: {error}") from None
-        check_same_tokenizer(path, read_meta(path), self.tokenizer, "another train.init_from")
-        _check_sections(
-            path, record, ("model", "routing"), "set train.init_from to a run of the same"
-        )
-        loaded = load_checkpoint(path, model)
-        return dict(loaded.extra.get(PRUNING_KEY) or {})
-
 
 def _check_sections(
     path: Path, record: dict[str, Any], compared: Iterable[str], advice: str
@@ -223,3 +207,58 @@ def _routing_state(extra: dict[str, Any]) -> dict[str, Any]:
     if "routing_state" in extra:
         return dict(extra["routing_state"])
     return {"dynamic": extra["dynamic"]} if extra.get("dynamic") else {}
+
+
+# The fields of `RoutingConfig` that define the function a checkpoint's weights compute:
+# a fine-tuning run takes them from the checkpoint (`train.init_from`).
+ROUTER_FIELDS = ("router", "top_k", "normalize_weights", "normalize_top1", "num_tasks")
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """A checkpoint a fresh run starts from (`train.init_from`): its model and routing
+    configs. `adopt(config)` gives the run its model and router; `check_data(tokenizer)`
+    refuses data tokenized otherwise than the checkpoint's model reads; `load(model)` copies the weights into this rank's model (any EP size: each expert
+    stack reads the experts it holds) and returns its pruning state (the masks a
+    fine-tuned pruned model keeps; empty when it has none)."""
+
+    directory: Path
+    model: ModelConfig
+    routing: RoutingConfig | None
+
+    @classmethod
+    def read(cls, checkpoint: str | Path) -> InitialWeights:
+        try:
+            directory = resolve_checkpoint(checkpoint)
+        except ValueError as error:
+            raise ValueError(f"train.init_from={str(checkpoint)!r}: {error}") from None
+        meta = read_meta(directory)
+        if subset_ids(meta) is not None:
+            raise ValueError(
+                f"train.init_from={str(checkpoint)!r} is a task subset (experts missing); "
+                "accepted: a whole model"
+            )
+        stored = sorted({layer["quantization"] for layer in meta["moe_layers"]} - {"none"})
+        if stored:
+            raise ValueError(
+                f"train.init_from={str(checkpoint)!r} stores {stored} experts; accepted: float "
+                "experts (training needs them)"
+            )
+        model, routing = configs_of(meta)
+        return cls(directory, model, routing)
+
+    def adopt(self, config: RunConfig) -> RunConfig:
+        routing = config.routing
+        if self.routing is not None:
+            routing = replace(routing, **{key: getattr(self.routing, key) for key in ROUTER_FIELDS})
+        return replace(config, model=self.model, routing=routing)
+
+    def check_data(self, tokenizer: Tokenizer) -> None:
+        """The data's `tokenizer` must be the checkpoint's (`check_same_tokenizer`)."""
+        check_same_tokenizer(
+            self.directory, read_meta(self.directory), tokenizer, "another train.init_from"
+        )
+
+    def load(self, model: MoETransformer) -> dict[str, Any]:
+        loaded = load_checkpoint(self.directory, model)
+        return dict(loaded.extra.get(PRUNING_KEY) or {})

@@ -44,7 +44,7 @@ from launch.build import build_model
 from launch.config import ResumeMode, RunConfig, TrainingEngineKind
 from launch.runtime import ProcessInfo, Runtime, setup_runtime, teardown_runtime
 from launch.training.allocator import reuse_heap
-from launch.training.checkpointing import CheckpointManager, config_dict
+from launch.training.checkpointing import CheckpointManager, InitialWeights, config_dict
 from launch.training.compile import training_step
 from launch.training.engines import build_engine
 from launch.training.evaluation import RoutingMonitor, evaluate
@@ -72,7 +72,7 @@ class TrainResult:
     final_step: int
     losses: list[float] = field(default_factory=list)
     evaluations: list[dict[str, float]] = field(default_factory=list)
-    sample: bytes = b""
+    sample: str = ""
     run_dir: str = ""
     model: MoETransformer | None = field(default=None, repr=False)
 
@@ -119,8 +119,12 @@ def train(
 
     `on_checkpoint` is called on every rank after each checkpoint (the Ray launcher
     reports it); `resume_from` names the checkpoint to resume from instead of the run's
-    latest (the Ray launcher passes the one Ray restored)."""
+    latest (the Ray launcher passes the one Ray restored). With `train.init_from` a fresh
+    run starts from that checkpoint's weights, model and router (`InitialWeights`)."""
     info = info or ProcessInfo()
+    initial = InitialWeights.read(config.train.init_from) if config.train.init_from else None
+    if initial is not None:
+        config = initial.adopt(config)
     runtime = setup_runtime(
         config.comm, info, need_process_group=config.train.engine == TrainingEngineKind.DEEPSPEED
     )
@@ -177,9 +181,10 @@ def run_training(
 
     `on_fresh_start` runs when the run starts without a checkpoint, before the optimizer
     is built (the distillation student's initialisation), then `train.init_from`'s
-    weights load; a resumed run loads its weights from the checkpoint instead. Nothing
-    is written under `run_dir` before it. Every checkpoint carries the data's tokenizer
-    files (none for bytes)."""
+    weights load (`InitialWeights`: its pruning masks are kept; its tokenizer must be the
+    data's); a resumed run loads its weights from the checkpoint instead. Nothing is
+    written under `run_dir` before it. Every checkpoint carries the data's tokenizer
+    files (none for bytes), and the sample at the end reads that tokenizer."""
     info, device, train_cfg = runtime.info, runtime.device, config.train
     if train_cfg.reuse_heap:
         reuse_heap()
@@ -188,6 +193,7 @@ def run_training(
     run_record = config_dict(config) | objective.config_record()
     run_record["train"]["precision"] = precision.precision.value
     run_record["precision"] = precision.record()
+    initial = InitialWeights.read(train_cfg.init_from) if train_cfg.init_from else None
     checkpoints = CheckpointManager(
         run_dir / "checkpoints", runtime, train_cfg.keep_last, dataset.tokenizer
     )
@@ -195,8 +201,11 @@ def run_training(
     initial_pruning: dict[str, Any] = {}
     if resume_path is None and on_fresh_start is not None:
         on_fresh_start()
-    if resume_path is None and train_cfg.init_from:
-        initial_pruning = checkpoints.initialise_from(train_cfg.init_from, model, run_record)
+    if resume_path is None and initial is not None:
+        initial.check_data(dataset.tokenizer)
+        initial_pruning = initial.load(model)
+        if info.is_main:
+            print(f"[{objective.name}] weights from {initial.directory}", flush=True)
     model.train()
     # The state of stateful routing policies (DynaMoE); the loop knows only the protocol.
     policy_state = model.policy_state()
@@ -378,18 +387,17 @@ def run_training(
         )
     loads = monitor.global_load(sum_over_ranks)
     heatmap = tracker.save_heatmap(loads, monitor.layer_names())
-    # The sample goes through `generate`, which reads and writes bytes: a run on a
-    # tokenizer's ids leaves it to `launch.generate` on the checkpoint.
-    if train_cfg.sample_tokens > 0 and not dataset.tokenizer.files():
+    if train_cfg.sample_tokens > 0:
         result.sample = generate(
             model,
-            train_cfg.sample_prompt.encode("utf-8"),
+            train_cfg.sample_prompt,
             train_cfg.sample_tokens,
             temperature=0.8,
             top_k=40,
             task_id=0 if config.routing.needs_task_ids else None,  # a task router needs one
             seed=train_cfg.seed,
-        )
+            tokenizer=dataset.tokenizer,
+        ).text
     if info.is_main:
         _print_summary(result, heatmap, tracker, train_cfg.sample_prompt, name)
     tracker.finish()
@@ -426,8 +434,7 @@ def _print_summary(
             flush=True,
         )
     if result.sample:
-        text = result.sample.decode("utf-8", errors="replace")
-        print(f"[{name}] sample: {prompt}{text}", flush=True)
+        print(f"[{name}] sample: {prompt}{result.sample}", flush=True)
     print(f"[{name}] run directory: {result.run_dir}", flush=True)
     if heatmap is not None:
         print(f"[{name}] expert-load heatmap: {heatmap}", flush=True)

@@ -25,7 +25,7 @@ the teacher's active width `top_k * expert_hidden`. Its initialisation (`init`):
 
 Under `top` and `merge`, attention, embeddings, norms (and the output head) copy from the
 teacher, as does the FFN of a teacher block that is dense when its shape fits the
-student's. PR-MoE residual MLPs are not carried over.
+student's. PR-MoE residual MLPs and shared experts (Qwen2-MoE) are not carried over.
 
 Legend: D model width, H expert hidden width, E experts,
 W student FFN width, m = W / H slices.
@@ -81,6 +81,8 @@ def student_config(teacher: ModelConfig, routing: RoutingConfig | None, width: i
         expert_schedule=[],
         residual_mlp=False,
         ffn_kind=FFNKind.EXPERT,
+        shared_expert_hidden=0,
+        dense_layers=[],
     )
 
 

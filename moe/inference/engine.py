@@ -1,13 +1,13 @@
 """The inference engine: iteration-level batching over a slot KV cache (Orca, vLLM).
 
-    engine = InferenceEngine(model, max_batch=32)
-    rid = engine.submit(b"In the beginning", SamplingParams(max_tokens=50, temperature=0))
+    engine = InferenceEngine(model, max_batch=32, tokenizer=loaded.tokenizer)
+    rid = engine.submit("In the beginning", SamplingParams(max_tokens=50, temperature=0))
     for completion in engine.run():  # or: while engine.has_work(): engine.step()
-        print(completion.request_id, completion.text)
+        print(completion.request_id, completion.text, completion.token_ids)
 
 Scheduling happens per step, not per request: at every `step()` each running
 sequence decodes one token, waiting requests are admitted into free slots and prefilled
-in the same step, and a sequence that finishes (max tokens or a stop string) leaves and
+in the same step, and a sequence that finishes (max tokens, a stop string or eos) leaves and
 frees its slot for the next waiting request. A request never waits for the longest
 request of a batch. Each sequence samples with its own generator
 (`moe.inference.sampling`), so its output does not depend on its neighbours.
@@ -23,6 +23,14 @@ whole.
 step (one graph per batch-size bucket over static buffers; CUDA graphs on CUDA), the
 prefill chunks through one eager call (`moe.inference.runner`). Same engine, same API,
 the same greedy text; `compile_report()` says what compiled and in how long.
+
+Tokens and text: the engine speaks the model's tokenizer (`moe.interop.tokenizer`;
+bytes, vocabulary 256, by default). A prompt is token ids, text, or UTF-8 bytes
+(`moe.inference.text.encode_prompt`); a completion carries its token ids and its text.
+Text streams never split a UTF-8 character, stop strings match on text, and the
+tokenizer's eos id ends a sequence (finish reason "stop"; the id is counted, not
+decoded). A model whose embedding has more rows than its tokenizer has tokens (padded
+vocabularies) never samples a row without text: those logits are masked.
 
 Routing at inference is dropless by default: capacity-limited routing makes the slots
 a token keeps depend on the other tokens of the batch, so one request's output would
@@ -43,8 +51,8 @@ costs a model call. `take_telemetry()` returns what the engine did since the las
 (tokens, tokens per expert per layer, dropped slots, all-to-all time) and what it holds
 (`moe.inference.telemetry`).
 
-Context longer than `max_len` (the model's `max_seq_len`): a prompt keeps its last
-`max_len` bytes; a sequence whose slot fills up is re-prefilled with the last half
+Context longer than `max_len` (the model's `max_seq_len` unless given): a prompt keeps
+its last `max_len` tokens; a sequence whose slot fills up is re-prefilled with the last half
 window (positions restart at 0, as in training windows) and continues.
 
 Expert parallelism: under `torchrun` with EP dispatchers (`moe.inference.loading`),
@@ -71,6 +79,8 @@ from moe.inference.runner import ModelRunner, StepLogits
 from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
 from moe.inference.scheduler import Scheduler, SequenceState
 from moe.inference.telemetry import EngineTelemetry
+from moe.inference.text import Prompt, TextStream, encode_prompt
+from moe.interop.tokenizer import ByteTokenizer, Tokenizer
 from moe.transformer import MoETransformer
 from routing import CapacityOverride
 from routing.config import parse_enum
@@ -78,33 +88,40 @@ from routing.config import parse_enum
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished request. Times are wall-clock seconds: `time_to_first_token_s` from
-    submission to the first sampled token; `per_token_latency_s` the mean time between
-    later tokens (0 with one token). `tokens`: every sampled token (the tokens of a stop
-    string included). `prompt_logprobs`: when asked, the score of every prompt token
-    after the first (`SamplingParams.prompt_logprobs`)."""
+    """A finished request. `token_ids`: every sampled id (an eos, and the tokens of a
+    stop string, included; `completion_tokens` counts them); `tokens`: the same, each
+    with what the request asked for (log-probability, experts); `text`: the
+    completion's text, cut before a stop string. `prompt_logprobs`: when asked, the
+    score of every prompt token after the first (`SamplingParams.prompt_logprobs`).
+    Times are wall-clock seconds: `time_to_first_token_s` from submission to the first
+    sampled token; `per_token_latency_s` the mean time between later tokens (0 with one
+    token)."""
 
     request_id: int
     prompt_tokens: int
     completion_tokens: int
-    text: bytes
-    finish_reason: str  # "stop" (a stop string) or "length" (max_tokens)
+    text: str
+    finish_reason: str  # "stop" (a stop string or eos) or "length" (max_tokens)
     time_to_first_token_s: float
     per_token_latency_s: float
     total_time_s: float
     tokens: tuple[GeneratedToken, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(token.id for token in self.tokens)
+
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What one step produced for one request: the bytes it may now show (held back
-    while they could still be the start of a stop string), its completion if it
-    finished, the token it sampled, and (in its first event, when asked) its prompt's
-    scores."""
+    """What one step produced for one request: the text it may now show (held back
+    while it could still be the start of a stop string or of a character), its
+    completion if it finished, the token it sampled, and (in its first event, when
+    asked) its prompt's scores."""
 
     request_id: int
-    new_text: bytes
+    new_text: str
     completion: Completion | None
     new_tokens: tuple[GeneratedToken, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
@@ -115,7 +132,7 @@ class InferenceEngine:
 
     `max_batch`: KV-cache slots, i.e. sequences running at once. `max_step_tokens`:
     tokens one step may carry (decodes first, then prefills, in chunks with
-    `chunked_prefill`; without it, at least `max_seq_len`). `task_ids`: the
+    `chunked_prefill`; without it, at least `max_len`). `task_ids`: the
     task ids requests may name (None: any, or none; a model whose router reads the task
     requires one per request). `routing`: "dropless" (default) or "trained". `warmup`:
     run one token through the model at construction (the first call of the model's
@@ -123,7 +140,9 @@ class InferenceEngine:
     in the first request's time to first token); under EP every rank must agree on it.
     `compile`: decode through the compiled step (`compile_options`: its buckets, when
     they compile, the backend; see `moe.inference.decode`); under EP every rank must
-    agree on both.
+    agree on both. `tokenizer`: the model's (`LoadedModel.tokenizer`); None is bytes, for a model of
+    vocabulary 256. `max_len`: the context of every slot (default the model's
+    `max_seq_len`; a smaller one bounds the KV cache of a long-context model).
     """
 
     def __init__(
@@ -138,22 +157,36 @@ class InferenceEngine:
         compile: bool = False,
         compile_options: DecodeCompileOptions | None = None,
         chunked_prefill: bool = True,
+        tokenizer: Tokenizer | None = None,
+        max_len: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} is invalid; accepted: >= 1")
         override = parse_enum(CapacityOverride, routing, "routing")
         self.model = model
-        self.max_len = model.config.max_seq_len
+        self.max_len = max_len or model.config.max_seq_len
+        if not 1 <= self.max_len <= model.config.max_seq_len:
+            raise ValueError(
+                f"max_len={max_len} is invalid; accepted: 1..{model.config.max_seq_len} "
+                "(the model's max_seq_len)"
+            )
         if max_step_tokens < (1 if chunked_prefill else self.max_len):
             raise ValueError(
                 f"max_step_tokens={max_step_tokens} is too small; accepted: >= 1 with "
-                f"chunked_prefill, else >= max_seq_len={self.max_len} (a full-length "
-                "prompt must fit one step)"
+                f"chunked_prefill, else >= max_len={self.max_len} (a full-length prompt "
+                "must fit one step)"
             )
-        if model.config.vocab_size != 256:
+        self.vocab_size = model.config.vocab_size
+        if tokenizer is None and self.vocab_size != 256:
             raise ValueError(
-                f"the engine serves byte-level models (vocab_size=256), got "
-                f"{model.config.vocab_size}"
+                f"the model has a vocabulary of {self.vocab_size}, not bytes: pass its "
+                "tokenizer (tokenizer=LoadedModel.tokenizer)"
+            )
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                f"{self.vocab_size}"
             )
         if compile and override != CapacityOverride.DROPLESS:
             raise ValueError(
@@ -167,8 +200,8 @@ class InferenceEngine:
         self.needs_task = model.routing is not None and model.routing.needs_task_ids
         self.device = model.embed.weight.device
         self.runner = ModelRunner(
-            model, max_batch=max_batch, compile=compile, compile_options=compile_options,
-            pad_task=self.task_ids[0] if self.task_ids else 0,
+            model, max_batch=max_batch, max_len=self.max_len, compile=compile,
+            compile_options=compile_options, pad_task=self.task_ids[0] if self.task_ids else 0,
         )  # fmt: skip
         self.cache = self.runner.cache
         self.kv_dtype = self.cache.k_SGLC[0].dtype  # the model's dtype (bf16 weights: bf16)
@@ -186,33 +219,19 @@ class InferenceEngine:
     # --- requests ----------------------------------------------------------------------
 
     def submit(
-        self,
-        prompt: bytes | Sequence[int],
-        params: SamplingParams | None = None,
-        task_id: int | None = None,
+        self, prompt: Prompt, params: SamplingParams | None = None, task_id: int | None = None
     ) -> int:
-        """Queue a request; returns its id. `prompt`: bytes or token ids; it keeps its
-        last `max_len` tokens."""
+        """Queue a request; returns its id. `prompt`: token ids, text or UTF-8 bytes
+        (`moe.inference.text.encode_prompt`); it keeps its last `max_len` tokens."""
         params = params or SamplingParams()
-        vocab = self.model.config.vocab_size
-        if isinstance(prompt, bytes | bytearray):
-            ids = list(bytes(prompt))
-        elif isinstance(prompt, Sequence) and all(
-            isinstance(i, int) and 0 <= i < vocab for i in prompt
-        ):
-            ids = list(prompt)
-        else:
-            ids = []
-        if not ids:
-            raise ValueError(
-                f"prompt={prompt!r} is invalid; accepted: non-empty bytes or token ids in "
-                f"[0, {vocab})"
-            )
+        ids = encode_prompt(prompt, self.tokenizer, self.vocab_size)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params={params!r} is invalid; accepted: a SamplingParams")
-        bad_bias = [token for token, _ in params.logit_bias if token >= vocab]
+        bad_bias = [token for token, _ in params.logit_bias if token >= self.vocab_size]
         if bad_bias:
-            raise ValueError(f"logit_bias names token ids {bad_bias}; accepted: [0, {vocab})")
+            raise ValueError(
+                f"logit_bias names token ids {bad_bias}; accepted: [0, {self.vocab_size})"
+            )
         if task_id is None and self.needs_task:
             accepted = "" if self.task_ids is None else f", one of {self.task_ids}"
             raise ValueError(f"this model routes by task: give task_id{accepted}")
@@ -224,9 +243,10 @@ class InferenceEngine:
         self._next_id += 1
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         tokens = ids[-self.max_len :]
+        text = TextStream(self.tokenizer, tokens, params.stop, self.tokenizer.eos_token_id)
         self.scheduler.waiting.append(
             SequenceState(request_id, tokens, params, task_id, generator, time.perf_counter(),
-                      context=list(tokens), pending=len(tokens))
+                          text, context=list(tokens), pending=len(tokens))
         )  # fmt: skip
         return request_id
 
@@ -270,6 +290,9 @@ class InferenceEngine:
         want_experts = any(scheduled[i][0].params.routed_experts for i in ready)
         logits = self.runner.run(segments, tokens, tasks, want_rows=scoring,
                                  want_experts=want_experts)  # fmt: skip
+        if self.tokenizer.vocab_size < self.vocab_size:
+            # Padded rows have no text: never sampled, scored or offered as alternatives.
+            logits.mask_ids_from(self.tokenizer.vocab_size)
         self._score_prompts(logits, scheduled, segments, scoring)
         prompt_tokens = sum(count for s, count in scheduled if not s.generated)
         for sequence, count in scheduled:
@@ -328,9 +351,12 @@ class InferenceEngine:
             sequence.generated.append(token)
             sequence.context.append(token)
             sequence.pending = 1
-            reason = self._finish_reason(sequence)
-            if reason is not None:
-                events.append(self._finish(sequence, reason, now))
+            if sequence.text.push(token):
+                events.append(self._finish(sequence, "stop", now))
+                finished.add(id(sequence))
+                continue
+            if len(sequence.generated) >= sequence.params.max_tokens:
+                events.append(self._finish(sequence, "length", now))
                 finished.add(id(sequence))
                 continue
             if self.cache.lengths[sequence.slot] + 1 > self.max_len:
@@ -338,35 +364,11 @@ class InferenceEngine:
                 sequence.context = sequence.context[-max(1, self.max_len // 2) :]
                 sequence.pending = len(sequence.context)
                 self.cache.reset(sequence.slot)
-            visible = self._visible(sequence)
-            new_text = bytes(sequence.generated[sequence.shown : visible])
+            new_text = sequence.text.visible()
             scores = self._prompt_scores(sequence) if first else None
             events.append(StepEvent(sequence.request_id, new_text, None, (output,), scores))
-            sequence.shown = visible
         self.scheduler.retire(finished)
         return events
-
-    def _finish_reason(self, sequence: SequenceState) -> str | None:
-        text = bytes(sequence.generated)
-        for stop in sequence.params.stop:
-            # Only a stop string that ends in the newest token can be new.
-            if text.find(stop, max(0, len(text) - len(stop))) != -1:
-                return "stop"
-        if len(sequence.generated) >= sequence.params.max_tokens:
-            return "length"
-        return None
-
-    def _visible(self, sequence: SequenceState) -> int:
-        """Bytes of the completion that can be shown: all but a tail that may still
-        become a stop string."""
-        text = bytes(sequence.generated)
-        hold = 0
-        for stop in sequence.params.stop:
-            for size in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:size]):
-                    hold = max(hold, size)
-                    break
-        return len(text) - hold
 
     @staticmethod
     def _prompt_scores(sequence: SequenceState) -> tuple[TokenLogprob, ...] | None:
@@ -375,9 +377,7 @@ class InferenceEngine:
         return tuple(sequence.prompt_scores)
 
     def _finish(self, sequence: SequenceState, reason: str, now: float) -> StepEvent:
-        text = bytes(sequence.generated)
-        if reason == "stop":
-            text = text[: min(i for s in sequence.params.stop if (i := text.find(s)) != -1)]
+        text, unseen = sequence.text.finish()
         if not sequence.generated:  # max_tokens=0: the prompt's prefill was all
             sequence.first_token_at = now
         later = max(0, len(sequence.generated) - 1)
@@ -396,7 +396,7 @@ class InferenceEngine:
         self.scheduler.release(sequence)
         last = sequence.outputs[-1:] if sequence.generated else []
         return StepEvent(
-            sequence.request_id, text[sequence.shown :], completion, tuple(last),
+            sequence.request_id, unseen, completion, tuple(last),
             self._prompt_scores(sequence) if len(sequence.generated) <= 1 else None,
         )  # fmt: skip
 
@@ -435,21 +435,23 @@ class InferenceEngine:
 
 def generate(
     model: MoETransformer,
-    prompt: bytes,
+    prompt: Prompt,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     task_id: int | None = None,
     seed: int = 0,
-) -> bytes:
-    """Sample `max_new_tokens` bytes after `prompt` (one request; dropless routing);
-    returns only the new bytes. Leaves the model's mode and routing as they were."""
+    tokenizer: Tokenizer | None = None,
+) -> Completion:
+    """Sample up to `max_new_tokens` tokens after `prompt` (one request; dropless routing;
+    `tokenizer` None is bytes); returns the completion (new ids and text only). Leaves the
+    model's mode and routing as they were."""
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=seed)
-    engine = InferenceEngine(model, max_batch=1)
+    engine = InferenceEngine(model, max_batch=1, tokenizer=tokenizer)
     try:
         engine.submit(prompt, params, task_id)
         (completion,) = list(engine.run())
     finally:
         engine.restore()
-    return completion.text
+    return completion

@@ -55,16 +55,25 @@ class StepLogits:
             return self._rows[index]
         return self.last_SV[index : index + 1]  # a one-token segment
 
+    def mask_ids_from(self, first: int) -> None:
+        """Set the logits of ids >= `first` to -inf in every row it holds (a padded
+        vocabulary's rows without a token: never sampled, scored or offered)."""
+        self.last_SV[:, first:] = float("-inf")
+        for rows in self._rows.values():
+            rows[:, first:] = float("-inf")
+
 
 class ModelRunner:
-    """Runs steps of `model` for up to `max_batch` sequences (see the module docstring).
-    `pad_task`: the task id of a compiled step's padding rows (one the router accepts)."""
+    """Runs steps of `model` for up to `max_batch` sequences of up to `max_len` positions
+    (default the model's `max_seq_len`) each (see the module docstring). `pad_task`: the
+    task id of a compiled step's padding rows (one the router accepts)."""
 
     def __init__(
         self,
         model: MoETransformer,
         *,
         max_batch: int,
+        max_len: int | None = None,
         compile: bool = False,
         compile_options: DecodeCompileOptions | None = None,
         pad_task: int = 0,
@@ -77,7 +86,7 @@ class ModelRunner:
         config = model.config
         self.cache = SlotKVCache(
             len(model.blocks), max_batch + (1 if compile else 0), config.n_kv_heads,
-            config.max_seq_len, config.head_dim, param.device, param.dtype,
+            max_len or config.max_seq_len, config.head_dim, param.device, param.dtype,
         )  # fmt: skip
         self.meter = EngineMeter(model)
         self.decoder: CompiledDecoder | None = None

@@ -41,20 +41,21 @@ class SamplingParams:
     scored). `temperature` 0 is greedy (argmax of the adjusted logits; `top_k`, `top_p`
     and `seed` then do nothing). `top_k` 0 keeps every token; `top_p` 1.0 keeps every
     token (nucleus sampling keeps the smallest set of most likely tokens whose
-    probability reaches `top_p`). `stop`: byte strings that end the completion; the
-    completion is cut before the first one. `presence_penalty`, `frequency_penalty`,
-    `logit_bias` ((token id, bias) pairs; a mapping is accepted): see the module
-    docstring. `logprobs`: None, or the number of alternatives (0..) to report with each
-    generated token's log-probability; `prompt_logprobs` the same for every prompt token
-    after the first (scored in the prefill). `routed_experts`: report, for each
-    generated token, the experts of every MoE layer at the position that produced it.
+    probability reaches `top_p`). `stop`: strings that end the completion, matched on
+    its text (UTF-8 bytes are read as text); the completion is cut before the first
+    one. `presence_penalty`, `frequency_penalty`, `logit_bias` ((token id, bias) pairs;
+    a mapping is accepted): see the module docstring. `logprobs`: None, or the number of
+    alternatives (0..) to report with each generated token's log-probability;
+    `prompt_logprobs` the same for every prompt token after the first (scored in the
+    prefill). `routed_experts`: report, for each generated token, the experts of every
+    MoE layer at the position that produced it.
     """
 
     max_tokens: int = 64
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    stop: tuple[bytes, ...] = field(default=())
+    stop: tuple[str, ...] = field(default=())
     seed: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -78,9 +79,9 @@ class SamplingParams:
             )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} is invalid; accepted: a number in (0, 1]")
-        stop = tuple(self.stop)
-        if any(not isinstance(s, bytes) or not s for s in stop):
-            raise ValueError(f"stop={stop!r} is invalid; accepted: non-empty byte strings")
+        stop = tuple(_stop_text(s) for s in self.stop)
+        if any(not s for s in stop):
+            raise ValueError(f"stop={self.stop!r} is invalid; accepted: non-empty strings")
         object.__setattr__(self, "stop", stop)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} is invalid; accepted: an integer")
@@ -136,6 +137,17 @@ def adjusted_logits(logits_V: Tensor, params: SamplingParams, generated: Sequenc
         values = torch.tensor([b for _, b in params.logit_bias], device=logits_V.device)
         logits_V.index_add_(0, ids, values)  # a token named twice gets both biases
     return logits_V
+
+
+def _stop_text(stop: object) -> str:
+    if isinstance(stop, bytes):
+        try:
+            return stop.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"stop string {stop!r} is not UTF-8 text") from None
+    if not isinstance(stop, str):
+        raise ValueError(f"stop string {stop!r} is invalid; accepted: str (or UTF-8 bytes)")
+    return stop
 
 
 def filtered_probs(logits_V: Tensor, params: SamplingParams) -> Tensor:

@@ -20,11 +20,15 @@ import torch
 from moe.inference.cache import SlotKVCache
 from moe.inference.outputs import GeneratedToken
 from moe.inference.sampling import SamplingParams, TokenLogprob
+from moe.inference.text import TextStream
 
 
 @dataclass
 class SequenceState:
-    """One request as the engine tracks it."""
+    """One request as the engine tracks it: its prompt and sampling, its slot and what
+    the slot must still take (`context`, `pending`), what it generated (ids, their
+    `outputs`, and `text`: the stream that decodes them, finds stop strings and eos),
+    and its times and prompt scores."""
 
     request_id: int
     prompt: list[int]
@@ -32,12 +36,12 @@ class SequenceState:
     task_id: int | None
     generator: torch.Generator
     submitted: float
+    text: TextStream
     context: list[int] = field(default_factory=list)  # what the slot must hold
     generated: list[int] = field(default_factory=list)
     slot: int = -1
     pending: int = 0  # how many tokens of `context` the slot does not hold yet
     first_token_at: float = 0.0
-    shown: int = 0  # bytes of `generated` already given out as new_text
     outputs: list[GeneratedToken] = field(default_factory=list)
     prompt_scores: list[TokenLogprob] = field(default_factory=list)
 

@@ -183,8 +183,9 @@ def _corpus_of(data: DataConfig | TaskCorpus | None, run_config: dict[str, Any])
     if data is None:
         if not run_config.get("data"):
             raise ValueError(
-                "the checkpoint's config has no data section; pass data= (a DataConfig, a "
-                "TaskCorpus or the task's windows)"
+                "the checkpoint's config has no data section (an imported model): give the "
+                "corpus to measure on (launch.subset +data=PRESET; write_subset(data=...): a "
+                "DataConfig, a TaskCorpus or the task's windows)"
             )
         data = DataConfig(**run_config["data"])
     return build_corpus(data)
@@ -197,10 +198,18 @@ def _measurement_windows(
     seq_len: int,
     max_windows: int,
     seed: int,
+    byte_level: bool = True,
 ) -> tuple[int, Tensor]:
-    """(task id, the task's measurement windows [B, T]) from `data` (see write_subset)."""
+    """(task id, the task's measurement windows [B, T]) from `data` (see write_subset).
+    A model with a tokenizer of its own is measured on windows of its tokens only: a
+    corpus here is bytes."""
     if isinstance(data, Tensor):
         return resolve_task(task, None), data
+    if not byte_level:
+        raise ValueError(
+            "the model reads the tokens of its own tokenizer, not bytes: measure it on token "
+            "windows of the task (write_subset(data=tensor [B, T] of its token ids))"
+        )
     if isinstance(data, DataConfig):
         seq_len = min(seq_len, data.seq_len)
     elif run_config.get("data", {}).get("seq_len"):
@@ -266,8 +275,9 @@ def write_subset(
         routing, recorded_coverage = "task", 1.0
     else:
         task_id, tokens_BT = _measurement_windows(
-            data, loaded.run_config, task, model.config.max_seq_len, max_windows, seed
-        )
+            data, loaded.run_config, task, model.config.max_seq_len, max_windows, seed,
+            byte_level=not loaded.tokenizer.files(),
+        )  # fmt: skip
         num_tasks = model.routing.num_tasks
         if task_id < 0 or (num_tasks > 0 and task_id >= num_tasks):
             raise ValueError(
@@ -294,6 +304,7 @@ def write_subset(
     step_dir = save_checkpoint(
         out, subset, None, loaded.step, loaded.run_config, extra=extra,
         layer_num_experts={experts_module_name(b): n for b, n in num_experts.items()},
+        attachments=loaded.tokenizer.files(),  # the subset reads what the full model reads
     )  # fmt: skip
     return SubsetResult(
         directory=step_dir,

@@ -111,6 +111,9 @@ class HFTokenizer:
         except Exception as error:  # the Rust library raises its own exception types
             raise ValueError(f"{source} is not a tokenizers file: {error}") from None
         self._json = tokenizer_json
+        # Asked on every decode; the library recounts its added tokens each time (1.3 ms
+        # with 50k of them).
+        self._vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         self.config = dict(config or {})
         self._eos = _token_text(self.config.get("eos_token"))
         self._bos = _token_text(self.config.get("bos_token"))
@@ -145,7 +148,7 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+        return self._vocab_size
 
     @property
     def eos_token(self) -> str | None:

@@ -29,7 +29,9 @@ def check_positive_int(owner: str, key: str, value: object) -> None:
 @dataclass(frozen=True)
 class ModelShape:
     """What the planner needs of a model. `experts_per_block[i]` is 0 for a dense
-    block; `ffn_matrices` is 2 (gelu/relu MLP) or 3 (swiglu: gate, up, down)."""
+    block; `ffn_matrices` is 2 (gelu/relu MLP) or 3 (swiglu: gate, up, down);
+    `shared_expert_hidden`: the width of the dense expert every token of an MoE block
+    also passes (Qwen2-MoE; 0: none), dense weight, always active."""
 
     vocab_size: int
     d_model: int
@@ -43,6 +45,7 @@ class ModelShape:
     top_k: int = 2
     ffn_matrices: int = 2
     residual_mlp: bool = False
+    shared_expert_hidden: int = 0
     tie_embeddings: bool = True
     parallel_block: bool = False  # PaLM's attention and FFN side by side: one collective set
     name: str = "model"
@@ -55,6 +58,11 @@ class ModelShape:
             raise ValueError(
                 f"model.n_kv_heads={self.n_kv_heads} is invalid; accepted: a divisor of "
                 f"n_heads={self.n_heads}"
+            )
+        if isinstance(self.shared_expert_hidden, bool) or self.shared_expert_hidden < 0:
+            raise ValueError(
+                f"model.shared_expert_hidden={self.shared_expert_hidden!r} is invalid; accepted: "
+                "an integer >= 0"
             )
         if self.ffn_matrices not in (2, 3):
             raise ValueError(
@@ -87,7 +95,8 @@ def shape_from_config(config: ModelConfig, top_k: int = 2, name: str = "model") 
         ffn_hidden=config.ffn_hidden, expert_hidden=config.expert_hidden,
         experts_per_block=tuple(config.experts_per_block()), top_k=top_k,
         ffn_matrices=3 if config.activation.value == "swiglu" else 2,
-        residual_mlp=config.residual_mlp, tie_embeddings=config.tie_embeddings, name=name,
+        residual_mlp=config.residual_mlp, shared_expert_hidden=config.shared_expert_hidden,
+        tie_embeddings=config.tie_embeddings, name=name,
     )  # fmt: skip
 
 
@@ -154,15 +163,18 @@ class Costs:
         attention_bytes = sum(matrix_bytes(i, o, other_p) for i, o in attention)
         dense_bytes = sum(matrix_bytes(i, o, other_p) for i, o in ffn(s.ffn_hidden))
         residual_bytes = sum(matrix_bytes(i, o, other_p) for i, o in ffn(s.expert_hidden))
+        shared = [*ffn(s.shared_expert_hidden), (d, 1)] if s.shared_expert_hidden else []
+        shared_bytes = sum(matrix_bytes(i, o, other_p) for i, o in shared)
+        shared_params = sum(i * o for i, o in shared)
         embed_bytes = s.vocab_size * d * act.nbytes * (1 if s.tie_embeddings else 2)
         # Non-expert weights read by every call, block by block, then the embeddings.
         self.block_bytes: list[float] = []
         self.block_active_params: list[int] = []
         for e in s.experts_per_block:
             if e:
-                extra = residual_bytes if s.residual_mlp else 0.0
+                extra = (residual_bytes if s.residual_mlp else 0.0) + shared_bytes
                 self.block_bytes.append(attention_bytes + d * e * act.nbytes + extra)
-                active = s.top_k * self.expert_params + d * e
+                active = s.top_k * self.expert_params + d * e + shared_params
                 active += self.expert_params if s.residual_mlp else 0
             else:
                 self.block_bytes.append(attention_bytes + dense_bytes)

@@ -320,7 +320,7 @@ def reassign(plan: RoutingPlan, expert_ids_TK: Tensor, config: RoutingConfig) ->
     if (
         RouterKind(config.router) != RouterKind.SIGMA
         and config.normalize_weights
-        and ids_TK.shape[1] > 1
+        and (ids_TK.shape[1] > 1 or config.normalize_top1)
     ):
         weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True)
     return RoutingPlan(

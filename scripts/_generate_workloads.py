@@ -118,6 +118,7 @@ def run_requests(
         max_batch=batch,
         max_step_tokens=max(model.config.max_seq_len, sum(len(p) for p in prompts)),
         task_ids=variant.loaded.task_ids,
+        tokenizer=variant.loaded.tokenizer,
     )
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     seconds = engine_step_seconds(
@@ -258,6 +259,7 @@ def build_variants(args: argparse.Namespace, workdir: Path) -> list[Variant]:
         compiled = load_model(args.checkpoint)
         engine = InferenceEngine(
             compiled.model, max_batch=max(args.batches), task_ids=compiled.task_ids,
+            tokenizer=compiled.tokenizer,
             max_step_tokens=max(max_len, max(args.batches) * args.prompt_len), compile=True,
             compile_options=DecodeCompileOptions(backend=args.compile_backend),
         )  # fmt: skip

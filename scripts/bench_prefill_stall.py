@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         options = DecodeCompileOptions(kv_lengths=kv_ladder(args.max_seq_len), warmup="lazy")
         suffix = "+compiled" if compiled else ""
         common = dict(max_batch=slots, task_ids=loaded.task_ids, compile=compiled,
-                      compile_options=options)  # fmt: skip
+                      compile_options=options, tokenizer=loaded.tokenizer)  # fmt: skip
         engines[f"whole{suffix}"] = InferenceEngine(
             model, max_step_tokens=args.max_seq_len, chunked_prefill=False, **common
         )

@@ -187,6 +187,7 @@ def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(args.checkpoint)
     engine = InferenceEngine(
         loaded.model, max_batch=args.max_batch, task_ids=loaded.task_ids, compile=args.compile,
+        tokenizer=loaded.tokenizer,
         compile_options=DecodeCompileOptions(warmup="start"),
     )  # fmt: skip
     prompts = [PROMPTS[i % len(PROMPTS)].encode() for i in range(args.ratio_clients)]

@@ -49,8 +49,10 @@ def test_running_decodes_do_not_stall_while_a_long_prompt_prefills() -> None:
 
 def test_without_chunking_a_prompt_waits_until_it_fits_whole() -> None:
     model = sharp_model(33, max_seq_len=16)
-    with pytest.raises(ValueError, match="max_step_tokens=8 is too small"):
+    with pytest.raises(ValueError, match=r"max_step_tokens=8 is too small.*max_len=16"):
         InferenceEngine(model, max_step_tokens=8, chunked_prefill=False)
+    # A shorter context (max_len) is what a whole prompt must fit.
+    InferenceEngine(model, max_step_tokens=8, chunked_prefill=False, max_len=8).restore()
     engine = InferenceEngine(model, max_batch=2, max_step_tokens=16, chunked_prefill=False)
     first = engine.submit(b"x" * 10, SamplingParams(max_tokens=3, temperature=0))
     second = engine.submit(b"y" * 10, SamplingParams(max_tokens=3, temperature=0))

@@ -140,9 +140,9 @@ class InferenceEngine:
     in the first request's time to first token); under EP every rank must agree on it.
     `compile`: decode through the compiled step (`compile_options`: its buckets, when
     they compile, the backend; see `moe.inference.decode`); under EP every rank must
-    agree on both. `tokenizer`: the model's (`LoadedModel.tokenizer`); None is bytes, for a model of
-    vocabulary 256. `max_len`: the context of every slot (default the model's
-    `max_seq_len`; a smaller one bounds the KV cache of a long-context model).
+    agree on both. `tokenizer`: the model's (`LoadedModel.tokenizer`); None is bytes,
+    for a model of vocabulary 256. `max_len`: the context of every slot (default the
+    model's `max_seq_len`; a smaller one bounds the KV cache of a long-context model).
     """
 
     def __init__(

@@ -11,12 +11,17 @@
 shape and tokenizer come from the checkpoint (bytes when it carries none; an imported
 HF model carries its own): prompts are text, `max_tokens` counts the model's tokens, stop
 strings match on the text, and the tokenizer's eos ends a completion. `max_len` (0: the
-model's max_seq_len) bounds the context of each KV-cache slot. Routing is dropless unless
-`routing=trained` (see `moe.inference.engine`). `precision=bf16` computes with bf16
-weights and a bf16 KV cache, sampling in fp32 (`moe.precision`; fp32 by default, `auto`
-is bf16 where the device multiplies bf16 natively). Under torchrun every rank holds 1/N of every layer's experts
-(expert parallelism over all N ranks, the same dispatchers as training) and decodes
-its share of the prompts (round-robin); rank 0 prints every completion in order.
+model's max_seq_len) bounds the context of each KV-cache slot. `precision=bf16` computes
+with bf16 weights and a bf16 KV cache, sampling in fp32 (`moe.precision`; fp32 by
+default, `auto` is bf16 where the device multiplies bf16 natively). `compile=true`
+decodes through the compiled step (`moe.inference.decode`: one inductor graph per
+batch-size bucket, compiled at start or, with `compile_warmup=lazy`, on first use;
+`compile_cache_dir` keeps inductor's kernels for the next run); off by default here,
+since a few completions rarely repay the compile (docs/INFERENCE.md). Routing is
+dropless unless `routing=trained` (see `moe.inference.engine`). Under torchrun every
+rank holds 1/N of every layer's experts (expert parallelism over all N ranks, the same
+dispatchers as training) and decodes its share of the prompts (round-robin); rank 0
+prints every completion in order.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from launch.runtime import (
     teardown_runtime,
 )
 from launch.schema import build, hydra_schema, plain_container
+from launch.training.compile import use_cache_dir
 from moe.inference import Completion, InferenceEngine, SamplingParams, load_model
+from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 from moe.precision import ComputePrecision, parse_precision
 from routing import CapacityOverride
 from routing.config import parse_enum
@@ -59,7 +66,8 @@ class GenerateConfig:
     """What `launch.generate` runs. `prompt` (one) or `prompts` (several, decoded as one
     batch); `stop`: strings that end a completion; `top_k` 0 and `top_p` 1 are off;
     `temperature` 0 is greedy. `comm` picks the backend; the EP size is the number of
-    launched ranks."""
+    launched ranks. `compile`, `compile_warmup`, `compile_cache_dir`: the compiled decode
+    step (see the module docstring)."""
 
     checkpoint: str = ""
     prompt: str = ""
@@ -75,6 +83,9 @@ class GenerateConfig:
     precision: ComputePrecision = ComputePrecision.FP32
     routing: CapacityOverride = CapacityOverride.DROPLESS
     max_batch: int = 32
+    compile: bool = False
+    compile_warmup: CompileWarmup = CompileWarmup.START
+    compile_cache_dir: str = ""
     max_len: int = 0
     comm: CommConfig = field(default_factory=CommConfig)
 
@@ -82,6 +93,12 @@ class GenerateConfig:
         self.quantize = parse_enum(Quantization, self.quantize, "quantize")
         self.precision = parse_precision(self.precision, "precision")
         self.routing = parse_enum(CapacityOverride, self.routing, "routing")
+        self.compile_warmup = parse_enum(CompileWarmup, self.compile_warmup, "compile_warmup")
+        if self.compile and self.routing != CapacityOverride.DROPLESS:
+            raise ValueError(
+                f"compile=true needs routing=dropless (got routing={self.routing.value}): a "
+                "compiled step pads its batch, and padding would take capacity"
+            )
         if not self.checkpoint:
             raise ValueError("checkpoint is required: checkpoint=RUN_DIR or checkpoint=STEP_DIR")
         if bool(self.prompt) == bool(self.prompts) or any(not p for p in self.prompts):
@@ -117,9 +134,15 @@ def to_generate_config(cfg: DictConfig | dict[str, Any]) -> GenerateConfig:
     return build(GenerateConfig, plain_container(cfg))
 
 
-def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
+def run_generate(
+    config: GenerateConfig,
+    info: ProcessInfo,
+    compile_options: DecodeCompileOptions | None = None,
+) -> list[Completion]:
     """Generate every prompt; returns, on every rank, the completions of all prompts in
-    order (each rank computed its round-robin share)."""
+    order (each rank computed its round-robin share). `compile_options` (with
+    `config.compile`) replaces the ones the config gives (the Python API's finer
+    control: buckets, backend)."""
     comm = CommConfig(
         ep_size=info.world_size, ranks_per_node=config.comm.ranks_per_node,
         alltoall=config.comm.alltoall, backend=config.comm.backend,
@@ -134,10 +157,17 @@ def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
             device=runtime.device,
             precision=config.precision,
         )
+        if config.compile and config.compile_cache_dir:
+            use_cache_dir(config.compile_cache_dir)
         engine = InferenceEngine(
             loaded.model, max_batch=config.max_batch, task_ids=loaded.task_ids,
             routing=config.routing, tokenizer=loaded.tokenizer, max_len=config.max_len or None,
+            compile=config.compile,
+            compile_options=compile_options or DecodeCompileOptions(warmup=config.compile_warmup),
         )  # fmt: skip
+        report = engine.compile_report()
+        if report is not None and info.is_main and report["compilations"]:
+            print(f"[compile] {describe_compilation(report)}", file=sys.stderr, flush=True)
         prompts = config.all_prompts()
         mine = list(range(info.rank, len(prompts), info.world_size))
         by_request = {engine.submit(prompts[i], config.sampling(), config.task): i for i in mine}
@@ -151,6 +181,17 @@ def run_generate(config: GenerateConfig, info: ProcessInfo) -> list[Completion]:
         return [merged[i] for i in range(len(prompts))]
     finally:
         teardown_runtime(runtime)
+
+
+def describe_compilation(report: dict[str, Any]) -> str:
+    """One line of a `CompiledDecoder.report()`: buckets compiled and seconds each."""
+    each = ", ".join(
+        f"{r['batch']}: {r['first_call_s']:.1f} s" for r in report["per_bucket"] if r["graphs"]
+    )
+    return (
+        f"{report['compilations']} decode buckets compiled ({report['backend']}, "
+        f"{report['graphs']} graphs) in {report['first_calls_s']:.1f} s [{each}]"
+    )
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="generate", version_base=None)

@@ -75,6 +75,12 @@ class ServeOptions:
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
     timeout_s: float = 120.0
+    # The compiled decode step (moe.inference.decode) in every replica and EP worker.
+    compile: bool = False
+    compile_warmup: str = "start"
+    compile_cache_dir: str = ""
+    # A stream sends its first text at once, later text at most this often (0: every step).
+    stream_interval_s: float = 0.05
 
     def __post_init__(self) -> None:
         from moe.precision import parse_precision
@@ -88,6 +94,14 @@ class ServeOptions:
                     "max_body_bytes", "max_tokens", "retry_after_s", "threads_per_replica"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"serve.{key}={getattr(self, key)} is invalid; accepted: >= 1")
+        if self.compile_warmup not in ("start", "lazy"):
+            raise ValueError(
+                f"serve.compile_warmup={self.compile_warmup!r} is invalid; accepted: start, lazy"
+            )
+        if self.stream_interval_s < 0:
+            raise ValueError(
+                f"serve.stream_interval_s={self.stream_interval_s} is invalid; accepted: >= 0"
+            )
         if self.max_queued_requests < 0:
             raise ValueError(
                 f"serve.max_queued_requests={self.max_queued_requests}; accepted: >= 0 (a bound)"
@@ -216,6 +230,9 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     full = ModelSpec("full", checkpoint, ep_size=options.ep_size, max_batch=options.max_batch,
                      threads=options.threads_per_replica, cpus_per_worker=options.cpus_per_replica,
                      gpus_per_worker=options.gpus_per_worker, timeout_s=options.timeout_s,
+                     compile=options.compile, compile_warmup=options.compile_warmup,
+                     compile_cache_dir=options.compile_cache_dir,
+                     stream_interval_s=options.stream_interval_s,
                      precision=options.precision)  # fmt: skip
     specs = {"full": full}
     for task_id, path in subsets.items():

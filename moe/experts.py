@@ -98,6 +98,16 @@ class Experts(nn.Module, metaclass=abc.ABCMeta):
         combine in one, for stacks with `folds_permute`."""
         raise NotImplementedError(f"{type(self).__name__} computes on permuted rows only")
 
+    def forward_every(self, x_TD: Tensor) -> Tensor:
+        """Every local expert on every row: y_ETD[e] = expert e (x_TD). The MoE layer's
+        padded layout (`moe.layer.ExpertLayout.PADDED`). This default runs `forward` over
+        the rows repeated once per expert (E blocks of T rows); a stack that can do it
+        as one batched product overrides it."""
+        num_rows = x_TD.shape[0]
+        counts_E = torch.full((self.num_experts,), num_rows, dtype=torch.int64, device=x_TD.device)
+        y_RD = self.forward(x_TD.repeat(self.num_experts, 1), counts_E)
+        return y_RD.view(self.num_experts, num_rows, -1)
+
     def expert_state(self, local: int) -> dict[str, Tensor]:
         """Local expert `local`'s tensors, each sliced to [1, ...] (one checkpoint file)."""
         return {k: t[local : local + 1] for k, t in self.state_dict().items()}
@@ -181,6 +191,15 @@ class GroupedExperts(Experts):
         return grouped_mm_combine(
             h_RH, self.w2_EHD, token_index_R, weight_R, counts_E, x_TD.shape[0]
         )
+
+    def forward_every(self, x_TD: Tensor) -> Tensor:
+        """See `Experts.forward_every`: one batched product per projection over the
+        stacked weights (x broadcast over the experts, no copy), plain torch ops that
+        `torch.compile` fuses and lowers without a custom op."""
+        x_1TD = x_TD.unsqueeze(0)
+        gate_ETH = None if self.w3_EDH is None else torch.matmul(x_1TD, self.w3_EDH)
+        h_ETH = apply_activation(torch.matmul(x_1TD, self.w1_EDH), gate_ETH, self.activation)
+        return torch.matmul(h_ETH, self.w2_EHD)
 
     def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
         """One local expert on any rows (plain torch; the reference and small-batch path)."""

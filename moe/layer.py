@@ -6,13 +6,25 @@ expert_out + sigmoid(x w_g) * shared_mlp(x), or without the gate expert_out +
 shared_mlp(x)). The shared expert is a dense MLP of the layer, replicated like every dense
 weight (not sharded over the expert-parallel group).
 
+Two layouts of the expert computation when every slot is kept (dropless) and the
+experts are local (`ExpertLayout`): `compact`, the routed rows sorted by expert (T*K
+rows, the grouped matmul over the experts that got rows), and `padded`, every held
+expert's block padded to all T tokens (one batched matmul over E*T rows, each token's
+output the sum over its experts with the routing weights, zero for the experts it was
+not routed to). Padded reads every held expert and multiplies E/K times the rows, but
+is plain batched products with no host-side row counts: the static shape of a compiled
+decode step, where the rows are few and the per-op host cost dominates
+(`moe.inference.decode`). Elsewhere (capacity-limited plans, expert parallelism) the
+layer runs its usual layouts whatever the setting.
+
 Shapes: T tokens, D model width, H expert hidden width, E experts, K slots per token,
-R routed rows.
+R routed rows, L local experts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +49,15 @@ from routing import (
     build_capacity_state,
     build_router,
 )
+
+
+class ExpertLayout(str, Enum):
+    """How a dropless layer with local experts lays out its expert rows (see the module
+    docstring); set with `MoETransformer.expert_layout`."""
+
+    COMPACT = "compact"  # T*K rows sorted by expert, the grouped matmul
+    PADDED = "padded"  # every held expert on all T tokens, one batched matmul
+
 
 # The experts fold the permute into their matmuls from this top-k on: the [T*K, D] row
 # passes it saves grow with K. bench_layer, fp32, 2 threads, 2026-12-05, folded /
@@ -109,6 +130,8 @@ class MoELayer(nn.Module):
         self.capacity_state: CapacityState | None = build_capacity_state(num_experts, routing)
         # `MoETransformer.override_capacity` sets it: DROPLESS bypasses the policy.
         self.capacity_override = CapacityOverride.TRAINED
+        # `MoETransformer.expert_layout` sets it (the compiled decode step: PADDED).
+        self.expert_layout = ExpertLayout.COMPACT
         # Let experts that can (`Experts.folds_permute`) compute on the token rows with
         # the permute and the weighted combine folded into their matmuls, where all
         # experts are local, the layout is compact and top-k >= FOLD_MIN_TOP_K. False:
@@ -165,6 +188,14 @@ class MoELayer(nn.Module):
                 )
             task_ids_T = task_ids.reshape(-1)
         plan = self.route(x_TD, task_ids_T, x.shape[0] if x.dim() > 2 else 1)
+        if (
+            self.expert_layout == ExpertLayout.PADDED
+            and plan.capacity is None
+            and plan.capacity_E is None
+            and not self.dispatcher.exchanges_rows
+        ):
+            y_TD = self._padded_experts(x_TD, plan)
+            return self._finish(x, x_TD, y_TD, plan)
         # Per-expert capacities (a stateful policy's): rows padded to them.
         padded = plan.capacity_E is not None
         if padded:
@@ -194,20 +225,7 @@ class MoELayer(nn.Module):
             )
         else:
             y_TD = self._permuted_forward(x_TD, plan, permutation, padded)
-        if self.residual is not None and self.residual_gate is not None:
-            gate_T2 = self.residual_gate(x_TD)
-            # In at least fp32 (autocast would leave a bf16 softmax; float64 stays float64).
-            dtype = torch.promote_types(gate_T2.dtype, torch.float32)
-            coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=dtype)
-            y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
-        if self.shared_expert is not None:
-            shared_TD = self.shared_expert(x_TD)
-            if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
-        self.last_stats = plan.stats
-        self.last_expert_ids_TK = plan.expert_ids_TK
-        return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)
+        return self._finish(x, x_TD, y_TD, plan)
 
     def _folds_permute(self, permutation: Permutation) -> bool:
         """Whether the experts compute on the token rows (`Experts.forward_tokens`): a
@@ -242,3 +260,32 @@ class MoELayer(nn.Module):
         y_local = self.experts(x_local, counts_local, filled_local)
         y_RD = combine(y_local, context)
         return unpermute(y_RD, permutation, plan.weights_TK)
+
+    def _padded_experts(self, x_TD: Tensor, plan: RoutingPlan) -> Tensor:
+        """y_TD = sum over the held experts l of weight[t, l] * expert_l(x_t), the weight
+        zero where t was not routed to l (`ExpertLayout.PADDED`). Every slot is kept and
+        the router chooses only held experts (a subset's router is restricted)."""
+        num_tokens = x_TD.shape[0]
+        weights_TE = x_TD.new_zeros(num_tokens, self.num_experts)
+        weights_TE.scatter_add_(1, plan.expert_ids_TK, plan.weights_TK.to(x_TD.dtype))
+        held = self.dispatcher.expert_ids
+        weights_TL = weights_TE if len(held) == self.num_experts else weights_TE[:, list(held)]
+        y_LTD = self.experts.forward_every(x_TD)
+        return torch.einsum("tl,ltd->td", weights_TL, y_LTD)
+
+    def _finish(self, x: Tensor, x_TD: Tensor, y_TD: Tensor, plan: RoutingPlan) -> MoEOutput:
+        """The residual MLP (PR-MoE), the stats, the output in x's shape."""
+        if self.residual is not None and self.residual_gate is not None:
+            gate_T2 = self.residual_gate(x_TD)
+            # In at least fp32 (autocast would leave a bf16 softmax; float64 stays float64).
+            dtype = torch.promote_types(gate_T2.dtype, torch.float32)
+            coefficients_T2 = nn.functional.softmax(gate_T2, dim=-1, dtype=dtype)
+            y_TD = y_TD * coefficients_T2[:, :1] + self.residual(x_TD) * coefficients_T2[:, 1:]
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        self.last_stats = plan.stats
+        self.last_expert_ids_TK = plan.expert_ids_TK
+        return MoEOutput(y=y_TD.reshape(x.shape), aux_loss=plan.aux_loss)

@@ -35,7 +35,7 @@ from moe.attention import AttentionCache, CausalSelfAttention, KVCache
 from moe.config import FFNKind, ModelConfig
 from moe.dispatchers import Dispatcher
 from moe.experts import DenseMLP, ExpertFFN
-from moe.layer import MoELayer
+from moe.layer import ExpertLayout, MoELayer
 from routing import (
     CapacityOverride,
     PolicyState,
@@ -215,6 +215,21 @@ class MoETransformer(nn.Module):
         finally:
             for layer, setting in previous:
                 layer.capacity_override = setting
+
+    @contextlib.contextmanager
+    def expert_layout(self, layout: ExpertLayout | str) -> Iterator[MoETransformer]:
+        """Every MoE layer lays out its expert rows as `layout` inside the block
+        (`moe.layer.ExpertLayout`: `padded` where every slot is kept and the experts are
+        local, the usual layouts elsewhere); each layer's previous setting comes back."""
+        chosen = parse_enum(ExpertLayout, layout, "expert layout")
+        previous = [(layer, layer.expert_layout) for _, layer in self.moe_layers()]
+        for layer, _ in previous:
+            layer.expert_layout = chosen
+        try:
+            yield self
+        finally:
+            for layer, setting in previous:
+                layer.expert_layout = setting
 
     def policy_state(self) -> PolicyState:
         """The state of the model's stateful routing policies, as the training loop

@@ -29,12 +29,13 @@ def engine_step_seconds(
     task_id: int | None = None,
     before_step: Callable[[int], None] | None = None,
     check_prefill: bool = False,
+    restore: bool = True,
 ) -> list[float]:
     """Submit every prompt to the fresh `engine` with `params` (and `task_id`) and step it
     until it has no work; wall seconds of each step (the first holds the packed prefill,
     the rest are decode steps). `before_step(i)` runs untimed before step i;
     `check_prefill` asserts that the first step served every prompt. The engine is
-    restored afterwards."""
+    restored afterwards (unless `restore` is False: an engine kept for more runs)."""
     for prompt in prompts:
         engine.submit(prompt, params, task_id)
     seconds: list[float] = []
@@ -48,7 +49,8 @@ def engine_step_seconds(
             if check_prefill and len(seconds) == 1:
                 assert len(events) == len(prompts), "the first step must prefill every request"
     finally:
-        engine.restore()
+        if restore:
+            engine.restore()
     return seconds
 
 

@@ -4,8 +4,11 @@ prompts, one timed serving of a batch of requests, and what its decode steps rea
 - `build_variants`: fp32 (`load_model`), a task subset (`--subset`, else written by
   `write_subset(checkpoint, --task, coverage=0.99)` into the benchmark's temporary
   directory) and int8 experts (`load_model(quantize="int8")`); with `--precision` bf16
-  also the bf16 model and its int8-expert twin (`load_model(precision="bf16")`); a
-  variant whose module does not import is skipped with the reason printed;
+  also the bf16 model and its int8-expert twin (`load_model(precision="bf16")`); with
+  `--compile`, the fp32 checkpoint decoding through the compiled step
+  (`InferenceEngine(compile=True)`: one engine of `max_batch` = the largest B, its
+  buckets compiled when it is built, kept for every measurement); a variant whose module
+  does not import is skipped with the reason printed;
 - `validation_prompts`: distinct windows of the task's validation text;
 - `run_requests`: B prompts submitted at once to a fresh `InferenceEngine(max_batch=B)`,
   greedy, each step timed (`_engine_timing.engine_step_seconds`): the first step
@@ -33,6 +36,7 @@ from _engine_timing import engine_step_seconds
 from moe.data import DataConfig, build_corpus
 from moe.experts import Activation, expert_parameter_ids
 from moe.inference import InferenceEngine, LoadedModel, SamplingParams, load_model
+from moe.inference.decode import DecodeCompileOptions
 from moe.transformer import MoETransformer
 
 SUBSET_COVERAGE = 0.99
@@ -43,6 +47,7 @@ class Variant:
     name: str
     loaded: LoadedModel
     task_id: int | None  # what every request names (None: the model needs none)
+    engine: InferenceEngine | None = None  # kept across measurements (compiled)
 
     @property
     def compute_dtype(self) -> str:
@@ -108,16 +113,18 @@ def run_requests(
     step's time and the decode steps'. `before_step(i)` runs untimed before step i."""
     model = variant.loaded.model
     batch = len(prompts)
-    engine = InferenceEngine(
+    engine = variant.engine or InferenceEngine(
         model,
         max_batch=batch,
         max_step_tokens=max(model.config.max_seq_len, sum(len(p) for p in prompts)),
         task_ids=variant.loaded.task_ids,
+        tokenizer=variant.loaded.tokenizer,
     )
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     seconds = engine_step_seconds(
-        engine, prompts, params, variant.task_id, before_step, check_prefill=True
-    )
+        engine, prompts, params, variant.task_id, before_step, check_prefill=True,
+        restore=variant.engine is None,
+    )  # fmt: skip
     assert len(seconds) == new_tokens, f"{len(seconds)} steps for {new_tokens} tokens"
     return Timing(prefill_s=seconds[0], decode_s=sum(seconds[1:]))
 
@@ -248,4 +255,13 @@ def build_variants(args: argparse.Namespace, workdir: Path) -> list[Variant]:
         variants.insert(1, bf16)
     if "fp32" not in args.precision:
         variants = [v for v in variants if v.name not in ("fp32", "subset", "int8")]
+    if args.compile:
+        compiled = load_model(args.checkpoint)
+        engine = InferenceEngine(
+            compiled.model, max_batch=max(args.batches), task_ids=compiled.task_ids,
+            tokenizer=compiled.tokenizer,
+            max_step_tokens=max(max_len, max(args.batches) * args.prompt_len), compile=True,
+            compile_options=DecodeCompileOptions(backend=args.compile_backend),
+        )  # fmt: skip
+        variants.append(Variant("compiled", compiled, fp32_task, engine))
     return variants

@@ -6,7 +6,13 @@ Variants (one checkpoint, built three ways):
 - subset: a task subset checkpoint, `--subset`, or else written once into a temporary
           directory by `write_subset(checkpoint, --task, coverage=0.99)`; requests carry
           the task id;
-- int8:   `load_model(quantize="int8")`: int8 weight-only experts.
+- int8:   `load_model(quantize="int8")`: int8 weight-only experts;
+- compiled (`--compile`): the fp32 checkpoint decoding through the compiled step
+          (`InferenceEngine(compile=True)`, `moe.inference.decode`): one engine of
+          `max_batch` = the largest B, built (and its buckets compiled, timed and
+          reported under "compile") before the measurements, reused by every B. Its
+          floor is fp32's (same model, same routing); its padded MoE layout reads every
+          expert of a layer, which the floor does not count.
 With `--precision fp32,bf16` (or `bf16` alone), also:
 - bf16:      `load_model(precision="bf16")`: bf16 weights and KV cache, fp32 sampling;
 - int8_bf16: int8 experts with bf16 activations in an otherwise bf16 model.
@@ -50,6 +56,7 @@ variants, prompts, timed runs and decode-step traffic are in
     python scripts/bench_generate.py [--checkpoint runs/demo_token] [--subset PATH]
         [--task 0] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64] [--repeats 3]
         [--threads 2] [--json PATH] [--plot PATH] [--quick] [--precision fp32,bf16]
+        [--compile] [--compile-backend inductor]
 
 Shapes: B requests (batch), P prompt bytes, N new tokens per request, E experts of a
 layer, K experts per token.
@@ -82,9 +89,11 @@ from _generate_workloads import (
 )
 from _machine import copy_bandwidth, cpu_model, matmul_flops, read_bandwidth
 
-VARIANTS = ("fp32", "bf16", "subset", "int8", "int8_bf16")
+VARIANTS = ("fp32", "bf16", "subset", "int8", "int8_bf16", "compiled")
 PRECISIONS = ("fp32", "bf16")
 TARGET_RATIO = 8.0
+# Compiled decode tokens/s over fp32's, by batch (issue 26's targets).
+COMPILED_TARGETS = {1: 4.0, 32: 3.0}
 REQUIRED_KEYS = (
     "variant", "batch", "prefill_tokens_per_s", "decode_tokens_per_s", "floor_fraction"
 )  # fmt: skip
@@ -140,6 +149,19 @@ def decode_ratios(rows: list[dict]) -> dict[str, dict]:
             "target": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
         }  # fmt: skip
     return ratios
+
+
+def compiled_speedups(rows: list[dict]) -> dict[str, dict]:
+    """Per batch: compiled decode tokens/s over fp32's, against COMPILED_TARGETS."""
+    by = {(r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
+    out = {}
+    for (variant, batch), speed in by.items():
+        if variant == "compiled" and ("fp32", batch) in by:
+            ratio = speed / by["fp32", batch]
+            target = COMPILED_TARGETS.get(batch)
+            out[str(batch)] = {"speedup": ratio, "target": target,
+                               "meets_target": None if target is None else ratio >= target}  # fmt: skip
+    return out
 
 
 def format_table(rows: list[dict], ratios: dict[str, dict]) -> str:
@@ -227,6 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of decode tokens/s")
     parser.add_argument("--quick", action="store_true", help="batches 1,4; 8 tokens; 1 round")
+    parser.add_argument("--compile", action="store_true", help="add the compiled variant")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="its dynamo backend (the smoke test: aot_eager)")  # fmt: skip
     parser.add_argument(
         "--precision", default="fp32",
         help="comma-separated among fp32, bf16: the variants' weights and KV cache",
@@ -265,7 +290,11 @@ def main(argv: list[str] | None = None) -> None:
             measurements = {}
             for variant in variants:
                 for batch in args.batches:  # untimed: the warm-up, counting the routing
-                    traffic = count_traffic(variant, prompts[:batch], args.new_tokens)
+                    if variant.engine is not None:  # compiled: fp32's routing; no hooks
+                        run_requests(variant, prompts[:batch], args.new_tokens)
+                        traffic = measurements[f"fp32@{batch}"].traffic
+                    else:
+                        traffic = count_traffic(variant, prompts[:batch], args.new_tokens)
                     measurements[f"{variant.name}@{batch}"] = Measurement(variant, batch, traffic)
                     progress.update()
 
@@ -299,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [make_row(m, args, machine) for m in measurements.values()]
     rows.sort(key=lambda r: (VARIANTS.index(r["variant"]), r["batch"]))
     ratios = decode_ratios(rows)
+    compiled = next((v.engine for v in variants if v.engine is not None), None)
+    compile_report = compiled.compile_report() if compiled is not None else None
+    speedups = compiled_speedups(rows)
     print(
         f"Generation, {args.checkpoint}, task {args.task}, prompt {args.prompt_len} B, "
         f"{args.new_tokens} new tokens, greedy, {args.threads} threads, median of "
@@ -307,11 +339,24 @@ def main(argv: list[str] | None = None) -> None:
         f"{machine['matmul_flops'] / 1e9:.1f} GFLOP/s"
     )
     print(format_table(rows, ratios))
+    for batch, entry in speedups.items():
+        target = entry["target"]
+        verdict = (
+            ""
+            if target is None
+            else (f" ({'meets' if entry['meets_target'] else 'misses'} the {target:.0f}x target)")
+        )
+        print(f"compiled / fp32 decode tok/s at B={batch}: {entry['speedup']:.2f}x{verdict}")
+    if compile_report is not None:
+        for bucket in compile_report["per_bucket"]:
+            print(f"compiled bucket {bucket['batch']}: first call {bucket['first_call_s']:.1f} s "
+                  f"({bucket['graphs']} graphs, inductor {bucket['compile_s']:.1f} s)")  # fmt: skip
     if args.json:
         settings = {k: getattr(args, k) for k in ("checkpoint", "subset", "task", "batches",
                                                    "prompt_len", "new_tokens", "repeats",
                                                    "precision")}  # fmt: skip
-        payload = {"machine": machine, "settings": settings, "rows": rows, "ratios": ratios}
+        payload = {"machine": machine, "settings": settings, "rows": rows, "ratios": ratios,
+                   "compiled_speedups": speedups, "compile": compile_report}  # fmt: skip
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.plot:
         plot_decode(rows, args.plot, machine)

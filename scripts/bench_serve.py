@@ -19,6 +19,16 @@ Tokens/s counts every choice's tokens (the answers' `usage`); the target is logp
 costing under 10% of the plain tokens/s. `--variants-only` skips the concurrency sweep
 and the memory check.
 
+The serving path against the engine (`--ratio-rounds`, run first): the same
+`--ratio-clients` greedy requests of `--ratio-tokens` tokens each (prompts cycled from
+PROMPTS, task `--task`), answered (a) in this process by an `InferenceEngine` over the
+full checkpoint with the replica's settings (threads, max_batch, compile), all submitted
+at once and stepped to the end, and (b) over HTTP by the `full` deployment, one streaming
+client per request, all at once. Rounds alternate (a, b, a, b, ...) after one untimed
+round of each; tokens/s per round = completion tokens / wall time; `ratio` = median
+HTTP / median in-process. The texts of both must be equal (greedy), else the script
+fails. `--ratio-only` skips everything else.
+
 Memory: resident set size per deployment (the replica's process, and an EP model's
 workers), idle (after start-up) and after the load. The target: task RSS <= its dense
 weights + its experts + the runtime overhead, measured on the `probe` deployment: the same
@@ -119,6 +129,88 @@ async def _cell(url: str, model: str, task: int, clients: int, duration_s: float
         "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
         "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99),
         "ttft_p50_s": _quantile(sorted(r["ttft_s"] for r in ok), 0.5),
+    }  # fmt: skip
+
+
+def _in_process_round(engine: Any, prompts: list[bytes], task: int, max_tokens: int,
+                      ) -> tuple[float, list[str]]:  # fmt: skip
+    """All requests submitted at once to the engine, stepped until done: tokens/s, texts."""
+    from moe.inference import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    started = time.perf_counter()
+    ids = [engine.submit(prompt, params, task) for prompt in prompts]
+    done = {c.request_id: c for c in engine.run()}
+    wall = time.perf_counter() - started
+    tokens = sum(c.completion_tokens for c in done.values())
+    return tokens / wall, [done[i].text for i in ids]
+
+
+async def _http_round(url: str, prompts: list[bytes], task: int, max_tokens: int,
+                      ) -> tuple[float, list[str]]:  # fmt: skip
+    """One streaming client per request, all at once, to the `full` deployment."""
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
+
+        async def one(prompt: bytes) -> tuple[int, str]:
+            body = {"model": "full", "prompt": prompt.decode(), "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "task": task,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+            pieces, tokens = [], 0
+            async with client.stream("POST", "/v1/completions", json=body) as answer:
+                answer.raise_for_status()
+                async for line in answer.aiter_lines():
+                    payload = line.removeprefix("data: ")
+                    if not line.startswith("data: ") or payload == "[DONE]":
+                        continue
+                    chunk = json.loads(payload)
+                    pieces.extend(choice["text"] for choice in chunk["choices"])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            return tokens, "".join(pieces)
+
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - started
+    return sum(t for t, _ in answers) / wall, [text for _, text in answers]
+
+
+def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """HTTP over in-process tokens/s for the same requests, alternated rounds (see the
+    module docstring)."""
+    import torch
+
+    from moe.inference import InferenceEngine, load_model
+    from moe.inference.decode import DecodeCompileOptions
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.checkpoint)
+    engine = InferenceEngine(
+        loaded.model, max_batch=args.max_batch, task_ids=loaded.task_ids, compile=args.compile,
+        tokenizer=loaded.tokenizer,
+        compile_options=DecodeCompileOptions(warmup="start"),
+    )  # fmt: skip
+    prompts = [PROMPTS[i % len(PROMPTS)].encode() for i in range(args.ratio_clients)]
+    rounds: dict[str, list[float]] = {"in_process": [], "http": []}
+    for index in range(args.ratio_rounds + 1):  # round 0 warms both paths up, untimed
+        speed, texts = _in_process_round(engine, prompts, args.task, args.ratio_tokens)
+        http_speed, http_texts = asyncio.run(_http_round(url, prompts, args.task,
+                                                         args.ratio_tokens))  # fmt: skip
+        if http_texts != texts:
+            raise SystemExit("HTTP and in-process greedy texts differ: the comparison is void")
+        if index:
+            rounds["in_process"].append(speed)
+            rounds["http"].append(http_speed)
+        print(f"[ratio] round {index}: in-process {speed:.0f} tok/s, HTTP {http_speed:.0f} "
+              f"tok/s", flush=True)  # fmt: skip
+    engine.restore()
+    medians = {k: statistics.median(v) for k, v in rounds.items()}
+    return {
+        "clients": args.ratio_clients, "max_tokens": args.ratio_tokens, "task": args.task,
+        "compile": args.compile, "threads": args.threads, "rounds": rounds,
+        "stream_interval_s": args.stream_interval_s,
+        "in_process_tokens_per_s": medians["in_process"], "http_tokens_per_s": medians["http"],
+        "ratio": medians["http"] / medians["in_process"], "target": 0.8,
     }  # fmt: skip
 
 
@@ -229,24 +321,43 @@ def main() -> None:
     parser.add_argument("--variant-clients", type=int, default=32)
     parser.add_argument("--variant-rounds", type=int, default=3)
     parser.add_argument("--variants-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument("--compile", action="store_true", help="serve.compile (and in-process)")
+    parser.add_argument("--stream-interval-s", type=float, default=None,
+                        help="serve.stream_interval_s (default: the service's)")  # fmt: skip
+    parser.add_argument("--ratio-rounds", type=int, default=5, help="0: no ratio")
+    parser.add_argument("--ratio-clients", type=int, default=32)
+    parser.add_argument("--ratio-tokens", type=int, default=64)
+    parser.add_argument("--ratio-only", action="store_true", help="only the ratio")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     if args.variants and "plain" not in args.variants:
         parser.error("--variants needs plain: the others are measured against it")
-    most = max([*args.clients, args.variant_clients])
+    most = max([*args.clients, args.variant_clients, args.ratio_clients])
     options = ServeOptions(
         port=args.port, tasks=[str(args.task)], ep_size=args.ep_size, max_batch=args.max_batch,
-        max_ongoing_requests=most, max_queued_requests=most, max_tokens=max(64, args.max_tokens),
+        max_ongoing_requests=most, max_queued_requests=most,
+        max_tokens=max(64, args.max_tokens, args.ratio_tokens),
+        threads_per_replica=args.threads, compile=args.compile,
     )  # fmt: skip
+    if args.stream_interval_s is not None:
+        options.stream_interval_s = args.stream_interval_s
+    args.stream_interval_s = options.stream_interval_s  # recorded with the results
     config = ServeConfig(checkpoint=args.checkpoint, serve=options)
     variants: dict[str, Any] | None = None
+    ratio: dict[str, Any] | None = None
+    sweep = None
     try:
-        url = start(config, probe=True)
-        if args.variants:
+        url = start(config, probe=not args.ratio_only)
+        if args.ratio_rounds:
+            ratio = _ratio(url, args)
+            print(json.dumps({k: v for k, v in ratio.items() if k != "rounds"}), flush=True)
+        if args.variants and not args.ratio_only:
             variants = _variant_rounds(url, f"task-{args.task}", args.task, args)
             print(json.dumps(variants["summary"], indent=1), flush=True)
-        sweep = None if args.variants_only else _sweep(url, args)
+        if not (args.variants_only or args.ratio_only):
+            sweep = _sweep(url, args)
     finally:
         stop()
     cells = sweep["cells"] if sweep else []
@@ -258,6 +369,7 @@ def main() -> None:
         "duration_s": args.duration_s, "cells": cells,
         "memory_idle": sweep and sweep["memory_idle"], "probe_cell": sweep and sweep["probe_cell"],
         "memory_after_load": sweep and sweep["memory_after_load"], "variants": variants,
+        "ratio": ratio,
         "load_average": os.getloadavg(),
         "lost": sum(c["lost"] for c in every),
         "answered_twice": sum(c["answered_twice"] for c in every),

@@ -62,9 +62,11 @@ def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     save_tiny_checkpoint(tmp_path / "run")
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    # The compiled variant with aot_eager: the script's plumbing, not inductor's compile.
     done = run_script("--quick", "--threads", "1", "--checkpoint", str(tmp_path / "run"),
-                      "--json", str(json_path), "--plot", str(plot_path),
-                      "--precision", "fp32,bf16")  # fmt: skip
+                      "--json", str(json_path), "--plot", str(plot_path), "--compile",
+                      "--compile-backend", "aot_eager", "--precision", "fp32,bf16",
+                      timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert "decode tok/s" in done.stdout and "fp32" in done.stdout
 
@@ -74,7 +76,9 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert result["machine"]["read_gbs"] > 0 and result["machine"]["matmul_flops"] > 0
     rows = result["rows"]
     variants = {row["variant"] for row in rows}
-    assert {"fp32", "bf16"} <= variants
+    assert {"fp32", "bf16", "compiled"} <= variants
+    assert set(result["compiled_speedups"]) == {"1", "4"}
+    assert result["compile"]["compiled_buckets"] == [1, 2, 4]
     if importlib.util.find_spec("moe.inference.quant") is not None:
         assert {"int8", "int8_bf16"} <= variants
     by_variant = {r["variant"]: r for r in rows if r["batch"] == 1}

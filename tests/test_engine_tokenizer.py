@@ -9,12 +9,18 @@ from hf_models import EOS, _tokenizer_json
 
 from moe.config import ModelConfig
 from moe.inference import InferenceEngine, SamplingParams
+from moe.inference.decode import DecodeCompileOptions
 from moe.inference.text import TextStream
 from moe.interop.tokenizer import HFTokenizer
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
 
 TEXT = "Léa said: “ünïcödé 🙂 and 日本” — done."
+
+# The compiled decode step traced by dynamo and run eagerly (what is checked is that the
+# mask reaches its rows; inductor's numbers are tests/test_decode_compile.py's).
+COMPILED = {"compile": True, "compile_options": DecodeCompileOptions(backend="eager")}
+ENGINES = {"eager": {}, "compiled": COMPILED}
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +114,26 @@ def test_eos_ends_a_completion(tokenizer: HFTokenizer) -> None:
     assert done.finish_reason == "stop" and done.token_ids == (eos,) and done.text == ""
 
 
-def test_padded_vocabulary_rows_are_never_sampled(tokenizer: HFTokenizer) -> None:
+@pytest.mark.parametrize("kind", ENGINES)
+def test_padded_vocabulary_rows_are_never_sampled(tokenizer: HFTokenizer, kind: str) -> None:
     model = _model(336, seed=2)  # 16 embedding rows beyond the tokenizer's 320 tokens
     _favour(model, 330)
-    engine = InferenceEngine(model, tokenizer=tokenizer)
+    engine = InferenceEngine(model, tokenizer=tokenizer, max_batch=2, **ENGINES[kind])
     engine.submit("abc", SamplingParams(max_tokens=6, temperature=0))
     engine.submit("abc", SamplingParams(max_tokens=6, temperature=1.0, seed=3))
     for done in engine.run():
         assert all(i < 320 for i in done.token_ids) and len(done.token_ids) == 6
 
 
-def test_padded_vocabulary_rows_are_never_scored(tokenizer: HFTokenizer) -> None:
+@pytest.mark.parametrize("kind", ENGINES)
+def test_padded_vocabulary_rows_are_never_scored(tokenizer: HFTokenizer, kind: str) -> None:
     """Log-probabilities, alternatives and prompt scores are over the tokenizer's tokens:
-    log-softmax of the full forward's logits restricted to the first 320 rows."""
+    log-softmax of the full forward's logits restricted to the first 320 rows (the
+    sampled tokens' from the compiled step's rows in `compiled`)."""
     model = _model(336, seed=2)
     _favour(model, 330)
     prompt = tokenizer.encode("In the beginning", add_special_tokens=True)
-    engine = InferenceEngine(model, tokenizer=tokenizer)
+    engine = InferenceEngine(model, tokenizer=tokenizer, max_batch=1, **ENGINES[kind])
     engine.submit(prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=5,
                                          prompt_logprobs=5))  # fmt: skip
     (done,) = list(engine.run())

@@ -16,6 +16,7 @@ import torch
 from test_inference_engine import prompts, small_config
 
 from moe.inference import InferenceEngine, SamplingParams
+from moe.inference.decode import DecodeCompileOptions
 from moe.inference.sampling import adjusted_logits, sample_tokens
 from moe.transformer import MoETransformer
 from routing import RoutingConfig
@@ -167,12 +168,16 @@ def _route_reference(model: MoETransformer, tokens: list[int]) -> list[list[list
     return [[sorted(k) for k in row] for row in ids.tolist()]
 
 
-def test_routed_experts_and_telemetry_count_what_the_model_routed() -> None:
+@pytest.mark.parametrize("compile", [False, True])
+def test_routed_experts_and_telemetry_count_what_the_model_routed(compile: bool) -> None:
     """Each generated token's experts are the full forward's routing at the position
     that produced it; the telemetry's tokens per expert per layer add up to the routing
-    of every position the model read, its token counts to the load."""
+    of every position the model read, its token counts to the load. Compiled (one
+    bucket of 2 rows: a lone sequence decodes beside a padding row), the padding row's
+    routing is neither reported nor counted."""
     model = model_of(4)
-    engine = InferenceEngine(model, max_batch=2)
+    options = DecodeCompileOptions(buckets=(2,), backend="aot_eager", warmup="lazy")
+    engine = InferenceEngine(model, max_batch=2, compile=compile, compile_options=options)
     engine.take_telemetry()  # from here on
     texts = prompts(3, seed=6)
     params = SamplingParams(max_tokens=6, temperature=0, routed_experts=True)

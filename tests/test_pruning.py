@@ -403,6 +403,10 @@ def test_two_four_experts_run_semi_structured_on_cuda() -> None:
         want = torch.cat([experts.expert_forward(part, e) for e, part in enumerate(parts)])
         got = sparse(x, counts)
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)  # bf16 products
+    with torch.no_grad():  # the compiled decode's padded layout: every expert, every row
+        every = sparse.forward_every(x)
+        want_every = torch.stack([experts.expert_forward(x, e) for e in range(4)])
+    torch.testing.assert_close(every, want_every, rtol=3e-2, atol=3e-2)
     packed = sparse.matrices["w1"][0]  # [128 out, 64 in] in bf16
     parts_stored = [t for t in (packed.packed, packed.meta) if t is not None]
     packed_bytes = sum(t.numel() * t.element_size() for t in parts_stored)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from test_inference_engine import prompts, sharp_model
@@ -234,6 +235,28 @@ def test_a_consumer_that_goes_away_frees_its_slot() -> None:
         asyncio.run(asyncio.wait_for(scenario(), 60))
         == generate(model, b"xyz", 5, temperature=0).text
     )
+
+
+def test_merged_streams_send_the_first_text_at_once_and_the_end_without_waiting() -> None:
+    """interval_s=30: the first token alone, then the rest in one final event as soon as
+    it exists (not 30 s later); the pieces (tokens and text) make up the completion."""
+    model = sharp_model(34)
+    engine = InferenceEngine(model, max_batch=2)
+
+    async def scenario() -> list:
+        loop = BatchLoop(local_step(EngineShard(engine)))
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        return [event async for event in loop.generate(b"abc", greedy, None, interval_s=30.0)]
+
+    started = time.perf_counter()
+    first, last = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert time.perf_counter() - started < 20
+    # The first token alone (its text may be held back: part of a UTF-8 character).
+    assert len(first.new_tokens) == 1 and first.completion is None
+    assert last.completion is not None
+    assert first.new_tokens + last.new_tokens == last.completion.tokens
+    assert first.new_text + last.new_text == last.completion.text
+    assert last.completion.token_ids == generate(model, b"abc", 12, temperature=0).token_ids
 
 
 def test_engine_refusals_reach_only_their_request() -> None:

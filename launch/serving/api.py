@@ -285,6 +285,7 @@ class Gateway:
                 "expert_bytes": info["expert_bytes"], "dense_bytes": info["dense_bytes"],
                 "resident_bytes": info["resident_bytes"], "ep_size": info["ep_size"],
                 "pids": info["pids"], "completed": info["completed"],
+                "compile": info.get("compile"),  # the compiled decode step's report, or None
             })  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 

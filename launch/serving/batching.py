@@ -16,6 +16,12 @@ Every step also returns the engine's telemetry since the previous one
 (`moe.inference.telemetry`; summed over expert-parallel workers); the loop keeps the
 running totals (`BatchLoop.telemetry`) that the replica reports to the gateway's
 `/metrics`.
+
+A request's events can be merged (`generate(interval_s=...)`): its first text goes out
+at once, later text at most every `interval_s` (what arrived meanwhile in one event), and
+its final event as soon as it exists. Every event a stream yields costs a message per hop
+(replica -> gateway -> HTTP proxy) and a JSON encoding; merging keeps that cost per
+interval instead of per token when steps are fast (docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -57,6 +63,15 @@ class Event:
     @property
     def final(self) -> bool:
         return self.completion is not None or self.error is not None
+
+    def then(self, later: Event) -> Event:
+        """This event followed by `later` (same request) as one: the text and tokens of
+        both, the later's end, the prompt's scores of whichever carries them."""
+        return Event(
+            self.key, self.new_text + later.new_text, later.completion, later.error,
+            self.new_tokens + later.new_tokens,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -160,10 +175,16 @@ class BatchLoop:
         return len(self._submissions)
 
     async def generate(
-        self, prompt: bytes | Sequence[int], params: SamplingParams, task: int | None
+        self,
+        prompt: bytes | Sequence[int],
+        params: SamplingParams,
+        task: int | None,
+        interval_s: float = 0.0,
     ) -> AsyncIterator[Event]:
-        """The events of one request, the last one final. Raises `ReplicaUnavailable`
-        when the engine fails; cancelling the consumer cancels the request."""
+        """The events of one request, the last one final; with `interval_s` > 0, merged
+        (see the module docstring); events already waiting are merged in any case.
+        Raises `ReplicaUnavailable` when the engine fails; cancelling the consumer
+        cancels the request."""
         if self.broken is not None:
             raise ReplicaUnavailable(f"this replica's engine failed: {self.broken}")
         self._start()
@@ -174,22 +195,39 @@ class BatchLoop:
         self._submissions.append(Submission(key, prompt, params, task))
         self._wake.set()
         finished = False
+        clock = asyncio.get_running_loop().time
+        sent_at: float | None = None  # when the last event went out
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise ReplicaUnavailable(f"this replica's engine failed: {item}") from item
-                if item.final:
-                    finished = True
-                yield item
+                event = self._checked(await queue.get())
+                deadline = None if sent_at is None else sent_at + interval_s
+                while not event.final and deadline is not None and clock() < deadline:
+                    try:
+                        later = await asyncio.wait_for(queue.get(), deadline - clock())
+                    except TimeoutError:
+                        break
+                    event = event.then(self._checked(later))
+                while not event.final and not queue.empty():
+                    event = event.then(self._checked(queue.get_nowait()))
+                finished = event.final
+                yield event
+                sent_at = clock()
                 if finished:
                     return
+        except ReplicaUnavailable:
+            finished = True  # nothing left to cancel: the engine is gone
+            raise
         finally:
             self._queues.pop(key, None)
             if not finished:  # the consumer went away: free the engine's slot
                 self._cancels.append(key)
                 self._wake.set()
+
+    @staticmethod
+    def _checked(item: Event | BaseException) -> Event:
+        if isinstance(item, BaseException):
+            raise ReplicaUnavailable(f"this replica's engine failed: {item}") from item
+        return item
 
     def _start(self) -> None:
         if self._task is None:

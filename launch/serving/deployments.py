@@ -45,8 +45,10 @@ from launch.serving.protocol import (
     ReplicaReport,
     StreamEnd,
 )
+from launch.training.compile import use_cache_dir
 from moe.checkpoint import read_meta
 from moe.inference import Completion, InferenceEngine, LoadedModel, load_model
+from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 from moe.inference.engine import GeneratedToken
 from moe.inference.loading import (
     cast_parameters,
@@ -74,6 +76,24 @@ class ModelSpec:
     timeout_s: float = 120.0
     probe: bool = False
     precision: str = "fp32"  # weights and KV cache (moe.precision)
+    compile: bool = False
+    compile_warmup: str = "start"
+    compile_cache_dir: str = ""
+    stream_interval_s: float = 0.0
+
+    @property
+    def compile_warmup_at_start(self) -> bool:
+        return self.compile and self.compile_warmup == CompileWarmup.START.value
+
+    def engine_options(self) -> dict[str, Any]:
+        """The `InferenceEngine` keywords of the compiled decode step (`moe.inference.decode`);
+        inductor's kernels go to `compile_cache_dir` (kept across restarts) when given."""
+        if self.compile and self.compile_cache_dir:
+            use_cache_dir(self.compile_cache_dir)
+        return {
+            "compile": self.compile,
+            "compile_options": DecodeCompileOptions(warmup=CompileWarmup(self.compile_warmup)),
+        }
 
 
 def probe_model(checkpoint: str, precision: str = "fp32") -> LoadedModel:
@@ -109,10 +129,7 @@ class ModelServer:
         self.created = int(time.time())
         self.workers: EPWorkerGroup | None = None
         if spec.ep_size > 1:
-            self.workers = EPWorkerGroup(
-                spec.checkpoint, spec.ep_size, spec.max_batch, spec.threads,
-                spec.cpus_per_worker, spec.gpus_per_worker, spec.timeout_s, spec.precision,
-            )  # fmt: skip
+            self.workers = EPWorkerGroup(spec)
             self.info = _merge(self.workers.descriptions)
             self.loop = BatchLoop(self.workers.step)
             return
@@ -123,9 +140,10 @@ class ModelServer:
         )
         engine = InferenceEngine(
             loaded.model, max_batch=spec.max_batch, task_ids=loaded.task_ids,
-            tokenizer=loaded.tokenizer,
+            tokenizer=loaded.tokenizer, **spec.engine_options(),
         )  # fmt: skip
         self.info = describe_model(loaded)
+        self.info["compile"] = engine.compile_report()
         self.loop = BatchLoop(local_step(EngineShard(engine)))
 
     def report(self) -> ReplicaReport:
@@ -193,6 +211,7 @@ class ModelServer:
             raise ValueError(f"best_of={request.best_of} != n={request.n} cannot be streamed")
         queue: asyncio.Queue[ChoiceChunk | BaseException] = asyncio.Queue()
         wants_tokens = request.logprobs is not None or request.routed_experts
+        interval_s = self.spec.stream_interval_s  # a piece per interval (BatchLoop.generate)
 
         async def run(prompt: int, choice: int) -> None:
             index = prompt * request.n + choice
@@ -200,7 +219,7 @@ class ModelServer:
             params = request.params(choice, score_prompt=True)
             try:
                 async for event in self.loop.generate(list(request.prompts[prompt]), params,
-                                                      request.task):  # fmt: skip
+                                                      request.task, interval_s):  # fmt: skip
                     if event.error is not None:
                         raise ValueError(event.error)
                     tokens.extend(event.new_tokens)

@@ -35,21 +35,24 @@ if TYPE_CHECKING:
     from ray import ObjectRef
     from ray.actor import ActorHandle
 
+    from launch.serving.deployments import ModelSpec
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+
+# Added to the workers' set-up deadline when they compile their decode buckets at start.
+COMPILE_SETUP_S = 900.0
 
 
 class EPWorker:
     """One expert-parallel rank (a Ray actor; see the module docstring)."""
 
-    def __init__(self, rank: int, world_size: int, checkpoint: str, max_batch: int,
-                 threads: int, precision: str = "fp32") -> None:  # fmt: skip
-        torch.set_num_threads(threads)
-        self.precision = precision
+    def __init__(self, rank: int, spec: ModelSpec) -> None:
+        torch.set_num_threads(spec.threads)
         self.rank = rank
-        self.world_size = world_size
-        self.checkpoint = checkpoint
-        self.max_batch = max_batch
+        self.world_size = spec.ep_size
+        self.spec = spec
         self.shard: EngineShard | None = None
         self.info: dict[str, Any] = {}
 
@@ -75,15 +78,16 @@ class EPWorker:
                           backend=Backend(backend), timeout_s=timeout_s)  # fmt: skip
         runtime = setup_runtime(comm, ProcessInfo(self.rank, self.world_size, 0, 1))
         loaded = load_model(
-            self.checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm),
-            device=runtime.device, precision=self.precision,
+            self.spec.checkpoint, dispatcher_factory=dispatcher_factory(runtime, comm),
+            device=runtime.device, precision=self.spec.precision,
         )  # fmt: skip
         engine = InferenceEngine(
-            loaded.model, max_batch=self.max_batch, task_ids=loaded.task_ids,
-            tokenizer=loaded.tokenizer,
+            loaded.model, max_batch=self.spec.max_batch, task_ids=loaded.task_ids,
+            tokenizer=loaded.tokenizer, **self.spec.engine_options(),
         )  # fmt: skip
         self.shard = EngineShard(engine)
         self.info = describe_model(loaded)
+        self.info["compile"] = engine.compile_report()
         return self.describe()
 
     def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:
@@ -124,31 +128,29 @@ class EPWorkerHandle(Protocol):
 class EPWorkerGroup:
     """The replica's handle on its workers: start them, step them, check them."""
 
-    def __init__(self, checkpoint: str, ep_size: int, max_batch: int, threads: int,
-                 cpus_per_worker: float, gpus_per_worker: float, timeout_s: float,
-                 precision: str = "fp32") -> None:  # fmt: skip
+    def __init__(self, spec: ModelSpec) -> None:
         import ray
 
+        timeout_s = spec.timeout_s
         actor = ray.remote(EPWorker).options(
-            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_concurrency=2,
+            num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_concurrency=2,
             max_restarts=0,
         )  # fmt: skip
         # Ray types a new actor as `ActorHandle[EPWorker] | type[EPWorker]`, whose methods
         # have a typed `.remote` only when decorated with `@ray.method`: the handles are
         # typed by what the group calls on them.
         self.workers = [
-            cast(
-                EPWorkerHandle,
-                actor.remote(rank, ep_size, checkpoint, max_batch, threads, precision),
-            )
-            for rank in range(ep_size)
+            cast(EPWorkerHandle, actor.remote(rank, spec)) for rank in range(spec.ep_size)
         ]
         host, port = ray.get(self.workers[0].address.remote(), timeout=timeout_s)
         init_method = f"tcp://{host}:{port}"
+        # Compiling every bucket at start (the workers together: the all-to-all runs between
+        # the compiled segments) takes minutes, not the seconds a load does.
+        setup_s = timeout_s + (COMPILE_SETUP_S if spec.compile_warmup_at_start else 0.0)
         self.descriptions: list[dict[str, Any]] = ray.get(
-            [w.setup.remote(init_method, timeout_s) for w in self.workers], timeout=timeout_s
+            [w.setup.remote(init_method, timeout_s) for w in self.workers], timeout=setup_s
         )
-        self.load = [0] * ep_size  # requests in flight per worker
+        self.load = [0] * spec.ep_size  # requests in flight per worker
         self._worker_of: dict[int, int] = {}
 
     async def step(self, submissions: list[Submission], cancels: list[int]) -> StepOutput:

@@ -5,12 +5,24 @@
     for completion in engine.run():  # or: while engine.has_work(): engine.step()
         print(completion.request_id, completion.text, completion.token_ids)
 
-Scheduling happens per model call, not per request: at every `step()` each running
+Scheduling happens per step, not per request: at every `step()` each running
 sequence decodes one token, waiting requests are admitted into free slots and prefilled
-in the same call (within `max_step_tokens`), and a sequence that finishes (max tokens or
-a stop string) leaves and frees its slot for the next waiting request. A request never
-waits for the longest request of a batch. Each sequence samples with its own generator
+in the same step, and a sequence that finishes (max tokens, a stop string or eos) leaves and
+frees its slot for the next waiting request. A request never waits for the longest
+request of a batch. Each sequence samples with its own generator
 (`moe.inference.sampling`), so its output does not depend on its neighbours.
+
+A step carries at most `max_step_tokens` tokens: the decodes first (one each), then
+prefills in arrival order. With `chunked_prefill` (the default) a prompt that does not
+fit the rest of the budget is prefilled in chunks over several steps, beside the running
+decodes, and samples its first token after its last chunk; so a long prompt no longer
+stalls every running sequence for a whole step. Without it a prompt waits until it fits
+whole.
+
+`compile=True`: the decode rows of a step run through `moe.inference.decode`'s compiled
+step (one graph per batch-size bucket over static buffers; CUDA graphs on CUDA), the
+prefill chunks through one eager call (`moe.inference.runner`). Same engine, same API,
+the same greedy text; `compile_report()` says what compiled and in how long.
 
 Tokens and text: the engine speaks the model's tokenizer (`moe.interop.tokenizer`;
 bytes, vocabulary 256, by default). A prompt is token ids, text, or UTF-8 bytes
@@ -54,23 +66,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from moe.inference.cache import Segment, SlotKVCache
-from moe.inference.outputs import (
-    GeneratedToken,
-    PromptSpan,
-    generated_tokens,
-    routed_experts,
-    score_prompts,
-)
+from moe.inference.cache import Segment
+from moe.inference.decode import DecodeCompileOptions
+from moe.inference.outputs import GeneratedToken, PromptSpan, generated_tokens, score_prompts
+from moe.inference.runner import ModelRunner, StepLogits
 from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
-from moe.inference.telemetry import EngineMeter, EngineTelemetry
+from moe.inference.scheduler import Scheduler, SequenceState
+from moe.inference.telemetry import EngineTelemetry
 from moe.inference.text import Prompt, TextStream, encode_prompt
 from moe.interop.tokenizer import ByteTokenizer, Tokenizer
 from moe.transformer import MoETransformer
@@ -119,37 +127,22 @@ class StepEvent:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
-@dataclass
-class _Sequence:
-    request_id: int
-    prompt: list[int]
-    params: SamplingParams
-    task_id: int | None
-    generator: torch.Generator
-    submitted: float
-    text: TextStream
-    context: list[int] = field(default_factory=list)  # what the slot must hold
-    generated: list[int] = field(default_factory=list)
-    slot: int = -1
-    pending: int = 0  # how many tokens of `context` the slot does not hold yet
-    first_token_at: float = 0.0
-    outputs: list[GeneratedToken] = field(default_factory=list)
-    prompt_scores: list[TokenLogprob] = field(default_factory=list)
-
-
 class InferenceEngine:
     """Batched generation over `model` (see the module docstring).
 
     `max_batch`: KV-cache slots, i.e. sequences running at once. `max_step_tokens`:
-    tokens one call may carry (prefills are admitted while they fit). `task_ids`: the
+    tokens one step may carry (decodes first, then prefills, in chunks with
+    `chunked_prefill`; without it, at least `max_len`). `task_ids`: the
     task ids requests may name (None: any, or none; a model whose router reads the task
     requires one per request). `routing`: "dropless" (default) or "trained". `warmup`:
     run one token through the model at construction (the first call of the model's
     custom ops in a process imports `torch._dynamo`, seconds that would otherwise land
     in the first request's time to first token); under EP every rank must agree on it.
-    `tokenizer`: the model's (`LoadedModel.tokenizer`); None is bytes, for a model of
-    vocabulary 256. `max_len`: the context of every slot (default the model's
-    `max_seq_len`; a smaller one bounds the KV cache of a long-context model).
+    `compile`: decode through the compiled step (`compile_options`: its buckets, when
+    they compile, the backend; see `moe.inference.decode`); under EP every rank must
+    agree on both. `tokenizer`: the model's (`LoadedModel.tokenizer`); None is bytes,
+    for a model of vocabulary 256. `max_len`: the context of every slot (default the
+    model's `max_seq_len`; a smaller one bounds the KV cache of a long-context model).
     """
 
     def __init__(
@@ -161,6 +154,9 @@ class InferenceEngine:
         task_ids: Sequence[int] | None = None,
         routing: CapacityOverride | str = CapacityOverride.DROPLESS,
         warmup: bool = True,
+        compile: bool = False,
+        compile_options: DecodeCompileOptions | None = None,
+        chunked_prefill: bool = True,
         tokenizer: Tokenizer | None = None,
         max_len: int | None = None,
     ) -> None:
@@ -174,10 +170,11 @@ class InferenceEngine:
                 f"max_len={max_len} is invalid; accepted: 1..{model.config.max_seq_len} "
                 "(the model's max_seq_len)"
             )
-        if max_step_tokens < self.max_len:
+        if max_step_tokens < (1 if chunked_prefill else self.max_len):
             raise ValueError(
-                f"max_step_tokens={max_step_tokens} is below max_len={self.max_len}; a "
-                "full-length prompt must fit one step"
+                f"max_step_tokens={max_step_tokens} is too small; accepted: >= 1 with "
+                f"chunked_prefill, else >= max_len={self.max_len} (a full-length prompt "
+                "must fit one step)"
             )
         self.vocab_size = model.config.vocab_size
         if tokenizer is None and self.vocab_size != 256:
@@ -191,37 +188,33 @@ class InferenceEngine:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                 f"{self.vocab_size}"
             )
+        if compile and override != CapacityOverride.DROPLESS:
+            raise ValueError(
+                f"compile=True needs routing=dropless (got {override.value}): the padding rows "
+                "of a compiled step would take capacity from the live ones"
+            )
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
+        self.chunked_prefill = chunked_prefill
         self.task_ids = None if task_ids is None else sorted(set(task_ids))
         self.needs_task = model.routing is not None and model.routing.needs_task_ids
-        param = model.embed.weight
-        self.device = param.device
-        self.kv_dtype = param.dtype  # the KV cache in the model's dtype (bf16 weights: bf16)
-        self.cache = SlotKVCache(
-            len(model.blocks), max_batch, model.config.n_kv_heads, self.max_len,
-            model.config.head_dim, param.device, self.kv_dtype,
+        self.device = model.embed.weight.device
+        self.runner = ModelRunner(
+            model, max_batch=max_batch, max_len=self.max_len, compile=compile,
+            compile_options=compile_options, pad_task=self.task_ids[0] if self.task_ids else 0,
         )  # fmt: skip
+        self.cache = self.runner.cache
+        self.kv_dtype = self.cache.k_SGLC[0].dtype  # the model's dtype (bf16 weights: bf16)
+        self.meter = self.runner.meter
         # Held for the engine's life; `restore()` leaves it.
         self._override = contextlib.ExitStack()
         self._override.enter_context(model.capacity_override(override))
         self._was_training = model.training
         model.eval()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self.scheduler = Scheduler(self.cache, max_batch, max_step_tokens, chunked_prefill)
         self._next_id = 0
-        if warmup:
-            self._warmup()
-        self.meter = EngineMeter(model)
-
-    @torch.no_grad()
-    def _warmup(self) -> None:
-        tokens_11 = torch.zeros((1, 1), dtype=torch.int64, device=self.device)
-        task_ids_11 = torch.zeros_like(tokens_11) if self.needs_task else None
-        segments = [Segment(0, 0, 1)]
-        self.model(tokens_11, task_ids_11, self.cache.step(segments))
-        self.cache.reset(0)  # nothing committed: slot 0 is as empty as before
+        self.runner.warm_up(eager=warmup)
+        self.meter.take()  # the warm-up's calls are not the service's
 
     # --- requests ----------------------------------------------------------------------
 
@@ -251,117 +244,104 @@ class InferenceEngine:
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         tokens = ids[-self.max_len :]
         text = TextStream(self.tokenizer, tokens, params.stop, self.tokenizer.eos_token_id)
-        self._waiting.append(
-            _Sequence(request_id, tokens, params, task_id, generator, time.perf_counter(),
-                      text, context=list(tokens), pending=len(tokens))
+        self.scheduler.waiting.append(
+            SequenceState(request_id, tokens, params, task_id, generator, time.perf_counter(),
+                          text, context=list(tokens), pending=len(tokens))
         )  # fmt: skip
         return request_id
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return self.scheduler.has_work()
+
+    def compile_report(self) -> dict | None:
+        """The compiled decode step's buckets, compilations and seconds (None when the
+        engine runs eagerly); see `CompiledDecoder.report`."""
+        decoder = self.runner.decoder
+        return None if decoder is None else decoder.report()
 
     def cancel(self, request_id: int) -> bool:
         """Drop a waiting or running request (a client that went away) and free its
         slot; returns whether it was still there. Call it between steps."""
-        for sequence in self._waiting:
-            if sequence.request_id == request_id:
-                self._waiting.remove(sequence)
-                return True
-        for sequence in self._running:
-            if sequence.request_id == request_id:
-                self._running.remove(sequence)
-                self._free_slots.append(sequence.slot)
-                self.cache.reset(sequence.slot)
-                return True
-        return False
+        return self.scheduler.cancel(request_id)
 
     # --- the iteration -----------------------------------------------------------------
 
-    def _admit(self) -> None:
-        budget = self.max_step_tokens - sum(s.pending for s in self._running)
-        while self._waiting and self._free_slots and self._waiting[0].pending <= budget:
-            sequence = self._waiting.popleft()
-            sequence.slot = self._free_slots.pop()
-            self.cache.reset(sequence.slot)
-            budget -= sequence.pending
-            self._running.append(sequence)
-
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
-        """One model call: prefill the admitted, decode the running; returns what each
-        request produced. With nothing to do the call still runs with no tokens (EP
-        ranks must call their MoE layers together)."""
-        self._admit()
+        """One step: prefill (chunks of) the admitted, decode the running; returns what
+        each request produced. With nothing to do the model is still called with no
+        tokens (EP ranks must call their MoE layers together)."""
+        scheduled = self.scheduler.schedule()
         segments, tokens, tasks = [], [], []
-        for sequence in self._running:
+        for sequence, count in scheduled:
             start = len(sequence.context) - sequence.pending
-            segments.append(
-                Segment(sequence.slot, self.cache.lengths[sequence.slot], sequence.pending)
-            )
             assert self.cache.lengths[sequence.slot] == start, "slot and context out of step"
-            tokens.extend(sequence.context[start:])
-            tasks.extend(
-                [sequence.task_id if sequence.task_id is not None else 0] * sequence.pending
-            )
-        tokens_1T = torch.tensor([tokens], dtype=torch.int64, device=self.device)
-        task_ids_1T = None
-        if self.needs_task or any(s.task_id is not None for s in self._running):
-            task_ids_1T = torch.tensor([tasks], dtype=torch.int64, device=self.device)
-        caches = self.cache.step(segments)
-        logits_1TV = self.model(tokens_1T, task_ids_1T, caches).logits_BTV
-        self.cache.commit(segments)
-        prompt_tokens = sum(s.pending for s in self._running if not s.generated)
-        if not self._running:
-            self.meter.record_step(0, 0, 0)
-            return []
-        ends, offset = [], 0
-        for segment in segments:
-            offset += segment.count
-            ends.append(offset - 1)
-        logits_TV = logits_1TV[0].float()  # scored and sampled in fp32 whatever the model's dtype
+            segments.append(Segment(sequence.slot, start, count))
+            tokens.append(sequence.context[start : start + count])
+            tasks.append(sequence.task_id)
+        scoring = {  # segments of prompts that are scored, in their first prefill
+            i for i, (s, _) in enumerate(scheduled)
+            if s.params.prompt_logprobs is not None and not s.generated
+        }  # fmt: skip
+        ready = []  # scheduled sequences whose context is now all in their slot
+        for index, (sequence, count) in enumerate(scheduled):
+            if sequence.pending == count:
+                ready.append(index)
+        want_experts = any(scheduled[i][0].params.routed_experts for i in ready)
+        logits = self.runner.run(segments, tokens, tasks, want_rows=scoring,
+                                 want_experts=want_experts)  # fmt: skip
         if self.tokenizer.vocab_size < self.vocab_size:
             # Padded rows have no text: never sampled, scored or offered as alternatives.
-            logits_TV[:, self.tokenizer.vocab_size :] = float("-inf")
-        self._score_prompts(logits_TV, segments)
-        last_BV = logits_TV[ends]
-        running = self._running
+            logits.mask_ids_from(self.tokenizer.vocab_size)
+        self._score_prompts(logits, scheduled, segments, scoring)
+        prompt_tokens = sum(count for s, count in scheduled if not s.generated)
+        for sequence, count in scheduled:
+            sequence.pending -= count
+        sampled = [scheduled[i][0] for i in ready]
+        generated = sum(1 for s in sampled if s.params.max_tokens > 0)
+        self.meter.record_step(sum(len(t) for t in tokens), prompt_tokens, generated)
+        if not ready:
+            return []
+        last_BV = logits.last_SV[ready]  # float32 (`StepLogits`)
         next_tokens = sample_tokens(
-            last_BV, [s.params for s in running], [s.generator for s in running],
-            [s.generated for s in running],
+            last_BV, [s.params for s in sampled], [s.generator for s in sampled],
+            [s.generated for s in sampled],
         )  # fmt: skip
-        outputs = self._outputs(last_BV, next_tokens, ends)
-        generated = sum(1 for s in running if s.params.max_tokens > 0)
-        self.meter.record_step(len(tokens), prompt_tokens, generated)
-        return self._advance(outputs)
+        experts = None if logits.experts is None else [logits.experts[i] for i in ready]
+        params = [s.params for s in sampled]
+        return self._advance(sampled, generated_tokens(last_BV, next_tokens, params, experts))
 
-    def _score_prompts(self, logits_TV: torch.Tensor, segments: list[Segment]) -> None:
+    def _score_prompts(
+        self,
+        logits: StepLogits,
+        scheduled: list[tuple[SequenceState, int]],
+        segments: list[Segment],
+        scoring: set[int],
+    ) -> None:
         """Score what this step's prefill read of the prompts that ask (`outputs`)."""
-        spans, owners, offset = [], [], 0
-        for sequence, segment in zip(self._running, segments):
+        spans, owners, rows, offset = [], [], [], 0
+        for index in sorted(scoring):
+            sequence, segment = scheduled[index][0], segments[index]
             top = sequence.params.prompt_logprobs
-            if top is not None and not sequence.generated:  # the first prefill only
-                spans.append(PromptSpan(offset, segment.start, segment.count, sequence.prompt, top))
-                owners.append(sequence)
+            assert top is not None
+            spans.append(PromptSpan(offset, segment.start, segment.count, sequence.prompt, top))
+            owners.append(sequence)
+            rows.append(logits.rows(index))
             offset += segment.count
-        for sequence, scores in zip(owners, score_prompts(logits_TV, spans)):
+        if not spans:
+            return
+        for sequence, scores in zip(owners, score_prompts(torch.cat(rows), spans)):
             sequence.prompt_scores.extend(scores)
 
-    def _outputs(
-        self, last_BV: torch.Tensor, next_tokens: list[int], ends: list[int]
-    ) -> list[GeneratedToken]:
-        """The sampled tokens with what their requests asked for (`outputs`)."""
-        params = [s.params for s in self._running]
-        experts = (
-            routed_experts(self.model, ends) if any(p.routed_experts for p in params) else None
-        )
-        return generated_tokens(last_BV, next_tokens, params, experts)
-
-    def _advance(self, outputs: list[GeneratedToken]) -> list[StepEvent]:
+    def _advance(
+        self, sampled: list[SequenceState], outputs: list[GeneratedToken]
+    ) -> list[StepEvent]:
         now = time.perf_counter()
-        events, still_running = [], []
-        for sequence, output in zip(self._running, outputs):
+        events, finished = [], set()
+        for sequence, output in zip(sampled, outputs, strict=True):
             if sequence.params.max_tokens == 0:  # the prompt was only to be read
                 events.append(self._finish(sequence, "length", now))
+                finished.add(id(sequence))
                 continue
             token = output.id
             first = not sequence.generated
@@ -373,9 +353,11 @@ class InferenceEngine:
             sequence.pending = 1
             if sequence.text.push(token):
                 events.append(self._finish(sequence, "stop", now))
+                finished.add(id(sequence))
                 continue
             if len(sequence.generated) >= sequence.params.max_tokens:
                 events.append(self._finish(sequence, "length", now))
+                finished.add(id(sequence))
                 continue
             if self.cache.lengths[sequence.slot] + 1 > self.max_len:
                 # The slot is full: re-prefill the last half window from position 0.
@@ -385,17 +367,16 @@ class InferenceEngine:
             new_text = sequence.text.visible()
             scores = self._prompt_scores(sequence) if first else None
             events.append(StepEvent(sequence.request_id, new_text, None, (output,), scores))
-            still_running.append(sequence)
-        self._running = still_running
+        self.scheduler.retire(finished)
         return events
 
     @staticmethod
-    def _prompt_scores(sequence: _Sequence) -> tuple[TokenLogprob, ...] | None:
+    def _prompt_scores(sequence: SequenceState) -> tuple[TokenLogprob, ...] | None:
         if sequence.params.prompt_logprobs is None:
             return None
         return tuple(sequence.prompt_scores)
 
-    def _finish(self, sequence: _Sequence, reason: str, now: float) -> StepEvent:
+    def _finish(self, sequence: SequenceState, reason: str, now: float) -> StepEvent:
         text, unseen = sequence.text.finish()
         if not sequence.generated:  # max_tokens=0: the prompt's prefill was all
             sequence.first_token_at = now
@@ -412,8 +393,7 @@ class InferenceEngine:
             tokens=tuple(sequence.outputs),
             prompt_logprobs=self._prompt_scores(sequence),
         )
-        self._free_slots.append(sequence.slot)
-        self.cache.reset(sequence.slot)
+        self.scheduler.release(sequence)
         last = sequence.outputs[-1:] if sequence.generated else []
         return StepEvent(
             sequence.request_id, unseen, completion, tuple(last),
@@ -440,9 +420,10 @@ class InferenceEngine:
     def take_telemetry(self) -> EngineTelemetry:
         """What the engine did since the last call, and what it holds now
         (`moe.inference.telemetry`)."""
+        scheduler = self.scheduler
         return self.meter.take(
-            running=len(self._running), waiting=len(self._waiting),
-            slots_in_use=self.max_batch - len(self._free_slots), slots_total=self.max_batch,
+            running=len(scheduler.running), waiting=len(scheduler.waiting),
+            slots_in_use=self.max_batch - len(scheduler.free_slots), slots_total=self.max_batch,
             kv_tokens=sum(self.cache.lengths), kv_capacity=self.max_batch * self.max_len,
         )  # fmt: skip
 

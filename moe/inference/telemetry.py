@@ -1,9 +1,10 @@
 """What an inference engine did and holds, for a server's metrics.
 
-`EngineMeter` is the engine's side: after every step it adds, on the device and
+`EngineMeter` is the engine's side: after every model call it adds, on the device and
 without a host sync, the token-slots each MoE layer kept per expert and the slots it
-dropped (from the layers' `RoutingStats`), and the seconds the layers' all-to-alls took
-(expert parallelism; 0 otherwise). `take()` copies them to the host once, resets them,
+dropped (from the layers' `RoutingStats`; after a compiled decode call, whose padding
+rows are routed too, from the experts its live rows chose), and after every step the
+seconds the layers' all-to-alls took (expert parallelism; 0 otherwise). `take()` copies them to the host once, resets them,
 and returns an `EngineTelemetry`: plain data (it travels from expert-parallel workers to
 their replica and from replicas to the gateway) holding counters since the previous
 `take()` and gauges as they are now. `accumulate` folds such deltas into running
@@ -115,13 +116,17 @@ class EngineMeter:
         self.counts = EngineTelemetry()
 
     def record_step(self, model_tokens: int, prompt_tokens: int, generated_tokens: int) -> None:
-        """After a model call over `model_tokens` tokens (0: an expert-parallel rank with
-        nothing to do, whose layers saw no token)."""
+        """After a step whose model calls carried `model_tokens` tokens."""
         self.counts.steps += 1
         self.counts.model_tokens += model_tokens
         self.counts.prompt_tokens += prompt_tokens
         self.counts.generated_tokens += generated_tokens
         self.counts.alltoall_seconds += self.model.take_comm_time()
+
+    def record_routing(self, model_tokens: int) -> None:
+        """After a model call over `model_tokens` tokens, all of them live: the layers'
+        routing stats (0 tokens: an expert-parallel rank with nothing to do, whose
+        layers saw no token)."""
         if model_tokens == 0:
             return
         for (_, first, experts), (_, layer) in zip(self._spans, self.layers):
@@ -131,6 +136,19 @@ class EngineMeter:
             self._buffer[first : first + experts] += stats.tokens_per_expert_E.double()
             slots = model_tokens * layer.routing.top_k
             self._buffer[first + experts] += stats.dropped_fraction.double() * slots
+
+    def record_routed(self, expert_ids: list[torch.Tensor]) -> None:
+        """After a dropless call whose live rows chose `expert_ids` ([rows, K] global ids
+        per MoE layer, in block order): each expert's slots (none dropped). One
+        `index_add_` for every layer (a `bincount` per layer costs more than the rest of
+        a compiled decode step's bookkeeping)."""
+        if not expert_ids:
+            return
+        slots = torch.cat([
+            ids.reshape(-1) + first
+            for (_, first, _), ids in zip(self._spans, expert_ids, strict=True)
+        ])  # fmt: skip
+        self._buffer.index_add_(0, slots, torch.ones_like(slots, dtype=self._buffer.dtype))
 
     def take(self, **gauges: int) -> EngineTelemetry:
         """The counters since the last take, with `gauges` (the `_GAUGES` fields)."""

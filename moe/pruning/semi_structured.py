@@ -116,6 +116,13 @@ class SemiStructuredExperts(Experts):
             offset += count
         return y_RD
 
+    def forward_every(self, x_TD: Tensor) -> Tensor:
+        """See `Experts.forward_every` (the compiled decode's padded layout): every
+        expert's sparse matmul chain over all rows, stacked [E, T, D]; no host sync (the
+        default goes through `forward`, whose counts come to the host), so a CUDA graph
+        can capture it."""
+        return torch.stack([self._expert(x_TD, e) for e in range(self.num_experts)])
+
     def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
         return self._expert(x_ND, expert)
 

@@ -309,3 +309,29 @@ def test_layer_folded_bf16_is_as_close_to_fp32_as_unfolded() -> None:
         error = float((one - true).abs().max()) / scale
         error_unfolded = float((two - true).abs().max()) / scale
         assert error <= max(2 * error_unfolded, 2**-8), (name, error, error_unfolded)
+
+
+def test_folded_layer_compiles_as_one_graph_and_equals_eager() -> None:
+    """A top-8 dropless layer (folded) under torch.compile: one graph, no break, and the
+    eager loss and gradients."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 8, 24, RoutingConfig(top_k=8, capacity="dropless"))
+    x = torch.randn(30, 16)
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        out = layer(x)
+        return out.y.square().sum() + out.aux_loss
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss_of)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    results = []
+    for fn in (torch.compile(loss_of, backend="aot_eager", fullgraph=True), loss_of):
+        leaf = x.clone().requires_grad_(True)
+        loss = fn(leaf)
+        loss.backward()
+        results.append([loss.detach(), leaf.grad, *(p.grad.clone() for p in layer.parameters())])
+        layer.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    for compiled, eager in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)

@@ -80,6 +80,7 @@ from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
 from moe.inference.scheduler import Scheduler, SequenceState
 from moe.inference.telemetry import EngineTelemetry
 from moe.inference.text import Prompt, TextStream, encode_prompt
+from moe.inference.threads import step_threads
 from moe.interop.tokenizer import ByteTokenizer, Tokenizer
 from moe.transformer import MoETransformer
 from routing import CapacityOverride
@@ -270,8 +271,19 @@ class InferenceEngine:
     def step(self) -> list[StepEvent]:
         """One step: prefill (chunks of) the admitted, decode the running; returns what
         each request produced. With nothing to do the model is still called with no
-        tokens (EP ranks must call their MoE layers together)."""
+        tokens (EP ranks must call their MoE layers together). An eager step of few
+        tokens on CPU runs on one intra-op thread (`moe.inference.threads`)."""
         scheduled = self.scheduler.schedule()
+        threads = (
+            step_threads(sum(count for _, count in scheduled), self.runner.device)
+            if self.runner.decoder is None  # compiled kernels keep the threads they have
+            else contextlib.nullcontext()
+        )
+        with threads:
+            return self._step(scheduled)
+
+    def _step(self, scheduled: list[tuple[SequenceState, int]]) -> list[StepEvent]:
+        """`step` on the scheduler's choice."""
         segments, tokens, tasks = [], [], []
         for sequence, count in scheduled:
             start = len(sequence.context) - sequence.pending

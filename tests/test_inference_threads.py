@@ -35,6 +35,20 @@ def test_step_threads_one_for_small_cpu_steps_and_restored(two_threads: None) ->
     with pytest.raises(RuntimeError, match="inside"), step_threads(1, cpu):
         raise RuntimeError("inside")
     assert torch.get_num_threads() == 2
+    with step_threads(1, cpu, limit=0):
+        assert torch.get_num_threads() == 2
+
+
+def test_serial_step_tokens_off_and_refused_below_zero(two_threads: None) -> None:
+    model = sharp_model(32)
+    with pytest.raises(ValueError, match="serial_step_tokens=-1"):
+        InferenceEngine(model, serial_step_tokens=-1)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    engine = InferenceEngine(model, max_batch=1, serial_step_tokens=0)
+    engine.submit(b"abc", SamplingParams(max_tokens=3, temperature=0.0))
+    list(engine.run())
+    assert seen and set(seen) == {2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from moe.config import Activation
-from moe.ops import grouped_mm
+from moe.ops import gather_grouped_mm, grouped_mm, grouped_mm_combine
 from routing.config import parse_enum
 
 
@@ -76,6 +76,8 @@ class Experts(nn.Module, metaclass=abc.ABCMeta):
     # True: the same experts on every rank (a dense layer built from expert code), so
     # their gradients are reduced like dense ones (see the module docstring).
     replicated: bool = False
+    # True: `forward_tokens` computes on the token rows, the permute folded in.
+    folds_permute: bool = False
 
     @abc.abstractmethod
     def forward(self, x_RD: Tensor, counts_E: Tensor, filled_E: Tensor | None = None) -> Tensor:
@@ -87,6 +89,14 @@ class Experts(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def expert_forward(self, x_ND: Tensor, expert: int) -> Tensor:
         """Local expert `expert` on any rows (plain torch: the reference path)."""
+
+    def forward_tokens(
+        self, x_TD: Tensor, token_index_R: Tensor, weight_R: Tensor, counts_E: Tensor
+    ) -> Tensor:
+        """y_TD[t] = sum over rows r of token t of weight_R[r] * expert(r)(x_TD[t]), rows
+        sorted by local expert (counts_E per expert): permute, `forward` and the weighted
+        combine in one, for stacks with `folds_permute`."""
+        raise NotImplementedError(f"{type(self).__name__} computes on permuted rows only")
 
     def forward_every(self, x_TD: Tensor) -> Tensor:
         """Every local expert on every row: y_ETD[e] = expert e (x_TD). The MoE layer's
@@ -165,6 +175,22 @@ class GroupedExperts(Experts):
             gate_RH = grouped_mm(x_RD, self.w3_EDH, counts_E, filled_E)
         h_RH = apply_activation(h_RH, gate_RH, self.activation)
         return grouped_mm(h_RH, self.w2_EHD, counts_E, filled_E)
+
+    folds_permute = True
+
+    def forward_tokens(
+        self, x_TD: Tensor, token_index_R: Tensor, weight_R: Tensor, counts_E: Tensor
+    ) -> Tensor:
+        """See `Experts.forward_tokens`: the gather folded into the first matmuls, the
+        weighted combine into the last (`moe.ops.fused`); no [R, D] row matrix."""
+        h_RH = gather_grouped_mm(x_TD, self.w1_EDH, token_index_R, counts_E)
+        gate_RH = None
+        if self.w3_EDH is not None:
+            gate_RH = gather_grouped_mm(x_TD, self.w3_EDH, token_index_R, counts_E)
+        h_RH = apply_activation(h_RH, gate_RH, self.activation)
+        return grouped_mm_combine(
+            h_RH, self.w2_EHD, token_index_R, weight_R, counts_E, x_TD.shape[0]
+        )
 
     def forward_every(self, x_TD: Tensor) -> Tensor:
         """See `Experts.forward_every`: one batched product per projection over the

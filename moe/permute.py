@@ -30,12 +30,16 @@ class Permutation:
     filled_E: a capacity-padded layout's kept slots per expert (int64): the first
         filled_E[e] of expert e's counts_E[e] rows; the rest are padding. None: every
         row holds a slot.
+    slot_index_R: the compact layout's flat slot (t*K + k) of each row, for experts
+        that fold the weighted combine into their matmuls (`Experts.forward_tokens`);
+        None for a padded layout.
     """
 
     token_index_R: Tensor
     row_of_slot_TK: Tensor
     counts_E: Tensor
     filled_E: Tensor | None = None
+    slot_index_R: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -64,6 +68,7 @@ def sort_by_expert(plan: RoutingPlan) -> Permutation:
         token_index_R=slot_R // top_k,
         row_of_slot_TK=row_of_slot_N.view(num_tokens, top_k),
         counts_E=plan.counts_E,
+        slot_index_R=slot_R,
     )
 
 

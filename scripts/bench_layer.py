@@ -9,6 +9,12 @@ Implementations (same input, same upstream gradient, gradients dropped between s
 - deepspeed:    `deepspeed.moe.layer.MoE` (k=2, capacity_factor=1.25, ep_size=1) with an
                 expert of the same shape, on CPU (`DS_ACCELERATOR=cpu`, a 1-rank gloo group).
 
+`--fine-grained` times instead the shapes of OLMoE, Qwen3-MoE and DeepSeek (top-8 of 64,
+128 and 256 narrow experts, T=4096, D=512): our layer dropless (`moe`), the same layer
+with the experts on the permuted rows (`moe_unfolded`: gather, grouped matmuls, weighted
+combine as separate passes, the layout every configuration used before the experts
+folded the permute into their matmuls) and the dense floor.
+
 `--dtype bf16` runs every implementation as a bf16 training step runs
 (`train.precision=bf16`): fp32 parameters (the master weights), the forward under
 `torch.autocast("cpu", torch.bfloat16)`, fp32 input and upstream gradient. It adds
@@ -22,7 +28,7 @@ starting one rotates). Peak memory is the peak resident set size above the resid
 after setup, one implementation per subprocess (see `scripts/_bench_utils.py`).
 
     python scripts/bench_layer.py [--quick] [--json PATH] [--plot PATH] [--repeats N]
-        [--allocator reuse|default] [--dtype fp32|bf16]
+        [--allocator reuse|default] [--dtype fp32|bf16] [--fine-grained]
 
 `--allocator reuse` (the default) sets glibc's malloc the way a training run does
 (`train.reuse_heap`, `launch.training.allocator`): freed blocks stay in the heap instead of
@@ -54,6 +60,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _bench_layer_report import format_fine_grained_table, format_table, plot_ratios
 from _bench_utils import (
     free_port,
     interleaved_times,
@@ -69,11 +76,15 @@ from routing import RoutingConfig
 
 IMPLEMENTATIONS = ("moe", "moe_capacity", "dense", "deepspeed")
 BF16_ONLY = ("moe_bf16_params", "moe_fp32")
+FINE_GRAINED = ("moe", "moe_unfolded", "dense")
 CAPACITY_FACTOR = 1.25
 
 
-def implementations(dtype: str) -> list[str]:
-    return list(IMPLEMENTATIONS) + (list(BF16_ONLY) if dtype == "bf16" else [])
+def implementations(dtype: str, fine_grained: bool = False, unfolded: bool = False) -> list[str]:
+    if fine_grained:
+        return list(FINE_GRAINED)
+    names = list(IMPLEMENTATIONS) + (list(BF16_ONLY) if dtype == "bf16" else [])
+    return names + (["moe_unfolded"] if unfolded else [])
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,16 @@ FULL_CONFIGS = (
 QUICK_CONFIGS = (
     BenchConfig("quick-E8", D=64, H=128, E=8, K=2, T=512),
     BenchConfig("quick-E32", D=64, H=64, E=32, K=2, T=1024),
+)
+# Top-8 of many narrow experts (OLMoE, Qwen3-MoE, DeepSeek-V3); the dense floor is K*H = 512 wide.
+FINE_GRAINED_CONFIGS = (
+    BenchConfig("E64-K8", D=512, H=128, E=64, K=8, T=4096),
+    BenchConfig("E128-K8", D=512, H=64, E=128, K=8, T=4096),
+    BenchConfig("E256-K8", D=512, H=32, E=256, K=8, T=4096),
+)
+QUICK_FINE_GRAINED_CONFIGS = (
+    BenchConfig("quick-E64-K8", D=64, H=16, E=64, K=8, T=512),
+    BenchConfig("quick-E128-K8", D=64, H=8, E=128, K=8, T=512),
 )
 
 
@@ -148,13 +169,15 @@ def init_deepspeed_single_rank() -> None:
 def build_runner(implementation: str, cfg: BenchConfig, dtype: str = "fp32") -> Runner:
     torch.manual_seed(0)
     autocast = dtype == "bf16"
-    if implementation in ("moe", "moe_capacity", "moe_bf16_params", "moe_fp32"):
+    if implementation in ("moe", "moe_capacity", "moe_bf16_params", "moe_fp32", "moe_unfolded"):
         routing = RoutingConfig(
             top_k=cfg.K,
             capacity="fixed" if implementation == "moe_capacity" else "dropless",
             capacity_factor=CAPACITY_FACTOR,
         )
         layer = MoELayer(cfg.D, cfg.H, cfg.E, routing, activation="gelu")
+        if implementation == "moe_unfolded":
+            layer.fold_permute = False
 
         def moe_forward(x_TD: Tensor) -> list[Tensor]:
             out = layer(x_TD)
@@ -231,66 +254,6 @@ def peak_memory_subprocess(
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-def format_table(rows: list[dict]) -> str:
-    header = (
-        f"{'config':<10} {'D':>4} {'H':>5} {'E':>3} {'K':>2} {'T':>5} | {'moe ms':>8} "
-        f"{'cap ms':>8} {'dense ms':>8} {'ds ms':>8} | {'moe/dense':>9} {'cap/dense':>9} "
-        f"{'ds/moe':>7} | {'moe MB':>7} {'dense MB':>8} {'ds MB':>7}"
-    )
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row['name']:<10} {row['D']:>4} {row['H']:>5} {row['E']:>3} {row['K']:>2} "
-            f"{row['T']:>5} | {row['moe_ms']:>8.1f} {row['moe_capacity_ms']:>8.1f} "
-            f"{row['dense_ms']:>8.1f} {row['deepspeed_ms']:>8.1f} | "
-            f"{row['moe_ms'] / row['dense_ms']:>9.2f} "
-            f"{row['moe_capacity_ms'] / row['dense_ms']:>9.2f} "
-            f"{row['deepspeed_ms'] / row['moe_ms']:>7.2f} | {row['moe_peak_mb']:>7.1f} "
-            f"{row['dense_peak_mb']:>8.1f} {row['deepspeed_peak_mb']:>7.1f}"
-        )
-    if all("moe_bf16_params_ms" in row for row in rows):
-        lines.append("bf16: autocast over fp32 parameters (moe) against bf16 parameters:")
-        for row in rows:
-            lines.append(
-                f"  {row['name']}: moe_bf16_params {row['moe_bf16_params_ms']:.1f} ms, "
-                f"moe (autocast) {row['moe_ms']:.1f} ms, ratio autocast / bf16 params "
-                f"{row['moe_ms'] / row['moe_bf16_params_ms']:.2f}; moe_fp32 "
-                f"{row['moe_fp32_ms']:.1f} ms: fp32 / bf16 autocast "
-                f"{row['moe_fp32_ms'] / row['moe_ms']:.2f} (per round "
-                f"{row['fp32_over_bf16_round_median']:.2f})"
-            )
-    return "\n".join(lines)
-
-
-def plot_ratios(rows: list[dict], path: str, dtype: str = "fp32") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {
-        "ours dropless / dense": [r["moe_ms"] / r["dense_ms"] for r in rows],
-        "ours C=1.25 / dense": [r["moe_capacity_ms"] / r["dense_ms"] for r in rows],
-        "DeepSpeed / ours dropless": [r["deepspeed_ms"] / r["moe_ms"] for r in rows],
-        "peak MB ours / DeepSpeed": [r["moe_peak_mb"] / r["deepspeed_peak_mb"] for r in rows],
-    }
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(2.5 + 2.2 * len(rows), 4.0))
-    for index, (label, values) in enumerate(series.items()):
-        xs = [i + (index - (len(series) - 1) / 2) * width for i in range(len(rows))]
-        bars = ax.bar(xs, values, width, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), [f"{r['name']}\nE={r['E']} T={r['T']}" for r in rows])
-    ax.set_ylabel("ratio (forward + backward time, or peak memory)")
-    mode = "fp32" if dtype == "fp32" else "bf16 autocast, fp32 parameters"
-    ax.set_title(f"MoE layer on CPU, {mode}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
@@ -308,8 +271,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dtype", choices=("fp32", "bf16"), default="fp32",
         help="fp32, or bf16 mixed precision (autocast over fp32 parameters)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fine-grained", action="store_true",
+        help="top-8 of 64, 128, 256 narrow experts: ours, ours unfolded, the dense floor",
+    )  # fmt: skip
+    parser.add_argument(
+        "--with-unfolded", action="store_true",
+        help="also time our layer with the experts on the permuted rows (moe_unfolded)",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--peak-of", choices=IMPLEMENTATIONS + BF16_ONLY, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--peak-of", choices=IMPLEMENTATIONS + BF16_ONLY + FINE_GRAINED, help=argparse.SUPPRESS
+    )
     parser.add_argument("--peak-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -327,7 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = BenchConfig(**json.loads(args.peak_config))
         print(json.dumps({"peak_mb": peak_memory_here(args.peak_of, cfg, args.dtype)}))
         return
-    configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
+    if args.fine_grained:
+        configs = QUICK_FINE_GRAINED_CONFIGS if args.quick else FINE_GRAINED_CONFIGS
+    else:
+        configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
     repeats = args.repeats or (5 if args.quick else 9)
     progress_bar = None
     if not args.quick:
@@ -335,19 +311,23 @@ def main(argv: list[str] | None = None) -> None:
 
         progress_bar = tqdm(total=len(configs) * repeats, desc="timing rounds", file=sys.stderr)
     rows = []
-    names = implementations(args.dtype)
+    names = implementations(args.dtype, args.fine_grained, args.with_unfolded)
     for cfg in configs:
         rounds = time_config(
             cfg, names, repeats, progress_bar.update if progress_bar else None, args.dtype
         )
         row = asdict(cfg) | {f"{name}_ms": statistics.median(rounds[name]) for name in names}
         row["moe_over_dense_round_median"] = round_ratio_median(rounds["moe"], rounds["dense"])
+        if "moe_unfolded" in rounds:
+            row["unfolded_over_moe_round_median"] = round_ratio_median(
+                rounds["moe_unfolded"], rounds["moe"]
+            )
         if "moe_fp32" in rounds:
             row["fp32_over_bf16_round_median"] = round_ratio_median(
                 rounds["moe_fp32"], rounds["moe"]
             )
         row["round_ms"] = rounds
-        for name in ("moe", "dense", "deepspeed"):
+        for name in ("moe", "dense", "deepspeed" if "deepspeed" in names else "moe_unfolded"):
             row[f"{name}_peak_mb"] = (
                 float("nan")
                 if args.no_memory
@@ -361,16 +341,22 @@ def main(argv: list[str] | None = None) -> None:
         f"MoE layer, forward + backward, {mode}, {args.threads} threads, median of {repeats}, "
         f"allocator: {'heap reuse' if heap_reused else 'glibc default'}"
     )
-    print(format_table(rows))
+    print(format_fine_grained_table(rows) if args.fine_grained else format_table(rows))
     for row in rows:
         print(
             f"{row['name']}: moe/dense per round, median {row['moe_over_dense_round_median']:.2f}"
+            + (
+                f"; unfolded/moe {row['unfolded_over_moe_round_median']:.2f}"
+                if "unfolded_over_moe_round_median" in row
+                else ""
+            )
         )
     if args.json:
         meta = {
             "threads": args.threads,
             "repeats": repeats,
             "dtype": args.dtype,
+            "fine_grained": args.fine_grained,
             "cpu_flags_bf16": sorted(set(cpu_flags()) & set(BF16_CPU_FLAGS)),
             "torch": torch.__version__,
             "capacity_factor": CAPACITY_FACTOR,
@@ -379,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             "peak_memory": "peak RSS above the RSS after setup, one subprocess each",
         }
         Path(args.json).write_text(json.dumps({"meta": meta, "configs": rows}, indent=2) + "\n")
-    if args.plot:
+    if args.plot and not args.fine_grained:
         plot_ratios(rows, args.plot, args.dtype)
 
 

@@ -12,6 +12,9 @@ Parts (each can be run alone with `--only`):
 - profile:   torch.profiler of the bench_layer E=64 step (our dropless layer) and of its
              dense floor: self CPU time by op, and the matmul rate of the expert matmuls
              against the dense FFN's.
+- fine_profile: the same for the fine-grained E=128, K=8, H=64 step of
+             `bench_layer.py --fine-grained` (our dropless layer, the experts folding the
+             permute into their matmuls: `moe.ops.fused`), against its dense floor.
 - demo_profile: the same for one MoE layer of the demo model (T=4096, D=H=128, E=8,
              K=2, fixed capacity C=1.25 as the demo trains) and its dense FFN, with the
              number of ops per step.
@@ -43,13 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _bench_utils import interleaved_times, median_ms
-from bench_layer import FULL_CONFIGS, BenchConfig, build_runner
+from bench_layer import FINE_GRAINED_CONFIGS, FULL_CONFIGS, BenchConfig, build_runner
 
 from moe.ops import POOL_MIN_BLOCKS, grouped_mm
 
-PARTS = ("host", "slicing", "profile", "demo_profile", "allocator", "load")
+PARTS = ("host", "slicing", "profile", "fine_profile", "demo_profile", "allocator", "load")
 HEAP_REUSE = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 E64 = next(cfg for cfg in FULL_CONFIGS if cfg.name == "E64")
+E128_K8 = next(cfg for cfg in FINE_GRAINED_CONFIGS if cfg.name == "E128-K8")
 # One MoE layer of the demo model (`model=small`, a batch of 32 x 128 tokens).
 DEMO = BenchConfig("demo", D=128, H=128, E=8, K=2, T=4096)
 
@@ -250,6 +254,7 @@ def main() -> None:
         "host": lambda: host_rate(args.rounds),
         "slicing": lambda: slicing(args.rounds),
         "profile": lambda: profile(max(2, args.rounds // 2)),
+        "fine_profile": lambda: profile(max(2, args.rounds // 2), E128_K8),
         "demo_profile": lambda: profile(10, DEMO, "moe_capacity"),
         "allocator": lambda: allocator(args.rounds),
         "load": lambda: load_effect(args.rounds),

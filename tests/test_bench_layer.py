@@ -82,3 +82,29 @@ def test_bad_arguments_are_rejected() -> None:
     )
     assert done.returncode == 2
     assert "--repeats=0 must be >= 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_quick_fine_grained_benchmark(tmp_path: Path) -> None:
+    """`--fine-grained`: top-8 shapes, our layer folded and unfolded and the dense floor."""
+    json_path = tmp_path / "fine.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, str(ROOT / "scripts" / "bench_layer.py"), "--quick", "--fine-grained",
+        "--threads", "1", "--repeats", "2", "--json", str(json_path),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "unfolded/moe" in done.stdout
+    result = json.loads(json_path.read_text())
+    assert result["meta"]["fine_grained"] is True
+    configs = result["configs"]
+    assert [(c["E"], c["K"]) for c in configs] == [(64, 8), (128, 8)]
+    for config in configs:
+        assert set(config["round_ms"]) == {"moe", "moe_unfolded", "dense"}
+        for key in ("moe_ms", "moe_unfolded_ms", "dense_ms", "unfolded_over_moe_round_median"):
+            assert math.isfinite(config[key]) and config[key] > 0, (key, config[key])
+        for key in ("moe_peak_mb", "moe_unfolded_peak_mb", "dense_peak_mb"):
+            assert math.isfinite(config[key]) and config[key] >= 0, (key, config[key])

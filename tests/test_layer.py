@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 
+import moe.layer
 from moe.layer import MoELayer
 from moe.reference import reference_layer_output
 from routing import RoutingConfig
@@ -58,28 +59,53 @@ def _compare(layer: MoELayer, x: torch.Tensor, tasks: torch.Tensor | None) -> No
         torch.testing.assert_close(g, w, **_tolerance(dtype), msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _set_folding(layer: MoELayer, fold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fold`: the experts fold the permute wherever the layout allows it, top-2 included
+    (`moe.layer.FOLD_MIN_TOP_K`); else never."""
+    layer.fold_permute = fold
+    monkeypatch.setattr(moe.layer, "FOLD_MIN_TOP_K", 1)
+
+
 @pytest.mark.parametrize(
     ("router", "capacity", "dtype"),
     list(itertools.product(ROUTERS, CAPACITIES, [torch.float32, torch.float64])),
 )
-def test_layer_matches_reference(router: str, capacity: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_layer_matches_reference(
+    router: str, capacity: str, dtype: torch.dtype, fold: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fold`: the experts fold the permute into their matmuls where the layout is
+    compact (`MoELayer.fold_permute`), or always compute on the permuted rows."""
     torch.manual_seed(zlib.crc32(f"{router}-{capacity}".encode()))
     layer = _layer(router, capacity).to(dtype).eval()
+    _set_folding(layer, fold, monkeypatch)
     x = torch.randn(23, 12, dtype=dtype, requires_grad=True)
     tasks = torch.randint(0, 3, (23,)) if router == "task" else None
     _compare(layer, x, tasks)
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-def test_fixed_capacity_above_one_uses_compact_rows(router: str) -> None:
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_fixed_capacity_above_one_uses_compact_rows(
+    router: str, fold: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """C > 1 runs eagerly on the compact layout (only kept rows; C <= 1 pads to the
-    capacity): the same reference, and the experts see exactly the kept slots."""
+    capacity): the same reference, and the experts see exactly the kept slots (as
+    permuted rows, or as row indices into the tokens when they fold the permute)."""
     torch.manual_seed(zlib.crc32(f"compact-{router}".encode()))
     layer = _layer(router, "fixed", capacity_factor=1.3).eval()
+    _set_folding(layer, fold, monkeypatch)
     x = torch.randn(23, 12, requires_grad=True)
     tasks = torch.randint(0, 3, (23,)) if router == "task" else None
     seen: list[int] = []
     hook = layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    forward_tokens = layer.experts.forward_tokens
+
+    def spy(x_TD: torch.Tensor, token_index_R: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        seen.append(token_index_R.shape[0])
+        return forward_tokens(x_TD, token_index_R, *rest)
+
+    layer.experts.forward_tokens = spy  # type: ignore[method-assign]
     _compare(layer, x, tasks)
     hook.remove()
     kept = int(layer.route(x.detach(), tasks).keep_TK.sum())

@@ -20,7 +20,7 @@ from routing import (
     priority_order,
 )
 from routing.config import PriorityKind
-from routing.routers import softmax_topk_plan, topk_lowest_id
+from routing.routers import ARGMAX_MAX_K, softmax_topk_plan, topk_lowest_id
 
 # Four tokens, two experts, two choices each; capacity 2 (C=0.5: 0.5*2*4/2 = 2).
 IDS_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
@@ -283,3 +283,35 @@ def test_topk_lowest_id_matches_loops_with_ties_inf_and_nan(seed: int) -> None:
     assert scores.grad is not None and scores.grad.tolist() == [[0.0, 1.0, 0.0, 1.0]]
     with pytest.raises(ValueError, match="top_k=5"):
         topk_lowest_id(scores, 5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_topk_lowest_id_above_argmax_k_matches_loops(seed: int) -> None:
+    """k > `ARGMAX_MAX_K` (top-8 routing): `torch.topk` where the k-th score is strictly
+    above the next, the sort otherwise. Continuous scores with ties planted inside the
+    chosen set, at its boundary, and NaN; values and gradients against the loops."""
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        num_tokens, num_experts = 6, int(torch.randint(ARGMAX_MAX_K + 2, 20, (1,), generator=gen))
+        k = int(torch.randint(ARGMAX_MAX_K + 1, num_experts, (1,), generator=gen))
+        scores = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64)
+        order = scores.argsort(dim=-1, descending=True)
+        rows = torch.arange(num_tokens)
+        scores[rows, order[:, 1]] = scores[rows, order[:, 0]]  # a tie inside the set
+        if trial % 3 == 1:  # a tie across the boundary in one row
+            scores[0, order[0, k]] = scores[0, order[0, k - 1]]
+        if trial % 4 == 2:
+            scores[1, order[1, num_experts - 1]] = float("nan")
+        scores.requires_grad_()
+        values, ids = topk_lowest_id(scores, k)
+        expected = [_topk_by_loops(row, k) for row in scores.tolist()]
+        assert ids.tolist() == expected, (trial, k)
+        picked = torch.tensor(
+            [[scores[t, e].item() for e in row] for t, row in enumerate(expected)]
+        ).double()
+        assert torch.allclose(values.detach(), picked, equal_nan=True)
+        (grad,) = torch.autograd.grad(values.nansum(), scores)
+        chosen = torch.zeros_like(grad)
+        chosen[rows.unsqueeze(1), torch.tensor(expected)] = 1.0
+        chosen[scores.detach().isnan()] = 0.0  # nansum leaves NaN picks out
+        assert torch.equal(grad, chosen)

@@ -6,6 +6,8 @@ and `torch.compile`): `grouped_mm`, `grouped_mm_wgrad`, `gather_rows`,
   kernel), with the CPU block workers;
 - `moe.ops.cuda`: the CUDA implementations, registered here when Triton is installed;
 - `moe.ops.kernels`: the Triton kernels behind them;
+- `moe.ops.fused`: `gather_grouped_mm` and `grouped_mm_combine`, the expert matmuls
+  with the permute's gather and the unpermute's weighted combine folded in;
 - `moe.ops.int8`: the int8-weight grouped matmul of the int8 experts;
 - `moe.ops.autocast`: the ops' rules under `torch.autocast` (registered here).
 """
@@ -22,6 +24,7 @@ from moe.ops.cpu import (
     grouped_mm_wgrad_torch,
     scatter_add_rows,
 )
+from moe.ops.fused import gather_grouped_mm, grouped_mm_combine
 
 if kernels.triton_available():
     from moe.ops import cuda
@@ -36,8 +39,10 @@ __all__ = [
     "autocast",
     "combine",
     "combine_backward",
+    "gather_grouped_mm",
     "gather_rows",
     "grouped_mm",
+    "grouped_mm_combine",
     "grouped_mm_torch",
     "grouped_mm_wgrad",
     "grouped_mm_wgrad_torch",

@@ -1,14 +1,16 @@
 """How the `moe::` ops behave under `torch.autocast`: one rule per op, registered for
 the CPU and CUDA autocast dispatch keys.
 
-- The matmuls (`grouped_mm`, `grouped_mm_wgrad`, `int8_grouped_mm`) cast their float
+- The matmuls (`grouped_mm`, `grouped_mm_wgrad`, `int8_grouped_mm`, and the folded
+  `gather_grouped_mm`, `grouped_mm_combine`, whose routing weights stay as they are) cast their float
   operands to the autocast dtype (bf16, or fp16 on CUDA; read when called, so one
   registration serves both) and run in it: CPU `torch.mm`/`torch.bmm` on bf16 operands
   accumulate in fp32 (oneDNN) and round the result once, as do the Triton kernels
   (`tl.dot` into an fp32 accumulator). They return the autocast dtype. The int8 op casts
   only the activations: its per-channel scales stay fp32.
 - The row movers (`gather_rows`, `scatter_add_rows`, `combine`, `combine_backward`)
-  compute nothing worth a lower precision: they keep their inputs' dtypes.
+  compute nothing worth a lower precision: they keep their inputs' dtypes, as do the
+  folded matmuls' backward ops (called by autograd with the forward's dtypes).
 
 Every op then runs with autocast off, so nothing inside it is cast again (the outputs
 have the dtypes the ops' fake implementations promise). This is what
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe.ops import cpu
+from moe.ops import cpu, fused
 from moe.ops import int8 as int8_ops
 
 _LIBRARY = torch.library.Library("moe", "IMPL")
@@ -66,5 +68,10 @@ def register_autocast_rule(op: Any, cast: Sequence[int]) -> None:
 register_autocast_rule(cpu.grouped_mm, cast=(0, 1))
 register_autocast_rule(cpu.grouped_mm_wgrad, cast=(0, 1))
 register_autocast_rule(int8_ops.int8_grouped_mm, cast=(0,))
-for _mover in (cpu.gather_rows, cpu.scatter_add_rows, cpu.combine, cpu.combine_backward):
+register_autocast_rule(fused.gather_grouped_mm, cast=(0, 1))
+register_autocast_rule(fused.grouped_mm_combine, cast=(0, 1))
+for _mover in (
+    cpu.gather_rows, cpu.scatter_add_rows, cpu.combine, cpu.combine_backward,
+    fused.gather_grouped_mm_backward, fused.grouped_mm_combine_backward,
+):  # fmt: skip
     register_autocast_rule(_mover, cast=())

@@ -138,13 +138,25 @@ class _BlockRunner:
             return self._pool
 
     def run(self, blocks: list[Block], work: Callable[[Block], None], device: torch.device) -> None:
+        self.run_indexed(blocks, lambda _worker, block: work(block), device)
+
+    def run_indexed(
+        self,
+        blocks: list[Block],
+        work: Callable[[int, Block], None],
+        device: torch.device,
+        min_blocks: int = POOL_MIN_BLOCKS,
+    ) -> int:
+        """As `run`, with `work(worker, block)`: `worker` (0 <= worker < the returned
+        count) names the one thread that runs the block, for per-worker accumulators;
+        the pool runs from `min_blocks` blocks."""
         workers = min(torch.get_num_threads(), len(blocks))
         # Only CPU tensors: on an accelerator the workers would not use the caller's stream.
-        few = len(blocks) < POOL_MIN_BLOCKS
+        few = len(blocks) < min_blocks
         if workers <= 1 or few or device.type != "cpu" or torch.compiler.is_compiling():
             for block in blocks:
-                work(block)
-            return
+                work(0, block)
+            return 1
         shares: list[list[Block]] = [[] for _ in range(workers)]
         loads = [0] * workers
         for block in sorted(blocks, key=lambda b: b[1] - b[2]):  # largest first
@@ -152,15 +164,16 @@ class _BlockRunner:
             shares[least].append(block)
             loads[least] += block[2] - block[1]
 
-        def run_share(share: list[Block]) -> None:
+        def run_share(worker: int) -> None:
             # Grad mode is per thread; the op's body never records autograd history.
             with torch.no_grad():
-                for block in share:
-                    work(block)
+                for block in shares[worker]:
+                    work(worker, block)
 
         pool = self._get_pool(workers)
-        for future in [pool.submit(run_share, share) for share in shares]:
+        for future in [pool.submit(run_share, worker) for worker in range(workers)]:
             future.result()
+        return workers
 
 
 _block_runner = _BlockRunner()

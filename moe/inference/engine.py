@@ -80,6 +80,7 @@ from moe.inference.sampling import SamplingParams, TokenLogprob, sample_tokens
 from moe.inference.scheduler import Scheduler, SequenceState
 from moe.inference.telemetry import EngineTelemetry
 from moe.inference.text import Prompt, TextStream, encode_prompt
+from moe.inference.threads import SERIAL_STEP_TOKENS, step_threads
 from moe.interop.tokenizer import ByteTokenizer, Tokenizer
 from moe.transformer import MoETransformer
 from routing import CapacityOverride
@@ -143,6 +144,8 @@ class InferenceEngine:
     agree on both. `tokenizer`: the model's (`LoadedModel.tokenizer`); None is bytes,
     for a model of vocabulary 256. `max_len`: the context of every slot (default the
     model's `max_seq_len`; a smaller one bounds the KV cache of a long-context model).
+    `serial_step_tokens`: an eager CPU step of at most this many tokens runs on one
+    intra-op thread (`moe.inference.threads`; 0: every step keeps the process's threads).
     """
 
     def __init__(
@@ -159,9 +162,15 @@ class InferenceEngine:
         chunked_prefill: bool = True,
         tokenizer: Tokenizer | None = None,
         max_len: int | None = None,
+        serial_step_tokens: int = SERIAL_STEP_TOKENS,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} is invalid; accepted: >= 1")
+        if serial_step_tokens < 0:
+            raise ValueError(
+                f"serial_step_tokens={serial_step_tokens} is invalid; accepted: >= 0 (0: off)"
+            )
+        self.serial_step_tokens = serial_step_tokens
         override = parse_enum(CapacityOverride, routing, "routing")
         self.model = model
         self.max_len = max_len or model.config.max_seq_len
@@ -270,8 +279,21 @@ class InferenceEngine:
     def step(self) -> list[StepEvent]:
         """One step: prefill (chunks of) the admitted, decode the running; returns what
         each request produced. With nothing to do the model is still called with no
-        tokens (EP ranks must call their MoE layers together)."""
+        tokens (EP ranks must call their MoE layers together). An eager step of few
+        tokens on CPU runs on one intra-op thread (`moe.inference.threads`)."""
         scheduled = self.scheduler.schedule()
+        threads = (
+            step_threads(
+                sum(count for _, count in scheduled), self.runner.device, self.serial_step_tokens
+            )
+            if self.runner.decoder is None  # compiled kernels keep the threads they have
+            else contextlib.nullcontext()
+        )
+        with threads:
+            return self._step(scheduled)
+
+    def _step(self, scheduled: list[tuple[SequenceState, int]]) -> list[StepEvent]:
+        """`step` on the scheduler's choice."""
         segments, tokens, tasks = [], [], []
         for sequence, count in scheduled:
             start = len(sequence.context) - sequence.pending

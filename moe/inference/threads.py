@@ -17,7 +17,9 @@ second thread, so a step of at most `SERIAL_STEP_TOKENS` tokens (`InferenceEngin
 `serial_step_tokens`) runs with one intra-op thread and the caller's count is restored
 after it; larger steps (prefill) keep it. On a quiet host (load below the core count)
 two threads did as well at B=1 and up to 16% better at B=32 (12.4 against 10.4 ms per
-bf16 step, 3 rounds), which `serial_step_tokens` can buy back.
+bf16 step, 3 rounds): hence the default of 8 tokens (small batches, where one thread
+never lost); a host that is shared beyond its cores gains from a higher limit (a loaded
+B=32 bf16 step: 56.8 ms on two threads, 12.9 on one).
 
 `torch.set_num_threads` sets the calling thread's OpenMP team size (the engine's step
 runs on one thread at a time), and MKL's; it costs a few microseconds.
@@ -30,7 +32,7 @@ from collections.abc import Iterator
 
 import torch
 
-SERIAL_STEP_TOKENS = 64
+SERIAL_STEP_TOKENS = 8
 
 
 @contextlib.contextmanager

@@ -95,8 +95,13 @@ class Experts(nn.Module, metaclass=abc.ABCMeta):
     ) -> Tensor:
         """y_TD[t] = sum over rows r of token t of weight_R[r] * expert(r)(x_TD[t]), rows
         sorted by local expert (counts_E per expert): permute, `forward` and the weighted
-        combine in one, for stacks with `folds_permute`."""
-        raise NotImplementedError(f"{type(self).__name__} computes on permuted rows only")
+        combine in one. This default does the three in turn (a gathered copy of the rows,
+        `forward`, an index_add of the weighted outputs); stacks with `folds_permute`
+        override it with matmuls that read and write the token rows directly."""
+        y_RD = self.forward(x_TD.index_select(0, token_index_R), counts_E)
+        weighted_RD = y_RD * weight_R.to(y_RD.dtype).unsqueeze(1)
+        y_TD = y_RD.new_zeros(x_TD.shape[0], y_RD.shape[1])
+        return y_TD.index_add_(0, token_index_R, weighted_RD)
 
     def forward_every(self, x_TD: Tensor) -> Tensor:
         """Every local expert on every row: y_ETD[e] = expert e (x_TD). The MoE layer's

@@ -335,3 +335,33 @@ def test_folded_layer_compiles_as_one_graph_and_equals_eager() -> None:
     torch._dynamo.reset()
     for compiled, eager in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_the_default_forward_tokens_matches_the_per_row_loop() -> None:
+    """A stack without a folded path (`Experts.forward_tokens`' default: gather, `forward`,
+    weighted index_add) against each row's expert applied to its token, output and
+    input gradient."""
+    from moe.experts import Experts, GroupedExperts
+
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 2]
+    stack = GroupedExperts(len(counts), 8, 16, "swiglu")
+    token_index_R, expert_R = _routes(counts, num_tokens=6, seed=1)
+    weight_R = torch.rand(len(token_index_R))
+    counts_E = torch.tensor(counts)
+    x_TD = torch.randn(6, 8, requires_grad=True)
+    y_TD = Experts.forward_tokens(stack, x_TD, token_index_R, weight_R, counts_E)
+    x_ref = x_TD.detach().clone().requires_grad_(True)
+    rows = [
+        weight_R[r]
+        * stack.expert_forward(x_ref[token_index_R[r]].unsqueeze(0), int(expert_R[r]))[0]
+        for r in range(len(token_index_R))
+    ]
+    y_ref = torch.zeros(6, 8)
+    for r, row in enumerate(rows):
+        y_ref = y_ref.index_add(0, token_index_R[r : r + 1], row.unsqueeze(0))
+    torch.testing.assert_close(y_TD, y_ref, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(6, 8)
+    (y_TD * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(x_TD.grad, x_ref.grad, rtol=1e-5, atol=1e-6)

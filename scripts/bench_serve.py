@@ -225,6 +225,9 @@ def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "stream_interval_s": args.stream_interval_s,
         "in_process_tokens_per_s": medians["in_process"], "http_tokens_per_s": medians["http"],
         "ratio": medians["http"] / medians["in_process"], "target": 0.8,
+        "ratio_per_round_median": statistics.median(
+            h / i for h, i in zip(rounds["http"], rounds["in_process"], strict=True)
+        ),
     }  # fmt: skip
 
 

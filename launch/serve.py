@@ -79,8 +79,11 @@ class ServeOptions:
     compile: bool = False
     compile_warmup: str = "start"
     compile_cache_dir: str = ""
-    # A stream sends its first text at once, later text at most this often (0: every step).
-    stream_interval_s: float = 0.05
+    # A stream sends its first text at once, later text at most this often (0: every step)
+    # and at most (streams in flight) / stream_events_per_s apart (0: unbounded): every
+    # event costs a message per hop, so the replica's events per second are bounded.
+    stream_interval_s: float = 0.0
+    stream_events_per_s: float = 300.0
 
     def __post_init__(self) -> None:
         from moe.precision import parse_precision
@@ -98,10 +101,9 @@ class ServeOptions:
             raise ValueError(
                 f"serve.compile_warmup={self.compile_warmup!r} is invalid; accepted: start, lazy"
             )
-        if self.stream_interval_s < 0:
-            raise ValueError(
-                f"serve.stream_interval_s={self.stream_interval_s} is invalid; accepted: >= 0"
-            )
+        for key in ("stream_interval_s", "stream_events_per_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"serve.{key}={getattr(self, key)} is invalid; accepted: >= 0")
         if self.max_queued_requests < 0:
             raise ValueError(
                 f"serve.max_queued_requests={self.max_queued_requests}; accepted: >= 0 (a bound)"
@@ -233,6 +235,7 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
                      compile=options.compile, compile_warmup=options.compile_warmup,
                      compile_cache_dir=options.compile_cache_dir,
                      stream_interval_s=options.stream_interval_s,
+                     stream_events_per_s=options.stream_events_per_s,
                      precision=options.precision)  # fmt: skip
     specs = {"full": full}
     for task_id, path in subsets.items():
@@ -267,15 +270,38 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     )  # fmt: skip
 
 
+# Ray Serve's settings for throughput (its `RAY_SERVE_THROUGHPUT_OPTIMIZED` preset, less
+# direct ingress, which opens a port per ingress replica on every interface, and less
+# silencing the replicas' stderr): a replica runs its methods on its own event loop (not
+# a second thread that every request and stream item crosses), a handle routes on the
+# caller's loop, and deployments call each other over gRPC. On 2 cores they doubled the
+# HTTP tokens/s at 32 streams (docs/BENCHMARKS.md, "Serving"). A variable already set
+# wins.
+SERVE_ENVIRONMENT = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
+
+
+def serve_environment() -> dict[str, str]:
+    """`SERVE_ENVIRONMENT`, each variable as this process's environment sets it if it does."""
+    return {name: os.environ.get(name, value) for name, value in SERVE_ENVIRONMENT.items()}
+
+
 def init_ray(config: ServeConfig) -> None:
     """An embedded local Ray (enough logical CPUs for every replica and worker), or the
-    cluster `RAY_ADDRESS` names."""
+    cluster `RAY_ADDRESS` names; Serve's processes get `serve_environment()` (through
+    this process's environment, which the embedded Ray's processes inherit, and the
+    job's runtime environment on a cluster)."""
     import ray
 
     if ray.is_initialized():
         return
+    environment = serve_environment()
+    os.environ.update(environment)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": environment})
         return
     options = config.serve
     deployments = 1 + len(options.tasks) + 1

@@ -46,7 +46,7 @@ from _generate_workloads import validation_prompts
 from _machine import cpu_model
 
 from moe.inference import InferenceEngine, SamplingParams, load_model
-from moe.inference.decode import DecodeCompileOptions
+from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 from moe.transformer import MoETransformer
 
 WARM_TOKENS = 8  # tokens each running sequence has before the long prompt arrives
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     engines: dict[str, InferenceEngine] = {}
     compile_reports = {}
     for compiled in (False, True) if args.compile else (False,):
-        options = DecodeCompileOptions(kv_lengths=kv_ladder(args.max_seq_len), warmup="lazy")
+        options = DecodeCompileOptions(kv_lengths=kv_ladder(args.max_seq_len), warmup=CompileWarmup.LAZY)
         suffix = "+compiled" if compiled else ""
         common = dict(max_batch=slots, task_ids=loaded.task_ids, compile=compiled,
                       compile_options=options, tokenizer=loaded.tokenizer)  # fmt: skip

@@ -156,7 +156,8 @@ async def _http_round(url: str, prompts: list[bytes], task: int, max_tokens: int
             body = {"model": "full", "prompt": prompt.decode(), "max_tokens": max_tokens,
                     "temperature": 0, "stream": True, "task": task,
                     "stream_options": {"include_usage": True}}  # fmt: skip
-            pieces, tokens = [], 0
+            pieces: list[str] = []
+            tokens = 0
             async with client.stream("POST", "/v1/completions", json=body) as answer:
                 answer.raise_for_status()
                 async for line in answer.aiter_lines():
@@ -181,21 +182,28 @@ def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from moe.inference import InferenceEngine, load_model
-    from moe.inference.decode import DecodeCompileOptions
+    from moe.inference.decode import CompileWarmup, DecodeCompileOptions
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.checkpoint)
     engine = InferenceEngine(
         loaded.model, max_batch=args.max_batch, task_ids=loaded.task_ids, compile=args.compile,
         tokenizer=loaded.tokenizer,
-        compile_options=DecodeCompileOptions(warmup="start"),
+        compile_options=DecodeCompileOptions(warmup=CompileWarmup.START),
     )  # fmt: skip
     prompts = [PROMPTS[i % len(PROMPTS)].encode() for i in range(args.ratio_clients)]
     rounds: dict[str, list[float]] = {"in_process": [], "http": []}
+    cpu: dict[str, float] = {}
+    http_wall = 0.0
     for index in range(args.ratio_rounds + 1):  # round 0 warms both paths up, untimed
         speed, texts = _in_process_round(engine, prompts, args.task, args.ratio_tokens)
+        before, started = _cpu_seconds(), time.perf_counter()
         http_speed, http_texts = asyncio.run(_http_round(url, prompts, args.task,
                                                          args.ratio_tokens))  # fmt: skip
+        if index:
+            http_wall += time.perf_counter() - started
+            for role, seconds in _cpu_seconds(before).items():
+                cpu[role] = cpu.get(role, 0.0) + seconds
         if http_texts != texts:
             raise SystemExit("HTTP and in-process greedy texts differ: the comparison is void")
         if index:
@@ -205,13 +213,52 @@ def _ratio(url: str, args: argparse.Namespace) -> dict[str, Any]:
               f"tok/s", flush=True)  # fmt: skip
     engine.restore()
     medians = {k: statistics.median(v) for k, v in rounds.items()}
+    timed = max(1, args.ratio_rounds)
+    cpu_per_round = {role: seconds / timed for role, seconds in sorted(cpu.items())}
+    print("[ratio] CPU seconds per HTTP round by process (wall "
+          f"{http_wall / timed:.3f} s): " + json.dumps({k: round(v, 3) for k, v in
+                                                       cpu_per_round.items()}), flush=True)  # fmt: skip
     return {
+        "http_cpu_s_per_round": cpu_per_round, "http_wall_s_per_round": http_wall / timed,
         "clients": args.ratio_clients, "max_tokens": args.ratio_tokens, "task": args.task,
         "compile": args.compile, "threads": args.threads, "rounds": rounds,
         "stream_interval_s": args.stream_interval_s,
         "in_process_tokens_per_s": medians["in_process"], "http_tokens_per_s": medians["http"],
         "ratio": medians["http"] / medians["in_process"], "target": 0.8,
+        "ratio_per_round_median": statistics.median(
+            h / i for h, i in zip(rounds["http"], rounds["in_process"], strict=True)
+        ),
     }  # fmt: skip
+
+
+def _cpu_seconds(since: dict[str, float] | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) of every process on the machine, summed by role: this
+    script (the HTTP clients), Ray Serve's proxy, each deployment's replica, Ray's own
+    daemons, the rest; with `since`, the difference from that snapshot."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            times = process.cpu_times()
+            command = " ".join(process.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if process.pid == os.getpid():
+            role = "client (this script)"
+        elif command.startswith("ray::ServeReplica:"):
+            role = "replica " + command.split(":")[-1].split()[0]
+        elif command.startswith("ray::"):
+            role = command.split()[0].removeprefix("ray::").split(".")[0]
+        elif "ray" in command and ("raylet" in command or "gcs_server" in command):
+            role = "ray daemons"
+        else:
+            role = "other"
+        totals[role] = totals.get(role, 0.0) + times.user + times.system
+    if since is None:
+        return totals
+    return {role: seconds - since.get(role, 0.0) for role, seconds in totals.items()
+            if seconds - since.get(role, 0.0) > 0.005}  # fmt: skip
 
 
 def _quantile(values: list[float], q: float) -> float | None:

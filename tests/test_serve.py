@@ -102,6 +102,19 @@ def test_models_list_each_deployment_and_its_experts(service: Any) -> None:
     }
 
 
+def test_the_replicas_run_with_serves_throughput_settings(service: Any) -> None:
+    """Every replica and expert-parallel worker process got `SERVE_ENVIRONMENT`."""
+    import psutil
+
+    from launch.serve import SERVE_ENVIRONMENT
+
+    _, client = service
+    pids = [pid for m in client.get("/v1/models").json()["data"] for pid in m["pids"]]
+    for pid in set(pids):
+        environment = psutil.Process(pid).environ()
+        assert {k: environment.get(k) for k in SERVE_ENVIRONMENT} == SERVE_ENVIRONMENT, pid
+
+
 def test_http_greedy_equals_offline_generate_and_ep2_equals_ep1(service: Any) -> None:
     checkpoint, client = service
     for task, models in ((1, ["task-1", "full"]), (2, ["task-2"])):

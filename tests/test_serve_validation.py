@@ -14,7 +14,7 @@ import time
 import pytest
 from test_inference_engine import prompts, sharp_model
 
-from launch.serving.batching import BatchLoop, EngineShard, local_step
+from launch.serving.batching import BatchLoop, EngineShard, ReplicaUnavailable, StepOutput
 from launch.serving.protocol import CompletionRequest
 from launch.serving.validation import (
     Limits,
@@ -188,7 +188,7 @@ def test_a_stream_counts_as_its_outcome_not_its_200_status_line() -> None:
 
 
 async def _run_loop(engine: InferenceEngine, texts: list[bytes], tokens: int) -> list[str]:
-    loop = BatchLoop(local_step(EngineShard(engine)))
+    loop = BatchLoop(EngineShard(engine))
     greedy = SamplingParams(max_tokens=tokens, temperature=0)
 
     async def one(prompt: bytes) -> str:
@@ -219,7 +219,7 @@ def test_a_consumer_that_goes_away_frees_its_slot() -> None:
     engine = InferenceEngine(model, max_batch=1)
 
     async def scenario() -> str:
-        loop = BatchLoop(local_step(EngineShard(engine)))
+        loop = BatchLoop(EngineShard(engine))
         stream = loop.generate(b"abc", SamplingParams(max_tokens=50, temperature=0), None)
         await stream.__anext__()
         await stream.aclose()  # the client left after one token
@@ -244,7 +244,7 @@ def test_merged_streams_send_the_first_text_at_once_and_the_end_without_waiting(
     engine = InferenceEngine(model, max_batch=2)
 
     async def scenario() -> list:
-        loop = BatchLoop(local_step(EngineShard(engine)))
+        loop = BatchLoop(EngineShard(engine))
         greedy = SamplingParams(max_tokens=12, temperature=0)
         return [event async for event in loop.generate(b"abc", greedy, None, interval_s=30.0)]
 
@@ -259,12 +259,76 @@ def test_merged_streams_send_the_first_text_at_once_and_the_end_without_waiting(
     assert last.completion.token_ids == generate(model, b"abc", 12, temperature=0).token_ids
 
 
+class _SlowShard(EngineShard):
+    """Steps of 10 ms at least: the consumers keep up with every step."""
+
+    def step(self, submissions: list, cancels: list, always: bool = False) -> StepOutput:
+        output = super().step(submissions, cancels, always)
+        time.sleep(0.01)
+        return output
+
+
+def _count_events(engine: InferenceEngine, streams: int, tokens: int, per_s: float) -> list[int]:
+    """Events each of `streams` concurrent greedy streams got, checking that every
+    stream's pieces make up its completion."""
+
+    async def scenario() -> list[int]:
+        loop = BatchLoop(_SlowShard(engine), max_events_per_s=per_s)
+        greedy = SamplingParams(max_tokens=tokens, temperature=0)
+
+        async def one(prompt: bytes) -> int:
+            events = [event async for event in loop.generate(prompt, greedy, None)]
+            completion = events[-1].completion
+            assert completion is not None and completion.completion_tokens == tokens
+            assert sum((e.new_tokens for e in events), ()) == completion.tokens
+            return len(events)
+
+        return list(await asyncio.gather(*(one(p) for p in prompts(streams, seed=5))))
+
+    return asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_bound_on_events_per_second_merges_many_streams_and_spares_one() -> None:
+    """max_events_per_s=400 with 10 ms steps: one stream's interval is 2.5 ms (every
+    token its own event), 16 streams' 40 ms (each gets its first token, then a piece
+    per 4 steps or so: about 4 events for 12 tokens)."""
+    engine = InferenceEngine(sharp_model(35), max_batch=16)
+    assert _count_events(engine, 16, 12, per_s=0.0) == [12] * 16  # unbounded: every token
+    bounded = _count_events(engine, 16, 12, per_s=400.0)
+    assert max(bounded) <= 6, bounded
+    assert _count_events(engine, 1, 12, per_s=400.0) == [12]
+
+
+def test_an_engine_step_that_raises_breaks_the_loop_for_every_request() -> None:
+    class Failing(EngineShard):
+        def step(self, submissions: list, cancels: list, always: bool = False) -> object:
+            raise RuntimeError("the engine broke")
+
+    async def scenario() -> tuple[list[str], BatchLoop]:
+        loop = BatchLoop(Failing(InferenceEngine(sharp_model(36), max_batch=2)))
+
+        async def one(prompt: bytes) -> str:
+            try:
+                async for _ in loop.generate(prompt, SamplingParams(max_tokens=3), None):
+                    pass
+            except ReplicaUnavailable as error:
+                return str(error)
+            return "answered"
+
+        return list(await asyncio.gather(one(b"ab"), one(b"cd"))), loop
+
+    errors, loop = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert all("the engine broke" in e for e in errors) and loop.broken is not None
+    with pytest.raises(ReplicaUnavailable, match="the engine broke"):
+        asyncio.run(loop.generate(b"ef", SamplingParams(max_tokens=3), None).__anext__())
+
+
 def test_engine_refusals_reach_only_their_request() -> None:
     model = sharp_model(33)
     engine = InferenceEngine(model, max_batch=2, task_ids=[])
 
     async def scenario() -> list[str | None]:
-        loop = BatchLoop(local_step(EngineShard(engine)))
+        loop = BatchLoop(EngineShard(engine))
         errors = []
         async for event in loop.generate(b"ab", SamplingParams(max_tokens=3), 5):
             errors.append(event.error)
@@ -296,3 +360,15 @@ def test_the_memory_probe_keeps_one_moe_layer_of_one_expert(tmp_path: object) ->
     engine = InferenceEngine(probe.model, max_batch=2)  # the warm-up runs the MoE layer
     engine.submit(b"ab", SamplingParams(max_tokens=2, temperature=0), task_id=0)
     assert len(list(engine.run())) == 1
+
+
+def test_serve_environment_defaults_and_what_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch.serve import SERVE_ENVIRONMENT, ServeOptions, serve_environment
+
+    for name in SERVE_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    assert serve_environment() == SERVE_ENVIRONMENT
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
+    assert serve_environment()["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+    with pytest.raises(ValueError, match=r"serve.stream_events_per_s=-1.0 is invalid; accepted: >= 0"):
+        ServeOptions(stream_events_per_s=-1.0)

@@ -21,15 +21,19 @@ A request's events can be merged (`generate(interval_s=...)`): its first text go
 at once, later text at most every `interval_s` (what arrived meanwhile in one event), and
 its final event as soon as it exists. Every event a stream yields costs a message per hop
 (replica -> gateway -> HTTP proxy) and a JSON encoding; merging keeps that cost per
-interval instead of per token when steps are fast (docs/SERVING.md).
+interval instead of per token when steps are fast (docs/SERVING.md). A bound on the
+events per second of all requests together (`max_events_per_s`) widens every stream's
+interval as requests multiply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from moe.inference import Completion, InferenceEngine, SamplingParams
 from moe.inference.engine import GeneratedToken
@@ -139,27 +143,75 @@ class EngineShard:
 StepFunction = Callable[[list[Submission], list[int]], Awaitable[StepOutput]]
 
 
-def local_step(shard: EngineShard) -> StepFunction:
-    """Steps of an engine in this process, in a thread so the event loop keeps serving."""
+class WorkQueue:
+    """Submissions and cancellations waiting for the next step, and the requests in the
+    engine: what whoever runs the steps needs to decide the next one."""
 
-    async def step(submissions: list[Submission], cancels: list[int]) -> StepOutput:
-        return await asyncio.to_thread(shard.step, submissions, cancels)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # `post` may come from another thread than `take`
+        self._submissions: list[Submission] = []
+        self._cancels: list[int] = []
+        self._in_engine: set[int] = set()  # touched only by whoever runs the steps
 
-    return step
+    @property
+    def pending(self) -> int:
+        """Submissions not yet handed to the engine."""
+        return len(self._submissions)
+
+    def post(self, submission: Submission | None = None, cancel: int | None = None) -> None:
+        with self._lock:
+            if submission is not None:
+                self._submissions.append(submission)
+            if cancel is not None:
+                self._cancels.append(cancel)
+
+    def take(self) -> tuple[list[Submission], list[int]] | None:
+        """The submissions and cancellations of the next step; None: nothing to step
+        (nothing new and nothing in the engine)."""
+        with self._lock:
+            if not (self._submissions or self._cancels or self._in_engine):
+                return None
+            cancelled = set(self._cancels)
+            submissions = [s for s in self._submissions if s.key not in cancelled]
+            cancels = [key for key in self._cancels if key in self._in_engine]
+            self._submissions, self._cancels = [], []
+        self._in_engine -= cancelled
+        self._in_engine |= {s.key for s in submissions}
+        return submissions, cancels
+
+    def stepped(self, output: StepOutput) -> None:
+        for event in output.events:
+            if event.final:
+                self._in_engine.discard(event.key)
 
 
 class BatchLoop:
-    """The asyncio side: requests in, events out, one engine step at a time."""
+    """The asyncio side: requests in, events out.
 
-    def __init__(self, step: StepFunction) -> None:
-        self._step = step
+    `engine` says where the steps run, each way back to back while there is work:
+    - an `EngineShard` in this process is stepped by a thread of the loop's (it hands
+      each step's output to the event loop and goes on: a step never waits for the
+      loop to get round to starting it);
+    - an async step function (the expert-parallel workers') is awaited by a task.
+
+    `max_events_per_s` bounds the stream events the loop's requests get per second, all
+    requests together (0: no bound): each stream's interval is at least the number of
+    requests in flight over the bound. An event costs about the same whatever it
+    carries (a message per hop and a JSON encoding: docs/SERVING.md), so the bound caps
+    that cost when many streams run: one stream still gets every token, 32 a piece per
+    `32 / max_events_per_s` seconds each."""
+
+    def __init__(self, engine: EngineShard | StepFunction, max_events_per_s: float = 0.0) -> None:
+        if max_events_per_s < 0:
+            raise ValueError(f"max_events_per_s={max_events_per_s} is invalid; accepted: >= 0")
+        self._engine = engine
+        self.max_events_per_s = max_events_per_s
         self._keys = itertools.count()
         self._queues: dict[int, asyncio.Queue[Event | BaseException]] = {}
-        self._submissions: list[Submission] = []
-        self._cancels: list[int] = []
-        self._in_engine: set[int] = set()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._work = WorkQueue()
+        self._started = False
+        self._wake: Callable[[], None] | None = None
+        self._runner: asyncio.Task[None] | threading.Thread | None = None  # kept alive
         self.broken: BaseException | None = None
         self.completed = 0
         self.steps = 0
@@ -172,7 +224,13 @@ class BatchLoop:
     @property
     def pending(self) -> int:
         """Requests handed to the loop and not yet to the engine."""
-        return len(self._submissions)
+        return self._work.pending
+
+    def stream_interval(self, interval_s: float) -> float:
+        """The interval a stream asking for `interval_s` gets now (`max_events_per_s`)."""
+        if not self.max_events_per_s:
+            return interval_s
+        return max(interval_s, len(self._queues) / self.max_events_per_s)
 
     async def generate(
         self,
@@ -181,32 +239,31 @@ class BatchLoop:
         task: int | None,
         interval_s: float = 0.0,
     ) -> AsyncIterator[Event]:
-        """The events of one request, the last one final; with `interval_s` > 0, merged
-        (see the module docstring); events already waiting are merged in any case.
-        Raises `ReplicaUnavailable` when the engine fails; cancelling the consumer
-        cancels the request."""
+        """The events of one request, the last one final; with `interval_s` > 0 (or a
+        bound on events per second), merged (see the module docstring); events already
+        waiting are merged in any case. Raises `ReplicaUnavailable` when the engine
+        fails; cancelling the consumer cancels the request."""
         if self.broken is not None:
             raise ReplicaUnavailable(f"this replica's engine failed: {self.broken}")
         self._start()
-        assert self._wake is not None
         key = next(self._keys)
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         self._queues[key] = queue
-        self._submissions.append(Submission(key, prompt, params, task))
-        self._wake.set()
+        self._post(submission=Submission(key, prompt, params, task))
         finished = False
         clock = asyncio.get_running_loop().time
         sent_at: float | None = None  # when the last event went out
         try:
             while True:
                 event = self._checked(await queue.get())
-                deadline = None if sent_at is None else sent_at + interval_s
-                while not event.final and deadline is not None and clock() < deadline:
-                    try:
-                        later = await asyncio.wait_for(queue.get(), deadline - clock())
-                    except TimeoutError:
-                        break
-                    event = event.then(self._checked(later))
+                if sent_at is not None and not event.final:
+                    deadline = sent_at + self.stream_interval(interval_s)
+                    while not event.final and clock() < deadline:
+                        try:
+                            later = await asyncio.wait_for(queue.get(), deadline - clock())
+                        except TimeoutError:
+                            break
+                        event = event.then(self._checked(later))
                 while not event.final and not queue.empty():
                     event = event.then(self._checked(queue.get_nowait()))
                 finished = event.final
@@ -219,9 +276,8 @@ class BatchLoop:
             raise
         finally:
             self._queues.pop(key, None)
-            if not finished:  # the consumer went away: free the engine's slot
-                self._cancels.append(key)
-                self._wake.set()
+            if not finished and self.broken is None:  # the consumer left: free its slot
+                self._post(cancel=key)
 
     @staticmethod
     def _checked(item: Event | BaseException) -> Event:
@@ -229,37 +285,86 @@ class BatchLoop:
             raise ReplicaUnavailable(f"this replica's engine failed: {item}") from item
         return item
 
-    def _start(self) -> None:
-        if self._task is None:
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
+    def _post(self, submission: Submission | None = None, cancel: int | None = None) -> None:
+        self._work.post(submission, cancel)
         assert self._wake is not None
-        while self.broken is None:
-            if not (self._submissions or self._cancels or self._in_engine):
-                await self._wake.wait()
-                self._wake.clear()
+        self._wake()
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        loop = asyncio.get_running_loop()
+        engine = self._engine
+        if isinstance(engine, EngineShard):
+            wake = threading.Event()
+            self._wake = wake.set
+            self._runner = threading.Thread(
+                target=self._stepping_thread, args=(engine, wake, loop), daemon=True,
+                name="engine-steps",
+            )  # fmt: skip
+            self._runner.start()
+        else:
+            woken = asyncio.Event()
+            self._wake = woken.set
+            self._runner = loop.create_task(self._stepping_task(engine, woken))
+
+    def _stepping_thread(
+        self, shard: EngineShard, wake: threading.Event, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        while True:
+            work = self._work.take()
+            if work is None:
+                wake.wait()
+                wake.clear()
                 continue
-            cancelled = set(self._cancels)
-            submissions = [s for s in self._submissions if s.key not in cancelled]
-            cancels = [key for key in self._cancels if key in self._in_engine]
-            self._submissions, self._cancels = [], []
-            self._in_engine -= cancelled
-            self._in_engine |= {s.key for s in submissions}
             try:
-                output = await self._step(submissions, cancels)
-            except Exception as error:  # every waiter gets it, then health fails
-                self.broken = error
-                for queue in self._queues.values():
-                    queue.put_nowait(error)
+                output = shard.step(*work)
+            except Exception as error:
+                _hand_over(loop, self._fail, error)
                 return
-            self.steps += 1
-            self.telemetry.accumulate(output.telemetry)
-            for event in output.events:
-                if event.final:
-                    self._in_engine.discard(event.key)
-                    self.completed += event.completion is not None
-                waiting = self._queues.get(event.key)
-                if waiting is not None:
-                    waiting.put_nowait(event)
+            self._work.stepped(output)
+            if not _hand_over(loop, self._deliver, output):
+                return  # the event loop is closed: nobody is left to serve
+
+    async def _stepping_task(self, step: StepFunction, wake: asyncio.Event) -> None:
+        while True:
+            work = self._work.take()
+            if work is None:
+                await wake.wait()
+                wake.clear()
+                continue
+            try:
+                output = await step(*work)
+            except Exception as error:
+                self._fail(error)
+                return
+            self._work.stepped(output)
+            self._deliver(output)
+
+    def _fail(self, error: BaseException) -> None:
+        """Every waiter gets the error; health checks fail from now on."""
+        self.broken = error
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+
+    def _deliver(self, output: StepOutput) -> None:
+        self.steps += 1
+        self.telemetry.accumulate(output.telemetry)
+        for event in output.events:
+            self.completed += event.completion is not None
+            waiting = self._queues.get(event.key)
+            if waiting is not None:
+                waiting.put_nowait(event)
+
+
+_A = TypeVar("_A")
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, call: Callable[[_A], None], arg: _A) -> bool:
+    """`call(arg)` on `loop` from another thread; False when the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(call, arg)
+    except RuntimeError:
+        return False
+    return True

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from launch.serving.batching import BatchLoop, EngineShard, ReplicaUnavailable, local_step
+from launch.serving.batching import BatchLoop, EngineShard, ReplicaUnavailable
 from launch.serving.ep_workers import EPWorkerGroup
 from launch.serving.model_info import describe_model, resident_bytes
 from launch.serving.protocol import (
@@ -80,6 +80,7 @@ class ModelSpec:
     compile_warmup: str = "start"
     compile_cache_dir: str = ""
     stream_interval_s: float = 0.0
+    stream_events_per_s: float = 0.0  # all streams of the replica together; 0: unbounded
 
     @property
     def compile_warmup_at_start(self) -> bool:
@@ -131,7 +132,7 @@ class ModelServer:
         if spec.ep_size > 1:
             self.workers = EPWorkerGroup(spec)
             self.info = _merge(self.workers.descriptions)
-            self.loop = BatchLoop(self.workers.step)
+            self.loop = BatchLoop(self.workers.step, spec.stream_events_per_s)
             return
         loaded = (
             probe_model(spec.checkpoint, spec.precision)
@@ -144,7 +145,7 @@ class ModelServer:
         )  # fmt: skip
         self.info = describe_model(loaded)
         self.info["compile"] = engine.compile_report()
-        self.loop = BatchLoop(local_step(EngineShard(engine)))
+        self.loop = BatchLoop(EngineShard(engine), spec.stream_events_per_s)
 
     def report(self) -> ReplicaReport:
         """This replica's telemetry so far (`launch.serving.metrics`)."""

@@ -15,12 +15,16 @@
   sampling in fp32. The MoE layer's all-to-all moves bf16 rows (`moe.layer`).
 - `fp16`: as bf16 with fp16 and dynamic loss scaling; CUDA only (refused elsewhere,
   `resolve_precision`).
-- `auto` (the training default): bf16 where the device multiplies bf16 natively, fp32
-  elsewhere. CUDA: `torch.cuda.is_bf16_supported()`. CPU: an x86 CPU whose flags list
-  `amx_bf16` (Intel AMX) or `avx512_bf16` (AVX512-BF16: Intel Cooper Lake and later,
-  AMD Zen 4 and later), with oneDNN's bf16 path available in torch. Other CPUs run bf16
-  in emulation, several times slower than fp32; `bf16` can still be asked for there
-  (the result is the same, only slower) and the resolution says so.
+- `auto` (the training default): bf16 where bf16 is faster than fp32, fp32 elsewhere.
+  CUDA: `torch.cuda.is_bf16_supported()`. CPU: an x86 CPU whose flags list `amx_bf16`
+  (Intel AMX: bf16 matmul tiles, 8x fp32's rate on a 8192x512x1024 matmul), with
+  oneDNN's bf16 path available in torch. A CPU with `avx512_bf16` but no AMX (Intel
+  Cooper Lake, AMD Zen 4 and later) multiplies bf16 natively but not much faster than
+  fp32: the demo's training ran at 0.81x fp32's tokens/s in bf16 there
+  (docs/BENCHMARKS.md, "Mixed precision"), so `auto` stays fp32; `bf16` runs natively
+  there when asked for. Other CPUs emulate bf16, several times slower than fp32; `bf16`
+  can still be asked for there (the result is the same, only slower) and the
+  resolution says so.
 
 The resolution (`ResolvedPrecision`) carries the reason, which a run prints and records
 (`launch.training.loop`: its log, events.jsonl and every checkpoint's meta.json).
@@ -147,6 +151,20 @@ class ResolvedPrecision:
         return f"{self.precision.value} ({self.requested.value}: {self.reason})"
 
 
+def bf16_faster(device: torch.device, flags: frozenset[str] | None = None) -> tuple[bool, str]:
+    """Whether bf16 computes faster than fp32 on `device`, which multiplies bf16 natively
+    (`bf16_matmul_support`), and why: on CUDA always, on a CPU with AMX tiles only."""
+    if device.type != "cpu":
+        return bf16_matmul_support(device, flags)
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return True, "this CPU has amx_bf16"
+    return False, (
+        "this CPU has avx512_bf16 but no AMX: bf16 is not faster than fp32 there "
+        "(the demo trained at 0.81x fp32's tokens/s); ask for bf16 to use it anyway"
+    )
+
+
 # fp32 as asked for: the default of code that takes a resolved precision.
 FULL_PRECISION = ResolvedPrecision(ComputePrecision.FP32, ComputePrecision.FP32, "asked for")
 
@@ -163,7 +181,8 @@ def resolve_precision(
     chosen = parse_precision(requested, key)
     native, why = bf16_matmul_support(device, flags)
     if chosen == ComputePrecision.AUTO:
-        picked = ComputePrecision.BF16 if native else ComputePrecision.FP32
+        faster, why = bf16_faster(device, flags) if native else (False, why)
+        picked = ComputePrecision.BF16 if faster else ComputePrecision.FP32
         return ResolvedPrecision(picked, chosen, why)
     if chosen == ComputePrecision.FP16 and device.type != "cuda":
         raise ValueError(

@@ -22,7 +22,7 @@ from launch.training.loop import EVENTS_FILE, TrainResult, train
 from moe.precision import (
     ComputePrecision,
     ResolvedPrecision,
-    bf16_matmul_support,
+    cpu_flags,
     resolve_precision,
 )
 from moe.transformer import MoETransformer
@@ -34,22 +34,29 @@ STEPS = 50
 # --- which precision ------------------------------------------------------------------
 
 
-def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16() -> None:
-    for flags, expected in (
-        (frozenset({"avx2", "avx512f", "avx512_bf16"}), ComputePrecision.BF16),
-        (frozenset({"avx512f", "amx_tile", "amx_bf16"}), ComputePrecision.BF16),
-        (frozenset({"avx2", "avx512f", "avx512bw"}), ComputePrecision.FP32),
-        (frozenset(), ComputePrecision.FP32),
-    ):
+def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_faster() -> None:
+    for flags, expected, reason in (
+        (frozenset({"avx512f", "amx_tile", "amx_bf16"}), ComputePrecision.BF16,
+         "this CPU has amx_bf16"),
+        (frozenset({"avx512f", "amx_bf16", "avx512_bf16"}), ComputePrecision.BF16,
+         "this CPU has amx_bf16"),
+        (frozenset({"avx2", "avx512f", "avx512_bf16"}), ComputePrecision.FP32,
+         "this CPU has avx512_bf16 but no AMX: bf16 is not faster than fp32 there"),
+        (frozenset({"avx2", "avx512f", "avx512bw"}), ComputePrecision.FP32,
+         "lists none of the flags amx_bf16, avx512_bf16"),
+        (frozenset(), ComputePrecision.FP32, "lists none of the flags amx_bf16, avx512_bf16"),
+    ):  # fmt: skip
+        if expected == ComputePrecision.BF16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            continue  # this torch has no oneDNN bf16 path: auto is fp32 whatever the flags
         resolved = resolve_precision("auto", CPU, flags=flags)
         assert resolved.precision == expected, flags
         assert resolved.requested == ComputePrecision.AUTO
-        if expected == ComputePrecision.BF16:
-            assert (
-                resolved.reason == f"this CPU has {sorted(flags & {'amx_bf16', 'avx512_bf16'})[0]}"
-            )
-        else:
-            assert "lists none of the flags amx_bf16, avx512_bf16" in resolved.reason
+        assert reason in resolved.reason, (flags, resolved.reason)
+    # bf16 asked for on an AVX512-BF16 CPU runs natively, and says so.
+    native = resolve_precision("bf16", CPU, flags=frozenset({"avx512_bf16"}))
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert native.precision == ComputePrecision.BF16
+        assert native.reason == "this CPU has avx512_bf16"
     # bf16 asked for on a CPU without it still runs (emulated), and says so.
     slow = resolve_precision("bf16", CPU, flags=frozenset({"avx2"}))
     assert slow.precision == ComputePrecision.BF16 and "emulated, slow" in slow.reason
@@ -134,10 +141,11 @@ def test_auto_records_the_hosts_choice(tmp_path: Path) -> None:
     result = train(tiny_config(tmp_path, "train.precision=auto", "train.steps=2",
                                "train.warmup_steps=1", "train.eval_every=2"))  # fmt: skip
     meta = json.loads((tmp_path / "checkpoints" / "step_2" / "meta.json").read_text())
-    native, why = bf16_matmul_support(CPU)
-    assert meta["config"]["precision"] == {
-        "precision": "bf16" if native else "fp32", "requested": "auto", "reason": why,
-    }  # fmt: skip
+    amx = "amx_bf16" in cpu_flags() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    recorded = meta["config"]["precision"]
+    assert recorded["precision"] == ("bf16" if amx else "fp32")
+    assert recorded["requested"] == "auto"
+    assert recorded["reason"] == resolve_precision("auto", CPU).reason
     assert result.final_step == 2
 
 

@@ -256,12 +256,15 @@ def build_variants(args: argparse.Namespace, workdir: Path) -> list[Variant]:
     if "fp32" not in args.precision:
         variants = [v for v in variants if v.name not in ("fp32", "subset", "int8")]
     if args.compile:
-        compiled = load_model(args.checkpoint)
-        engine = InferenceEngine(
-            compiled.model, max_batch=max(args.batches), task_ids=compiled.task_ids,
-            tokenizer=compiled.tokenizer,
-            max_step_tokens=max(max_len, max(args.batches) * args.prompt_len), compile=True,
-            compile_options=DecodeCompileOptions(backend=args.compile_backend),
-        )  # fmt: skip
-        variants.append(Variant("compiled", compiled, fp32_task, engine))
+        for layout in args.compile_layouts:  # "compiled" is the padded layout's
+            compiled = load_model(args.checkpoint)
+            engine = InferenceEngine(
+                compiled.model, max_batch=max(args.batches), task_ids=compiled.task_ids,
+                tokenizer=compiled.tokenizer,
+                max_step_tokens=max(max_len, max(args.batches) * args.prompt_len), compile=True,
+                compile_options=DecodeCompileOptions(backend=args.compile_backend,
+                                                     expert_layout=layout),
+            )  # fmt: skip
+            name = "compiled" if layout == "padded" else f"compiled_{layout}"
+            variants.append(Variant(name, compiled, fp32_task, engine))
     return variants

@@ -89,7 +89,7 @@ from _generate_workloads import (
 )
 from _machine import copy_bandwidth, cpu_model, matmul_flops, read_bandwidth
 
-VARIANTS = ("fp32", "bf16", "subset", "int8", "int8_bf16", "compiled")
+VARIANTS = ("fp32", "bf16", "subset", "int8", "int8_bf16", "compiled", "compiled_compact")
 PRECISIONS = ("fp32", "bf16")
 TARGET_RATIO = 8.0
 # Compiled decode tokens/s over fp32's, by batch (issue 26's targets).
@@ -156,11 +156,12 @@ def compiled_speedups(rows: list[dict]) -> dict[str, dict]:
     by = {(r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
     out = {}
     for (variant, batch), speed in by.items():
-        if variant == "compiled" and ("fp32", batch) in by:
+        if variant.startswith("compiled") and ("fp32", batch) in by:
             ratio = speed / by["fp32", batch]
             target = COMPILED_TARGETS.get(batch)
-            out[str(batch)] = {"speedup": ratio, "target": target,
-                               "meets_target": None if target is None else ratio >= target}  # fmt: skip
+            key = str(batch) if variant == "compiled" else f"{variant}/{batch}"
+            out[key] = {"speedup": ratio, "target": target,
+                        "meets_target": None if target is None else ratio >= target}  # fmt: skip
     return out
 
 
@@ -250,6 +251,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of decode tokens/s")
     parser.add_argument("--quick", action="store_true", help="batches 1,4; 8 tokens; 1 round")
     parser.add_argument("--compile", action="store_true", help="add the compiled variant")
+    parser.add_argument(
+        "--compile-layouts", default="padded",
+        help="comma-separated among padded, compact: the compiled step's MoE layout, a "
+        "variant each (compiled, compiled_compact)",
+    )  # fmt: skip
     parser.add_argument("--compile-backend", default="inductor",
                         help="its dynamo backend (the smoke test: aot_eager)")  # fmt: skip
     parser.add_argument(
@@ -257,6 +263,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated among fp32, bf16: the variants' weights and KV cache",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    args.compile_layouts = [p.strip() for p in args.compile_layouts.split(",") if p.strip()]
+    if not args.compile_layouts or any(
+        p not in ("padded", "compact") for p in args.compile_layouts
+    ):
+        parser.error(
+            f"--compile-layouts={args.compile_layouts!r} is invalid; accepted: padded, compact"
+        )
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     if not precisions or any(p not in PRECISIONS for p in precisions):
         parser.error(f"--precision={args.precision!r} is invalid; accepted: fp32, bf16 or both")
@@ -346,7 +359,10 @@ def main(argv: list[str] | None = None) -> None:
             if target is None
             else (f" ({'meets' if entry['meets_target'] else 'misses'} the {target:.0f}x target)")
         )
-        print(f"compiled / fp32 decode tok/s at B={batch}: {entry['speedup']:.2f}x{verdict}")
+        variant, _, b = batch.rpartition("/")
+        print(
+            f"{variant or 'compiled'} / fp32 decode tok/s at B={b}: {entry['speedup']:.2f}x{verdict}"
+        )
     if compile_report is not None:
         for bucket in compile_report["per_bucket"]:
             print(f"compiled bucket {bucket['batch']}: first call {bucket['first_call_s']:.1f} s "

@@ -30,7 +30,7 @@ from comm.cost import CostModel
 from comm.topology import Topology, build_process_groups
 from launch.training.gradients import reduce_gradients
 from moe.dispatchers import ExpertParallelDispatcher
-from moe.layer import MoELayer
+from moe.layer import FOLD_MIN_TOP_K, MoELayer
 from routing import RoutingConfig
 
 pytestmark = pytest.mark.distributed
@@ -41,12 +41,16 @@ CAPACITIES = {
     "priority": dict(capacity="priority", capacity_factor=0.5),
     "dropless": dict(capacity="dropless"),
     "fixed_padded": dict(capacity="fixed", capacity_factor=0.75),
+    # Top-4: EP=1 folds the permute into the expert matmuls (moe.layer.FOLD_MIN_TOP_K),
+    # EP=2 gathers the rows for the exchange: two code paths, one answer.
+    "dropless_top4": dict(capacity="dropless", top_k=4),
 }
 
 
 def _reference_layer(capacity: str, residual: bool) -> MoELayer:
-    routing = RoutingConfig(top_k=2, aux_loss_weight=0.05, z_loss_weight=0.01,
-                            **CAPACITIES[capacity])  # type: ignore[arg-type]  # fmt: skip
+    settings = {"top_k": 2, **CAPACITIES[capacity]}
+    routing = RoutingConfig(aux_loss_weight=0.05, z_loss_weight=0.01,
+                            **settings)  # type: ignore[arg-type]  # fmt: skip
     torch.manual_seed(1234)
     return MoELayer(D, H, E, routing, residual_mlp=residual).double()
 
@@ -80,6 +84,15 @@ def _check_case(
 
     # EP=1 reference, every shard routed on its own, objective = mean of shard losses.
     ref = _reference_layer(capacity, residual)
+    folded: list[int] = []
+    if ref.routing.top_k >= FOLD_MIN_TOP_K:
+        forward_tokens = ref.experts.forward_tokens
+
+        def counting_forward_tokens(*args, **kwargs):  # type: ignore[no-untyped-def]
+            folded.append(1)
+            return forward_tokens(*args, **kwargs)
+
+        ref.experts.forward_tokens = counting_forward_tokens  # type: ignore[method-assign]
     ref_x = x_global.clone().requires_grad_(True)
     ref_losses, ref_y = [], []
     for r in range(world_size):
@@ -89,6 +102,7 @@ def _check_case(
         ref_losses.append((out.y * probe_global[rows]).sum() / T + out.aux_loss)
     (sum(ref_losses) / world_size).backward()  # type: ignore[operator]
     ref_grads = _grads(ref)
+    assert bool(folded) == (ref.routing.top_k >= FOLD_MIN_TOP_K), "the EP=1 path did not fold"
 
     # "auto_slow_inter": auto with inter-node messages made very expensive.
     slow_inter = CostModel.projected_cluster(alpha_inter_us=1e6)
@@ -153,7 +167,7 @@ def test_ep2_equals_ep1_on_two_ranks() -> None:
         (1, 2, "hierarchical", "priority", False)
     ]
     values = values_or_raise(run_distributed(_cases, 2, cases, timeout_s=180))
-    assert values[0] == ["flat", "flat", "flat", "flat", "hierarchical"]
+    assert values[0] == ["flat"] * len(CAPACITIES) + ["hierarchical"]
 
 
 @pytest.mark.slow
@@ -259,8 +273,9 @@ def _bf16_case(rank: int, world_size: int, capacity: str) -> dict[str, float]:
     x_global = torch.randn(world_size * T_BF16, D_BF16, generator=gen)
     probe_global = torch.randn(world_size * T_BF16, D_BF16, generator=gen)
     shard = slice(rank * T_BF16, (rank + 1) * T_BF16)
-    routing = RoutingConfig(top_k=2, aux_loss_weight=0.05, z_loss_weight=0.01,
-                            **CAPACITIES[capacity])  # type: ignore[arg-type]  # fmt: skip
+    settings = {"top_k": 2, **CAPACITIES[capacity]}
+    routing = RoutingConfig(aux_loss_weight=0.05, z_loss_weight=0.01,
+                            **settings)  # type: ignore[arg-type]  # fmt: skip
     torch.manual_seed(1234)
     ref = MoELayer(D_BF16, H_BF16, E, routing)
     ref_x = x_global.clone().requires_grad_(True)

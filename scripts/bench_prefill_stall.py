@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     engines: dict[str, InferenceEngine] = {}
     compile_reports = {}
     for compiled in (False, True) if args.compile else (False,):
-        options = DecodeCompileOptions(kv_lengths=kv_ladder(args.max_seq_len), warmup=CompileWarmup.LAZY)
+        options = DecodeCompileOptions(
+            kv_lengths=kv_ladder(args.max_seq_len), warmup=CompileWarmup.LAZY
+        )
         suffix = "+compiled" if compiled else ""
         common = dict(max_batch=slots, task_ids=loaded.task_ids, compile=compiled,
                       compile_options=options, tokenizer=loaded.tokenizer)  # fmt: skip

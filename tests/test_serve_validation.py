@@ -370,5 +370,7 @@ def test_serve_environment_defaults_and_what_the_user_set(monkeypatch: pytest.Mo
     assert serve_environment() == SERVE_ENVIRONMENT
     monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
     assert serve_environment()["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
-    with pytest.raises(ValueError, match=r"serve.stream_events_per_s=-1.0 is invalid; accepted: >= 0"):
+    with pytest.raises(
+        ValueError, match=r"serve.stream_events_per_s=-1.0 is invalid; accepted: >= 0"
+    ):
         ServeOptions(stream_events_per_s=-1.0)

@@ -197,6 +197,8 @@ def test_compiled_logits_within_1e5_of_eager_at_every_bucket(
     report = decoder.report()
     assert report["compiled_buckets"] == list(BUCKETS)
     assert all(r["calls"] > 0 for r in report["per_bucket"])
+    # Every decode step after the warm-up called its bucket's graph directly (no guards).
+    assert all(r["direct_calls"] == r["calls"] - 1 for r in report["per_bucket"]), report
 
 
 def test_padding_rows_never_leak(inductor_model: MoETransformer) -> None:

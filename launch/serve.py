@@ -270,17 +270,17 @@ def build_app(config: ServeConfig, probe: bool = False) -> Any:
     )  # fmt: skip
 
 
-# Ray Serve's settings for throughput (its `RAY_SERVE_THROUGHPUT_OPTIMIZED` preset, less
-# direct ingress, which opens a port per ingress replica on every interface, and less
-# silencing the replicas' stderr): a replica runs its methods on its own event loop (not
-# a second thread that every request and stream item crosses), a handle routes on the
-# caller's loop, and deployments call each other over gRPC. On 2 cores they doubled the
-# HTTP tokens/s at 32 streams (docs/BENCHMARKS.md, "Serving"). A variable already set
-# wins.
+# Ray Serve's settings for throughput (part of its `RAY_SERVE_THROUGHPUT_OPTIMIZED`
+# preset): a replica runs its methods on its own event loop (not a second thread that
+# every request and stream item crosses), and a handle routes on the caller's loop. On 2
+# cores they gave 1.6x the HTTP tokens/s at 32 streams (docs/BENCHMARKS.md, "Serving").
+# Not taken from the preset: gRPC between deployments (`RAY_SERVE_USE_GRPC_BY_DEFAULT`;
+# faster still, but in one of three test runs streamed requests to a killed replica's
+# replacement kept failing for minutes), direct ingress (a port per ingress replica on
+# every interface), and silencing the replicas' stderr. A variable already set wins.
 SERVE_ENVIRONMENT = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
 }
 
 

@@ -368,8 +368,8 @@ def test_serve_environment_defaults_and_what_the_user_set(monkeypatch: pytest.Mo
     for name in SERVE_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
     assert serve_environment() == SERVE_ENVIRONMENT
-    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
-    assert serve_environment()["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+    monkeypatch.setenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")
+    assert serve_environment()["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
     with pytest.raises(
         ValueError, match=r"serve.stream_events_per_s=-1.0 is invalid; accepted: >= 0"
     ):

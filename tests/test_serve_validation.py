@@ -309,11 +309,12 @@ def test_an_engine_step_that_raises_breaks_the_loop_for_every_request() -> None:
 
         async def one(prompt: bytes) -> str:
             try:
-                async for _ in loop.generate(prompt, SamplingParams(max_tokens=3), None):
-                    pass
+                events = [
+                    e async for e in loop.generate(prompt, SamplingParams(max_tokens=3), None)
+                ]
             except ReplicaUnavailable as error:
                 return str(error)
-            return "answered"
+            return f"answered with {len(events)} events"
 
         return list(await asyncio.gather(one(b"ab"), one(b"cd"))), loop
 

@@ -18,8 +18,9 @@ dweight[r] = <h[r], dy[t] @ w[e]^T>, a product the input gradient needs anyway.
 
 CPU: the expert blocks go to the block workers of `moe.ops.cpu` (single-threaded
 `torch.mm`s, one hand-off per call), sums accumulate in at least fp32 and are rounded
-once. Half-precision blocks are multiplied at the bucketed row counts of
-`moe.ops.row_buckets`. Every other device: the same op composed from the unfolded ops of
+once. Half precision takes the padded layout of `moe.ops.padded_blocks` (one `bmm` per
+matmul over equal blocks) where the load is balanced enough; otherwise its blocks are
+multiplied at the bucketed row counts of `moe.ops.row_buckets`. Every other device: the same op composed from the unfolded ops of
 `moe.ops` (gather, grouped matmul, scatter-add: their Triton kernels on CUDA), so the
 layer runs one code path everywhere; folding them into the Triton kernels is still to do.
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe.ops import cpu
+from moe.ops import cpu, padded_blocks
 from moe.ops.row_buckets import bucketed_rows, zero_padded
 
 
@@ -193,6 +194,8 @@ def gather_grouped_mm(
     if x_TD.device.type != "cpu":
         return composed_gather_grouped_mm(x_TD, w_EDH, token_index_R, counts_E)
     num_rows = token_index_R.shape[0]
+    if padded_blocks.applies(x_TD, counts_E, num_rows, w_EDH.shape[2]):
+        return padded_blocks.gather_grouped_mm(x_TD, w_EDH, token_index_R, counts_E)
     h_RH = x_TD.new_empty(num_rows, w_EDH.shape[2])
     spans = _Spans(counts_E, num_rows)
 
@@ -227,6 +230,10 @@ def gather_grouped_mm_backward(
     num_tokens, num_rows = x_TD.shape[0], token_index_R.shape[0]
     if x_TD.device.type != "cpu":
         return composed_gather_grouped_mm_backward(
+            dh_RH, x_TD, w_EDH, token_index_R, counts_E, input_grad, weight_grad
+        )
+    if padded_blocks.applies(x_TD, counts_E, num_rows, w_EDH.shape[2]):
+        return padded_blocks.gather_grouped_mm_backward(
             dh_RH, x_TD, w_EDH, token_index_R, counts_E, input_grad, weight_grad
         )
     spans = _Spans(counts_E, num_rows)
@@ -309,6 +316,10 @@ def grouped_mm_combine(
         return composed_grouped_mm_combine(
             h_RH, w_EHD, token_index_R, weight_R, counts_E, num_tokens
         )
+    if padded_blocks.applies(h_RH, counts_E, token_index_R.shape[0], w_EHD.shape[1]):
+        return padded_blocks.grouped_mm_combine(
+            h_RH, w_EHD, token_index_R, weight_R, counts_E, num_tokens
+        )
     scaled_RH = h_RH * weight_R.to(h_RH.dtype).unsqueeze(1)
     spans = _Spans(counts_E, token_index_R.shape[0])
     sums = _Accumulators(num_tokens, w_EHD.shape[2], h_RH)
@@ -351,6 +362,10 @@ def grouped_mm_combine_backward(
     dweight[r] = <h[r], g[r]>, dw[e] = (weight * h)[rows of e]^T dy_TD[tokens of e]."""
     if h_RH.device.type != "cpu":
         return composed_grouped_mm_combine_backward(
+            dy_TD, h_RH, w_EHD, token_index_R, weight_R, counts_E, weight_grad
+        )
+    if padded_blocks.applies(h_RH, counts_E, token_index_R.shape[0], w_EHD.shape[1]):
+        return padded_blocks.grouped_mm_combine_backward(
             dy_TD, h_RH, w_EHD, token_index_R, weight_R, counts_E, weight_grad
         )
     dy_TD = dy_TD.to(h_RH.dtype)

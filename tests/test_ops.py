@@ -246,3 +246,31 @@ def test_cpu_block_workers_equal_one_thread_and_survive_fork() -> None:
         torch.set_num_threads(threads)
     assert child.exitcode == 0
     assert torch.equal(from_child, ops.grouped_mm_torch(*_fork_inputs()))
+
+
+def test_cpu_block_workers_under_inference_mode() -> None:
+    """Under `torch.inference_mode` (per thread, as `torch.no_grad` is) the block workers
+    write into inference tensors: they run in the caller's inference mode, and the
+    results equal those of a no-grad call. Both the grouped matmul and the folded ops."""
+    from moe.layer import MoELayer
+    from routing import RoutingConfig
+
+    generator = torch.Generator().manual_seed(12)
+    counts = torch.tensor([0, 70, 3, 0, 41, 1, 0, 9] + [4, 1] * (ops.POOL_MIN_BLOCKS // 2))
+    x = torch.randn(int(counts.sum()), 16, generator=generator)
+    w = torch.randn(counts.numel(), 16, 12, generator=generator)
+    torch.manual_seed(0)
+    layer = MoELayer(16, 8, 24, RoutingConfig(top_k=8, capacity="dropless"))
+    tokens = torch.randn(160, 16, generator=generator)  # 1280 rows: 5 spans of 256
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            want = ops.grouped_mm_torch(x, w, counts), layer(tokens).y
+        with torch.inference_mode():
+            got = ops.grouped_mm_torch(x, w, counts), layer(tokens).y
+    finally:
+        torch.set_num_threads(threads)
+    assert all(t.is_inference() for t in got)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)

@@ -164,9 +164,13 @@ class _BlockRunner:
             shares[least].append(block)
             loads[least] += block[2] - block[1]
 
+        # Grad mode and inference mode are per thread: the workers take the caller's
+        # inference mode (writing into an inference tensor outside it is an error); the
+        # op's body never records autograd history.
+        inference = torch.is_inference_mode_enabled()
+
         def run_share(worker: int) -> None:
-            # Grad mode is per thread; the op's body never records autograd history.
-            with torch.no_grad():
+            with torch.inference_mode(inference), torch.no_grad():
                 for block in shares[worker]:
                     work(worker, block)
 

@@ -4,7 +4,10 @@ MLP of PR-MoE (DeepSpeed-MoE: out = expert_out * c0 + mlp_out * c1 with c = soft
 learned 2-way projection of x), and the optional shared expert (Qwen2-MoE: out =
 expert_out + sigmoid(x w_g) * shared_mlp(x), or without the gate expert_out +
 shared_mlp(x)). The shared expert is a dense MLP of the layer, replicated like every dense
-weight (not sharded over the expert-parallel group).
+weight (not sharded over the expert-parallel group), computed on its own: as S/H extra
+experts inside the routed pass (SGLang's shared-experts fusion) it measured 1.08-1.29x
+slower in training and no faster in decode-sized forwards on CPU
+(`scripts/bench_folded_ops.py --shared-expert`, docs/BENCHMARKS.md).
 
 Two layouts of the expert computation when every slot is kept (dropless) and the
 experts are local (`ExpertLayout`): `compact`, the routed rows sorted by expert (T*K

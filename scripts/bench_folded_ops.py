@@ -8,6 +8,14 @@ combine, and their backwards) on CPU, two ways, interleaved, median of rounds:
 - dense:  the same FLOPs as two dense matmuls of width K*H and their backward (the floor)
 
     OMP_NUM_THREADS=2 python scripts/bench_folded_ops.py [--dtype bf16] [--json PATH]
+    OMP_NUM_THREADS=2 python scripts/bench_folded_ops.py --shared-expert [--dtype bf16]
+
+`--shared-expert` asks instead whether a shared expert (Qwen2-MoE, DeepSeek: a dense MLP
+every token passes, beside the routed experts) is cheaper inside the routed pass: split
+into S/H extra experts of the routed width that every token is routed to (SGLang's
+"shared experts fusion"), or as its own dense MLP added after. E=64, H=128, top-8, a
+shared expert of width S=512, GELU; training (forward and backward, T=4096) and an
+eager decode-sized forward (T=8 and 32 tokens, no grad).
 
 Shapes: T=4096 tokens, D=512, top-8 of E experts of width H (the fine-grained configs of
 `bench_layer.py --fine-grained`); the routing is a random router's top-8 (seed 0). Each
@@ -71,14 +79,103 @@ def _dense(H: int, dtype: torch.dtype) -> Callable[[], None]:
     return run
 
 
+def _shared_expert_variants(
+    T: int, dtype: torch.dtype, backward: bool
+) -> dict[str, Callable[[], None]]:
+    """The routed experts plus a shared expert: `separate` (a dense MLP added after the
+    folded ops) and `together` (S/H extra experts in the folded ops, weight 1)."""
+    E, H, S = 64, 128, 512
+    extra = S // H
+    gen = torch.Generator().manual_seed(0)
+    top_TK = torch.randn(T, E, generator=gen).topk(K, dim=1).indices
+
+    def routes(experts_TX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        expert_R = experts_TX.flatten()
+        order = expert_R.argsort(stable=True)
+        token_R = torch.arange(T).repeat_interleave(experts_TX.shape[1])
+        return token_R[order], torch.bincount(expert_R, minlength=E + extra)
+
+    index_routed, counts_routed = routes(top_TK)
+    shared_TX = (E + torch.arange(extra)).expand(T, extra)
+    index_all, counts_all = routes(torch.cat([top_TK, shared_TX], 1))
+    counts_routed = counts_routed[:E]
+    x = torch.randn(T, D, generator=gen).to(dtype).requires_grad_(backward)
+    w1 = (torch.randn(E + extra, D, H, generator=gen) * D**-0.5).to(dtype).requires_grad_(backward)
+    w2 = (torch.randn(E + extra, H, D, generator=gen) * H**-0.5).to(dtype).requires_grad_(backward)
+    # The same shared expert as one dense MLP: its S hidden units are the extra experts'.
+    ws1 = w1[E:].detach().permute(1, 0, 2).reshape(D, S).clone().requires_grad_(backward)
+    ws2 = w2[E:].detach().reshape(S, D).clone().requires_grad_(backward)
+    weight_routed = torch.rand(T * K, generator=gen)
+    # Rows sorted by expert: the routed rows first, then the shared experts' (weight 1).
+    weight_all = torch.cat([weight_routed, torch.ones(T * extra)])
+    dy = torch.randn(T, D, generator=gen).to(dtype)
+    gelu = torch.nn.functional.gelu
+
+    def finish(y: torch.Tensor) -> None:
+        if backward:
+            y.backward(dy)
+
+    def separate() -> None:
+        with torch.set_grad_enabled(backward):
+            h = gelu(fused.gather_grouped_mm(x, w1[:E], index_routed, counts_routed))
+            y = fused.grouped_mm_combine(h, w2[:E], index_routed, weight_routed, counts_routed, T)
+            finish(y + gelu(x @ ws1) @ ws2)
+
+    def together() -> None:
+        with torch.set_grad_enabled(backward):
+            h = gelu(fused.gather_grouped_mm(x, w1, index_all, counts_all))
+            finish(fused.grouped_mm_combine(h, w2, index_all, weight_all, counts_all, T))
+
+    return {"separate": separate, "together": together}
+
+
+def shared_expert(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for T_, backward, repeats in ((4096, True, 1), (8, False, 50), (32, False, 50)):
+        variants = _shared_expert_variants(T_, dtype, backward)
+
+        def repeated(f: Callable[[], None], n: int = repeats) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(n):
+                    f()
+
+            return run
+
+        steps = {name: repeated(f) for name, f in variants.items()}
+        times = interleaved_times(steps, args.rounds, warmup=2)
+        row: dict = {"T": T_, "backward": backward}
+        row |= {f"{name}_ms": median_ms(seconds) / repeats for name, seconds in times.items()}
+        rows.append(row)
+        print(
+            f"T={T_:<5} {'fwd+bwd' if backward else 'forward'}: shared expert separate "
+            f"{row['separate_ms']:8.3f} ms, inside the routed pass {row['together_ms']:8.3f} ms "
+            f"(together / separate {row['together_ms'] / row['separate_ms']:.2f})"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", metavar="PATH", help="write the medians here")
+    parser.add_argument(
+        "--shared-expert", action="store_true",
+        help="time a shared expert inside the routed pass against a separate dense MLP",
+    )  # fmt: skip
     args = parser.parse_args()
     heap_reused = reuse_heap()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    meta = {
+        "dtype": args.dtype, "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "heap_reuse": heap_reused, "load_average": os.getloadavg()[0],
+    }  # fmt: skip
+    if args.shared_expert:
+        shared_rows = shared_expert(args, dtype)
+        if args.json:
+            results = {"meta": meta, "shared_expert": shared_rows}
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return
     ratio = padded_blocks.MAX_PADDED_RATIO
     rows: list[dict] = []
     for E, H in CONFIGS:
@@ -115,10 +212,6 @@ def main() -> None:
             f"  (padded places per row {row['padded_places_per_row']:.3f})"
         )
     if args.json:
-        meta = {
-            "dtype": args.dtype, "threads": torch.get_num_threads(), "rounds": args.rounds,
-            "heap_reuse": heap_reused, "load_average": os.getloadavg()[0],
-        }  # fmt: skip
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

@@ -84,6 +84,23 @@ def test_load_tokenizer_picks_the_files(tmp_path: Path) -> None:
     assert loaded.vocab_size == 300
 
 
+def test_byte_decode_takes_every_kind_of_id_sequence() -> None:
+    """Lists, tuples, numpy arrays, tensors and float ids all decode to the text of the
+    bytes they name (an array read as a raw buffer would give its 8-byte integers)."""
+    import numpy as np
+    import torch
+
+    ids = [104, 105, 0xE2, 0x82, 0xAC, 0xFF, 33]
+    want = "".join(map(chr, ids[:2])) + "\u20ac\ufffd!"
+    tokenizer = ByteTokenizer()
+    for given in (ids, tuple(ids), np.array(ids), torch.tensor(ids), [float(i) for i in ids],
+                  [np.int64(i) for i in ids]):  # fmt: skip
+        assert tokenizer.decode(given) == want, type(given)
+    for bad in ([65, -1], (65, 256), np.array([65, 256])):
+        with pytest.raises(ValueError, match=r"not bytes; accepted: 0\.\.255"):
+            tokenizer.decode(bad)
+
+
 def test_bad_input_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"not bytes; accepted: 0\.\.255"):
         ByteTokenizer().decode([65, 300])

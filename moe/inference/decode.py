@@ -68,7 +68,10 @@ class DecodeCompileOptions:
     attention reads (sorted; empty: the cache's whole window; the window is always the
     last); `backend`: a dynamo backend (inductor; tests use cheaper ones);
     `expert_layout`: the MoE layers' layout in the compiled step; `cuda_graphs`: capture
-    each bucket as a CUDA graph on CUDA."""
+    each bucket as a CUDA graph on CUDA; `cpp_wrapper`: on CPU, inductor's C++ wrapper
+    (the code that allocates the step's buffers and calls its kernels in C++ instead of
+    Python: demo model, 2 threads, 0.53-0.61 against 0.70-1.0 ms a step at batch 1,
+    2.0-2.4 against 2.2-2.7 at batch 32; compile time about the same)."""
 
     buckets: tuple[int, ...] = ()
     kv_lengths: tuple[int, ...] = ()
@@ -76,6 +79,7 @@ class DecodeCompileOptions:
     backend: str = "inductor"
     expert_layout: ExpertLayout = ExpertLayout.PADDED
     cuda_graphs: bool = True
+    cpp_wrapper: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warmup", parse_enum(CompileWarmup, self.warmup, "warmup"))
@@ -269,9 +273,13 @@ class CompiledDecoder:
         from torch._inductor.compile_fx import compile_fx
 
         backend = self.options.backend
-        compiler = compile_fx if backend == "inductor" else lookup_backend(backend)
         started = time.perf_counter()
-        compiled: Any = compiler(graph, example_inputs)
+        if backend == "inductor":
+            cpp_wrapper = self.options.cpp_wrapper and self.device.type == "cpu"
+            patches = {"cpp_wrapper": True} if cpp_wrapper else None
+            compiled: Any = compile_fx(graph, example_inputs, config_patches=patches)
+        else:
+            compiled = lookup_backend(backend)(graph, example_inputs)
         entry = self._compiling
         if entry is None:
             return compiled
@@ -309,6 +317,9 @@ class CompiledDecoder:
             "backend": self.options.backend,
             "expert_layout": self.options.expert_layout.value,
             "cuda_graphs": self.use_cuda_graphs,
+            "cpp_wrapper": self.options.backend == "inductor"
+            and self.options.cpp_wrapper
+            and self.device.type == "cpu",
         }
 
     # --- the step ------------------------------------------------------------------------

@@ -85,6 +85,13 @@ class ByteTokenizer:
         return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        # The common case in C (a decode step decodes every sequence's window); only for
+        # lists and tuples: `bytes` of an array would read its raw buffer.
+        if isinstance(ids, (list, tuple)):
+            try:
+                return bytes(ids).decode("utf-8", errors="replace")
+            except (TypeError, ValueError):
+                pass  # not all ints in 0..255: checked one by one below
         bad = [i for i in ids if not 0 <= int(i) < 256]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are not bytes; accepted: 0..255")

@@ -24,6 +24,15 @@ import pytest
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _subprocess_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on the module path: where the package is installed
+    editable from another checkout (a git worktree beside it), a script's subprocess
+    would otherwise import that one."""
+    paths = [str(REPO_ROOT), env.get("PYTHONPATH", "")]
+    return {**env, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
 
 
 def _gemm_dtypes(device: str) -> tuple[torch.dtype, ...]:
@@ -330,7 +339,7 @@ def _has_ptxas() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_ptxas(), reason="triton with its bundled ptxas is not installed")
 def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _subprocess_env({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     env.update(OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run(
         [sys.executable, __file__, "compile_for_sm90", "0"],
@@ -348,7 +357,7 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_kernel_under_triton_interpreter(check: str) -> None:
     seed = random.randrange(2**31)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env = _subprocess_env({**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
     result = subprocess.run(
         [sys.executable, __file__, check, str(seed)],
         env=env,

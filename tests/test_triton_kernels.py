@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from folded_checks import CHECKS as FOLDED_CHECKS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +238,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "grouped_mm_wgrad": check_grouped_mm_wgrad,
     "gather": check_gather,
     "combine": check_combine,
+    **FOLDED_CHECKS,  # the folded kernels and their adapters (tests/folded_checks.py)
 }
 
 
@@ -253,7 +255,7 @@ def compile_for_gpu(arch: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe.ops.kernels import gather, grouped_gemm
+    from moe.ops.kernels import folded, gather, grouped_gemm
 
     def build(
         kernel: Any,
@@ -292,18 +294,47 @@ def compile_for_gpu(arch: int) -> None:
                 ("stride_xd", weight_unit_stride, "stride_yh"),
                 num_warps=8,
             )
+        wgrad = {"BLOCK_D": 128, "BLOCK_H": 128, "INPUT_PRECISION": precision}
+        # Plain; in bf16 (what training runs; in fp32 they differ only in the operand type
+        # of the same `tl.dot`) also x gathered (the gather's dw) and dy gathered with x
+        # scaled (the combine's).
+        variants = [(False, False)] + ([(True, False), (False, True)] if dtype == "bf16" else [])
+        for x_indexed, dy_indexed in variants:
+            flags = {"X_INDEXED": x_indexed, "DY_INDEXED": dy_indexed, "X_SCALED": dy_indexed}
+            build(
+                grouped_gemm._grouped_mm_wgrad_kernel,
+                [*pointers, "*i64", "*i64", "*fp32"],
+                {**wgrad, "BLOCK_R": blocks.block_k, **flags},
+                ("stride_xd", "stride_dyh", "stride_dwh"),
+                num_warps=8,
+            )
+    # The folded kernels, in bf16 likewise.
+    blocks = grouped_gemm.default_blocks(torch.bfloat16, rows_per_expert=512)
+    tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "EXPERTS_POW2": 8}
+    tiles.update(BLOCK_K=blocks.block_k, INPUT_PRECISION="tf32")
+    data, index = "*bf16", "*i64"
+    build(
+        folded._gather_grouped_mm_kernel,
+        [data, index, data, data, index],
+        tiles,
+        ("stride_xd", "stride_wh", "stride_yh"),
+        num_warps=8,
+    )
+    for has_weight in (True, False):  # the combine; the gather's dx (w transposed)
         build(
-            grouped_gemm._grouped_mm_wgrad_kernel,
-            pointers,
-            {
-                "BLOCK_D": 128,
-                "BLOCK_H": 128,
-                "BLOCK_R": blocks.block_k,
-                "INPUT_PRECISION": precision,
-            },
-            ("stride_xd", "stride_dyh", "stride_dwh"),
+            folded._grouped_mm_scatter_kernel,
+            [data, data, index, "*fp32", "*fp32", index],
+            {**tiles, "HAS_WEIGHT": has_weight},
+            ("stride_xd", "stride_wh" if has_weight else "stride_wd", "stride_oh"),
             num_warps=8,
         )
+    build(
+        folded._gather_grouped_mm_scale_dot_kernel,
+        [data, index, data, "*fp32", data, data, "*fp32", index],
+        tiles,
+        ("stride_dyd", "stride_wd", "stride_hh", "stride_dhh"),
+        num_warps=8,
+    )
     rows = {"BLOCK_T": 8, "BLOCK_D": 512}
     build(
         gather._gather_rows_kernel,

@@ -1,7 +1,7 @@
 """Checks of the folded Triton kernels (`moe.ops.kernels.folded`, the row-index arguments
-of `grouped_mm_wgrad`) against per-row loops in float64 that share no code with them.
-tests/test_triton_kernels.py runs them on CPU tensors under the Triton interpreter (each
-in a fresh subprocess) and on CUDA.
+of `grouped_mm_wgrad`) and of their adapters for the folded ops (`moe.ops.cuda`), against
+per-row loops in float64 that share no code with them. tests/test_triton_kernels.py runs
+them on CPU tensors under the Triton interpreter (each in a fresh subprocess) and on CUDA.
 
 Every case has experts with no rows, a token with no row, and a token with three rows of
 one expert in one row tile (the scatter's atomics then add into one row from one program).
@@ -245,9 +245,134 @@ def check_folded_scale_dot(device: str) -> None:
                 assert_close(dweight_R, want_dweight, dtype, f"dweight {counts} {dtype}")
 
 
+# --- the adapters, through the ops and autograd ------------------------------------------
+
+
+def _folded_layer(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    weight: torch.Tensor,
+    index_R: torch.Tensor,
+    counts_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y) of the folded expert pair, h kept for its gradient."""
+    from moe.ops import fused
+
+    h_RH = fused.gather_grouped_mm(x, w1, index_R, counts_E)
+    h_RH.retain_grad()
+    y_TD = fused.grouped_mm_combine(h_RH, w2, index_R, weight, counts_E, x.shape[0])
+    return h_RH, y_TD
+
+
+def _loop_layer(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    weight: torch.Tensor,
+    index_R: torch.Tensor,
+    counts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in float64, one row at a time, through autograd."""
+    routes = list(zip(index_R.tolist(), experts_of_rows(counts)))
+    h_RH = torch.stack([x[token] @ w1[expert] for token, expert in routes])
+    h_RH.retain_grad()
+    y_TD = [torch.zeros(w2.shape[2], dtype=torch.float64) for _ in range(x.shape[0])]
+    for row, (token, expert) in enumerate(routes):
+        y_TD[token] = y_TD[token] + weight[row] * (h_RH[row] @ w2[expert])
+    return h_RH, torch.stack(y_TD)
+
+
+def _leaf(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone().requires_grad_()
+
+
+def check_folded_adapters(device: str) -> None:
+    """The four folded ops through `moe.ops.cuda`'s adapters: forward, autograd (every
+    gradient), the backward ops' flags, and float64 (the composed fallback)."""
+    from moe.ops import cuda, fused
+
+    if device == "cpu":  # a fresh interpreter process: the CUDA adapters serve CPU tensors
+        fused.gather_grouped_mm.register_kernel("cpu")(cuda.gather_grouped_mm)
+        fused.gather_grouped_mm_backward.register_kernel("cpu")(cuda.gather_grouped_mm_backward)
+        fused.grouped_mm_combine.register_kernel("cpu")(cuda.grouped_mm_combine)
+        fused.grouped_mm_combine_backward.register_kernel("cpu")(cuda.grouped_mm_combine_backward)
+    counts, d_in, hidden = [5, 0, 37, 20], 24, 40
+    index_R = token_index(counts, NUM_TOKENS)
+    counts_E = torch.tensor(counts, device=device)
+    for dtype in (*gemm_dtypes(device), torch.float64):
+        inputs = [
+            torch.randn(NUM_TOKENS, d_in),
+            torch.randn(len(counts), d_in, hidden) * d_in**-0.5,
+            torch.randn(len(counts), hidden, d_in) * hidden**-0.5,
+        ]
+        weight_R = torch.rand(sum(counts)) + 0.5
+        dy_TD = torch.randn(NUM_TOKENS, d_in).to(dtype)
+        got = [_leaf(t.to(device=device, dtype=dtype)) for t in inputs]
+        got.append(_leaf(weight_R.to(device)))
+        h_RH, y_TD = _folded_layer(*got, index_R.to(device), counts_E)
+        y_TD.backward(dy_TD.to(device))
+        want = [_leaf(t.to(dtype).double()) for t in inputs]
+        want.append(_leaf(weight_R.double()))
+        want_h, want_y = _loop_layer(*want, index_R, counts)
+        want_y.backward(dy_TD.double())
+        assert y_TD.dtype == dtype and y_TD.shape == (NUM_TOKENS, d_in)
+        assert not y_TD[-1].any(), "the last token has no row"
+        assert_close(y_TD, want_y, dtype, f"y {dtype}")
+        assert_close(h_RH, want_h, dtype, f"h {dtype}")
+        assert h_RH.grad is not None and want_h.grad is not None
+        assert_close(h_RH.grad, want_h.grad, dtype, f"dh {dtype}")
+        for name, one, other in zip(("x", "w1", "w2", "weight"), got, want):
+            assert one.grad is not None and other.grad is not None
+            assert one.grad.dtype == one.dtype, name
+            assert_close(one.grad, other.grad, dtype, f"d{name} {dtype}")
+        _check_backward_flags(got, h_RH.grad, dy_TD.to(device), index_R.to(device), counts_E)
+
+
+def _check_backward_flags(
+    leaves: list[torch.Tensor],
+    dh_RH: torch.Tensor,
+    dy_TD: torch.Tensor,
+    index_R: torch.Tensor,
+    counts_E: torch.Tensor,
+) -> None:
+    """The backward ops compute what their flags ask for and return empty [0] tensors
+    for the rest; what they compute equals the gradients autograd got."""
+    from moe.ops import fused
+
+    x, w1, w2, weight = (t.detach() for t in leaves)
+    dtype = x.dtype
+    for input_grad, weight_grad in ((True, False), (False, True)):
+        dx, dw1 = fused.gather_grouped_mm_backward(
+            dh_RH, x, w1, index_R, counts_E, input_grad, weight_grad
+        )
+        asked, empty = (dx, dw1) if input_grad else (dw1, dx)
+        assert empty.shape == (0,)
+        expected = leaves[0].grad if input_grad else leaves[1].grad
+        assert expected is not None
+        torch.testing.assert_close(asked, expected, **_exact_enough(dtype))
+    h_RH = fused.gather_grouped_mm(x, w1, index_R, counts_E)
+    dh, dw2, dweight = fused.grouped_mm_combine_backward(
+        dy_TD, h_RH, w2, index_R, weight, counts_E, False
+    )
+    assert dw2.shape == (0,)
+    assert leaves[3].grad is not None
+    torch.testing.assert_close(dh, dh_RH, **_exact_enough(dtype))
+    torch.testing.assert_close(dweight, leaves[3].grad, **_exact_enough(dtype))
+
+
+def _exact_enough(dtype: torch.dtype) -> dict[str, float]:
+    """The same kernels on the same inputs; only the order of atomic fp32 additions may
+    differ, and a half-precision result may then round the other way."""
+    if dtype in (torch.float32, torch.float64):
+        return {"rtol": 1e-5, "atol": 1e-5}
+    return {"rtol": 1e-2, "atol": 1e-2}
+
+
 CHECKS = {
     "folded_gather_mm": check_folded_gather_mm,
     "folded_scatter": check_folded_scatter,
     "folded_wgrad": check_folded_wgrad,
     "folded_scale_dot": check_folded_scale_dot,
+    "folded_adapters": check_folded_adapters,
 }

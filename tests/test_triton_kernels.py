@@ -434,6 +434,51 @@ def test_grouped_gemm_at_layer_sizes_on_cuda(dtype: torch.dtype) -> None:
     torch.testing.assert_close(dw_EDH.float(), expected_dw, **_tolerance(dtype, 4096**0.5))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_folded_ops_at_layer_sizes_match_the_composed_form_on_cuda(dtype: torch.dtype) -> None:
+    """The four folded ops at a layer's size (T=4096, D=512, E=128, H=64, top-8, default
+    tiles, one expert without rows) on the folded Triton kernels (where `moe.ops`
+    dispatches CUDA tensors) against their composed form (the unfolded Triton kernels)."""
+    from moe.ops import fused
+
+    num_tokens, width, num_experts, hidden, top_k = 4096, 512, 128, 64, 8
+    for name in ("gather_grouped_mm", "gather_grouped_mm_backward", "grouped_mm_combine",
+                 "grouped_mm_combine_backward"):  # fmt: skip
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
+    scores_TE = torch.rand(num_tokens, num_experts, device="cuda")
+    scores_TE[:, 5] = -1.0  # expert 5 gets no row
+    expert_R, slot_R = scores_TE.topk(top_k, dim=1).indices.flatten().sort(stable=True)
+    index_R = slot_R // top_k
+    counts_E = torch.bincount(expert_R, minlength=num_experts)
+    x_TD = torch.randn(num_tokens, width, device="cuda", dtype=dtype)
+    w1_EDH = (torch.randn(num_experts, width, hidden, device="cuda") * width**-0.5).to(dtype)
+    w2_EHD = (torch.randn(num_experts, hidden, width, device="cuda") * hidden**-0.5).to(dtype)
+    weight_R = torch.rand(index_R.shape[0], device="cuda")
+    dy_TD = torch.randn(num_tokens, width, device="cuda", dtype=dtype)
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        tolerance = _tolerance(dtype, float(want.abs().max()))
+        torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=what)
+
+    h_RH = fused.gather_grouped_mm(x_TD, w1_EDH, index_R, counts_E)
+    close(h_RH, fused.composed_gather_grouped_mm(x_TD, w1_EDH, index_R, counts_E), "h")
+    args = (h_RH, w2_EHD, index_R, weight_R, counts_E)
+    y_TD = fused.grouped_mm_combine(*args, num_tokens)
+    close(y_TD, fused.composed_grouped_mm_combine(*args, num_tokens), "y")
+    got = fused.grouped_mm_combine_backward(dy_TD, *args, True)
+    want = fused.composed_grouped_mm_combine_backward(dy_TD, *args, True)
+    for name, one, other in zip(("dh", "dw2", "dweight"), got, want, strict=True):
+        close(one, other, name)
+    args = (got[0], x_TD, w1_EDH, index_R, counts_E, True, True)
+    got = fused.gather_grouped_mm_backward(*args)
+    want = fused.composed_gather_grouped_mm_backward(*args)
+    for name, one, other in zip(("dx", "dw1"), got, want, strict=True):
+        close(one, other, name)
+    assert not got[1][5].any(), "an expert without rows gets a zero gradient"
+
+
 def test_import_does_not_need_triton() -> None:
     code = "import sys, moe.ops.kernels; assert 'triton' not in sys.modules; print('clean')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

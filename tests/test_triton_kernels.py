@@ -22,8 +22,18 @@ from typing import Any
 
 import pytest
 import torch
+from folded_checks import CHECKS as FOLDED_CHECKS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _subprocess_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on the module path: where the package is installed
+    editable from another checkout (a git worktree beside it), a script's subprocess
+    would otherwise import that one."""
+    paths = [str(REPO_ROOT), env.get("PYTHONPATH", "")]
+    return {**env, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
 
 
 def _gemm_dtypes(device: str) -> tuple[torch.dtype, ...]:
@@ -228,6 +238,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "grouped_mm_wgrad": check_grouped_mm_wgrad,
     "gather": check_gather,
     "combine": check_combine,
+    **FOLDED_CHECKS,  # the folded kernels and their adapters (tests/folded_checks.py)
 }
 
 
@@ -244,7 +255,7 @@ def compile_for_gpu(arch: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe.ops.kernels import gather, grouped_gemm
+    from moe.ops.kernels import folded, gather, grouped_gemm
 
     def build(
         kernel: Any,
@@ -283,18 +294,47 @@ def compile_for_gpu(arch: int) -> None:
                 ("stride_xd", weight_unit_stride, "stride_yh"),
                 num_warps=8,
             )
+        wgrad = {"BLOCK_D": 128, "BLOCK_H": 128, "INPUT_PRECISION": precision}
+        # Plain; in bf16 (what training runs; in fp32 they differ only in the operand type
+        # of the same `tl.dot`) also x gathered (the gather's dw) and dy gathered with x
+        # scaled (the combine's).
+        variants = [(False, False)] + ([(True, False), (False, True)] if dtype == "bf16" else [])
+        for x_indexed, dy_indexed in variants:
+            flags = {"X_INDEXED": x_indexed, "DY_INDEXED": dy_indexed, "X_SCALED": dy_indexed}
+            build(
+                grouped_gemm._grouped_mm_wgrad_kernel,
+                [*pointers, "*i64", "*i64", "*fp32"],
+                {**wgrad, "BLOCK_R": blocks.block_k, **flags},
+                ("stride_xd", "stride_dyh", "stride_dwh"),
+                num_warps=8,
+            )
+    # The folded kernels, in bf16 likewise.
+    blocks = grouped_gemm.default_blocks(torch.bfloat16, rows_per_expert=512)
+    tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "EXPERTS_POW2": 8}
+    tiles.update(BLOCK_K=blocks.block_k, INPUT_PRECISION="tf32")
+    data, index = "*bf16", "*i64"
+    build(
+        folded._gather_grouped_mm_kernel,
+        [data, index, data, data, index],
+        tiles,
+        ("stride_xd", "stride_wh", "stride_yh"),
+        num_warps=8,
+    )
+    for has_weight in (True, False):  # the combine; the gather's dx (w transposed)
         build(
-            grouped_gemm._grouped_mm_wgrad_kernel,
-            pointers,
-            {
-                "BLOCK_D": 128,
-                "BLOCK_H": 128,
-                "BLOCK_R": blocks.block_k,
-                "INPUT_PRECISION": precision,
-            },
-            ("stride_xd", "stride_dyh", "stride_dwh"),
+            folded._grouped_mm_scatter_kernel,
+            [data, data, index, "*fp32", "*fp32", index],
+            {**tiles, "HAS_WEIGHT": has_weight},
+            ("stride_xd", "stride_wh" if has_weight else "stride_wd", "stride_oh"),
             num_warps=8,
         )
+    build(
+        folded._gather_grouped_mm_scale_dot_kernel,
+        [data, index, data, "*fp32", data, data, "*fp32", index],
+        tiles,
+        ("stride_dyd", "stride_wd", "stride_hh", "stride_dhh"),
+        num_warps=8,
+    )
     rows = {"BLOCK_T": 8, "BLOCK_D": 512}
     build(
         gather._gather_rows_kernel,
@@ -330,7 +370,7 @@ def _has_ptxas() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_ptxas(), reason="triton with its bundled ptxas is not installed")
 def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _subprocess_env({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     env.update(OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run(
         [sys.executable, __file__, "compile_for_sm90", "0"],
@@ -348,7 +388,7 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_kernel_under_triton_interpreter(check: str) -> None:
     seed = random.randrange(2**31)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env = _subprocess_env({**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
     result = subprocess.run(
         [sys.executable, __file__, check, str(seed)],
         env=env,
@@ -392,6 +432,51 @@ def test_grouped_gemm_at_layer_sizes_on_cuda(dtype: torch.dtype) -> None:
     dw_EDH = grouped_mm_wgrad(x_RD, dy_RH, offsets_E, num_experts)
     expected_dw = reference_wgrad(x_RD, dy_RH, counts)
     torch.testing.assert_close(dw_EDH.float(), expected_dw, **_tolerance(dtype, 4096**0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_folded_ops_at_layer_sizes_match_the_composed_form_on_cuda(dtype: torch.dtype) -> None:
+    """The four folded ops at a layer's size (T=4096, D=512, E=128, H=64, top-8, default
+    tiles, one expert without rows) on the folded Triton kernels (where `moe.ops`
+    dispatches CUDA tensors) against their composed form (the unfolded Triton kernels)."""
+    from moe.ops import fused
+
+    num_tokens, width, num_experts, hidden, top_k = 4096, 512, 128, 64, 8
+    for name in ("gather_grouped_mm", "gather_grouped_mm_backward", "grouped_mm_combine",
+                 "grouped_mm_combine_backward"):  # fmt: skip
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
+    scores_TE = torch.rand(num_tokens, num_experts, device="cuda")
+    scores_TE[:, 5] = -1.0  # expert 5 gets no row
+    expert_R, slot_R = scores_TE.topk(top_k, dim=1).indices.flatten().sort(stable=True)
+    index_R = slot_R // top_k
+    counts_E = torch.bincount(expert_R, minlength=num_experts)
+    x_TD = torch.randn(num_tokens, width, device="cuda", dtype=dtype)
+    w1_EDH = (torch.randn(num_experts, width, hidden, device="cuda") * width**-0.5).to(dtype)
+    w2_EHD = (torch.randn(num_experts, hidden, width, device="cuda") * hidden**-0.5).to(dtype)
+    weight_R = torch.rand(index_R.shape[0], device="cuda")
+    dy_TD = torch.randn(num_tokens, width, device="cuda", dtype=dtype)
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        tolerance = _tolerance(dtype, float(want.abs().max()))
+        torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=what)
+
+    h_RH = fused.gather_grouped_mm(x_TD, w1_EDH, index_R, counts_E)
+    close(h_RH, fused.composed_gather_grouped_mm(x_TD, w1_EDH, index_R, counts_E), "h")
+    args = (h_RH, w2_EHD, index_R, weight_R, counts_E)
+    y_TD = fused.grouped_mm_combine(*args, num_tokens)
+    close(y_TD, fused.composed_grouped_mm_combine(*args, num_tokens), "y")
+    got = fused.grouped_mm_combine_backward(dy_TD, *args, True)
+    want = fused.composed_grouped_mm_combine_backward(dy_TD, *args, True)
+    for name, one, other in zip(("dh", "dw2", "dweight"), got, want, strict=True):
+        close(one, other, name)
+    args = (got[0], x_TD, w1_EDH, index_R, counts_E, True, True)
+    got = fused.gather_grouped_mm_backward(*args)
+    want = fused.composed_gather_grouped_mm_backward(*args)
+    for name, one, other in zip(("dx", "dw1"), got, want, strict=True):
+        close(one, other, name)
+    assert not got[1][5].any(), "an expert without rows gets a zero gradient"
 
 
 def test_import_does_not_need_triton() -> None:

@@ -1,9 +1,10 @@
 """CUDA implementations of the `moe::` custom ops: the Triton kernels of `moe.ops.kernels`.
 
-`register()` attaches them to the ops of `moe.ops` for the "cuda" dispatch key; it is
-called on import of `moe.ops` when Triton is installed. Float64 (which the Triton GEMMs
-do not take) falls back to the plain-torch path. The adapters are plain functions so that
-tests can run them on CPU tensors under `TRITON_INTERPRET=1`.
+`register()` attaches them to the ops of `moe.ops`, the folded ops of `moe.ops.fused`
+included, for the "cuda" dispatch key; it is called on import of `moe.ops` when Triton is
+installed. Float64 (which the Triton GEMMs do not take) falls back to the plain-torch path
+(for the folded ops: their form composed from the unfolded ops). The adapters are plain
+functions so that tests can run them on CPU tensors under `TRITON_INTERPRET=1`.
 
 Shapes: T tokens, K slots per token, R routed rows, D input width, H output width,
 E experts.
@@ -86,9 +87,118 @@ def combine_backward(
     return dy_RD, dweights_TK
 
 
+# --- the folded ops of moe.ops.fused: the permute inside the GEMMs (kernels.folded) ---
+
+
+def _offsets(counts_E: Tensor, device: torch.device) -> Tensor:
+    return counts_E.to(device).cumsum(0)
+
+
+def gather_grouped_mm(
+    x_TD: Tensor, w_EDH: Tensor, token_index_R: Tensor, counts_E: Tensor
+) -> Tensor:
+    from moe.ops import fused, kernels
+
+    if x_TD.dtype not in TRITON_DTYPES:
+        return fused.composed_gather_grouped_mm(x_TD, w_EDH, token_index_R, counts_E)
+    return kernels.gather_grouped_mm(x_TD, w_EDH, token_index_R, _offsets(counts_E, x_TD.device))
+
+
+def gather_grouped_mm_backward(
+    dh_RH: Tensor,
+    x_TD: Tensor,
+    w_EDH: Tensor,
+    token_index_R: Tensor,
+    counts_E: Tensor,
+    input_grad: bool,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """dx_TD by the scatter epilogue (fp32 atomics: the last bits may differ between
+    runs), dw_EDH with x's rows gathered in the wgrad kernel's loads."""
+    from moe.ops import fused, kernels
+
+    if x_TD.dtype not in TRITON_DTYPES:
+        return fused.composed_gather_grouped_mm_backward(
+            dh_RH, x_TD, w_EDH, token_index_R, counts_E, input_grad, weight_grad
+        )
+    offsets_E = _offsets(counts_E, x_TD.device)
+    dx_TD = dw_EDH = x_TD.new_empty(0)
+    if input_grad:
+        dx_TD = kernels.grouped_mm_scatter(
+            dh_RH, w_EDH.transpose(1, 2), token_index_R, offsets_E, x_TD.shape[0], None, x_TD.dtype
+        )
+    if weight_grad:
+        dw_EDH = kernels.grouped_mm_wgrad(
+            x_TD, dh_RH, offsets_E, w_EDH.shape[0], w_EDH.dtype, x_index_R=token_index_R
+        )
+    return dx_TD, dw_EDH
+
+
+def grouped_mm_combine(
+    h_RH: Tensor,
+    w_EHD: Tensor,
+    token_index_R: Tensor,
+    weight_R: Tensor,
+    counts_E: Tensor,
+    num_tokens: int,
+) -> Tensor:
+    """The weights scale the products in fp32, which are added into the tokens' rows by
+    fp32 atomics (the last bits may differ between runs), rounded once to h's dtype."""
+    from moe.ops import fused, kernels
+
+    if h_RH.dtype not in TRITON_DTYPES:
+        return fused.composed_grouped_mm_combine(
+            h_RH, w_EHD, token_index_R, weight_R, counts_E, num_tokens
+        )
+    offsets_E = _offsets(counts_E, h_RH.device)
+    return kernels.grouped_mm_scatter(
+        h_RH, w_EHD, token_index_R, offsets_E, num_tokens, weight_R, h_RH.dtype
+    )
+
+
+def grouped_mm_combine_backward(
+    dy_TD: Tensor,
+    h_RH: Tensor,
+    w_EHD: Tensor,
+    token_index_R: Tensor,
+    weight_R: Tensor,
+    counts_E: Tensor,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dh_RH and dweight_R from one GEMM whose epilogue scales and dots g = dy[t] @ w^T
+    (dy's rows gathered in the load); dw_EHD with dy's rows gathered and h's scaled in
+    the wgrad kernel's loads."""
+    from moe.ops import fused, kernels
+
+    if h_RH.dtype not in TRITON_DTYPES:
+        return fused.composed_grouped_mm_combine_backward(
+            dy_TD, h_RH, w_EHD, token_index_R, weight_R, counts_E, weight_grad
+        )
+    dy_TD = dy_TD.to(h_RH.dtype)
+    offsets_E = _offsets(counts_E, h_RH.device)
+    dh_RH, dweight_R = kernels.gather_grouped_mm_scale_dot(
+        dy_TD, w_EHD.transpose(1, 2), token_index_R, offsets_E, weight_R, h_RH
+    )
+    dw_EHD = h_RH.new_empty(0)
+    if weight_grad:
+        dw_EHD = kernels.grouped_mm_wgrad(
+            h_RH,
+            dy_TD,
+            offsets_E,
+            w_EHD.shape[0],
+            w_EHD.dtype,
+            dy_index_R=token_index_R,
+            x_scale_R=weight_R,
+        )
+    return dh_RH, dw_EHD, dweight_R
+
+
 def register() -> None:
-    """Attach the adapters above to the `moe::` ops for CUDA tensors."""
+    """Attach the adapters above to the `moe::` ops for CUDA tensors. A kernel registered
+    for "cuda" replaces an op's default implementation for CUDA tensors, so the folded
+    ops' composed fallback serves only the devices without one."""
     from moe.ops import cpu as ops
+    from moe.ops import fused
 
     ops.grouped_mm.register_kernel("cuda")(grouped_mm)
     ops.grouped_mm_wgrad.register_kernel("cuda")(grouped_mm_wgrad)
@@ -96,3 +206,7 @@ def register() -> None:
     ops.scatter_add_rows.register_kernel("cuda")(scatter_add_rows)
     ops.combine.register_kernel("cuda")(combine)
     ops.combine_backward.register_kernel("cuda")(combine_backward)
+    fused.gather_grouped_mm.register_kernel("cuda")(gather_grouped_mm)
+    fused.gather_grouped_mm_backward.register_kernel("cuda")(gather_grouped_mm_backward)
+    fused.grouped_mm_combine.register_kernel("cuda")(grouped_mm_combine)
+    fused.grouped_mm_combine_backward.register_kernel("cuda")(grouped_mm_combine_backward)

@@ -20,9 +20,17 @@ CPU: the expert blocks go to the block workers of `moe.ops.cpu` (single-threaded
 `torch.mm`s, one hand-off per call), sums accumulate in at least fp32 and are rounded
 once. Half precision takes the padded layout of `moe.ops.padded_blocks` (one `bmm` per
 matmul over equal blocks) where the load is balanced enough; otherwise its blocks are
-multiplied at the bucketed row counts of `moe.ops.row_buckets`. Every other device: the same op composed from the unfolded ops of
-`moe.ops` (gather, grouped matmul, scatter-add: their Triton kernels on CUDA), so the
-layer runs one code path everywhere; folding them into the Triton kernels is still to do.
+multiplied at the bucketed row counts of `moe.ops.row_buckets`.
+
+CUDA with Triton installed: `moe.ops.cuda` registers the kernels of
+`moe.ops.kernels.folded` for the "cuda" dispatch key, which replaces the implementations
+below for CUDA tensors. The row gather is folded into the GEMMs' operand loads, the
+weighted combine and the gather's input gradient into a GEMM epilogue that adds into an
+fp32 [T, D] sum with atomics (so those sums may differ in the last bits between runs),
+dweight into the epilogue of the GEMM that computes dh; the weight gradients read their
+rows through the index. Every other device (and float64 on CUDA): the same op composed
+from the unfolded ops of `moe.ops` (gather, grouped matmul, scatter-add), so the layer
+runs one code path everywhere.
 
 Shapes: T tokens, R routed rows (sorted by expert), D model width, H expert hidden
 width, E experts, M rows of one expert block.
@@ -191,6 +199,9 @@ def gather_grouped_mm(
     x_TD: Tensor, w_EDH: Tensor, token_index_R: Tensor, counts_E: Tensor
 ) -> Tensor:
     """h_RH[r] = x_TD[token_index_R[r]] @ w_EDH[expert of r] (rows sorted by expert)."""
+    # The default implementation: a kernel registered for "cuda" (`moe.ops.cuda`, where
+    # Triton is installed) takes CUDA tensors instead, so the composed form below serves
+    # the other devices, and CUDA without Triton. Likewise in the three ops below.
     if x_TD.device.type != "cpu":
         return composed_gather_grouped_mm(x_TD, w_EDH, token_index_R, counts_E)
     num_rows = token_index_R.shape[0]

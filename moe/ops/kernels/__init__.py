@@ -4,6 +4,9 @@
   rows sorted by expert, driven by the device tensor of inclusive row offsets.
 - `gather_rows`, `gather_rows_backward`, `combine`, `combine_backward` (module
   `moe.ops.kernels.gather`): the permute and the weighted unpermute.
+- `gather_grouped_mm`, `grouped_mm_scatter`, `gather_grouped_mm_scale_dot` (module
+  `moe.ops.kernels.folded`): expert GEMMs with the permute folded in (the row gather in
+  the operand load, the weighted scatter-add into tokens in the epilogue).
 
 Triton is imported only when one of these names is first used, so `import moe.ops.kernels`
 works where Triton is absent. `triton_available()` says whether it can be imported.
@@ -25,6 +28,9 @@ _EXPORTS = {
     "gather_rows_backward": "moe.ops.kernels.gather",
     "combine": "moe.ops.kernels.gather",
     "combine_backward": "moe.ops.kernels.gather",
+    "gather_grouped_mm": "moe.ops.kernels.folded",
+    "grouped_mm_scatter": "moe.ops.kernels.folded",
+    "gather_grouped_mm_scale_dot": "moe.ops.kernels.folded",
 }
 
 __all__ = [*_EXPORTS, "triton_available"]

@@ -146,11 +146,25 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
+def _source_rows(index_ptr, rows, mask, INDEXED: tl.constexpr):
+    """The int64 rows of the source tensor that `rows` read: index[rows] when INDEXED
+    (a gather folded into the load), else `rows` themselves."""
+    if INDEXED:
+        source = tl.load(index_ptr + rows, mask=mask, other=0).to(tl.int64)
+    else:
+        source = rows.to(tl.int64)
+    return source
+
+
+@triton.jit
 def _grouped_mm_wgrad_kernel(
     x_ptr,
     dy_ptr,
     dw_ptr,
     offsets_ptr,
+    x_index_ptr,
+    dy_index_ptr,
+    x_scale_ptr,
     D,
     H,
     stride_xr,
@@ -163,12 +177,17 @@ def _grouped_mm_wgrad_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    X_INDEXED: tl.constexpr,
+    DY_INDEXED: tl.constexpr,
+    X_SCALED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One [BLOCK_D, BLOCK_H] tile of dw[e] = x_e^T @ dy_e, reducing over e's rows.
 
-    Grid: (D tiles x H tiles, E). Each program walks its expert's rows in BLOCK_R steps;
-    an expert with no rows runs no step and writes zeros.
+    Row r of x_e is x[x_index[r]] when X_INDEXED (else x[r]), scaled by x_scale[r] when
+    X_SCALED (in fp32, then rounded to x's dtype for the dot); row r of dy_e is
+    dy[dy_index[r]] when DY_INDEXED. Grid: (D tiles x H tiles, E). Each program walks its
+    expert's rows in BLOCK_R steps; an expert with no rows runs no step and writes zeros.
     """
     pid = tl.program_id(0)
     expert = tl.program_id(1)
@@ -187,14 +206,18 @@ def _grouped_mm_wgrad_kernel(
     for r_start in range(row_start, row_end, BLOCK_R):
         rows = r_start + tl.arange(0, BLOCK_R)
         r_mask = rows < row_end
-        rows64 = rows.to(tl.int64)
+        x_rows = _source_rows(x_index_ptr, rows, r_mask, X_INDEXED)
+        dy_rows = _source_rows(dy_index_ptr, rows, r_mask, DY_INDEXED)
         x_t = tl.load(
-            x_ptr + rows64[None, :] * stride_xr + ds[:, None] * stride_xd,
+            x_ptr + x_rows[None, :] * stride_xr + ds[:, None] * stride_xd,
             mask=d_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
+        if X_SCALED:
+            scale = tl.load(x_scale_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
+            x_t = (x_t.to(tl.float32) * scale[None, :]).to(x_ptr.dtype.element_ty)
         dy = tl.load(
-            dy_ptr + rows64[:, None] * stride_dyr + hs[None, :] * stride_dyh,
+            dy_ptr + dy_rows[:, None] * stride_dyr + hs[None, :] * stride_dyh,
             mask=r_mask[:, None] & h_mask[None, :],
             other=0.0,
         )
@@ -297,6 +320,23 @@ def grouped_mm(
     return y_RH
 
 
+def _check_rows(
+    name: str, rows_R: torch.Tensor | None, num_rows: int, integer: bool
+) -> torch.Tensor | None:
+    """An optional per-row [R] tensor (row indices if `integer`, else row scales), made
+    contiguous (the kernels read it at unit stride)."""
+    if rows_R is None:
+        return None
+    dtype_ok = rows_R.dtype in (torch.int32, torch.int64) if integer else rows_R.is_floating_point()
+    if rows_R.dim() != 1 or rows_R.shape[0] != num_rows or not dtype_ok:
+        kind = "int32/int64" if integer else "float"
+        raise ValueError(
+            f"{name}: shape {tuple(rows_R.shape)}, dtype {rows_R.dtype}: "
+            f"expected ({num_rows},) {kind}"
+        )
+    return rows_R.contiguous()
+
+
 def grouped_mm_wgrad(
     x_RD: torch.Tensor,
     dy_RH: torch.Tensor,
@@ -304,8 +344,18 @@ def grouped_mm_wgrad(
     num_experts: int,
     out_dtype: torch.dtype | None = None,
     blocks: GemmBlocks | None = None,
+    *,
+    x_index_R: torch.Tensor | None = None,
+    dy_index_R: torch.Tensor | None = None,
+    x_scale_R: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dw_EDH[e] = x_RD[rows of e]^T @ dy_RH[rows of e]; zeros for experts with no rows.
+
+    Gathered rows are read through their index in the kernel, never copied: with
+    `x_index_R` row r of x is x_RD[x_index_R[r]] (x_RD may then hold any number of rows,
+    e.g. one per token; the index is not range-checked on the device), likewise
+    `dy_index_R`. With `x_scale_R` ([R] float) row r of x is scaled by it (in fp32,
+    rounded to x's dtype for the product).
 
     Args:
         x_RD: [R, D], dy_RH: [R, H], same dtype, any strides.
@@ -316,10 +366,12 @@ def grouped_mm_wgrad(
     Returns:
         dw_EDH: a new contiguous [E, D, H] tensor, one full-size gradient.
     """
-    if x_RD.dim() != 2 or dy_RH.dim() != 2 or x_RD.shape[0] != dy_RH.shape[0]:
+    num_rows = x_RD.shape[0] if x_index_R is None else x_index_R.shape[0]
+    dy_rows = dy_RH.shape[0] if dy_index_R is None else dy_index_R.shape[0]
+    if x_RD.dim() != 2 or dy_RH.dim() != 2 or num_rows != dy_rows:
         raise ValueError(
             f"grouped_mm_wgrad: x_RD {tuple(x_RD.shape)} and dy_RH {tuple(dy_RH.shape)} "
-            "must be [R, D] and [R, H] with the same R"
+            "must be [R, D] and [R, H] with the same R (R of an index where one is given)"
         )
     if x_RD.dtype not in _SUPPORTED_DTYPES or dy_RH.dtype != x_RD.dtype:
         raise ValueError(
@@ -329,6 +381,9 @@ def grouped_mm_wgrad(
     if num_experts < 1:
         raise ValueError(f"grouped_mm_wgrad: num_experts={num_experts}: expected >= 1")
     _check_offsets(offsets_E, num_experts, x_RD.device)
+    x_index_R = _check_rows("x_index_R", x_index_R, num_rows, integer=True)
+    dy_index_R = _check_rows("dy_index_R", dy_index_R, num_rows, integer=True)
+    x_scale_R = _check_rows("x_scale_R", x_scale_R, num_rows, integer=False)
     d_in, d_out = x_RD.shape[1], dy_RH.shape[1]
     dw_EDH = torch.empty(
         (num_experts, d_in, d_out), dtype=out_dtype or x_RD.dtype, device=x_RD.device
@@ -337,7 +392,7 @@ def grouped_mm_wgrad(
         return dw_EDH
     if blocks is None:
         # Square output tiles; the row loop is the reduction.
-        base = default_blocks(x_RD.dtype, x_RD.shape[0] / num_experts)
+        base = default_blocks(x_RD.dtype, num_rows / num_experts)
         blocks = GemmBlocks(128, 128, base.block_k, base.num_warps, base.num_stages)
     grid = (triton.cdiv(d_in, blocks.block_m) * triton.cdiv(d_out, blocks.block_n), num_experts)
     _grouped_mm_wgrad_kernel[grid](
@@ -345,6 +400,9 @@ def grouped_mm_wgrad(
         dy_RH,
         dw_EDH,
         offsets_E,
+        offsets_E if x_index_R is None else x_index_R,  # placeholders are never read
+        offsets_E if dy_index_R is None else dy_index_R,
+        offsets_E if x_scale_R is None else x_scale_R,
         d_in,
         d_out,
         x_RD.stride(0),
@@ -357,6 +415,9 @@ def grouped_mm_wgrad(
         BLOCK_D=blocks.block_m,
         BLOCK_H=blocks.block_n,
         BLOCK_R=blocks.block_k,
+        X_INDEXED=x_index_R is not None,
+        DY_INDEXED=dy_index_R is not None,
+        X_SCALED=x_scale_R is not None,
         INPUT_PRECISION=_input_precision(x_RD.dtype),
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,

@@ -19,10 +19,11 @@
   CUDA: `torch.cuda.is_bf16_supported()`. CPU: an x86 CPU whose flags list `amx_bf16`
   (Intel AMX: bf16 matmul tiles, 8x fp32's rate on a 8192x512x1024 matmul), with
   oneDNN's bf16 path available in torch. A CPU with `avx512_bf16` but no AMX (Intel
-  Cooper Lake, AMD Zen 4 and later) multiplies bf16 natively but not much faster than
-  fp32: the demo's training ran at 0.81x fp32's tokens/s in bf16 there
-  (docs/BENCHMARKS.md, "Mixed precision"), so `auto` stays fp32; `bf16` runs natively
-  there when asked for. Other CPUs emulate bf16, several times slower than fp32; `bf16`
+  Cooper Lake, AMD Zen 4 and later) multiplies bf16 natively, about twice fp32's rate
+  on large matmuls: there `auto` is bf16 for training (the demo trained at 1.17x fp32's
+  tokens/s, with the attention in fp32, `moe.attention`) and fp32 for inference (a
+  decode step of the demo took 5.7 ms in bf16 against 4.6 in fp32: small matmuls, casts;
+  docs/BENCHMARKS.md, "Mixed precision"); `bf16` runs natively there when asked for. Other CPUs emulate bf16, several times slower than fp32; `bf16`
   can still be asked for there (the result is the same, only slower) and the
   resolution says so.
 
@@ -151,17 +152,25 @@ class ResolvedPrecision:
         return f"{self.precision.value} ({self.requested.value}: {self.reason})"
 
 
-def bf16_faster(device: torch.device, flags: frozenset[str] | None = None) -> tuple[bool, str]:
+def bf16_faster(
+    device: torch.device, flags: frozenset[str] | None = None, training: bool = False
+) -> tuple[bool, str]:
     """Whether bf16 computes faster than fp32 on `device`, which multiplies bf16 natively
-    (`bf16_matmul_support`), and why: on CUDA always, on a CPU with AMX tiles only."""
+    (`bf16_matmul_support`), in `training` or at inference, and why: on CUDA always; on
+    a CPU with AMX tiles always; on one with avx512_bf16 only in training."""
     if device.type != "cpu":
         return bf16_matmul_support(device, flags)
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
         return True, "this CPU has amx_bf16"
+    if training:
+        return True, (
+            "this CPU has avx512_bf16: bf16 trains faster than fp32 there "
+            "(the demo at 1.17x fp32's tokens/s)"
+        )
     return False, (
-        "this CPU has avx512_bf16 but no AMX: bf16 is not faster than fp32 there "
-        "(the demo trained at 0.81x fp32's tokens/s); ask for bf16 to use it anyway"
+        "this CPU has avx512_bf16 but no AMX: bf16 decodes slower than fp32 there "
+        "(the demo's step 5.7 against 4.6 ms); ask for bf16 to use it anyway"
     )
 
 
@@ -174,14 +183,15 @@ def resolve_precision(
     device: torch.device,
     key: str = "train.precision",
     flags: frozenset[str] | None = None,
+    training: bool = False,
 ) -> ResolvedPrecision:
-    """The precision to compute in on `device` (see the module docstring): `auto`
-    becomes bf16 or fp32 by the device's bf16 support; fp16 off CUDA is refused with a
-    ValueError naming `key`."""
+    """The precision to compute in on `device` for `training` or inference (see the
+    module docstring): `auto` becomes bf16 where bf16 is faster there, else fp32; fp16
+    off CUDA is refused with a ValueError naming `key`."""
     chosen = parse_precision(requested, key)
     native, why = bf16_matmul_support(device, flags)
     if chosen == ComputePrecision.AUTO:
-        faster, why = bf16_faster(device, flags) if native else (False, why)
+        faster, why = bf16_faster(device, flags, training) if native else (False, why)
         picked = ComputePrecision.BF16 if faster else ComputePrecision.FP32
         return ResolvedPrecision(picked, chosen, why)
     if chosen == ComputePrecision.FP16 and device.type != "cuda":

@@ -35,21 +35,25 @@ STEPS = 50
 
 
 def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_faster() -> None:
-    for flags, expected, reason in (
-        (frozenset({"avx512f", "amx_tile", "amx_bf16"}), ComputePrecision.BF16,
+    """Training and inference differ on a CPU with avx512_bf16 but no AMX: bf16 trains
+    faster there and decodes slower."""
+    for flags, training, expected, reason in (
+        (frozenset({"avx512f", "amx_tile", "amx_bf16"}), False, ComputePrecision.BF16,
          "this CPU has amx_bf16"),
-        (frozenset({"avx512f", "amx_bf16", "avx512_bf16"}), ComputePrecision.BF16,
+        (frozenset({"avx512f", "amx_bf16", "avx512_bf16"}), True, ComputePrecision.BF16,
          "this CPU has amx_bf16"),
-        (frozenset({"avx2", "avx512f", "avx512_bf16"}), ComputePrecision.FP32,
-         "this CPU has avx512_bf16 but no AMX: bf16 is not faster than fp32 there"),
-        (frozenset({"avx2", "avx512f", "avx512bw"}), ComputePrecision.FP32,
+        (frozenset({"avx2", "avx512f", "avx512_bf16"}), False, ComputePrecision.FP32,
+         "this CPU has avx512_bf16 but no AMX: bf16 decodes slower than fp32 there"),
+        (frozenset({"avx2", "avx512f", "avx512_bf16"}), True, ComputePrecision.BF16,
+         "this CPU has avx512_bf16: bf16 trains faster than fp32 there"),
+        (frozenset({"avx2", "avx512f", "avx512bw"}), True, ComputePrecision.FP32,
          "lists none of the flags amx_bf16, avx512_bf16"),
-        (frozenset(), ComputePrecision.FP32, "lists none of the flags amx_bf16, avx512_bf16"),
+        (frozenset(), False, ComputePrecision.FP32, "lists none of the flags amx_bf16, avx512_bf16"),
     ):  # fmt: skip
         if expected == ComputePrecision.BF16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             continue  # this torch has no oneDNN bf16 path: auto is fp32 whatever the flags
-        resolved = resolve_precision("auto", CPU, flags=flags)
-        assert resolved.precision == expected, flags
+        resolved = resolve_precision("auto", CPU, flags=flags, training=training)
+        assert resolved.precision == expected, (flags, training)
         assert resolved.requested == ComputePrecision.AUTO
         assert reason in resolved.reason, (flags, resolved.reason)
     # bf16 asked for on an AVX512-BF16 CPU runs natively, and says so.
@@ -141,11 +145,12 @@ def test_auto_records_the_hosts_choice(tmp_path: Path) -> None:
     result = train(tiny_config(tmp_path, "train.precision=auto", "train.steps=2",
                                "train.warmup_steps=1", "train.eval_every=2"))  # fmt: skip
     meta = json.loads((tmp_path / "checkpoints" / "step_2" / "meta.json").read_text())
-    amx = "amx_bf16" in cpu_flags() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = {"amx_bf16", "avx512_bf16"} & cpu_flags()
+    bf16 = bool(native) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     recorded = meta["config"]["precision"]
-    assert recorded["precision"] == ("bf16" if amx else "fp32")
+    assert recorded["precision"] == ("bf16" if bf16 else "fp32")
     assert recorded["requested"] == "auto"
-    assert recorded["reason"] == resolve_precision("auto", CPU).reason
+    assert recorded["reason"] == resolve_precision("auto", CPU, training=True).reason
     assert result.final_step == 2
 
 

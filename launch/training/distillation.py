@@ -234,7 +234,7 @@ def teacher_usage(
     )
     usage = ExpertUsage()
     # The usage the run's forward would see: the teacher in the run's precision.
-    precision = resolve_precision(train.precision, runtime.device)
+    precision = resolve_precision(train.precision, runtime.device, training=True)
     with torch.no_grad(), precision.autocast(runtime.device):
         for _ in range(config.distill.usage_batches):
             batch = sampler.next_batch()

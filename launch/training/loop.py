@@ -189,7 +189,7 @@ def run_training(
     if train_cfg.reuse_heap:
         reuse_heap()
     run_dir = Path(config.run_dir)
-    precision = resolve_precision(train_cfg.precision, device)
+    precision = resolve_precision(train_cfg.precision, device, training=True)
     run_record = config_dict(config) | objective.config_record()
     run_record["train"]["precision"] = precision.precision.value
     run_record["precision"] = precision.record()

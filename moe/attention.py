@@ -51,9 +51,7 @@ def fp32_attention(q: torch.Tensor) -> bool:
     )
 
 
-def sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: object
-) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: object) -> torch.Tensor:
     """`F.scaled_dot_product_attention`, in fp32 where `fp32_attention` says so (the
     result back in the queries' dtype)."""
     if not fp32_attention(q):

@@ -232,7 +232,11 @@ class MoELayer(nn.Module):
 
     def _folds_permute(self, permutation: Permutation) -> bool:
         """Whether the experts compute on the token rows (`Experts.forward_tokens`): a
-        compact layout, every expert local and held here, top-k >= `FOLD_MIN_TOP_K`."""
+        compact layout, every expert local and held here, top-k >= `FOLD_MIN_TOP_K`.
+        Under expert parallelism there is nothing to fold: the send buffer of the
+        all-to-all is the gathered rows, the experts' rank receives them contiguous per
+        expert, and the weighted combine runs on the tokens' rank after the exchange
+        back, not beside the last expert matmul."""
         return (
             self.fold_permute
             and permutation.row_of_slot_TK.shape[1] >= FOLD_MIN_TOP_K

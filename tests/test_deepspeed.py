@@ -204,16 +204,18 @@ def _bf16_rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
 
 def test_zero_in_bf16_matches_the_torch_engine_and_resumes(tmp_path: Path) -> None:
     """DeepSpeed from the same `train.precision=bf16`: its losses are the torch engine's
-    bf16 losses (same autocast, fp32 masters, fp32 gradient reduction; equal for the
-    first 8 steps, then the fp32 reductions' different order flips a bf16 rounding now
-    and then: measured 5e-4 apart at worst over 20 steps), resumption is exact, and the
-    checkpoint's model files hold the fp32 masters."""
+    bf16 losses (same autocast, fp32 masters, fp32 gradient reduction: the first step's
+    loss is equal; after it the fp32 reductions' different order flips a bf16 rounding
+    now and then: 4e-5 apart at step 7 at worst of the first 8, 5e-4 over 20 steps,
+    measured), resumption is exact, and the checkpoint's model files hold the fp32
+    masters."""
     pytest.importorskip("deepspeed")
     ranks = values_or_raise(run_distributed(_bf16_rank, WORLD_SIZE, str(tmp_path), timeout_s=480.0))
     losses = ranks[0]["losses"]
     reference = losses["torch"]
     assert len(reference) == 20 and reference[-1] < reference[0] - 1.0
-    np.testing.assert_allclose(losses["zero1"][:8], reference[:8], rtol=1e-6, atol=1e-6)
+    assert losses["zero1"][0] == reference[0]
+    np.testing.assert_allclose(losses["zero1"][:8], reference[:8], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(losses["zero1"], reference, rtol=2e-3, atol=2e-3)
     assert losses["zero1_resumed"] == losses["zero1"][10:]
     step_10 = tmp_path / "zero1" / "checkpoints" / "step_10"

@@ -19,6 +19,7 @@ Nothing here reads the network: a tokenizer comes from files on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,10 +89,9 @@ class ByteTokenizer:
         # The common case in C (a decode step decodes every sequence's window); only for
         # lists and tuples: `bytes` of an array would read its raw buffer.
         if isinstance(ids, (list, tuple)):
-            try:
+            # Ids that are not all ints in 0..255 are checked one by one below.
+            with contextlib.suppress(TypeError, ValueError):
                 return bytes(ids).decode("utf-8", errors="replace")
-            except (TypeError, ValueError):
-                pass  # not all ints in 0..255: checked one by one below
         bad = [i for i in ids if not 0 <= int(i) < 256]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are not bytes; accepted: 0..255")

@@ -12,9 +12,10 @@ sequences of different lengths, each in its own slot.
 
 Training in bf16 on a CPU without AMX, the attention itself runs in fp32
 (`fp32_attention`): torch's bf16 flash-attention backward on such a CPU took 4x its fp32
-time (demo model, AMD EPYC with avx512_bf16: 17 against 4.2 ms a layer), which made a
-bf16 training step slower than an fp32 one (0.87x); with fp32 attention it is 1.10-1.15x
-faster. The forward in bf16 costs about what fp32 does, so inference keeps bf16.
+time (demo model, AMD EPYC with avx512_bf16: 17 against 4.2 ms a layer), which made
+bf16 training slower than fp32 (0.81x the tokens/s); with fp32 attention it is 1.17x
+faster (`scripts/bench_precision.py`, docs/BENCHMARKS.md "Mixed precision"). The forward
+in bf16 costs about what fp32 does, so inference keeps bf16.
 
 RoPE follows the "rotate half" convention (GPT-NeoX, Llama in HF): channel c of the first
 half is paired with channel c + C/2, rotated by position * theta^(-2c/C). The frequencies

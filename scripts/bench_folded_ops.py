@@ -25,10 +25,11 @@ variant's outputs are checked against the other's before timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -65,6 +66,19 @@ def _ops(E: int, H: int, dtype: torch.dtype) -> tuple[Callable[[], list[torch.Te
 
     places = E * padded_blocks.padded_height(counts_E.tolist(), dtype)
     return run, places
+
+
+@contextlib.contextmanager
+def _padded_layout(taken: bool) -> Iterator[None]:
+    """Every folded op on CPU takes the padded layout (`taken`) or the spans, whatever
+    its dtype and load (`padded_blocks.applies`, which `moe.ops.fused` consults, replaced
+    for the duration)."""
+    applies = padded_blocks.applies
+    padded_blocks.applies = lambda x, counts_E, num_rows, hidden: taken and num_rows > 0  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        padded_blocks.applies = applies  # type: ignore[assignment]
 
 
 def _dense(H: int, dtype: torch.dtype) -> Callable[[], None]:
@@ -176,24 +190,17 @@ def main() -> None:
             results = {"meta": meta, "shared_expert": shared_rows}
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         return
-    ratio = padded_blocks.MAX_PADDED_RATIO
     rows: list[dict] = []
     for E, H in CONFIGS:
         run, places = _ops(E, H, dtype)
 
         def spans(run: Callable[[], list[torch.Tensor]] = run) -> list[torch.Tensor]:
-            padded_blocks.MAX_PADDED_RATIO = 0.0  # every call takes the span path
-            try:
+            with _padded_layout(False):
                 return run()
-            finally:
-                padded_blocks.MAX_PADDED_RATIO = ratio
 
         def padded(run: Callable[[], list[torch.Tensor]] = run) -> list[torch.Tensor]:
-            padded_blocks.MAX_PADDED_RATIO = float("inf")
-            try:
+            with _padded_layout(True):
                 return run()
-            finally:
-                padded_blocks.MAX_PADDED_RATIO = ratio
 
         for one, other in zip(spans(), padded(), strict=True):
             scale = float(one.float().abs().max())

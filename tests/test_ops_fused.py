@@ -213,7 +213,7 @@ def _count_padded_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-# A load the padded layout takes (E * M within `MAX_PADDED_RATIO` of the rows) and one
+# A load the padded layout takes (E * M within `max_padded_ratio` of the rows) and one
 # it leaves to the spans (one expert with most rows).
 BALANCED = [70, 66, 72, 69, 71, 64, 70, 68]
 SKEWED = [70, 0, 131, 3] + [5] * 16

@@ -258,6 +258,11 @@ class CompiledDecoder:
         self.use_cuda_graphs = (
             self.options.cuda_graphs and self.device.type == "cuda" and not exchanges
         )
+        self.use_cpp_wrapper = (
+            self.options.cpp_wrapper
+            and self.options.backend == "inductor"
+            and self.device.type == "cpu"
+        )
         self._compiling: _Bucket | None = None
         self._compiled = torch.compile(
             decode_logits, backend=self._backend, dynamic=False, fullgraph=self.fullgraph
@@ -275,8 +280,7 @@ class CompiledDecoder:
         backend = self.options.backend
         started = time.perf_counter()
         if backend == "inductor":
-            cpp_wrapper = self.options.cpp_wrapper and self.device.type == "cpu"
-            patches = {"cpp_wrapper": True} if cpp_wrapper else None
+            patches = {"cpp_wrapper": True} if self.use_cpp_wrapper else None
             compiled: Any = compile_fx(graph, example_inputs, config_patches=patches)
         else:
             compiled = lookup_backend(backend)(graph, example_inputs)
@@ -317,9 +321,7 @@ class CompiledDecoder:
             "backend": self.options.backend,
             "expert_layout": self.options.expert_layout.value,
             "cuda_graphs": self.use_cuda_graphs,
-            "cpp_wrapper": self.options.backend == "inductor"
-            and self.options.cpp_wrapper
-            and self.device.type == "cpu",
+            "cpp_wrapper": self.use_cpp_wrapper,
         }
 
     # --- the step ------------------------------------------------------------------------

@@ -13,9 +13,9 @@ bf16/fp16 rows in fp32 and rounds once, like the span path's fp32 accumulators).
 
 Measured (`scripts/bench_folded_ops.py`: T=4096, D=512, top-8 of a random router, the
 four ops forward and backward, 2 threads, heap reuse, AMD EPYC with avx512_bf16,
-2026-12-05): bf16 E=128 H=64 77 ms here against 135 ms on the span path, E=256 H=32 64
-against 145, E=64 H=128 119 against 140; fp32 gains nothing (153 against 145 ms at
-E=128), so fp32 keeps the span path.
+2026-12-05): bf16 E=128 H=64 73 ms here against 118 ms on the span path, E=256 H=32 61
+against 125, E=64 H=128 107 against 137; fp32 gains nothing (138 against 140 ms at
+E=128, 208 against 205 at E=64), so fp32 keeps the span path.
 
 The padding costs FLOPs and memory in proportion to the imbalance, so the layout is used
 only while the padded rows are at most `max_padded_ratio(H)` times the routed rows (a
@@ -43,9 +43,7 @@ from moe.ops.row_buckets import bucketed_rows
 # D=512, top-8, a random router skewed towards four experts; the padded ops' time grows
 # about in proportion to the ratio): H=128 about 1.4, H=64 about 2.1, H=32 about 2.8;
 # a balanced load gives 1.1-1.5 (the largest expert ~1.1-1.4x the mean, bucketed).
-# `MAX_PADDED_RATIO` caps every width (the benchmark sets it to compare the paths).
 PADDED_RATIO_BY_WIDTH = ((128, 1.25), (64, 1.75), (0, 2.25))  # (hidden width at least, bound)
-MAX_PADDED_RATIO = float("inf")
 PADDED_DTYPES = (torch.bfloat16,)  # measured in bf16 only; fp16 keeps the spans
 
 
@@ -57,8 +55,7 @@ def padded_height(counts: list[int], dtype: torch.dtype) -> int:
 
 def max_padded_ratio(hidden: int) -> float:
     """The padded rows per routed row up to which experts of this hidden width pad."""
-    bound = next(ratio for width, ratio in PADDED_RATIO_BY_WIDTH if hidden >= width)
-    return min(bound, MAX_PADDED_RATIO)
+    return next(ratio for width, ratio in PADDED_RATIO_BY_WIDTH if hidden >= width)
 
 
 def applies(x: Tensor, counts_E: Tensor, num_rows: int, hidden: int) -> bool:

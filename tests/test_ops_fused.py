@@ -265,7 +265,7 @@ def test_padded_sums_stay_in_fp32_until_rounded_once() -> None:
     bf16 running sum would stay at 1)."""
     rows = torch.cat([torch.ones(1, 2), torch.full((256, 2), 2.0**-9)]).to(torch.bfloat16)
     counts_E = torch.tensor([257])
-    blocks = padded_blocks.PaddedBlocks(counts_E, torch.zeros(257, dtype=torch.long), 3, rows.dtype)
+    blocks = padded_blocks.PaddedBlocks(counts_E, torch.zeros(257, dtype=torch.long), 3)
     summed = blocks.sum_per_token(blocks.pad(rows))
     assert summed.dtype == torch.bfloat16
     torch.testing.assert_close(summed.float(), torch.tensor([[1.5, 1.5], [0, 0], [0, 0]]))

@@ -205,8 +205,9 @@ def gather_grouped_mm(
     if x_TD.device.type != "cpu":
         return composed_gather_grouped_mm(x_TD, w_EDH, token_index_R, counts_E)
     num_rows = token_index_R.shape[0]
-    if padded_blocks.applies(x_TD, counts_E, num_rows, w_EDH.shape[2]):
-        return padded_blocks.gather_grouped_mm(x_TD, w_EDH, token_index_R, counts_E)
+    blocks = padded_blocks.layout(x_TD, counts_E, token_index_R, x_TD.shape[0], w_EDH.shape[2])
+    if blocks is not None:
+        return padded_blocks.gather_grouped_mm(blocks, x_TD, w_EDH)
     h_RH = x_TD.new_empty(num_rows, w_EDH.shape[2])
     spans = _Spans(counts_E, num_rows)
 
@@ -243,9 +244,10 @@ def gather_grouped_mm_backward(
         return composed_gather_grouped_mm_backward(
             dh_RH, x_TD, w_EDH, token_index_R, counts_E, input_grad, weight_grad
         )
-    if padded_blocks.applies(x_TD, counts_E, num_rows, w_EDH.shape[2]):
+    blocks = padded_blocks.layout(x_TD, counts_E, token_index_R, num_tokens, w_EDH.shape[2])
+    if blocks is not None:
         return padded_blocks.gather_grouped_mm_backward(
-            dh_RH, x_TD, w_EDH, token_index_R, counts_E, input_grad, weight_grad
+            blocks, dh_RH, x_TD, w_EDH, input_grad, weight_grad
         )
     spans = _Spans(counts_E, num_rows)
     sums = _Accumulators(num_tokens, x_TD.shape[1], x_TD)
@@ -327,10 +329,9 @@ def grouped_mm_combine(
         return composed_grouped_mm_combine(
             h_RH, w_EHD, token_index_R, weight_R, counts_E, num_tokens
         )
-    if padded_blocks.applies(h_RH, counts_E, token_index_R.shape[0], w_EHD.shape[1]):
-        return padded_blocks.grouped_mm_combine(
-            h_RH, w_EHD, token_index_R, weight_R, counts_E, num_tokens
-        )
+    blocks = padded_blocks.layout(h_RH, counts_E, token_index_R, num_tokens, w_EHD.shape[1])
+    if blocks is not None:
+        return padded_blocks.grouped_mm_combine(blocks, h_RH, w_EHD, weight_R)
     scaled_RH = h_RH * weight_R.to(h_RH.dtype).unsqueeze(1)
     spans = _Spans(counts_E, token_index_R.shape[0])
     sums = _Accumulators(num_tokens, w_EHD.shape[2], h_RH)
@@ -375,9 +376,10 @@ def grouped_mm_combine_backward(
         return composed_grouped_mm_combine_backward(
             dy_TD, h_RH, w_EHD, token_index_R, weight_R, counts_E, weight_grad
         )
-    if padded_blocks.applies(h_RH, counts_E, token_index_R.shape[0], w_EHD.shape[1]):
+    blocks = padded_blocks.layout(h_RH, counts_E, token_index_R, dy_TD.shape[0], w_EHD.shape[1])
+    if blocks is not None:
         return padded_blocks.grouped_mm_combine_backward(
-            dy_TD, h_RH, w_EHD, token_index_R, weight_R, counts_E, weight_grad
+            blocks, dy_TD, h_RH, w_EHD, weight_R, weight_grad
         )
     dy_TD = dy_TD.to(h_RH.dtype)
     weight_R1 = weight_R.to(h_RH.dtype).unsqueeze(1)

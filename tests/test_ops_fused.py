@@ -216,6 +216,7 @@ def _count_padded_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # A load the padded layout takes (E * M within `max_padded_ratio` of the rows) and one
 # it leaves to the spans (one expert with most rows).
 BALANCED = [70, 66, 72, 69, 71, 64, 70, 68]
+BALANCED_WITH_EMPTY = [70, 66, 0, 72, 69, 71, 64, 70]  # an expert without rows in the middle
 SKEWED = [70, 0, 131, 3] + [5] * 16
 
 
@@ -232,14 +233,16 @@ def test_folded_ops_under_bf16_autocast_match_the_fp32_loop(
     assert calls == [], "a skewed load stays on the span path"
 
 
-@pytest.mark.parametrize("seed", [7, 8])
+@pytest.mark.parametrize(
+    ("counts", "seed"), [(BALANCED, 7), (BALANCED, 8), (BALANCED_WITH_EMPTY, 9)]
+)
 def test_padded_layout_under_bf16_autocast_matches_the_fp32_loop(
-    seed: int, monkeypatch: pytest.MonkeyPatch
+    counts: list[int], seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 autocast with a balanced load: every op and backward runs on the padded
     blocks of `moe.ops.padded_blocks` (one bmm per matmul, sums by embedding_bag)."""
     calls = _count_padded_calls(monkeypatch)
-    _check_bf16_autocast_against_the_fp32_loop(BALANCED, seed=seed)
+    _check_bf16_autocast_against_the_fp32_loop(counts, seed=seed)
     assert sorted(calls) == [
         "gather_grouped_mm", "gather_grouped_mm_backward",
         "grouped_mm_combine", "grouped_mm_combine_backward",
@@ -271,23 +274,76 @@ def test_padded_sums_stay_in_fp32_until_rounded_once() -> None:
     torch.testing.assert_close(summed.float(), torch.tensor([[1.5, 1.5], [0, 0], [0, 0]]))
 
 
-def test_padded_weight_gradients_ignore_the_padding_rows() -> None:
-    """Padding places read token 0; an inf in token 0 must not reach the weight
-    gradient of an expert token 0 is not routed to (inf * 0 = NaN)."""
-    counts = BALANCED
-    token_index_R, _, x, w1, w2, weight, dy = _inputs(counts, torch.float32, seed=2)
-    token_index_R = token_index_R.clamp(min=1)  # token 0 gets no row
-    x, dy = x.to(torch.bfloat16), dy.to(torch.bfloat16)
-    x[0], dy[0] = float("inf"), float("inf")
-    counts_E = torch.tensor(counts)
-    h = torch.randn(sum(counts), w1.shape[2]).to(torch.bfloat16)
-    _, dw1 = fused.gather_grouped_mm_backward(
-        h, x, w1.to(torch.bfloat16), token_index_R, counts_E, True, True
+def test_padded_weight_gradients_keep_a_non_finite_token_to_its_experts() -> None:
+    """A padding place holds a token of its own expert, so an inf in a token's row
+    reaches the weight gradients of the experts it is routed to (as in the loop) and no
+    other's; an expert without rows (whose padding reads the next expert's first token)
+    gets an exact zero. 64 tokens, each routed to 2 of 8 experts (expert 3 to none);
+    each expert's first token in turn carries the inf."""
+    num_tokens, width, hidden, experts, empty = 64, 6, 5, 8, 3
+    generator = torch.Generator().manual_seed(4)
+    choices = torch.tensor([e for e in range(experts) if e != empty])
+    expert_TK = torch.stack(
+        [choices[torch.randperm(len(choices), generator=generator)[:2]] for _ in range(num_tokens)]
     )
-    _, dw2, _ = fused.grouped_mm_combine_backward(
-        dy, h, w2.to(torch.bfloat16), token_index_R, weight, counts_E, True
-    )
-    assert torch.isfinite(dw1).all() and torch.isfinite(dw2).all()
+    order = expert_TK.flatten().argsort(stable=True)
+    token_index_R, expert_R = order // 2, expert_TK.flatten()[order]
+    counts_E = torch.bincount(expert_R, minlength=experts)
+    w1 = torch.randn(experts, width, hidden, generator=generator).to(torch.bfloat16)
+    w2 = torch.randn(experts, hidden, width, generator=generator).to(torch.bfloat16)
+    h = torch.randn(len(order), hidden, generator=generator).to(torch.bfloat16)
+    weight = torch.rand(len(order), generator=generator)
+    starts = (torch.cumsum(counts_E, 0) - counts_E).tolist()
+    for expert in range(experts):
+        if expert == empty:
+            continue
+        bad = int(token_index_R[starts[expert]])
+        x, dy = (torch.randn(num_tokens, width, generator=generator) for _ in range(2))
+        x, dy = x.to(torch.bfloat16), dy.to(torch.bfloat16)
+        x[bad], dy[bad] = float("inf"), float("inf")
+        assert padded_blocks.layout(x, counts_E, token_index_R, num_tokens, hidden)
+        _, dw1 = fused.gather_grouped_mm_backward(h, x, w1, token_index_R, counts_E, True, True)
+        _, dw2, _ = fused.grouped_mm_combine_backward(
+            dy, h, w2, token_index_R, weight, counts_E, True
+        )
+        routed = set(expert_TK[bad].tolist())
+        for other in range(experts):
+            for dw in (dw1, dw2):
+                assert bool(torch.isfinite(dw[other]).all()) == (other not in routed), (
+                    bad, other, routed,
+                )  # fmt: skip
+        assert not dw1[empty].any() and not dw2[empty].any()
+
+
+def test_padded_layout_is_built_once_per_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 layer step builds the padded layout once (its four folded ops share it
+    through the routing's token_index_R); an in-place change to the rows, or another
+    routing, builds a new one."""
+    builds: list[int] = []
+    init = padded_blocks.PaddedBlocks.__init__
+
+    def counted(self, *args):  # type: ignore[no-untyped-def]
+        builds.append(1)
+        init(self, *args)
+
+    monkeypatch.setattr(padded_blocks.PaddedBlocks, "__init__", counted)
+    torch.manual_seed(0)
+    layer = MoELayer(64, 16, 16, RoutingConfig(top_k=4), activation="gelu")
+    x = torch.randn(256, 64, requires_grad=True)
+    for _ in range(2):
+        builds.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.y.float().sum().backward()
+        assert len(builds) == 1
+    half = torch.zeros(1, dtype=torch.bfloat16)
+    counts_E, token_index_R = torch.tensor(BALANCED), torch.arange(sum(BALANCED)) % 100
+    first = padded_blocks.layout(half, counts_E, token_index_R, 100, hidden=8)
+    assert padded_blocks.layout(half, counts_E, token_index_R, 100, hidden=8) is first
+    assert padded_blocks.layout(half, counts_E, token_index_R.clone(), 100, hidden=8) is not first
+    token_index_R[:2] = token_index_R[:2].flip(0)
+    changed = padded_blocks.layout(half, counts_E, token_index_R, 100, hidden=8)
+    assert changed is not first and changed.token_P[0] == 1
 
 
 def test_opcheck_registrations() -> None:

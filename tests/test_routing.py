@@ -20,7 +20,7 @@ from routing import (
     priority_order,
 )
 from routing.config import PriorityKind
-from routing.routers import ARGMAX_MAX_K, softmax_topk_plan, topk_lowest_id
+from routing.routers import ARGMAX_MAX_K, router_logits, softmax_topk_plan, topk_lowest_id
 
 # Four tokens, two experts, two choices each; capacity 2 (C=0.5: 0.5*2*4/2 = 2).
 IDS_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
@@ -315,3 +315,52 @@ def test_topk_lowest_id_above_argmax_k_matches_loops(seed: int) -> None:
         chosen[rows.unsqueeze(1), torch.tensor(expected)] = 1.0
         chosen[scores.detach().isnan()] = 0.0  # nansum leaves NaN picks out
         assert torch.equal(grad, chosen)
+
+
+# --- the router's matmul under autocast ---------------------------------------------
+
+
+def test_router_logits_stay_fp32_under_autocast_and_backpropagate_in_bf16() -> None:
+    """Under bf16 autocast the logits are the fp32 product (the choices are fp32's, bit
+    for bit); the backward's matmuls take bf16 operands, as every other linear's do
+    under autocast, and return fp32 gradients. Without autocast all of it is fp32."""
+    generator = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(*shape, generator=generator) for shape in ((64, 32), (8, 32), (64, 8)))
+    x_in, w_in = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router_logits(x_in, w_in)
+    assert logits.dtype == torch.float32 and torch.equal(logits, x @ w.t())
+    logits.backward(g)
+    g_bf16 = g.to(torch.bfloat16)
+    assert x_in.grad.dtype == torch.float32 and w_in.grad.dtype == torch.float32
+    assert torch.equal(x_in.grad, (g_bf16 @ w.to(torch.bfloat16)).float())
+    assert torch.equal(w_in.grad, (g_bf16.t() @ x.to(torch.bfloat16)).float())
+    torch.testing.assert_close(x_in.grad, g @ w, rtol=2**-6, atol=0.05)
+    torch.testing.assert_close(w_in.grad, g.t() @ x, rtol=2**-6, atol=0.2)
+    x_in, w_in = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    router_logits(x_in, w_in).backward(g)
+    torch.testing.assert_close(x_in.grad, g @ w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w_in.grad, g.t() @ x, rtol=1e-6, atol=1e-6)
+
+
+def test_a_router_under_autocast_chooses_as_in_fp32_and_compiles() -> None:
+    """The top-k router under bf16 autocast picks fp32's experts; compiled, it gives
+    eager's plan and gradients."""
+    torch.manual_seed(0)
+    router = TopKRouter(32, 16, RoutingConfig(top_k=4))
+    x = torch.randn(128, 32)
+
+    def run(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_in = x.clone().requires_grad_(True)
+        router.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plan = module(x_in)
+        (plan.weights_TK.square().sum() + plan.aux_loss).backward()
+        return plan.expert_ids_TK, x_in.grad, router.gate.weight.grad.clone()
+
+    ids, dx, dw = run(router)
+    assert torch.equal(ids, router(x).expert_ids_TK)
+    ids_c, dx_c, dw_c = run(torch.compile(router, backend="aot_eager", fullgraph=False))
+    assert torch.equal(ids_c, ids)
+    torch.testing.assert_close(dx_c, dx)
+    torch.testing.assert_close(dw_c, dw)

@@ -80,18 +80,18 @@ class PaddedBlocks:
     """Where each routed row sits in the [E, M] padded layout, and each token's rows.
 
     `position_R[r]`: row r's place in the flattened layout; `token_P[p]`: the token whose
-    row fills place p (the last token for padding places); `zeroed_token_P`: the same
-    with the padding places at T, the zero row `gather` appends where the padding must
-    be zero;
-    (`bag_positions`, `bag_offsets`): every token's places, as `embedding_bag`'s input
-    and offsets (tokens without rows get empty bags).
+    row fills place p. A padding place of expert e holds the token of e's first row: in
+    a weight gradient (x^T dh over e's places, the padding's dh zero) the padding then
+    adds exact zeros, or a NaN only where e's own rows already make the sum non-finite
+    (an inf in x); no other token's row reaches e. Experts without rows have their
+    gradient zeroed (`zero_empty`). (`bag_positions`, `bag_offsets`): every token's
+    places, as `embedding_bag`'s input and offsets (tokens without rows get empty bags).
     """
 
     def __init__(self, counts_E: Tensor, token_index_R: Tensor, num_tokens: int):
         counts = counts_E.tolist()
         self.experts = len(counts)
         self.height = padded_height(counts)
-        self.num_tokens = num_tokens
         num_rows = token_index_R.shape[0]
         counts_E = counts_E.to(torch.long)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
@@ -100,27 +100,26 @@ class PaddedBlocks:
         )
         row_in_block_R = torch.arange(num_rows) - starts_E[expert_R]
         self.position_R = expert_R * self.height + row_in_block_R
-        places = self.experts * self.height
-        self.zeroed_token_P = torch.full((places,), num_tokens, dtype=torch.long)
-        self.zeroed_token_P[self.position_R] = token_index_R
-        self.token_P = self.zeroed_token_P.clamp(max=max(num_tokens - 1, 0))
+        first_token_E = (
+            token_index_R[starts_E.clamp(max=num_rows - 1)]
+            if num_rows
+            else torch.zeros(self.experts, dtype=torch.long)
+        )
+        self.token_P = first_token_E.repeat_interleave(self.height)
+        self.token_P[self.position_R] = token_index_R
+        self.empty_E = (counts_E == 0).nonzero().squeeze(1)
         self.bag_positions = self.position_R[torch.argsort(token_index_R, stable=True)]
         rows_T = torch.bincount(token_index_R, minlength=num_tokens)
         self.bag_offsets = torch.cumsum(rows_T, 0) - rows_T
 
-    def gather(self, x_TD: Tensor, zero_padding: bool, dtype: torch.dtype | None = None) -> Tensor:
-        """[E, M, D]: the token rows of every place (in `dtype`, x's by default); padding
-        places hold a token's row, or zeros when `zero_padding` (where a product over
-        the padding is kept: an inf in that token times a zero would give NaN)."""
-        dtype = x_TD.dtype if dtype is None else dtype
-        if zero_padding:  # one copy of x with a zero row T appended (the cast in the copy)
-            source_TD = x_TD.new_empty(self.num_tokens + 1, x_TD.shape[1], dtype=dtype)
-            source_TD[: self.num_tokens].copy_(x_TD)
-            source_TD[self.num_tokens].zero_()
-            rows_PD = source_TD.index_select(0, self.zeroed_token_P)
-        else:
-            rows_PD = x_TD.to(dtype).index_select(0, self.token_P)
-        return rows_PD.view(self.experts, self.height, x_TD.shape[1])
+    def gather(self, x_TD: Tensor) -> Tensor:
+        """[E, M, D]: the token rows of every place."""
+        return x_TD.index_select(0, self.token_P).view(self.experts, self.height, x_TD.shape[1])
+
+    def zero_empty(self, dw_EXY: Tensor) -> Tensor:
+        """dw_EXY with the blocks of experts without rows zeroed (their padding-only
+        product read another expert's token)."""
+        return dw_EXY.index_fill_(0, self.empty_E, 0) if self.empty_E.numel() else dw_EXY
 
     def pad(self, rows_RH: Tensor) -> Tensor:
         """[E, M, H]: routed rows at their places, zeros in the padding."""
@@ -170,7 +169,7 @@ def layout(
 
 
 def gather_grouped_mm(blocks: PaddedBlocks, x_TD: Tensor, w_EDH: Tensor) -> Tensor:
-    return blocks.unpad(torch.bmm(blocks.gather(x_TD, zero_padding=False), w_EDH))
+    return blocks.unpad(torch.bmm(blocks.gather(x_TD), w_EDH))
 
 
 def gather_grouped_mm_backward(
@@ -187,8 +186,7 @@ def gather_grouped_mm_backward(
     if input_grad:
         dx_TD = blocks.sum_per_token(torch.bmm(dh_EMH, w_EDH.transpose(1, 2)))
     if weight_grad:
-        x_EMD = blocks.gather(x_TD, zero_padding=True)
-        dw_EDH = torch.bmm(x_EMD.transpose(1, 2), dh_EMH)
+        dw_EDH = blocks.zero_empty(torch.bmm(blocks.gather(x_TD).transpose(1, 2), dh_EMH))
     return dx_TD, dw_EDH
 
 
@@ -208,10 +206,11 @@ def grouped_mm_combine_backward(
     weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     weight_R1 = weight_R.to(h_RH.dtype).unsqueeze(1)
-    dy_EMD = blocks.gather(dy_TD, zero_padding=weight_grad, dtype=h_RH.dtype)
+    dy_EMD = blocks.gather(dy_TD.to(h_RH.dtype))
     g_RH = blocks.unpad(torch.bmm(dy_EMD, w_EHD.transpose(1, 2)))
     dw_EHD = h_RH.new_empty(0)
     if weight_grad:
-        dw_EHD = torch.bmm(blocks.pad(h_RH * weight_R1).transpose(1, 2), dy_EMD)
+        scaled_EMH = blocks.pad(h_RH * weight_R1)
+        dw_EHD = blocks.zero_empty(torch.bmm(scaled_EMH.transpose(1, 2), dy_EMD))
     dweight_R = (g_RH.to(weight_R.dtype) * h_RH.to(weight_R.dtype)).sum(1)
     return g_RH.mul_(weight_R1), dw_EHD, dweight_R

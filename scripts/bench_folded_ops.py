@@ -67,7 +67,7 @@ def _ops(E: int, H: int, dtype: torch.dtype) -> tuple[Callable[[], list[torch.Te
             *fused.grouped_mm_combine_backward(dy, h, w2, bwd_R, weight, counts_E, True),
         ]
 
-    places = E * padded_blocks.padded_height(counts_E.tolist())
+    places = padded_blocks.padded_places(counts_E.tolist())
     return run, places
 
 

@@ -217,7 +217,7 @@ def _count_padded_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # it leaves to the spans (one expert with most rows).
 BALANCED = [70, 66, 72, 69, 71, 64, 70, 68]
 BALANCED_WITH_EMPTY = [70, 66, 0, 72, 69, 71, 64, 70]  # an expert without rows in the middle
-SKEWED = [70, 0, 131, 3] + [5] * 16
+SKEWED = [200, 0, 100, 50, 25, 12, 6, 3, 1] + [0] * 8  # geometric: no two tiers fit it
 
 
 @pytest.mark.parametrize("span", ["expert", "few"])
@@ -233,14 +233,22 @@ def test_folded_ops_under_bf16_autocast_match_the_fp32_loop(
     assert calls == [], "a skewed load stays on the span path"
 
 
+FULL = [80, 77, 80, 79, 80, 78, 80, 80]  # one tier: no overflow tier saves places
+
+
 @pytest.mark.parametrize(
-    ("counts", "seed"), [(BALANCED, 7), (BALANCED, 8), (BALANCED_WITH_EMPTY, 9)]
+    ("counts", "seed", "tiers"),
+    [(BALANCED, 7, 2), (BALANCED, 8, 2), (BALANCED_WITH_EMPTY, 9, 2), (FULL, 10, 1)],
 )
 def test_padded_layout_under_bf16_autocast_matches_the_fp32_loop(
-    counts: list[int], seed: int, monkeypatch: pytest.MonkeyPatch
+    counts: list[int], seed: int, tiers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 autocast with a balanced load: every op and backward runs on the padded
-    blocks of `moe.ops.padded_blocks` (one bmm per matmul, sums by embedding_bag)."""
+    blocks of `moe.ops.padded_blocks` (one bmm per matmul and tier, sums by
+    embedding_bag), in one tier or with the largest experts' rows beyond the first
+    height in a second."""
+    token_index_R = torch.zeros(sum(counts), dtype=torch.long)
+    assert len(padded_blocks.PaddedBlocks(torch.tensor(counts), token_index_R, 9).tiers) == tiers
     calls = _count_padded_calls(monkeypatch)
     _check_bf16_autocast_against_the_fp32_loop(counts, seed=seed)
     assert sorted(calls) == [

@@ -180,8 +180,10 @@ def topk_lowest_id(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     pick is the lowest unpicked id, as the sort would give.
 
     For larger k (eagerly, k < E): `torch.topk` of k + 1, exact when the k-th score is
-    strictly above the (k+1)-th in every row (the chosen set is then the sort's), the k
-    put in the sort's order by a stable sort of k entries per token; otherwise the full
+    strictly above the (k+1)-th in every row (the chosen set is then the sort's), in
+    topk's order where the k scores are distinct in every row (the usual case; at E=128,
+    K=8, 4096 tokens: 4.2 -> 3.1 ms), else put in the sort's order by a stable sort of k
+    entries per token; otherwise the full
     sort (at E=128, K=8, 4096 tokens, 2 threads: the sort 40-80 ms, topk 10-16 ms)."""
     num_experts = scores_TE.shape[-1]
     if not 0 <= k <= num_experts:
@@ -212,8 +214,13 @@ def _topk_if_unique(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     the k-th place leaves the set to the tie-break: the k-th score must be strictly
     above the (k+1)-th in every row (NaN compares false). One host sync."""
     values_TX, ids_TX = torch.topk(scores_TE.detach(), k + 1, dim=-1)
-    if not bool((values_TX[..., k - 1] > values_TX[..., k]).all()):
+    # Which places hold a score strictly above the next, in every row (one host sync).
+    strict = (values_TX[..., :-1] > values_TX[..., 1:]).reshape(-1, k).all(dim=0).tolist()
+    if not strict[k - 1]:
         return None
+    if all(strict):  # no ties among the k: topk's order is the sort's (the usual case)
+        ids_TK = ids_TX[..., :k]
+        return scores_TE.gather(-1, ids_TK), ids_TK
     # The sort's order within the set: higher score first, equal scores by lower id
     # (NaN first, as the descending sort puts it): ids ascending, then a stable sort.
     ids_TK, order_TK = torch.sort(ids_TX[..., :k], dim=-1)

@@ -1,5 +1,5 @@
 """The folded expert ops (`moe.ops.fused`) in half precision on CPU: every expert's rows
-padded to one block height and multiplied by one `torch.bmm` per matmul.
+padded to a common block height and multiplied by one `torch.bmm` per matmul and tier.
 
 Why: the block workers' per-expert `torch.mm`s suit fp32, where a [256, 512] x [512, 64]
 block runs at the large-matmul rate. In bf16 the same blocks lose most of what bf16
@@ -7,26 +7,33 @@ gains: oneDNN builds a kernel per shape (hence the bucketed row counts of
 `moe.ops.row_buckets`, paid for with a D-wide zero-padded copy of most blocks), a
 per-block call costs more than its FLOPs, and the fp32 sums are a D-wide conversion and
 an `index_add_` per span. Here the E blocks of one matmul are one [E, M, D] x [E, D, H]
-`bmm` (M: the largest expert's rows, rounded up), the gathers are one `index_select` into
-the padded layout, and every sum over a token's rows is one `embedding_bag` (it sums
-bf16/fp16 rows in fp32 and rounds once, like the span path's fp32 accumulators).
+`bmm`, the gathers are one `index_select` into the padded layout, and every sum over a
+token's rows is one `embedding_bag` (it sums bf16/fp16 rows in fp32 and rounds once,
+like the span path's fp32 accumulators).
+
+M sits near the mean load rather than at the largest expert: the rows beyond M of the
+experts that have more go to a second, shorter tier of blocks (`padded_heights`), which
+at top-8 of 128 experts of a random router cuts the padded rows per routed row from
+1.25 to 1.10. The layout of a routing is built once and shared by the four ops of a
+layer, forward and backward (`layout`).
 
 Measured (`scripts/bench_folded_ops.py`: T=4096, D=512, top-8 of a random router, the
 four ops forward and backward, 2 threads, heap reuse, AMD EPYC with avx512_bf16,
-2026-12-05): bf16 E=128 H=64 73 ms here against 118 ms on the span path, E=256 H=32 61
-against 125, E=64 H=128 107 against 137; fp32 gains nothing (138 against 140 ms at
-E=128, 208 against 205 at E=64), so fp32 keeps the span path.
+2026-12-05): bf16 E=128 H=64 about 70 ms here against 118-132 ms on the span path,
+E=256 H=32 55-62 against 125-154, E=64 H=128 107-123 against 137-164; fp32 gains
+nothing (138 against 140 ms at E=128, 208 against 205 at E=64), so fp32 keeps the span
+path.
 
 The padding costs FLOPs and memory in proportion to the imbalance, so the layout is used
 only while the padded rows are at most `max_padded_ratio(H)` times the routed rows (a
-collapsed router, one expert taking most rows, falls back to the span path). Each op
-holds one transient [E*M, D] buffer at a time (a gather or a matmul's output); nothing of
-[R, D] is kept for the backward, which re-gathers. A bf16 step's peak memory is
-therefore about the unfolded layer's rather than the span path's (E=128: 199 against
-140 MB, `bench_layer.py --fine-grained --dtype bf16`).
+load spread over many levels, which two tiers cannot fit, falls back to the span path).
+Each op holds one transient [P, D] buffer at a time (a gather or a matmul's output);
+nothing of [R, D] is kept for the backward, which re-gathers. A bf16 step's peak memory
+is therefore about the unfolded layer's rather than the span path's (E=128: 181-203
+against 140 MB, `bench_layer.py --fine-grained --dtype bf16`).
 
 Shapes: T tokens, R routed rows (sorted by expert), D model width, H expert hidden
-width, E experts, M rows of a padded block.
+width, E experts, M rows of a first-tier block, P padded places (all tiers).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from routing import (
     priority_order,
 )
 from routing.config import PriorityKind
-from routing.routers import ARGMAX_MAX_K, router_logits, softmax_topk_plan, topk_lowest_id
+from routing.routers import router_logits, softmax_topk_plan
+from routing.topk import ARGMAX_MAX_K, topk_lowest_id
 
 # Four tokens, two experts, two choices each; capacity 2 (C=0.5: 0.5*2*4/2 = 2).
 IDS_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])

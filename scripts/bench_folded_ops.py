@@ -57,14 +57,17 @@ def _ops(E: int, H: int, dtype: torch.dtype) -> tuple[Callable[[], list[torch.Te
     weight = torch.rand(T * K, generator=gen)
 
     def run() -> list[torch.Tensor]:
+        # A fresh routing per call, one for the forward ops and one for the backward
+        # ones, as a step has them: the padded layout is built twice, as in a step.
+        fwd_R, bwd_R = token_index_R.clone(), token_index_R.clone()
         return [
-            fused.gather_grouped_mm(x, w1, token_index_R, counts_E),
-            *fused.gather_grouped_mm_backward(dh, x, w1, token_index_R, counts_E, True, True),
-            fused.grouped_mm_combine(h, w2, token_index_R, weight, counts_E, T),
-            *fused.grouped_mm_combine_backward(dy, h, w2, token_index_R, weight, counts_E, True),
+            fused.gather_grouped_mm(x, w1, fwd_R, counts_E),
+            *fused.gather_grouped_mm_backward(dh, x, w1, bwd_R, counts_E, True, True),
+            fused.grouped_mm_combine(h, w2, fwd_R, weight, counts_E, T),
+            *fused.grouped_mm_combine_backward(dy, h, w2, bwd_R, weight, counts_E, True),
         ]
 
-    places = E * padded_blocks.padded_height(counts_E.tolist(), dtype)
+    places = padded_blocks.padded_places(counts_E.tolist())
     return run, places
 
 

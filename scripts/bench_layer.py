@@ -13,7 +13,9 @@ Implementations (same input, same upstream gradient, gradients dropped between s
 128 and 256 narrow experts, T=4096, D=512): our layer dropless (`moe`), the same layer
 with the experts on the permuted rows (`moe_unfolded`: gather, grouped matmuls, weighted
 combine as separate passes, the layout every configuration used before the experts
-folded the permute into their matmuls) and the dense floor.
+folded the permute into their matmuls) and the dense floor. `--with-one-tier` adds
+`moe_one_tier`: our layer with the bf16 padded blocks in one tier (every expert padded
+to the largest), to measure the second tier in the same run.
 
 `--dtype bf16` runs every implementation as a bf16 training step runs
 (`train.precision=bf16`): fp32 parameters (the master weights), the forward under
@@ -71,6 +73,7 @@ from _bench_utils import (
 from launch.training.allocator import reuse_heap
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
+from moe.ops import padded_blocks
 from moe.precision import BF16_CPU_FLAGS, cpu_flags
 from routing import RoutingConfig
 
@@ -80,9 +83,11 @@ FINE_GRAINED = ("moe", "moe_unfolded", "dense")
 CAPACITY_FACTOR = 1.25
 
 
-def implementations(dtype: str, fine_grained: bool = False, unfolded: bool = False) -> list[str]:
+def implementations(
+    dtype: str, fine_grained: bool = False, unfolded: bool = False, one_tier: bool = False
+) -> list[str]:
     if fine_grained:
-        return list(FINE_GRAINED)
+        return list(FINE_GRAINED) + (["moe_one_tier"] if one_tier else [])
     names = list(IMPLEMENTATIONS) + (list(BF16_ONLY) if dtype == "bf16" else [])
     return names + (["moe_unfolded"] if unfolded else [])
 
@@ -166,9 +171,27 @@ def init_deepspeed_single_rank() -> None:
         )
 
 
+def _in_one_tier(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with the padded blocks' second tier off (no tier saves all the places)."""
+
+    def one_tier_step() -> None:
+        saving = padded_blocks.OVERFLOW_MIN_SAVING
+        padded_blocks.OVERFLOW_MIN_SAVING = 1.0
+        try:
+            step()
+        finally:
+            padded_blocks.OVERFLOW_MIN_SAVING = saving
+
+    return one_tier_step
+
+
 def build_runner(implementation: str, cfg: BenchConfig, dtype: str = "fp32") -> Runner:
     torch.manual_seed(0)
     autocast = dtype == "bf16"
+    if implementation == "moe_one_tier":
+        runner = build_runner("moe", cfg, dtype)
+        runner.step = _in_one_tier(runner.step)  # type: ignore[method-assign]
+        return runner
     if implementation in ("moe", "moe_capacity", "moe_bf16_params", "moe_fp32", "moe_unfolded"):
         routing = RoutingConfig(
             top_k=cfg.K,
@@ -279,6 +302,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--with-unfolded", action="store_true",
         help="also time our layer with the experts on the permuted rows (moe_unfolded)",
     )  # fmt: skip
+    parser.add_argument(
+        "--with-one-tier", action="store_true",
+        help="--fine-grained: also time our layer with the padded blocks in one tier",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument(
         "--peak-of", choices=IMPLEMENTATIONS + BF16_ONLY + FINE_GRAINED, help=argparse.SUPPRESS
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
 
         progress_bar = tqdm(total=len(configs) * repeats, desc="timing rounds", file=sys.stderr)
     rows = []
-    names = implementations(args.dtype, args.fine_grained, args.with_unfolded)
+    names = implementations(args.dtype, args.fine_grained, args.with_unfolded, args.with_one_tier)
     for cfg in configs:
         rounds = time_config(
             cfg, names, repeats, progress_bar.update if progress_bar else None, args.dtype
@@ -321,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
         if "moe_unfolded" in rounds:
             row["unfolded_over_moe_round_median"] = round_ratio_median(
                 rounds["moe_unfolded"], rounds["moe"]
+            )
+        if "moe_one_tier" in rounds:
+            row["one_tier_over_moe_round_median"] = round_ratio_median(
+                rounds["moe_one_tier"], rounds["moe"]
             )
         if "moe_fp32" in rounds:
             row["fp32_over_bf16_round_median"] = round_ratio_median(
@@ -348,6 +379,11 @@ def main(argv: list[str] | None = None) -> None:
             + (
                 f"; unfolded/moe {row['unfolded_over_moe_round_median']:.2f}"
                 if "unfolded_over_moe_round_median" in row
+                else ""
+            )
+            + (
+                f"; one tier/two tiers {row['one_tier_over_moe_round_median']:.2f}"
+                if "one_tier_over_moe_round_median" in row
                 else ""
             )
         )

@@ -108,3 +108,25 @@ def test_quick_fine_grained_benchmark(tmp_path: Path) -> None:
             assert math.isfinite(config[key]) and config[key] > 0, (key, config[key])
         for key in ("moe_peak_mb", "moe_unfolded_peak_mb", "dense_peak_mb"):
             assert math.isfinite(config[key]) and config[key] >= 0, (key, config[key])
+
+
+@pytest.mark.slow
+def test_quick_fine_grained_bf16_with_one_tier(tmp_path: Path) -> None:
+    """`--fine-grained --dtype bf16 --with-one-tier`: the padded blocks in one tier timed
+    beside ours, their ratio reported."""
+    json_path = tmp_path / "tiers.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, str(ROOT / "scripts" / "bench_layer.py"), "--quick", "--fine-grained",
+        "--dtype", "bf16", "--with-one-tier", "--no-memory", "--threads", "1",
+        "--repeats", "2", "--json", str(json_path),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "one tier/two tiers" in done.stdout
+    for config in json.loads(json_path.read_text())["configs"]:
+        assert set(config["round_ms"]) == {"moe", "moe_unfolded", "dense", "moe_one_tier"}
+        ratio = config["one_tier_over_moe_round_median"]
+        assert math.isfinite(ratio) and ratio > 0

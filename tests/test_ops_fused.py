@@ -16,7 +16,7 @@ import torch
 
 from moe import ops
 from moe.layer import MoELayer
-from moe.ops import fused, padded_blocks
+from moe.ops import fused, spans
 from routing import RoutingConfig
 
 BF16_TOLERANCE = {"rtol": 2**-6, "atol": 2e-3}
@@ -85,7 +85,7 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _check_both_ops(counts: list[int], dtype: torch.dtype, threads: int) -> None:
     """Both ops (and their backward) against the loops, every span size case of the
-    module: the caller sets `fused.SPAN_ROWS`."""
+    module: the caller sets `spans.SPAN_ROWS`."""
     token_index_R, expert_R, x, w1, w2, weight, dy = _inputs(counts, dtype)
     counts_E, num_tokens = torch.tensor(counts), x.shape[0]
     previous = torch.get_num_threads()
@@ -112,7 +112,7 @@ def _check_both_ops(counts: list[int], dtype: torch.dtype, threads: int) -> None
         torch.testing.assert_close(got.grad, want.grad, **_tolerance(dtype), msg=name)
 
 
-# Rows per span (`fused.SPAN_ROWS`): every expert its own span, a few experts per span,
+# Rows per span (`spans.SPAN_ROWS`): every expert its own span, a few experts per span,
 # everything in one span.
 SPAN_ROWS = {"expert": 1, "few": 4, "all": 1 << 20}
 
@@ -123,7 +123,7 @@ SPAN_ROWS = {"expert": 1, "few": 4, "all": 1 << 20}
 def test_folded_ops_match_loops(
     case: str, dtype: torch.dtype, span: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fused, "SPAN_ROWS", SPAN_ROWS[span])
+    monkeypatch.setattr(spans, "SPAN_ROWS", SPAN_ROWS[span])
     _check_both_ops(COUNTS[case], dtype, threads=1)
 
 
@@ -134,9 +134,9 @@ def test_folded_ops_on_the_block_workers_match_loops(
 ) -> None:
     """Two threads: from `POOL_MIN_SPANS` spans on they share out to the block workers,
     each adding into its own sums."""
-    monkeypatch.setattr(fused, "SPAN_ROWS", SPAN_ROWS[span])
+    monkeypatch.setattr(spans, "SPAN_ROWS", SPAN_ROWS[span])
     counts = COUNTS[case]
-    assert len(fused._Spans(torch.tensor(counts), sum(counts)).items) >= fused.POOL_MIN_SPANS
+    assert len(spans.Spans(torch.tensor(counts), sum(counts)).items) >= spans.POOL_MIN_SPANS
     _check_both_ops(COUNTS[case], torch.float32, threads=2)
 
 
@@ -194,100 +194,6 @@ def _check_bf16_autocast_against_the_fp32_loop(counts: list[int], seed: int) -> 
         torch.testing.assert_close(
             got.grad, want.grad, **_scaled(BF16_TOLERANCE, want.grad), msg=name
         )
-
-
-def _count_padded_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the `moe.ops.padded_blocks` ops the folded ops call from now on."""
-    calls: list[str] = []
-    for name in (
-        "gather_grouped_mm", "gather_grouped_mm_backward",
-        "grouped_mm_combine", "grouped_mm_combine_backward",
-    ):  # fmt: skip
-        original = getattr(padded_blocks, name)
-
-        def spy(*args, original=original, name=name):  # type: ignore[no-untyped-def]
-            calls.append(name)
-            return original(*args)
-
-        monkeypatch.setattr(padded_blocks, name, spy)
-    return calls
-
-
-# A load the padded layout takes (E * M within `max_padded_ratio` of the rows) and one
-# it leaves to the spans (one expert with most rows).
-BALANCED = [70, 66, 72, 69, 71, 64, 70, 68]
-SKEWED = [70, 0, 131, 3] + [5] * 16
-
-
-@pytest.mark.parametrize("span", ["expert", "few"])
-def test_folded_ops_under_bf16_autocast_match_the_fp32_loop(
-    span: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """bf16 autocast on the span path (a skewed load): the matmuls take bf16 operands
-    (blocks over 64 rows multiplied at bucketed row counts), the routing weights stay
-    fp32, the sums are fp32 rounded once."""
-    monkeypatch.setattr(fused, "SPAN_ROWS", SPAN_ROWS[span])
-    calls = _count_padded_calls(monkeypatch)
-    _check_bf16_autocast_against_the_fp32_loop(SKEWED, seed=7)
-    assert calls == [], "a skewed load stays on the span path"
-
-
-@pytest.mark.parametrize("seed", [7, 8])
-def test_padded_layout_under_bf16_autocast_matches_the_fp32_loop(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """bf16 autocast with a balanced load: every op and backward runs on the padded
-    blocks of `moe.ops.padded_blocks` (one bmm per matmul, sums by embedding_bag)."""
-    calls = _count_padded_calls(monkeypatch)
-    _check_bf16_autocast_against_the_fp32_loop(BALANCED, seed=seed)
-    assert sorted(calls) == [
-        "gather_grouped_mm", "gather_grouped_mm_backward",
-        "grouped_mm_combine", "grouped_mm_combine_backward",
-    ]  # fmt: skip
-
-
-def test_padded_layout_applies_within_its_bound() -> None:
-    half = torch.zeros(1, dtype=torch.bfloat16)
-    balanced, skewed = torch.tensor(BALANCED), torch.tensor(SKEWED)
-    assert padded_blocks.applies(half, balanced, sum(BALANCED), hidden=128)
-    assert not padded_blocks.applies(half, skewed, sum(SKEWED), hidden=8)
-    assert not padded_blocks.applies(half.float(), balanced, sum(BALANCED), 8), "fp32: spans"
-    assert not padded_blocks.applies(half, torch.zeros(4, dtype=torch.long), 0, 8)
-    # 4 blocks of 48 places for 128 rows: 1.5 padded places a row, within the bound of
-    # narrow experts and beyond that of wide ones.
-    uneven = torch.tensor([48, 32, 24, 24])
-    assert padded_blocks.applies(half, uneven, 128, hidden=32)
-    assert not padded_blocks.applies(half, uneven, 128, hidden=128)
-
-
-def test_padded_sums_stay_in_fp32_until_rounded_once() -> None:
-    """A token's rows summed by the padded layout: 1 and 256 rows of 2^-9 give 1.5 (a
-    bf16 running sum would stay at 1)."""
-    rows = torch.cat([torch.ones(1, 2), torch.full((256, 2), 2.0**-9)]).to(torch.bfloat16)
-    counts_E = torch.tensor([257])
-    blocks = padded_blocks.PaddedBlocks(counts_E, torch.zeros(257, dtype=torch.long), 3, rows.dtype)
-    summed = blocks.sum_per_token(blocks.pad(rows))
-    assert summed.dtype == torch.bfloat16
-    torch.testing.assert_close(summed.float(), torch.tensor([[1.5, 1.5], [0, 0], [0, 0]]))
-
-
-def test_padded_weight_gradients_ignore_the_padding_rows() -> None:
-    """Padding places read token 0; an inf in token 0 must not reach the weight
-    gradient of an expert token 0 is not routed to (inf * 0 = NaN)."""
-    counts = BALANCED
-    token_index_R, _, x, w1, w2, weight, dy = _inputs(counts, torch.float32, seed=2)
-    token_index_R = token_index_R.clamp(min=1)  # token 0 gets no row
-    x, dy = x.to(torch.bfloat16), dy.to(torch.bfloat16)
-    x[0], dy[0] = float("inf"), float("inf")
-    counts_E = torch.tensor(counts)
-    h = torch.randn(sum(counts), w1.shape[2]).to(torch.bfloat16)
-    _, dw1 = fused.gather_grouped_mm_backward(
-        h, x, w1.to(torch.bfloat16), token_index_R, counts_E, True, True
-    )
-    _, dw2, _ = fused.grouped_mm_combine_backward(
-        dy, h, w2.to(torch.bfloat16), token_index_R, weight, counts_E, True
-    )
-    assert torch.isfinite(dw1).all() and torch.isfinite(dw2).all()
 
 
 def test_opcheck_registrations() -> None:

@@ -110,7 +110,10 @@ def tracked_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainRes
 def test_bf16_training_tracks_fp32(tracked_runs: dict[str, TrainResult]) -> None:
     """Same data, same initial weights: bf16 losses stay within a few percent of fp32's
     at every step (measured: 1.9% at worst, 0.4% on average) and the validation loss
-    within 1% (measured 0.1%), yet they are not fp32's (bf16 really ran)."""
+    within 2% at step 25 and 1% at step 50, yet they are not fp32's (bf16 really ran).
+    Measured over seeds 0-7: at step 25, where the loss still falls fast, 0.03-1.1%
+    (0.01-1.45% with the router's backward in fp32, as before 2026-12-05); at step
+    50 at most 0.35% (0.33%)."""
     fp32, bf16 = (np.array(tracked_runs[p].losses) for p in ("fp32", "bf16"))
     assert len(fp32) == len(bf16) == STEPS
     relative = np.abs(bf16 - fp32) / fp32
@@ -118,8 +121,9 @@ def test_bf16_training_tracks_fp32(tracked_runs: dict[str, TrainResult]) -> None
     assert relative.mean() < 0.01, relative
     assert relative.max() > 1e-4, "bf16 losses equal fp32's: the run did not compute in bf16"
     assert bf16[-5:].mean() < 0.6 * bf16[:5].mean()  # it learns
-    for got, want in zip(tracked_runs["bf16"].evaluations, tracked_runs["fp32"].evaluations):
-        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=0.01)
+    evaluations = zip(tracked_runs["bf16"].evaluations, tracked_runs["fp32"].evaluations)
+    for (got, want), rel in zip(evaluations, (0.02, 0.01), strict=True):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=rel)
 
 
 def test_the_run_records_its_precision(tracked_runs: dict[str, TrainResult]) -> None:

@@ -20,7 +20,8 @@ from routing import (
     priority_order,
 )
 from routing.config import PriorityKind
-from routing.routers import ARGMAX_MAX_K, softmax_topk_plan, topk_lowest_id
+from routing.routers import router_logits, softmax_topk_plan
+from routing.topk import ARGMAX_MAX_K, topk_lowest_id
 
 # Four tokens, two experts, two choices each; capacity 2 (C=0.5: 0.5*2*4/2 = 2).
 IDS_TK = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
@@ -288,8 +289,9 @@ def test_topk_lowest_id_matches_loops_with_ties_inf_and_nan(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_topk_lowest_id_above_argmax_k_matches_loops(seed: int) -> None:
     """k > `ARGMAX_MAX_K` (top-8 routing): `torch.topk` where the k-th score is strictly
-    above the next, the sort otherwise. Continuous scores with ties planted inside the
-    chosen set, at its boundary, and NaN; values and gradients against the loops."""
+    above the next, the sort otherwise. Continuous scores without ties (topk's own
+    order), with ties planted inside the chosen set, at its boundary, and NaN; values
+    and gradients against the loops."""
     gen = torch.Generator().manual_seed(seed)
     for trial in range(40):
         num_tokens, num_experts = 6, int(torch.randint(ARGMAX_MAX_K + 2, 20, (1,), generator=gen))
@@ -297,7 +299,8 @@ def test_topk_lowest_id_above_argmax_k_matches_loops(seed: int) -> None:
         scores = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64)
         order = scores.argsort(dim=-1, descending=True)
         rows = torch.arange(num_tokens)
-        scores[rows, order[:, 1]] = scores[rows, order[:, 0]]  # a tie inside the set
+        if trial % 5:
+            scores[rows, order[:, 1]] = scores[rows, order[:, 0]]  # a tie inside the set
         if trial % 3 == 1:  # a tie across the boundary in one row
             scores[0, order[0, k]] = scores[0, order[0, k - 1]]
         if trial % 4 == 2:
@@ -315,3 +318,52 @@ def test_topk_lowest_id_above_argmax_k_matches_loops(seed: int) -> None:
         chosen[rows.unsqueeze(1), torch.tensor(expected)] = 1.0
         chosen[scores.detach().isnan()] = 0.0  # nansum leaves NaN picks out
         assert torch.equal(grad, chosen)
+
+
+# --- the router's matmul under autocast ---------------------------------------------
+
+
+def test_router_logits_stay_fp32_under_autocast_and_backpropagate_in_bf16() -> None:
+    """Under bf16 autocast the logits are the fp32 product (the choices are fp32's, bit
+    for bit); the backward's matmuls take bf16 operands, as every other linear's do
+    under autocast, and return fp32 gradients. Without autocast all of it is fp32."""
+    generator = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(*shape, generator=generator) for shape in ((64, 32), (8, 32), (64, 8)))
+    x_in, w_in = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router_logits(x_in, w_in)
+    assert logits.dtype == torch.float32 and torch.equal(logits, x @ w.t())
+    logits.backward(g)
+    g_bf16 = g.to(torch.bfloat16)
+    assert x_in.grad.dtype == torch.float32 and w_in.grad.dtype == torch.float32
+    assert torch.equal(x_in.grad, (g_bf16 @ w.to(torch.bfloat16)).float())
+    assert torch.equal(w_in.grad, (g_bf16.t() @ x.to(torch.bfloat16)).float())
+    torch.testing.assert_close(x_in.grad, g @ w, rtol=2**-6, atol=0.05)
+    torch.testing.assert_close(w_in.grad, g.t() @ x, rtol=2**-6, atol=0.2)
+    x_in, w_in = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    router_logits(x_in, w_in).backward(g)
+    torch.testing.assert_close(x_in.grad, g @ w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w_in.grad, g.t() @ x, rtol=1e-6, atol=1e-6)
+
+
+def test_a_router_under_autocast_chooses_as_in_fp32_and_compiles() -> None:
+    """The top-k router under bf16 autocast picks fp32's experts; compiled, it gives
+    eager's plan and gradients."""
+    torch.manual_seed(0)
+    router = TopKRouter(32, 16, RoutingConfig(top_k=4))
+    x = torch.randn(128, 32)
+
+    def run(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_in = x.clone().requires_grad_(True)
+        router.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plan = module(x_in)
+        (plan.weights_TK.square().sum() + plan.aux_loss).backward()
+        return plan.expert_ids_TK, x_in.grad, router.gate.weight.grad.clone()
+
+    ids, dx, dw = run(router)
+    assert torch.equal(ids, router(x).expert_ids_TK)
+    ids_c, dx_c, dw_c = run(torch.compile(router, backend="aot_eager", fullgraph=False))
+    assert torch.equal(ids_c, ids)
+    torch.testing.assert_close(dx_c, dx)
+    torch.testing.assert_close(dw_c, dw)

@@ -7,7 +7,9 @@ and `torch.compile`): `grouped_mm`, `grouped_mm_wgrad`, `gather_rows`,
 - `moe.ops.cuda`: the CUDA implementations, registered here when Triton is installed;
 - `moe.ops.kernels`: the Triton kernels behind them;
 - `moe.ops.fused`: `gather_grouped_mm` and `grouped_mm_combine`, the expert matmuls
-  with the permute's gather and the unpermute's weighted combine folded in;
+  with the permute's gather and the unpermute's weighted combine folded in; on CPU
+  implemented by `moe.ops.spans` (the block workers) and `moe.ops.padded_blocks` (bf16,
+  one `bmm` per matmul), half-precision blocks at the row counts of `moe.ops.row_buckets`;
 - `moe.ops.int8`: the int8-weight grouped matmul of the int8 experts;
 - `moe.ops.autocast`: the ops' rules under `torch.autocast` (registered here).
 """

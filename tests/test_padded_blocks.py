@@ -170,3 +170,31 @@ def test_padded_layout_is_built_once_per_routing(monkeypatch: pytest.MonkeyPatch
     token_index_R[:2] = token_index_R[:2].flip(0)
     changed = padded_blocks.layout(half, counts_E, token_index_R, 100, hidden=8)
     assert changed is not first and changed.token_P[0] == 1
+
+
+def test_padded_layout_under_inference_mode_matches_no_grad(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under `torch.inference_mode` (no version counter to check a cached layout by) the
+    layout is built by each op, and the bf16 layer gives what it gives under `no_grad`
+    (where the forward's two ops share one)."""
+    builds: list[int] = []
+    init = padded_blocks.PaddedBlocks.__init__
+
+    def counted(self, *args):  # type: ignore[no-untyped-def]
+        builds.append(1)
+        init(self, *args)
+
+    monkeypatch.setattr(padded_blocks.PaddedBlocks, "__init__", counted)
+    torch.manual_seed(0)
+    layer = MoELayer(64, 16, 16, RoutingConfig(top_k=4), activation="gelu").eval()
+    x = torch.randn(256, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            want = layer(x).y
+        assert len(builds) == 1
+        with torch.inference_mode():
+            got = layer(x).y
+        assert len(builds) == 3
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -198,3 +198,42 @@ def test_padded_layout_under_inference_mode_matches_no_grad(
         assert len(builds) == 3
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _fewest_places_by_loops(counts: list[int]) -> int:
+    """The fewest padded places over one tier and every two-tier split at a multiple of
+    16 rows, each tier's height exact up to 64 rows and a multiple of 16 above."""
+
+    def height(rows: int) -> int:
+        return rows if rows <= 64 else (rows + 15) // 16 * 16
+
+    fewest = len(counts) * height(max(counts))
+    for first in range(16, height(max(counts)), 16):
+        beyond = [count - first for count in counts if count > first]
+        if beyond:
+            fewest = min(fewest, len(counts) * first + len(beyond) * height(max(beyond)))
+    return fewest
+
+
+def test_padded_heights_find_the_fewest_places() -> None:
+    """Random routings, balanced to skewed: the chosen heights give the fewest places of
+    any split (the second tier taken only when it saves 1/16 of one tier's places)."""
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(200):
+        experts = int(torch.randint(4, 257, (1,), generator=generator))
+        tokens = int(torch.randint(64, 8192, (1,), generator=generator))
+        top_k = int(torch.randint(1, min(8, experts) + 1, (1,), generator=generator))
+        skew = 3 * float(torch.rand(1, generator=generator))
+        logits = torch.randn(tokens, experts, generator=generator)
+        logits += skew * torch.randn(experts, generator=generator)
+        counts = torch.bincount(logits.topk(top_k).indices.flatten(), minlength=experts).tolist()
+        if max(counts) <= 64:
+            continue
+        places, fewest = padded_blocks.padded_places(counts), _fewest_places_by_loops(counts)
+        one_tier = experts * padded_blocks.padded_heights([max(counts)])[0]
+        assert places == fewest or (
+            places == one_tier and fewest > (1 - padded_blocks.OVERFLOW_MIN_SAVING) * one_tier
+        ), (counts, places, fewest)
+        checked += 1
+    assert checked > 100

@@ -5,7 +5,7 @@ learned 2-way projection of x), and the optional shared expert (Qwen2-MoE: out =
 expert_out + sigmoid(x w_g) * shared_mlp(x), or without the gate expert_out +
 shared_mlp(x)). The shared expert is a dense MLP of the layer, replicated like every dense
 weight (not sharded over the expert-parallel group), computed on its own: as S/H extra
-experts inside the routed pass (SGLang's shared-experts fusion) it measured 1.08-1.29x
+experts inside the routed pass (SGLang's shared-experts fusion) it measured 1.08-1.25x
 slower in training and no faster in decode-sized forwards on CPU
 (`scripts/bench_folded_ops.py --shared-expert`, docs/BENCHMARKS.md).
 

@@ -402,8 +402,8 @@ def _interpreter_dtypes(device: str) -> tuple[torch.dtype, ...]:
 def check_int8_kernel(device: str) -> None:
     """The Triton kernel (and `Int8Experts` through it) against the CPU path."""
     from moe.ops import int8
-    from moe.ops.kernels.grouped_gemm import GemmBlocks
     from moe.ops.kernels.int8_grouped_gemm import int8_grouped_mm
+    from moe.ops.kernels.tiles import GemmBlocks
 
     small = GemmBlocks(16, 16, 16)
     for case, counts in enumerate(KERNEL_COUNTS):

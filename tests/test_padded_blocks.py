@@ -141,10 +141,8 @@ def test_padded_weight_gradients_keep_a_non_finite_token_to_its_experts() -> Non
         assert not dw1[empty].any() and not dw2[empty].any()
 
 
-def test_padded_layout_is_built_once_per_routing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bf16 layer step builds the padded layout once (its four folded ops share it
-    through the routing's token_index_R); an in-place change to the rows, or another
-    routing, builds a new one."""
+def _count_layout_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gains an entry each time a padded layout is built from now on."""
     builds: list[int] = []
     init = padded_blocks.PaddedBlocks.__init__
 
@@ -153,6 +151,14 @@ def test_padded_layout_is_built_once_per_routing(monkeypatch: pytest.MonkeyPatch
         init(self, *args)
 
     monkeypatch.setattr(padded_blocks.PaddedBlocks, "__init__", counted)
+    return builds
+
+
+def test_padded_layout_is_built_once_per_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 layer step builds the padded layout once (its four folded ops share it
+    through the routing's token_index_R); an in-place change to the rows, or another
+    routing, builds a new one."""
+    builds = _count_layout_builds(monkeypatch)
     torch.manual_seed(0)
     layer = MoELayer(64, 16, 16, RoutingConfig(top_k=4), activation="gelu")
     x = torch.randn(256, 64, requires_grad=True)
@@ -178,14 +184,7 @@ def test_padded_layout_under_inference_mode_matches_no_grad(
     """Under `torch.inference_mode` (no version counter to check a cached layout by) the
     layout is built by each op, and the bf16 layer gives what it gives under `no_grad`
     (where the forward's two ops share one)."""
-    builds: list[int] = []
-    init = padded_blocks.PaddedBlocks.__init__
-
-    def counted(self, *args):  # type: ignore[no-untyped-def]
-        builds.append(1)
-        init(self, *args)
-
-    monkeypatch.setattr(padded_blocks.PaddedBlocks, "__init__", counted)
+    builds = _count_layout_builds(monkeypatch)
     torch.manual_seed(0)
     layer = MoELayer(64, 16, 16, RoutingConfig(top_k=4), activation="gelu").eval()
     x = torch.randn(256, 64)

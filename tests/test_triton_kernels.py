@@ -255,7 +255,7 @@ def compile_for_gpu(arch: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe.ops.kernels import folded, gather, grouped_gemm
+    from moe.ops.kernels import folded, gather, grouped_gemm, tiles
 
     def build(
         kernel: Any,
@@ -283,14 +283,16 @@ def compile_for_gpu(arch: int) -> None:
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # fp16 takes the bf16 path and tf32 the fp32 tile shapes; these two cover both.
     for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
-        blocks = grouped_gemm.default_blocks(torch_dtypes[dtype], rows_per_expert=512)
+        blocks = tiles.default_blocks(torch_dtypes[dtype], rows_per_expert=512)
         gemm = {"BLOCK_K": blocks.block_k, "INPUT_PRECISION": precision}
         pointers = [f"*{dtype}"] * 3 + ["*i64"]
+        # x, index, w, y, offsets: the index is read only with GATHER_A.
+        mm_pointers = [pointers[0], "*i64", pointers[0], pointers[0], "*i64"]
         for weight_unit_stride in ("stride_wh", "stride_wd"):  # w_EDH and w_EHD.transpose(1, 2)
             build(
                 grouped_gemm._grouped_mm_kernel,
-                pointers,
-                {"BLOCK_M": 128, "BLOCK_N": 128, "EXPERTS_POW2": 8, **gemm},
+                mm_pointers,
+                {"BLOCK_M": 128, "BLOCK_N": 128, "EXPERTS_POW2": 8, "GATHER_A": False, **gemm},
                 ("stride_xd", weight_unit_stride, "stride_yh"),
                 num_warps=8,
             )
@@ -309,14 +311,14 @@ def compile_for_gpu(arch: int) -> None:
                 num_warps=8,
             )
     # The folded kernels, in bf16 likewise.
-    blocks = grouped_gemm.default_blocks(torch.bfloat16, rows_per_expert=512)
-    tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "EXPERTS_POW2": 8}
-    tiles.update(BLOCK_K=blocks.block_k, INPUT_PRECISION="tf32")
+    blocks = tiles.default_blocks(torch.bfloat16, rows_per_expert=512)
+    tile_sizes = {"BLOCK_M": 128, "BLOCK_N": 128, "EXPERTS_POW2": 8}
+    tile_sizes.update(BLOCK_K=blocks.block_k, INPUT_PRECISION="tf32")
     data, index = "*bf16", "*i64"
-    build(
-        folded._gather_grouped_mm_kernel,
+    build(  # the gather folded into the load
+        grouped_gemm._grouped_mm_kernel,
         [data, index, data, data, index],
-        tiles,
+        {**tile_sizes, "GATHER_A": True},
         ("stride_xd", "stride_wh", "stride_yh"),
         num_warps=8,
     )
@@ -324,14 +326,14 @@ def compile_for_gpu(arch: int) -> None:
         build(
             folded._grouped_mm_scatter_kernel,
             [data, data, index, "*fp32", "*fp32", index],
-            {**tiles, "HAS_WEIGHT": has_weight},
+            {**tile_sizes, "HAS_WEIGHT": has_weight},
             ("stride_xd", "stride_wh" if has_weight else "stride_wd", "stride_oh"),
             num_warps=8,
         )
     build(
         folded._gather_grouped_mm_scale_dot_kernel,
         [data, index, data, "*fp32", data, data, "*fp32", index],
-        tiles,
+        tile_sizes,
         ("stride_dyd", "stride_wd", "stride_hh", "stride_dhh"),
         num_warps=8,
     )

@@ -7,6 +7,8 @@
 - `gather_grouped_mm`, `grouped_mm_scatter`, `gather_grouped_mm_scale_dot` (module
   `moe.ops.kernels.folded`): expert GEMMs with the permute folded in (the row gather in
   the operand load, the weighted scatter-add into tokens in the epilogue).
+- `GemmBlocks`, `default_blocks` (module `moe.ops.kernels.tiles`): the tile sizes, with
+  the row-tile map, tile product and launch grid these GEMM kernels share.
 
 Triton is imported only when one of these names is first used, so `import moe.ops.kernels`
 works where Triton is absent. `triton_available()` says whether it can be imported.
@@ -20,8 +22,8 @@ import importlib.util
 from typing import Any
 
 _EXPORTS = {
-    "GemmBlocks": "moe.ops.kernels.grouped_gemm",
-    "default_blocks": "moe.ops.kernels.grouped_gemm",
+    "GemmBlocks": "moe.ops.kernels.tiles",
+    "default_blocks": "moe.ops.kernels.tiles",
     "grouped_mm": "moe.ops.kernels.grouped_gemm",
     "grouped_mm_wgrad": "moe.ops.kernels.grouped_gemm",
     "gather_rows": "moe.ops.kernels.gather",

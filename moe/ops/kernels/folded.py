@@ -31,128 +31,21 @@ Plain functions on tensors with no autograd: the custom ops in `moe.ops.fused` o
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 
-from moe.ops.kernels.grouped_gemm import (
-    _SUPPORTED_DTYPES,
+from moe.ops.kernels.grouped_gemm import _grouped_mm_kernel
+from moe.ops.kernels.tiles import (
+    SUPPORTED_DTYPES,
     GemmBlocks,
-    _check_offsets,
-    _check_rows,
-    _input_precision,
-    _locate_row_tile,
-    _source_rows,
+    check_offsets,
+    check_rows,
     default_blocks,
+    launch,
+    program_tile,
+    tile_product,
 )
-
-
-@triton.jit
-def _program_tile(
-    offsets_ptr,
-    num_experts,
-    H,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    EXPERTS_POW2: tl.constexpr,
-):
-    """(expert, rows, row mask, column tile) of this program's [BLOCK_M, BLOCK_N] output
-    tile. The 1-D grid enumerates (row tile, column tile), column tile fastest, as in
-    `_grouped_mm_kernel`; expert == num_experts for the surplus programs."""
-    pid = tl.program_id(0)
-    num_col_tiles = tl.cdiv(H, BLOCK_N)
-    col_tile = pid % num_col_tiles
-    expert, row_start, row_end = _locate_row_tile(
-        offsets_ptr, num_experts, pid // num_col_tiles, BLOCK_M, EXPERTS_POW2
-    )
-    rows = row_start + tl.arange(0, BLOCK_M)
-    return expert, rows, rows < row_end, col_tile
-
-
-@triton.jit
-def _tile_product(
-    a_ptr,
-    a_index_ptr,
-    w_ptr,
-    expert,
-    rows,
-    row_mask,
-    cols,
-    col_mask,
-    D,
-    stride_ar,
-    stride_ad,
-    stride_we,
-    stride_wd,
-    stride_wh,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GATHER_A: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """The fp32 [BLOCK_M, BLOCK_N] tile a[rows] @ w[expert][:, cols], looping over D in
-    BLOCK_K steps; with GATHER_A, row r of a is a[a_index[r]] (the gather in the load)."""
-    a_rows = _source_rows(a_index_ptr, rows, row_mask, GATHER_A)
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_ar + ks[None, :] * stride_ad
-    w_ptrs = (
-        w_ptr
-        + expert.to(tl.int64) * stride_we
-        + ks[:, None] * stride_wd
-        + cols[None, :] * stride_wh
-    )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, D, BLOCK_K):
-        k_mask = (k_start + ks) < D
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ad
-        w_ptrs += BLOCK_K * stride_wd
-    return acc
-
-
-@triton.jit
-def _gather_grouped_mm_kernel(
-    x_ptr,
-    index_ptr,
-    w_ptr,
-    y_ptr,
-    offsets_ptr,
-    num_experts,
-    D,
-    H,
-    stride_xt,
-    stride_xd,
-    stride_we,
-    stride_wd,
-    stride_wh,
-    stride_yr,
-    stride_yh,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EXPERTS_POW2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """One tile of y[r] = x[index[r]] @ w[e]."""
-    expert, rows, row_mask, col_tile = _program_tile(
-        offsets_ptr, num_experts, H, BLOCK_M, BLOCK_N, EXPERTS_POW2
-    )
-    if expert >= num_experts:
-        return
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < H
-    acc = _tile_product(
-        x_ptr, index_ptr, w_ptr, expert, rows, row_mask, cols, col_mask, D,
-        stride_xt, stride_xd, stride_we, stride_wd, stride_wh,
-        BLOCK_M, BLOCK_N, BLOCK_K, True, INPUT_PRECISION,
-    )  # fmt: skip
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yr + cols[None, :] * stride_yh
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -181,14 +74,14 @@ def _grouped_mm_scatter_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """One tile of out[index[r]] += weight[r] * (x[r] @ w[e]), fp32 atomics into out."""
-    expert, rows, row_mask, col_tile = _program_tile(
+    expert, rows, row_mask, col_tile = program_tile(
         offsets_ptr, num_experts, H, BLOCK_M, BLOCK_N, EXPERTS_POW2
     )
     if expert >= num_experts:
         return
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
-    acc = _tile_product(
+    acc = tile_product(
         x_ptr, index_ptr, w_ptr, expert, rows, row_mask, cols, col_mask, D,
         stride_xr, stride_xd, stride_we, stride_wd, stride_wh,
         BLOCK_M, BLOCK_N, BLOCK_K, False, INPUT_PRECISION,
@@ -233,14 +126,14 @@ def _gather_grouped_mm_scale_dot_kernel(
 ):
     """One tile of g = dy[index[r]] @ w[e]: dh[r] = weight[r] * g[r] for the tile's
     columns, and dot[r, column tile] = the tile's part of <g[r], h[r]>."""
-    expert, rows, row_mask, col_tile = _program_tile(
+    expert, rows, row_mask, col_tile = program_tile(
         offsets_ptr, num_experts, H, BLOCK_M, BLOCK_N, EXPERTS_POW2
     )
     if expert >= num_experts:
         return
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
-    g = _tile_product(
+    g = tile_product(
         dy_ptr, index_ptr, w_ptr, expert, rows, row_mask, cols, col_mask, D,
         stride_dyt, stride_dyd, stride_we, stride_wd, stride_wh,
         BLOCK_M, BLOCK_N, BLOCK_K, True, INPUT_PRECISION,
@@ -264,41 +157,14 @@ def _check_operands(
             f"{name}: operands {tuple(a_XD.shape)} and w_EDH {tuple(w_EDH.shape)} must be "
             "[rows, D] and [E, D, H] with the same D"
         )
-    if a_XD.dtype not in _SUPPORTED_DTYPES or w_EDH.dtype != a_XD.dtype:
+    if a_XD.dtype not in SUPPORTED_DTYPES or w_EDH.dtype != a_XD.dtype:
         raise ValueError(
             f"{name}: dtypes {a_XD.dtype} and w={w_EDH.dtype}: expected one shared dtype "
-            f"among {_SUPPORTED_DTYPES}"
+            f"among {SUPPORTED_DTYPES}"
         )
     if w_EDH.shape[0] < 1:
         raise ValueError(f"{name}: w_EDH has {w_EDH.shape[0]} experts: expected >= 1")
-    _check_offsets(offsets_E, w_EDH.shape[0], a_XD.device)
-
-
-def _launch(
-    kernel: Any,
-    args: tuple[Any, ...],
-    dtype: torch.dtype,
-    num_rows: int,
-    w_EDH: torch.Tensor,
-    blocks: GemmBlocks,
-    **constants: Any,
-) -> None:
-    """Launch a row-tile kernel over the worst-case grid: each expert adds at most one
-    partial tile to the cdiv(R, BLOCK_M) full ones; surplus programs exit."""
-    num_experts, d_out = w_EDH.shape[0], w_EDH.shape[2]
-    max_row_tiles = triton.cdiv(num_rows, blocks.block_m) + num_experts
-    grid = (max_row_tiles * triton.cdiv(d_out, blocks.block_n),)
-    kernel[grid](
-        *args,
-        BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n,
-        BLOCK_K=blocks.block_k,
-        EXPERTS_POW2=triton.next_power_of_2(num_experts),
-        INPUT_PRECISION=_input_precision(dtype),
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
-        **constants,
-    )
+    check_offsets(offsets_E, w_EDH.shape[0], a_XD.device)
 
 
 def _sizes(w_EDH: torch.Tensor) -> tuple[int, int, int]:
@@ -329,7 +195,7 @@ def gather_grouped_mm(
     """
     _check_operands("gather_grouped_mm", x_TD, w_EDH, offsets_E)
     num_rows = token_index_R.shape[0]
-    index_R = _check_rows("token_index_R", token_index_R, num_rows, integer=True)
+    index_R = check_rows("token_index_R", token_index_R, num_rows, integer=True)
     h_RH = torch.empty((num_rows, w_EDH.shape[2]), dtype=x_TD.dtype, device=x_TD.device)
     if num_rows == 0 or w_EDH.shape[2] == 0:
         return h_RH
@@ -337,7 +203,7 @@ def gather_grouped_mm(
     pointers = (x_TD, index_R, w_EDH, h_RH, offsets_E)
     strides = (*x_TD.stride(), *w_EDH.stride(), *h_RH.stride())
     args = (*pointers, *_sizes(w_EDH), *strides)
-    _launch(_gather_grouped_mm_kernel, args, x_TD.dtype, num_rows, w_EDH, blocks)
+    launch(_grouped_mm_kernel, args, x_TD.dtype, num_rows, w_EDH, blocks, GATHER_A=True)
     return h_RH
 
 
@@ -372,15 +238,15 @@ def grouped_mm_scatter(
     """
     _check_operands("grouped_mm_scatter", x_RD, w_EDH, offsets_E)
     num_rows = x_RD.shape[0]
-    index_R = _check_rows("token_index_R", token_index_R, num_rows, integer=True)
-    weight_R = _check_rows("weight_R", weight_R, num_rows, integer=False)
+    index_R = check_rows("token_index_R", token_index_R, num_rows, integer=True)
+    weight_R = check_rows("weight_R", weight_R, num_rows, integer=False)
     sums_TH = torch.zeros((num_tokens, w_EDH.shape[2]), dtype=torch.float32, device=x_RD.device)
     if num_rows > 0 and w_EDH.shape[2] > 0:
         blocks = blocks or default_blocks(x_RD.dtype, num_rows / w_EDH.shape[0])
         weights = index_R if weight_R is None else weight_R  # a never-read placeholder
         pointers = (x_RD, w_EDH, index_R, weights, sums_TH, offsets_E)
         strides = (*x_RD.stride(), *w_EDH.stride(), *sums_TH.stride())
-        _launch(
+        launch(
             _grouped_mm_scatter_kernel,
             (*pointers, *_sizes(w_EDH), *strides),
             x_RD.dtype,
@@ -419,8 +285,8 @@ def gather_grouped_mm_scale_dot(
     """
     _check_operands("gather_grouped_mm_scale_dot", dy_TD, w_EDH, offsets_E)
     num_rows, d_out = token_index_R.shape[0], w_EDH.shape[2]
-    index_R = _check_rows("token_index_R", token_index_R, num_rows, integer=True)
-    weights_R = _check_rows("weight_R", weight_R, num_rows, integer=False)
+    index_R = check_rows("token_index_R", token_index_R, num_rows, integer=True)
+    weights_R = check_rows("weight_R", weight_R, num_rows, integer=False)
     if h_RH.shape != (num_rows, d_out) or not h_RH.is_floating_point():
         raise ValueError(
             f"gather_grouped_mm_scale_dot: h_RH {tuple(h_RH.shape)} {h_RH.dtype}: "
@@ -434,7 +300,7 @@ def gather_grouped_mm_scale_dot(
     if num_rows > 0 and d_out > 0:
         pointers = (dy_TD, index_R, w_EDH, weights_R, h_RH, dh_RH, dot_RC, offsets_E)
         strides = (*dy_TD.stride(), *w_EDH.stride(), *h_RH.stride(), *dh_RH.stride())
-        _launch(
+        launch(
             _gather_grouped_mm_scale_dot_kernel,
             (*pointers, *_sizes(w_EDH), *strides, dot_RC.stride(0)),
             dy_TD.dtype,

@@ -20,14 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.ops.kernels.grouped_gemm import (
+from moe.ops.kernels.tiles import (
+    SUPPORTED_DTYPES,
     GemmBlocks,
-    _check_offsets,
-    _input_precision,
-    _locate_row_tile,
+    check_offsets,
+    input_precision,
+    locate_row_tile,
 )
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def default_int8_blocks(dtype: torch.dtype, rows_per_expert: float) -> GemmBlocks:
@@ -78,7 +77,7 @@ def _int8_grouped_mm_kernel(
     num_col_tiles = tl.cdiv(N, BLOCK_N)
     tile = pid // num_col_tiles
     col_tile = pid % num_col_tiles
-    expert, row_start, row_end = _locate_row_tile(
+    expert, row_start, row_end = locate_row_tile(
         offsets_ptr, num_experts, tile, BLOCK_M, EXPERTS_POW2
     )
     if expert >= num_experts:
@@ -138,10 +137,10 @@ def int8_grouped_mm(
             f"int8_grouped_mm: x_RK {tuple(x_RK.shape)} and q_ENK {tuple(q_ENK.shape)} "
             "must be [R, K] and [E, N, K] with the same K"
         )
-    if x_RK.dtype not in _SUPPORTED_DTYPES or q_ENK.dtype != torch.int8:
+    if x_RK.dtype not in SUPPORTED_DTYPES or q_ENK.dtype != torch.int8:
         raise ValueError(
             f"int8_grouped_mm: dtypes x={x_RK.dtype}, q={q_ENK.dtype}: expected x among "
-            f"{_SUPPORTED_DTYPES} and q torch.int8"
+            f"{SUPPORTED_DTYPES} and q torch.int8"
         )
     if scale_EN.shape != q_ENK.shape[:2] or not scale_EN.is_floating_point():
         raise ValueError(
@@ -152,7 +151,7 @@ def int8_grouped_mm(
     num_experts, d_out, _ = q_ENK.shape
     if num_experts < 1:
         raise ValueError(f"int8_grouped_mm: q_ENK has {num_experts} experts: expected >= 1")
-    _check_offsets(offsets_E, num_experts, x_RK.device)
+    check_offsets(offsets_E, num_experts, x_RK.device)
     y_RN = torch.empty((num_rows, d_out), dtype=x_RK.dtype, device=x_RK.device)
     if num_rows == 0 or d_out == 0:
         return y_RN
@@ -185,7 +184,7 @@ def int8_grouped_mm(
         BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k,
         EXPERTS_POW2=triton.next_power_of_2(num_experts),
-        INPUT_PRECISION=_input_precision(x_RK.dtype),
+        INPUT_PRECISION=input_precision(x_RK.dtype),
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
